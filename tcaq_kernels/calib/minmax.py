@@ -1,0 +1,105 @@
+"""Min-max calibration: observed ranges per timestep group, nearest-rounded per-channel weights.
+
+No reconstruction. It is the baseline row of the quality tables, and it makes the whole
+calibrate → convert → sample path run before the heavier methods are involved.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..quant.layers import DEFAULT_FLOAT_LAYERS, model_fingerprint, quantizable_layers
+from ..quant.primitives import pack_int4, qparams_from_range, qparams_symmetric, quantize_weight, weight_scale_symmetric
+from ..quant.state import LAYER_ACTS, SYMMETRIC_ACTS, ActQuant, CalibState, CalibStateError, LayerState
+from ..sampling import ddim_sample, seeded_noise, unet_sample_shape
+from .observe import RangeObserver
+from .settings import parse_bits, uniform_group_edges
+
+
+def calibrate_minmax(
+    unet: torch.nn.Module,
+    scheduler,
+    bits: str = "W8A8",
+    num_samples: int = 64,
+    num_steps: int = 100,
+    timestep_groups: int = 1,
+    seed: int = 0,
+    batch_size: int = 64,
+    keep_float: Sequence[str] = DEFAULT_FLOAT_LAYERS,
+    progress: bool = True,
+) -> CalibState:
+    """Sample `num_samples` DDIM trajectories with the float `unet` and quantize from their ranges."""
+    parse_bits(bits)  # fail before sampling
+    keep = set(keep_float)
+    unknown = keep - set(dict(unet.named_modules()))
+    if unknown:
+        raise ValueError(f"keep_float names layers that do not exist: {sorted(unknown)}")
+    layers = {n: k for n, k in quantizable_layers(unet).items() if n not in keep}
+    edges = uniform_group_edges(scheduler.config.num_train_timesteps, timestep_groups)
+    device = next(unet.parameters()).device
+    seeds = list(range(seed, seed + num_samples))
+    with RangeObserver(unet, layers, edges) as observer:
+        for start in tqdm(range(0, num_samples, batch_size), desc="min-max calibration", disable=not progress):
+            noise = seeded_noise(seeds[start : start + batch_size], unet_sample_shape(unet), device, unet.dtype)
+            ddim_sample(unet, scheduler, noise, num_steps, progress=False)
+    settings = {
+        "num_samples": num_samples,
+        "num_steps": num_steps,
+        "timestep_groups": timestep_groups,
+        "seed": seed,
+        "sampler": "ddim",
+        "act_qparams": "minmax",
+    }
+    return state_from_ranges(unet, observer, bits, sorted(keep), settings)
+
+
+def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str, float_layers, settings: dict) -> CalibState:
+    """Min-max CalibState from an observer that watched `unet` (any way of driving it will do)."""
+    w_bits, a_bits = parse_bits(bits)
+    modules = dict(unet.named_modules())
+    state_layers = {}
+    for name, kind in observer.layers.items():
+        acts = {act: _act_quant(name, act, observer.stats[(name, act)].cpu(), a_bits) for act in LAYER_ACTS[kind]}
+        if kind == "attention":
+            state_layers[name] = LayerState(kind=kind, acts=acts)
+        else:
+            state_layers[name] = weight_layer_state(kind, modules[name].weight, w_bits, acts)
+    return CalibState(
+        method="minmax",
+        bits=bits,
+        group_edges=observer.edges.tolist(),
+        model_fingerprint=model_fingerprint(unet),
+        model_class=type(unet).__name__,
+        layers=state_layers,
+        float_layers=list(float_layers),
+        settings=settings,
+    )
+
+
+def weight_layer_state(kind: str, weight: torch.Tensor, w_bits: int, acts: dict, tcr=None) -> LayerState:
+    """Per-output-channel symmetric nearest-rounded weights (packed when 4-bit)."""
+    w = weight.detach().float().cpu()
+    scale = weight_scale_symmetric(w, w_bits, tcr)
+    w_int = quantize_weight(w, scale, w_bits, tcr).flatten(1)
+    stored = pack_int4(w_int) if w_bits == 4 else w_int
+    return LayerState(
+        kind=kind, acts=acts, w_bits=w_bits, weight=stored, weight_shape=tuple(w.shape), weight_scale=scale, tcr=tcr
+    )
+
+
+def _act_quant(layer: str, act: str, ranges: torch.Tensor, bits: int) -> ActQuant:
+    lo, hi = ranges[:, 0], ranges[:, 1]
+    if not torch.isfinite(ranges).all():
+        empty = [g for g in range(ranges.shape[0]) if not math.isfinite(lo[g].item())]
+        raise CalibStateError(
+            f"layer '{layer}': activation '{act}' was never observed in timestep groups {empty}; "
+            "use more sampling steps or fewer timestep groups"
+        )
+    if act in SYMMETRIC_ACTS:
+        scale, zero = qparams_symmetric(torch.maximum(lo.abs(), hi.abs()), bits)
+    else:
+        scale, zero = qparams_from_range(lo, hi, bits)
+    return ActQuant(bits=bits, kind=["uniform"] * ranges.shape[0], scale=scale.float(), zero=zero)

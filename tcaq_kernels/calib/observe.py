@@ -1,0 +1,89 @@
+"""Observe a float UNet while it samples: per-layer, per-timestep-group activation ranges.
+
+Hooks and an observing attention processor are attached for the duration of a `with` block and
+removed afterwards, leaving the model exactly as it was (no patched model code).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..nn.qattention import ExplicitAttnProcessor
+from ..quant.state import LAYER_ACTS
+
+
+class _ObservingAttnProcessor(ExplicitAttnProcessor):
+    """Float attention written out (QKᵀ, softmax, P·V) so q, k, v and P can be observed."""
+
+    def __init__(self, observer: "RangeObserver", name: str):
+        super().__init__()
+        self.__dict__["observer"] = observer
+        self.name = name
+
+    def attention(self, q, k, v, softmax_scale, mask=None):
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * softmax_scale
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        for act, x in (("q", q), ("k", k), ("v", v), ("p", probs)):
+            self.observer.record(self.name, act, x)
+        return torch.matmul(probs, v.float())
+
+
+class RangeObserver:
+    """Running min/max of every quantized layer's activation quantizers, per timestep group.
+
+    `stats[(layer, act)]` is a float64 tensor [G, 2] of (min, max); groups that never ran keep
+    (+inf, −inf), which the state builder reports by name.
+    """
+
+    def __init__(self, unet: torch.nn.Module, layers: dict[str, str], group_edges: Sequence[float]):
+        self.unet, self.layers = unet, layers
+        self.edges = torch.tensor(list(group_edges), dtype=torch.float64)
+        groups = len(group_edges) + 1
+        self.stats = {
+            (name, act): torch.tensor([[float("inf"), float("-inf")]] * groups, dtype=torch.float64)
+            for name, kind in layers.items()
+            for act in LAYER_ACTS[kind]
+        }
+        self.group = 0
+        self._handles, self._processors = [], {}
+
+    def record(self, name: str, act: str, x: torch.Tensor) -> None:
+        """Fold `x` into the current group's range, on x's device (no host sync per layer)."""
+        key = (name, act)
+        stats = self.stats[key]
+        if stats.device != x.device:
+            stats = self.stats[key] = stats.to(x.device)
+        lo, hi = torch.aminmax(x.detach().to(torch.float64))
+        stats[self.group, 0] = torch.minimum(stats[self.group, 0], lo)
+        stats[self.group, 1] = torch.maximum(stats[self.group, 1], hi)
+
+    def _on_unet(self, module, args, kwargs):
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1).cpu()
+        if t.numel() > 1 and not (t == t[0]).all():
+            raise ValueError("calibration expects one timestep per UNet call")
+        self.group = int(torch.bucketize(t[:1], self.edges, right=True).item())
+
+    def __enter__(self) -> "RangeObserver":
+        self._handles.append(self.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True))
+        modules = dict(self.unet.named_modules())
+        for name, kind in self.layers.items():
+            module = modules[name]
+            if kind == "attention":
+                self._processors[name] = module.processor
+                module.set_processor(_ObservingAttnProcessor(self, name))
+            else:
+                hook = lambda mod, args, _n=name: self.record(_n, "input", args[0])  # noqa: E731
+                self._handles.append(module.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        modules = dict(self.unet.named_modules())
+        for name, processor in self._processors.items():
+            modules[name].set_processor(processor)
+        self._handles, self._processors = [], {}

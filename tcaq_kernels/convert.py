@@ -1,0 +1,41 @@
+"""`convert(model, state)`: swap a diffusers UNet's layers for quantized ones, in a drop-in copy."""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from .nn import QAttnProcessor, QConv2d, QLinear, TimestepGroups
+from .nn.timestep import set_groups_hook
+from .quant.state import CalibState
+
+_WEIGHTED = {"conv2d": QConv2d, "linear": QLinear}
+
+
+def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backend: str = "reference", inplace: bool = False):
+    """Return `model` with every quantized layer of `state` replaced, ready for a diffusers pipeline.
+
+    The result is the same UNet class (same forward signature, `.config`, `.dtype`, `.device`);
+    a forward pre-hook turns the `timestep` argument into the device-side group index that every
+    quantized layer reads its parameters with. `state` may be a CalibState or a path to one.
+    """
+    if not isinstance(state, CalibState):
+        state = CalibState.load(state)
+    state.validate(model)
+    out = model if inplace else copy.deepcopy(model)
+    device = next(out.parameters()).device
+    groups = TimestepGroups(state.group_edges).to(device)
+    modules = dict(out.named_modules())
+    for name, layer in state.layers.items():
+        module = modules[name]
+        if layer.kind == "attention":
+            module.set_processor(QAttnProcessor(name, layer, groups, backend, device))
+        else:
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else out
+            setattr(parent, child, _WEIGHTED[layer.kind].from_state(name, module, layer, groups, backend))
+    out.add_module("tcaq_groups", groups)
+    out.register_forward_pre_hook(set_groups_hook, with_kwargs=True)
+    out.tcaq_info = {"method": state.method, "bits": state.bits, "backend": backend, "groups": state.num_groups}
+    return out

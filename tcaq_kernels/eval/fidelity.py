@@ -1,0 +1,128 @@
+"""Same-seed fidelity of one UNet against another (full precision vs quantized, simulated vs real).
+
+Two views, over a fixed seed set:
+
+- per step, the noise-prediction relative error ‖ε_test − ε_ref‖ / ‖ε_ref‖ with both models fed the
+  SAME x_t, taken from the reference model's own trajectory. This isolates each step's error from the
+  drift that earlier steps cause, so it shows which timesteps a quantizer hurts;
+- at the end, each model runs its own trajectory from the same noise and the final images are
+  compared (MSE and PSNR on the stored uint8 images scaled to [0, 1]). This is the error a user sees,
+  accumulated over the whole sampling loop.
+
+DDIM runs with eta = 0 only: the stochastic path of `ddim_sample` draws from the global RNG, so the two
+models would not see the same noise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..sampling import ddim_sample, seeded_noise, to_uint8, unet_sample_shape
+
+#: PSNR of identical images is infinite; report this cap instead so the JSON stays numeric.
+PSNR_CAP_DB = 100.0
+
+
+def relative_error(test: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample ‖test − ref‖₂ / ‖ref‖₂ over all non-batch dims, in float64."""
+    t, r = test.double().flatten(1), ref.double().flatten(1)
+    return (t - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-30)
+
+
+def mse_psnr(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample MSE and PSNR (dB, peak 1, capped at PSNR_CAP_DB) of uint8 images scaled to [0, 1]."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"image sets differ in shape or are empty: {a.shape} vs {b.shape}")
+    d = (a.astype(np.float64) - b.astype(np.float64)) / 255.0
+    mse = (d**2).reshape(len(d), -1).mean(axis=1)
+    return mse, psnr_from_mse(mse)
+
+
+def psnr_from_mse(mse) -> np.ndarray:
+    mse = np.asarray(mse, dtype=np.float64)
+    floor = 10.0 ** (-PSNR_CAP_DB / 10.0)
+    return 10.0 * np.log10(1.0 / np.maximum(mse, floor))
+
+
+@dataclass
+class FidelityResult:
+    seeds: list[int]
+    timesteps: list[int]
+    eps_rel_error: np.ndarray  # [steps, n]: reference trajectory, same x_t for both models
+    ref_images: np.ndarray  # uint8 [n, H, W, C]
+    test_images: np.ndarray  # uint8 [n, H, W, C], the test model's own trajectory
+    mse: np.ndarray  # [n]
+    psnr: np.ndarray  # [n]
+
+    def summary(self) -> dict:
+        per_step = self.eps_rel_error.mean(axis=1)
+        pooled_mse = float(self.mse.mean())
+        return {
+            "n_seeds": len(self.seeds),
+            "seeds": {"first": int(self.seeds[0]), "last": int(self.seeds[-1]), "count": len(self.seeds)},
+            "psnr_db": float(psnr_from_mse(pooled_mse)),
+            "psnr_db_mean_per_sample": float(self.psnr.mean()),
+            "mse": pooled_mse,
+            "eps_rel_error": {
+                "mean": float(per_step.mean()),
+                "max": float(per_step.max()),
+                "argmax_timestep": int(self.timesteps[int(per_step.argmax())]),
+                "first_step": float(per_step[0]),
+                "last_step": float(per_step[-1]),
+                "timesteps": [int(t) for t in self.timesteps],
+                "per_step": [float(v) for v in per_step],
+            },
+        }
+
+
+def _device_of(unet) -> torch.device:
+    return next(unet.parameters()).device
+
+
+@torch.no_grad()
+def same_seed_fidelity(
+    ref_unet,
+    test_unet,
+    scheduler,
+    seeds: Sequence[int],
+    num_steps: int = 100,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> FidelityResult:
+    """Compare `test_unet` with `ref_unet` on `seeds` (see the module docstring for the two views).
+
+    Each model runs on its own device and dtype; noise comes from `seeded_noise`, so a seed gives the
+    same start whatever the batch.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds is empty")
+    shape = unet_sample_shape(ref_unet)
+    ref_dev, test_dev = _device_of(ref_unet), _device_of(test_unet)
+    test_dtype = next(test_unet.parameters()).dtype
+    errs, ref_imgs, test_imgs, timesteps = [], [], [], []
+    batches = range(0, len(seeds), batch_size)
+    for lo in tqdm(batches, desc="fidelity", disable=not progress, leave=False):
+        chunk = seeds[lo : lo + batch_size]
+        step_errs: list[torch.Tensor] = []
+        step_ts: list[int] = []
+
+        def on_step(i, t, x, eps_ref):
+            eps_test = test_unet(x.to(device=test_dev, dtype=test_dtype), t.to(test_dev)).sample
+            step_errs.append(relative_error(eps_test.to(ref_dev), eps_ref).cpu())
+            step_ts.append(int(t))
+
+        ref = ddim_sample(ref_unet, scheduler, seeded_noise(chunk, shape, ref_dev), num_steps, progress=False, callback=on_step)
+        test = ddim_sample(test_unet, scheduler, seeded_noise(chunk, shape, test_dev), num_steps, progress=False)
+        errs.append(torch.stack(step_errs).numpy())
+        ref_imgs.append(to_uint8(ref).numpy())
+        test_imgs.append(to_uint8(test).numpy())
+        timesteps = step_ts
+    ref_images, test_images = np.concatenate(ref_imgs), np.concatenate(test_imgs)
+    mse, psnr = mse_psnr(test_images, ref_images)
+    return FidelityResult(seeds, timesteps, np.concatenate(errs, axis=1), ref_images, test_images, mse, psnr)

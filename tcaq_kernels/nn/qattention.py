@@ -1,0 +1,133 @@
+"""Quantized attention processor: integer QKᵀ and P·V with the layer's DAQ choice per group.
+
+It replaces a diffusers `Attention` block's processor; the projections (`to_q`, `to_k`, `to_v`,
+`to_out.0`) are already `QLinear`s after `convert`. q, k, v are quantized symmetrically; the
+post-softmax map P with the quantizer kind (uniform or log2) its timestep group selects.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import reference as ref
+from ..quant.primitives import (
+    dequantize_log2,
+    quantize_log2,
+    quantize_uniform,
+    ste,
+)
+from ..quant.state import ACT_KINDS, LayerState
+from .qlayers import BACKENDS, ActTables
+from .timestep import TimestepGroups, per_sample
+
+_LOG2 = ACT_KINDS.index("log2")
+
+
+class ExplicitAttnProcessor(torch.nn.Module):
+    """diffusers' `AttnProcessor2_0` steps with the core product exposed as `attention(q, k, v, …)`.
+
+    Subclasses replace only the core; calibration observes it, `QAttnProcessor` quantizes it.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = self.attention(query, key, value, attn.scale, attention_mask).to(query.dtype)
+
+        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class QAttnProcessor(ExplicitAttnProcessor):
+    """Drop-in for diffusers' `AttnProcessor2_0` with quantized QKᵀ and P·V."""
+
+    def __init__(self, name: str, layer: LayerState, groups: TimestepGroups, backend: str, device=None):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"layer '{name}': unknown backend '{backend}', expected one of {BACKENDS}")
+        self.name, self.backend = name, backend
+        self.__dict__["groups"] = groups
+        self.q, self.k, self.v, self.p = (ActTables(layer.acts[a], device) for a in ("q", "k", "v", "p"))
+
+    def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
+        """softmax(QKᵀ·scale + mask)·V on quantized operands; q, k, v are [B, heads, L, d]."""
+        if self.backend == "triton":
+            from ..ops import triton_ops
+
+            return triton_ops.qattention_module(self, q, k, v, softmax_scale, mask)
+        g = self.groups.group
+        codes = {}
+        scales = {}
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            tables = getattr(self, name)
+            s, s_inv, z = tables.lookup(g, x, self.name)
+            c = quantize_uniform(x, s_inv, z, tables.bits)
+            # simulate: integer-valued floats with a straight-through gradient, so calibration can
+            # backpropagate while computing the very same scores as the integer path.
+            codes[name] = c if self.backend == "reference" else ste(c.float(), x * s_inv)
+            scales[name] = s
+        if self.backend == "reference":
+            scores = ref.int_attention_scores(codes["q"], codes["k"]).float()
+        else:  # exact in fp32 while d·127² < 2^24 (head_dim ≤ 1040)
+            scores = torch.matmul(codes["q"], codes["k"].transpose(-1, -2))
+        scores = scores * (scales["q"] * scales["k"] * softmax_scale)
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        return self._pv(probs, codes["v"], scales["v"], g)
+
+    def _pv(self, probs, v_codes, s_v, g) -> torch.Tensor:
+        p = self.p
+        s, s_inv, z = p.lookup(g, probs, self.name)
+        outs = {}
+        if "uniform" in p.kinds:
+            c = quantize_uniform(probs, s_inv, z, p.bits)
+            if self.backend == "reference":
+                acc = ref.int_pv_uniform(c, z, v_codes).float()
+            else:
+                acc = torch.matmul(ste(c.float(), probs * s_inv) - z.float(), v_codes)
+            outs["uniform"] = acc * (s * s_v)
+        if "log2" in p.kinds:
+            c = quantize_log2(probs, s_inv, p.bits)
+            if self.backend == "reference":
+                acc = ref.pv_log2(c, p.bits, v_codes).float()
+            else:
+                levels = dequantize_log2(c, torch.ones((), device=c.device), p.bits)
+                acc = torch.matmul(ste(levels, probs * s_inv), v_codes)
+            outs["log2"] = acc * (s * s_v)
+        if len(outs) == 1:
+            return next(iter(outs.values()))
+        is_log2 = per_sample(p.kind_ids, g, probs, self.name) == _LOG2
+        return torch.where(is_log2, outs["log2"], outs["uniform"])

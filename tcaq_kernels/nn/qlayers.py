@@ -1,0 +1,133 @@
+"""`QConv2d` and `QLinear`: integer weights and timestep-indexed activation tables as buffers.
+
+Everything is precomputed at construction (`from_state`): integer weights, Σ_k w for the
+zero-point term, reciprocal tables for the quantize step. Forward is one quantize and one integer
+product per backend, reading parameters with the device-side group index.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..ops import reference as ref
+from ..quant.primitives import fake_quant_uniform, quantize_uniform, unpack_int4
+from ..quant.state import ActQuant, LayerState
+from .timestep import TimestepGroups, per_sample
+
+BACKENDS = ("reference", "simulate", "triton")
+
+
+class ActTables(torch.nn.Module):
+    """One activation quantizer's per-group tables on the device: scale, 1/scale, zero, kind."""
+
+    def __init__(self, act: ActQuant, device=None):
+        super().__init__()
+        self.bits = act.bits
+        self.kinds = tuple(act.kind)
+        scale = act.scale.float().to(device)
+        self.register_buffer("scale", scale)
+        self.register_buffer("s_inv", 1.0 / scale)
+        self.register_buffer("zero", act.zero.to(device=device, dtype=torch.int32))
+        self.register_buffer("kind_ids", act.kind_ids.to(device))
+
+    def lookup(self, group: torch.Tensor, like: torch.Tensor, layer: str):
+        """Per-sample (scale, 1/scale, zero), each shaped [B, 1, …] for `like`."""
+        return (
+            per_sample(self.scale, group, like, layer),
+            per_sample(self.s_inv, group, like, layer),
+            per_sample(self.zero, group, like, layer),
+        )
+
+
+class _QWeighted(torch.nn.Module):
+    """Shared state of the two weighted layers; subclasses define the integer product."""
+
+    channel_dim: int
+
+    def __init__(self, name: str, layer: LayerState, module: torch.nn.Module, groups: TimestepGroups, backend: str):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"layer '{name}': unknown backend '{backend}', expected one of {BACKENDS}")
+        device, bias = module.weight.device, module.bias
+        self.name, self.backend, self.w_bits = name, backend, layer.w_bits
+        self.__dict__["groups"] = groups  # shared, owned (and moved) by the UNet; not a submodule here
+        w_int = layer.weight_int().to(device)
+        self.register_buffer("weight", layer.weight.to(device))  # as stored: int8, or packed int4
+        self.register_buffer("w_scale", layer.weight_scale.float().to(device))
+        self.register_buffer("wsum", w_int.flatten(1).sum(1, dtype=torch.int32))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        r_inv = None if layer.tcr is None else (1.0 / layer.tcr.float()).to(device)
+        self.register_buffer("r_inv", r_inv)
+        self.act = ActTables(layer.acts["input"], device)
+        self.weight_shape = tuple(layer.weight_shape)
+
+    def weight_int(self) -> torch.Tensor:
+        """int8 weights in the float module's shape (4-bit ones unpacked on the fly)."""
+        if self.w_bits != 4:
+            return self.weight.view(self.weight_shape)
+        return unpack_int4(self.weight, math.prod(self.weight_shape[1:])).view(self.weight_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, s_inv, z = self.act.lookup(self.groups.group, x, self.name)
+        if self.backend == "simulate":
+            x_hat = fake_quant_uniform(x, s, z, self.act.bits, self.r_inv, self.channel_dim)
+            w_hat = self.weight_int().float() * self.w_scale.view(-1, *([1] * (len(self.weight_shape) - 1)))
+            return self._float_product(x_hat, w_hat).to(x.dtype)
+        if self.backend == "triton":
+            return self._triton(x).to(x.dtype)
+        q = quantize_uniform(x, s_inv, z, self.act.bits, self.r_inv, self.channel_dim)
+        acc = self._int_product(q, z)
+        return ref.epilogue(acc, self.w_scale, s, self.bias, self.channel_dim).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"W{self.w_bits}A{self.act.bits}, shape={self.weight_shape}, groups={len(self.act.kinds)}, backend={self.backend}"
+
+
+class QLinear(_QWeighted):
+    channel_dim = -1
+
+    @classmethod
+    def from_state(cls, name, module: torch.nn.Linear, layer: LayerState, groups, backend) -> "QLinear":
+        return cls(name, layer, module, groups, backend)
+
+    def _int_product(self, q, z):
+        return ref.int_linear(q, self.weight_int(), z)
+
+    def _float_product(self, x_hat, w_hat):
+        return F.linear(x_hat, w_hat, self.bias)
+
+    def _triton(self, x):
+        from ..ops import triton_ops
+
+        return triton_ops.qlinear_module(self, x)
+
+
+class QConv2d(_QWeighted):
+    channel_dim = 1
+
+    def __init__(self, name, layer, module: torch.nn.Conv2d, groups, backend):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError(
+                f"layer '{name}': only groups=1, zero-padded convs with explicit padding can be quantized "
+                f"(got groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}); "
+                "keep it in float"
+            )
+        super().__init__(name, layer, module, groups, backend)
+        self.stride, self.padding, self.dilation = tuple(module.stride), tuple(module.padding), tuple(module.dilation)
+
+    @classmethod
+    def from_state(cls, name, module: torch.nn.Conv2d, layer: LayerState, groups, backend) -> "QConv2d":
+        return cls(name, layer, module, groups, backend)
+
+    def _int_product(self, q, z):
+        return ref.int_conv2d(q, self.weight_int(), z, self.stride, self.padding, self.dilation)
+
+    def _float_product(self, x_hat, w_hat):
+        return F.conv2d(x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation)
+
+    def _triton(self, x):
+        from ..ops import triton_ops
+
+        return triton_ops.qconv2d_module(self, x)

@@ -1,0 +1,55 @@
+"""The device-side timestep → group index that every quantized layer reads its parameters with."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+class TimestepGroups(torch.nn.Module):
+    """Holds the group edges and the current per-sample group index, both on the model's device.
+
+    `update` is called once per UNet forward (by a pre-hook that `convert` installs). It only
+    launches device work — a bucketize and an in-place copy — so a sampling loop never waits on the
+    host, and the `group` buffer keeps its address between steps (CUDA-graph friendly).
+    """
+
+    def __init__(self, edges: Sequence[float]):
+        super().__init__()
+        self.register_buffer("edges", torch.tensor(list(edges), dtype=torch.float32), persistent=False)
+        self.register_buffer("group", torch.zeros(1, dtype=torch.int32), persistent=False)
+
+    @property
+    def num_groups(self) -> int:
+        return self.edges.numel() + 1
+
+    def update(self, timestep, batch: int) -> None:
+        """Set `group` [batch] from a scalar or per-sample `timestep` (int, float or tensor)."""
+        t = torch.as_tensor(timestep).to(device=self.edges.device, dtype=torch.float32).reshape(-1)
+        g = torch.bucketize(t, self.edges, right=True, out_int32=True)
+        if g.numel() == 1:
+            g = g.expand(batch)
+        elif g.numel() != batch:
+            raise ValueError(f"timestep has {g.numel()} entries but the batch has {batch} samples")
+        if self.group.shape == g.shape:
+            self.group.copy_(g)
+        else:
+            self.group = g.clone()
+
+
+def set_groups_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """UNet forward pre-hook: read `sample` and `timestep` however they were passed."""
+    sample = args[0] if args else kwargs["sample"]
+    timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    module.tcaq_groups.update(timestep, sample.shape[0])
+
+
+def per_sample(table: torch.Tensor, group: torch.Tensor, like: torch.Tensor, layer: str) -> torch.Tensor:
+    """`table[group]` shaped [B, 1, …, 1] to broadcast against `like` (batch first)."""
+    values = table[group]
+    if like.shape[0] != values.shape[0]:
+        if values.shape[0] != 1:
+            raise ValueError(
+                f"layer '{layer}': input batch {like.shape[0]} differs from the UNet batch {values.shape[0]}"
+            )
+    return values.view(values.shape[0], *([1] * (like.dim() - 1)))

@@ -1,0 +1,216 @@
+"""The `triton` backend: quantize, quantized linear and quantized conv as `torch.library` custom ops.
+
+Each op computes DESIGN.md §3 exactly (the integers of `quant/primitives.py`, the epilogue of
+`ops/reference.py`) and reads the timestep-indexed tables on the device: nothing syncs with the
+host, so a sampling loop can be captured in one CUDA graph. Every op has a fake (meta)
+implementation, so `torch.compile` traces through it.
+
+Tables of a quantized layer with G timestep groups: `s_inv[G]` fp32 (1/s_a), `scale[G]` fp32
+(s_a), `zero[G]` int32 (signed zero point). `group` is an int tensor (int32 or int64) of shape [B]
+(one entry per sample), or of one element when every sample shares the group; sample b of the
+batch uses `table[group[b]]`.
+
+Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`):
+
+    quantize_act(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False,
+                 channel_dim=-1) -> codes
+        x [B, …] float; `channel_dim` is moved last: NCHW in → NHWC codes [B, H, W, C] out,
+        [..., K] in → [..., K] out. mode "uniform": int8 signed codes (r_inv[C] the TCR
+        reciprocal, optional); pack4 (bits ≤ 4) → uint8 [..., ⌈C/2⌉], low nibble = even channel.
+        mode "log2": uint8 codes of `quantize_log2` (zero may be None, r_inv must be None).
+
+    qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
+            residual=None, out_dtype=None) -> y [..., N]
+        x [..., K]: float activations, quantized in the GEMM prologue (one kernel), or int8 codes
+        from `quantize_act`. (w_q, w_sum) from `prepare_linear_weight(w_int, bits)`: int8 [N, K]
+        or packed int4 uint8 [N, ⌈K/2⌉]; w_scale [N] fp32; bias [N] or None; residual [..., N] or
+        None (added after the bias). Rows of sample b are the M/B consecutive rows of x's
+        flattened leading dims (B = group.numel()). out_dtype defaults to x's float dtype
+        (bfloat16 for int8 input).
+
+    qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
+            a_bits=8, r_inv=None, residual=None, out_dtype=None) -> y [B, N, OH, OW] channels_last
+        x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
+        kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)`.
+        (w_q, w_sum) from `prepare_conv_weight(w_int [N, C, KH, KW], bits)`: int8 [N, KH, KW, C]
+        or packed uint8 [N, KH, KW, ⌈C/2⌉]. stride: int; padding: [p], [ph, pw] or
+        [top, bottom, left, right],
+        filled with the code z[g]. residual: NCHW-shaped [B, N, OH, OW], any memory format.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ..triton.conv import prepare_conv_weight, qconv
+from ..triton.gemm import prepare_linear_weight, qgemm
+from ..triton.quantize import quantize_bsc
+
+__all__ = ["quantize_act", "qlinear", "qconv2d", "prepare_linear_weight", "prepare_conv_weight"]
+
+
+def _group_layout(group: torch.Tensor, batch: int) -> tuple[int, int]:
+    """(number of samples B, stride into `group`): stride 0 when one group serves the batch."""
+    if group.numel() == 1:
+        return batch, 0
+    if group.dim() != 1:
+        raise ValueError(f"group must have shape [B] or one element, got {tuple(group.shape)}")
+    return group.numel(), group.stride(0)
+
+
+def _pads(padding: Sequence[int]) -> tuple[int, int, int, int]:
+    if len(padding) == 1:
+        return (padding[0],) * 4
+    if len(padding) == 2:
+        return padding[0], padding[0], padding[1], padding[1]
+    if len(padding) == 4:
+        return tuple(padding)
+    raise ValueError(f"padding must have 1, 2 or 4 entries, got {list(padding)}")
+
+
+def _float_out(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    if out_dtype is not None:
+        return out_dtype
+    return x.dtype if x.is_floating_point() else torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------ quantize_act
+
+
+def _quantize_shape(x: torch.Tensor, channel_dim: int, pack4: bool) -> list[int]:
+    shape = list(x.movedim(channel_dim, -1).shape)
+    if pack4:
+        shape[-1] = (shape[-1] + 1) // 2
+    return shape
+
+
+@torch.library.custom_op("tcaq::triton_quantize_act", mutates_args=())
+def quantize_act(
+    x: torch.Tensor,
+    s_inv: torch.Tensor,
+    zero: Optional[torch.Tensor],
+    group: torch.Tensor,
+    bits: int = 8,
+    r_inv: Optional[torch.Tensor] = None,
+    mode: str = "uniform",
+    pack4: bool = False,
+    channel_dim: int = -1,
+) -> torch.Tensor:
+    """Activation codes of `x` with the group's parameters; `channel_dim` moved last (see module doc)."""
+    if mode not in ("uniform", "log2"):
+        raise ValueError(f"mode must be 'uniform' or 'log2', got {mode!r}")
+    log2 = mode == "log2"
+    if log2 and (r_inv is not None or pack4):
+        raise ValueError("log2 codes take no r_inv and are not packed")
+    if pack4 and bits > 4:
+        raise ValueError("pack4 needs bits <= 4")
+    if not log2 and zero is None:
+        raise ValueError("uniform quantization needs the zero-point table")
+    xc = x.movedim(channel_dim, -1)
+    batch, gstride = _group_layout(group, xc.shape[0] if xc.dim() > 1 else 1)
+    x3 = xc.reshape(batch, -1, xc.shape[-1])
+    shape = _quantize_shape(x, channel_dim, pack4)
+    out = torch.empty(shape, dtype=torch.uint8 if (log2 or pack4) else torch.int8, device=x.device)
+    quantize_bsc(x3, s_inv, zero if zero is not None else group, group, gstride, bits, r_inv, log2, pack4,
+                 out.view(batch, -1, shape[-1]))
+    return out
+
+
+@quantize_act.register_fake
+def _(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False, channel_dim=-1):
+    dtype = torch.uint8 if (mode == "log2" or pack4) else torch.int8
+    return x.new_empty(_quantize_shape(x, channel_dim, pack4), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------ qlinear
+
+
+@torch.library.custom_op("tcaq::triton_qlinear", mutates_args=())
+def qlinear(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_sum: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    s_inv: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group: torch.Tensor,
+    a_bits: int = 8,
+    r_inv: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Quantized linear layer, quantize fused into the GEMM prologue (see module doc)."""
+    K = x.shape[-1]
+    N = w_q.shape[0]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    batch, gstride = _group_layout(group, M)
+    if M % batch:
+        raise ValueError(f"{M} rows do not split into {batch} samples")
+    out = torch.empty((M, N), dtype=_float_out(x, out_dtype), device=x.device)
+    res2 = residual.reshape(M, N) if residual is not None else None
+    qgemm(x2, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, gstride, max(M // batch, 1),
+          a_bits, r_inv, res2, out)
+    return out.view(*x.shape[:-1], N)
+
+
+@qlinear.register_fake
+def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None, residual=None,
+      out_dtype=None):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=_float_out(x, out_dtype))
+
+
+# ------------------------------------------------------------------------------------------ qconv2d
+
+
+def _conv_out_shape(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Sequence[int]) -> list[int]:
+    B = x.shape[0]
+    H, W = (x.shape[1], x.shape[2]) if x.dtype == torch.int8 else (x.shape[2], x.shape[3])
+    N, KH, KW, _ = w_q.shape
+    top, bottom, left, right = _pads(padding)
+    return [B, N, (H + top + bottom - KH) // stride + 1, (W + left + right - KW) // stride + 1]
+
+
+@torch.library.custom_op("tcaq::triton_qconv2d", mutates_args=())
+def qconv2d(
+    x: torch.Tensor,
+    w_q: torch.Tensor,
+    w_sum: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    s_inv: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    group: torch.Tensor,
+    stride: int,
+    padding: list[int],
+    a_bits: int = 8,
+    r_inv: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Quantized conv2d (implicit GEMM on NHWC codes); returns a channels-last NCHW tensor."""
+    batch, gstride = _group_layout(group, x.shape[0])
+    if batch != x.shape[0]:
+        raise ValueError(f"group has {group.numel()} entries for a batch of {x.shape[0]}")
+    if x.dtype == torch.int8:
+        codes = x
+    else:
+        B, C, H, W = x.shape
+        x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        codes = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
+        quantize_bsc(x3, s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C))
+    out = torch.empty(_conv_out_shape(x, w_q, stride, padding), dtype=_float_out(x, out_dtype),
+                      device=x.device, memory_format=torch.channels_last)
+    return qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
+                 residual, out)
+
+
+@qconv2d.register_fake
+def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, a_bits=8,
+      r_inv=None, residual=None, out_dtype=None):
+    return torch.empty(_conv_out_shape(x, w_q, stride, padding), dtype=_float_out(x, out_dtype),
+                       device=x.device, memory_format=torch.channels_last)

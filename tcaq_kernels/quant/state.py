@@ -1,0 +1,298 @@
+"""`CalibState`: everything a calibration decided, in a versioned, validated, portable file.
+
+A state holds integers and scales only; the float model it was calibrated on supplies the rest
+(biases, norms, float-kept layers). The file is one safetensors file whose metadata carries the
+JSON manifest and a SHA-256 of all tensor bytes, so a truncated or altered file is refused at load.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .primitives import ACT_BITS, WEIGHT_BITS, qrange, unpack_int4
+
+STATE_VERSION = 1
+_META_KEY = "tcaq_calib_state"
+_DIGEST_KEY = "tcaq_sha256"
+ACT_KINDS = ("uniform", "log2")
+# Activation quantizers of each layer kind. Attention: q, k, v feed the two integer products
+# (symmetric, zero point 0); p is the post-softmax map, whose quantizer DAQ may switch per group.
+LAYER_ACTS = {"conv2d": ("input",), "linear": ("input",), "attention": ("q", "k", "v", "p")}
+SYMMETRIC_ACTS = {"q", "k", "v"}
+
+
+class CalibStateError(ValueError):
+    """A CalibState that cannot be used; the message names the file, layer and field at fault."""
+
+
+@dataclass
+class ActQuant:
+    """Per-timestep-group parameters of one activation quantizer (G groups)."""
+
+    bits: int
+    kind: list[str]  # per group: "uniform" | "log2"
+    scale: torch.Tensor  # [G] float32
+    zero: torch.Tensor  # [G] int32 (signed codes; unused by log2 groups)
+
+    @property
+    def kind_ids(self) -> torch.Tensor:
+        return torch.tensor([ACT_KINDS.index(k) for k in self.kind], dtype=torch.int32)
+
+
+@dataclass
+class LayerState:
+    """One quantized layer: a Conv2d/Linear (weights + input quantizer) or an Attention block."""
+
+    kind: str  # "conv2d" | "linear" | "attention"
+    acts: dict[str, ActQuant]
+    w_bits: Optional[int] = None
+    weight: Optional[torch.Tensor] = None  # int8 [N, K], or uint8 [N, ceil(K/2)] when w_bits == 4
+    weight_shape: Optional[tuple[int, ...]] = None  # the float module's weight shape
+    weight_scale: Optional[torch.Tensor] = None  # [N] float32
+    tcr: Optional[torch.Tensor] = None  # [C_in] float32 TCR factors r (None: TCR off)
+
+    def weight_int(self) -> torch.Tensor:
+        """Integer weights as int8 in the float module's weight shape (unpacking 4-bit)."""
+        shape = tuple(self.weight_shape)
+        k = math.prod(shape[1:])
+        w = unpack_int4(self.weight, k) if self.w_bits == 4 else self.weight
+        return w.reshape(shape)
+
+
+@dataclass
+class CalibState:
+    """A calibrated quantization of one model: see DESIGN.md §3 for how each field is used."""
+
+    method: str
+    bits: str
+    group_edges: list[float]  # sorted timesteps; group g = number of edges ≤ t
+    model_fingerprint: str
+    layers: dict[str, LayerState]
+    float_layers: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    model_class: str = ""
+    version: int = STATE_VERSION
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_edges) + 1
+
+    # ------------------------------------------------------------------------------------ IO
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically: a temp file in the same folder, fsync, then rename over `path`."""
+        path = Path(path)
+        tensors, manifest = self._flatten()
+        metadata = {_META_KEY: json.dumps(manifest, sort_keys=True), _DIGEST_KEY: _digest(tensors)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "CalibState":
+        """Read and integrity-check a state file; errors name the file and what is wrong."""
+        path = Path(path)
+        if not path.is_file():
+            raise CalibStateError(f"{path}: no such CalibState file")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                metadata = fh.metadata() or {}
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:  # safetensors raises its own error types for bad headers/lengths
+            raise CalibStateError(f"{path}: truncated or corrupted CalibState ({exc})") from exc
+        if _META_KEY not in metadata or _DIGEST_KEY not in metadata:
+            raise CalibStateError(f"{path}: not a tcaq CalibState (no '{_META_KEY}' metadata)")
+        if _digest(tensors) != metadata[_DIGEST_KEY]:
+            raise CalibStateError(f"{path}: corrupted CalibState (tensor checksum mismatch)")
+        try:
+            manifest = json.loads(metadata[_META_KEY])
+        except json.JSONDecodeError as exc:
+            raise CalibStateError(f"{path}: corrupted CalibState manifest ({exc})") from exc
+        version = manifest.get("version")
+        if version != STATE_VERSION:
+            raise CalibStateError(
+                f"{path}: unknown CalibState version {version!r} (this tcaq_kernels reads version {STATE_VERSION})"
+            )
+        try:
+            return cls._unflatten(manifest, tensors)
+        except KeyError as exc:
+            raise CalibStateError(f"{path}: CalibState is missing tensor or field {exc}") from exc
+
+    def _flatten(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        layers: dict[str, Any] = {}
+        for name, layer in self.layers.items():
+            entry: dict[str, Any] = {"kind": layer.kind, "acts": {}}
+            for act_name, act in layer.acts.items():
+                entry["acts"][act_name] = {"bits": act.bits, "kind": list(act.kind)}
+                tensors[f"{name}::{act_name}.scale"] = act.scale.detach().float().cpu().contiguous()
+                tensors[f"{name}::{act_name}.zero"] = act.zero.detach().to(torch.int32).cpu().contiguous()
+            if layer.kind != "attention":
+                entry.update(w_bits=layer.w_bits, weight_shape=list(layer.weight_shape), tcr=layer.tcr is not None)
+                tensors[f"{name}::weight"] = layer.weight.detach().cpu().contiguous()
+                tensors[f"{name}::weight_scale"] = layer.weight_scale.detach().float().cpu().contiguous()
+                if layer.tcr is not None:
+                    tensors[f"{name}::tcr"] = layer.tcr.detach().float().cpu().contiguous()
+            layers[name] = entry
+        manifest = {
+            "version": self.version,
+            "method": self.method,
+            "bits": self.bits,
+            "group_edges": list(self.group_edges),
+            "model_fingerprint": self.model_fingerprint,
+            "model_class": self.model_class,
+            "float_layers": list(self.float_layers),
+            "settings": self.settings,
+            "layers": layers,
+        }
+        return tensors, manifest
+
+    @classmethod
+    def _unflatten(cls, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "CalibState":
+        layers = {}
+        for name, entry in manifest["layers"].items():
+            acts = {
+                a: ActQuant(
+                    bits=int(spec["bits"]),
+                    kind=list(spec["kind"]),
+                    scale=tensors[f"{name}::{a}.scale"],
+                    zero=tensors[f"{name}::{a}.zero"],
+                )
+                for a, spec in entry["acts"].items()
+            }
+            layer = LayerState(kind=entry["kind"], acts=acts)
+            if entry["kind"] != "attention":
+                layer.w_bits = int(entry["w_bits"])
+                layer.weight_shape = tuple(entry["weight_shape"])
+                layer.weight = tensors[f"{name}::weight"]
+                layer.weight_scale = tensors[f"{name}::weight_scale"]
+                layer.tcr = tensors[f"{name}::tcr"] if entry.get("tcr") else None
+            layers[name] = layer
+        return cls(
+            method=manifest["method"],
+            bits=manifest["bits"],
+            group_edges=list(manifest["group_edges"]),
+            model_fingerprint=manifest["model_fingerprint"],
+            layers=layers,
+            float_layers=list(manifest["float_layers"]),
+            settings=dict(manifest.get("settings", {})),
+            model_class=manifest.get("model_class", ""),
+            version=int(manifest["version"]),
+        )
+
+    # ------------------------------------------------------------------------------ validate
+
+    def validate(self, model: torch.nn.Module) -> None:
+        """Check this state against `model`; raise `CalibStateError` naming the first bad layer."""
+        from .layers import quantizable_layers, model_fingerprint  # local: avoids an import cycle
+
+        if self.version != STATE_VERSION:
+            raise CalibStateError(f"unknown CalibState version {self.version!r} (expected {STATE_VERSION})")
+        edges = torch.tensor(self.group_edges, dtype=torch.float64)
+        if edges.numel() and not (torch.isfinite(edges).all() and (edges[1:] > edges[:-1]).all()):
+            raise CalibStateError(f"group_edges must be finite and strictly increasing, got {self.group_edges}")
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.model_fingerprint:
+            raise CalibStateError(
+                f"model fingerprint {fingerprint} does not match the state's {self.model_fingerprint}: "
+                "the state was calibrated on a different architecture"
+            )
+        modules = dict(model.named_modules())
+        for name in self.float_layers:
+            if name not in modules:
+                raise CalibStateError(f"float-kept layer '{name}' does not exist in the model")
+        expected = {n: k for n, k in quantizable_layers(model).items() if n not in set(self.float_layers)}
+        missing = sorted(set(expected) - set(self.layers))
+        if missing:
+            raise CalibStateError(f"layer '{missing[0]}' is in the model but missing from the state ({len(missing)} missing)")
+        extra = sorted(set(self.layers) - set(expected))
+        if extra:
+            raise CalibStateError(f"layer '{extra[0]}' is in the state but not a quantizable layer of the model")
+        for name, layer in self.layers.items():
+            _validate_layer(name, layer, expected[name], modules[name], self.num_groups)
+
+
+def _validate_layer(name: str, layer: LayerState, kind: str, module: torch.nn.Module, groups: int) -> None:
+    def fail(msg: str) -> None:
+        raise CalibStateError(f"layer '{name}': {msg}")
+
+    if layer.kind != kind:
+        fail(f"kind '{layer.kind}' but the model has a {kind}")
+    if set(layer.acts) != set(LAYER_ACTS[kind]):
+        fail(f"activation quantizers {sorted(layer.acts)}, expected {sorted(LAYER_ACTS[kind])}")
+    for act_name, act in layer.acts.items():
+        where = f"activation '{act_name}'"
+        if act.bits not in ACT_BITS:
+            fail(f"{where} bits {act.bits} not in {ACT_BITS}")
+        if len(act.kind) != groups or act.scale.shape != (groups,) or act.zero.shape != (groups,):
+            fail(f"{where} has {len(act.kind)} kinds / scale {tuple(act.scale.shape)} / zero {tuple(act.zero.shape)}, expected {groups} timestep groups")
+        bad_kinds = set(act.kind) - set(ACT_KINDS)
+        if bad_kinds:
+            fail(f"{where} unknown quantizer kind {sorted(bad_kinds)}")
+        if "log2" in act.kind and act_name != "p":
+            fail(f"{where}: log2 quantizers are only for post-softmax maps ('p')")
+        _check_scale(fail, f"{where} scale", act.scale)
+        qmin, qmax = qrange(act.bits)
+        if act.zero.dtype not in (torch.int32, torch.int64) or (act.zero < qmin).any() or (act.zero > qmax).any():
+            fail(f"{where} zero points must be integers in [{qmin}, {qmax}]")
+        if act_name in SYMMETRIC_ACTS and (act.zero != 0).any():
+            fail(f"{where} must be symmetric (zero point 0)")
+    if kind == "attention":
+        return
+    if layer.w_bits not in WEIGHT_BITS:
+        fail(f"weight bits {layer.w_bits} not in {WEIGHT_BITS}")
+    if tuple(layer.weight_shape) != tuple(module.weight.shape):
+        fail(f"weight shape {tuple(layer.weight_shape)} does not match the model's {tuple(module.weight.shape)}")
+    n, k = layer.weight_shape[0], math.prod(layer.weight_shape[1:])
+    stored = (n, (k + 1) // 2) if layer.w_bits == 4 else (n, k)
+    want_dtype = torch.uint8 if layer.w_bits == 4 else torch.int8
+    if layer.weight.dtype != want_dtype or tuple(layer.weight.shape) != stored:
+        fail(f"stored weight {layer.weight.dtype} {tuple(layer.weight.shape)}, expected {want_dtype} {stored}")
+    qmin, qmax = qrange(layer.w_bits)
+    w = layer.weight_int()
+    if (w < qmin).any() or (w > qmax).any():
+        fail(f"integer weights outside the {layer.w_bits}-bit range [{qmin}, {qmax}]")
+    if layer.weight_scale.shape != (n,):
+        fail(f"weight_scale shape {tuple(layer.weight_scale.shape)}, expected ({n},)")
+    _check_scale(fail, "weight_scale", layer.weight_scale)
+    if layer.tcr is not None:
+        c_in = layer.weight_shape[1]
+        if layer.tcr.shape != (c_in,):
+            fail(f"tcr shape {tuple(layer.tcr.shape)}, expected ({c_in},)")
+        _check_scale(fail, "tcr", layer.tcr)
+
+
+def _check_scale(fail, what: str, t: torch.Tensor) -> None:
+    if not torch.isfinite(t).all():
+        fail(f"{what} has {int((~torch.isfinite(t)).sum())} NaN/inf values")
+    if (t <= 0).any():
+        fail(f"{what} has {int((t <= 0).sum())} non-positive values")
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+

@@ -1,0 +1,66 @@
+"""Deterministic DDIM sampling shared by calibration, the quickstart and the evaluation harness.
+
+Noise is drawn per sample from its own seed, so a sample depends only on its seed: batching,
+resuming and splitting across GPUs give the same images.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from diffusers import DDIMScheduler
+from tqdm.auto import tqdm
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device=None, dtype=torch.float32) -> torch.Tensor:
+    """Initial noise [len(seeds), *shape], sample i drawn from a CPU generator seeded with seeds[i]."""
+    out = torch.empty((len(seeds), *shape), dtype=torch.float32)
+    for i, seed in enumerate(seeds):
+        gen = torch.Generator().manual_seed(int(seed))
+        out[i] = torch.randn(tuple(shape), generator=gen)
+    return out.to(device=device, dtype=dtype)
+
+
+def make_scheduler(config) -> DDIMScheduler:
+    """A fresh DDIMScheduler from a scheduler (or its config): schedulers carry per-run state."""
+    cfg = config.config if hasattr(config, "config") else config
+    return DDIMScheduler.from_config(cfg)
+
+
+def unet_sample_shape(unet) -> tuple[int, int, int]:
+    size = unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (unet.config.in_channels, h, w)
+
+
+@torch.no_grad()
+def ddim_sample(
+    unet,
+    scheduler,
+    noise: torch.Tensor,
+    num_steps: int = 100,
+    eta: float = 0.0,
+    progress: bool = True,
+    callback: Optional[StepCallback] = None,
+) -> torch.Tensor:
+    """Run DDIM from `noise` and return the final samples in [-1, 1].
+
+    `callback(step_index, timestep, x_t, eps)` sees every UNet call, which is how calibration
+    collects time-major data without patching the model.
+    """
+    sched = make_scheduler(scheduler)
+    sched.set_timesteps(num_steps, device=noise.device)
+    x = noise.to(dtype=unet.dtype)
+    for i, t in enumerate(tqdm(sched.timesteps, desc="DDIM", disable=not progress, leave=False)):
+        eps = unet(x, t).sample
+        if callback is not None:
+            callback(i, t, x, eps)
+        x = sched.step(eps, t, x, eta=eta).prev_sample
+    return x.float().clamp(-1, 1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW floats → uint8 NHWC on the CPU (the form images are stored and scored in)."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

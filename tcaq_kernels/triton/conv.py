@@ -1,0 +1,169 @@
+"""Implicit-GEMM conv2d on NHWC int8 codes, with the GEMM's epilogue (DESIGN.md §3).
+
+Rows are output pixels m = (b, oh, ow), columns output channels n, and the reduction runs over
+(r, s, c) with c fastest, so each A tile is BLOCK_M pixels × BLOCK_K contiguous input channels of
+one filter tap — coalesced NHWC loads, no im2col buffer. The taps and channel blocks are flattened
+into one loop so that the software pipeline spans the whole reduction, not one tap.
+
+Padding is in the quantized domain with the code z[g] (DESIGN.md §3): out-of-image taps read z, so
+`acc − z·Σw` is the reference's zero-point-corrected accumulator at every pixel, borders included.
+Channel counts that are not tile multiples (C_in = 3, 4, 960, …) are masked, not rejected; the
+masked lanes meet zero weights.
+
+Weights come from `prepare_conv_weight`: [N, KH, KW, C] int8 (C contiguous, K-major for wgmma), or
+packed int4 [N, KH, KW, ⌈C/2⌉] widened to int8 in registers (Hopper has no 4-bit MMA).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..quant.primitives import pack_int4
+from .numerics import interpreting, unpack_int4_rows
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    cfg = lambda bm, bn, bk, w, s: triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    return [
+        cfg(128, 256, 64, 8, 3), cfg(128, 128, 128, 8, 3), cfg(128, 128, 64, 4, 4),
+        cfg(128, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4),
+        cfg(128, 64, 128, 4, 3), cfg(64, 64, 32, 4, 4),
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """BLOCK_K never much past C (C_in = 3/4 gets 32-channel tiles, the int8 MMA's minimum)."""
+    C = named_args["C"]
+    fit = [c for c in configs if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(C))]
+    return fit or configs
+
+
+@triton.autotune(configs=_configs(), key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _qconv_kernel(
+    x_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    scale_ptr, zero_ptr, group_ptr,
+    B, H, W, C, N, OH, OW, pad_h, pad_w, group_stride,
+    stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
+    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_C: tl.constexpr,
+):
+    M = B * OH * OW
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm_in = rm % M
+    rn_in = rn % N
+    ow = rm_in % OW
+    oh = (rm_in // OW) % OH
+    b = rm_in // (OW * OH)
+    g = tl.load(group_ptr + b * group_stride)
+    zero = tl.load(zero_ptr + g)
+    pad_code = zero[:, None].to(tl.int8)
+    ih0 = oh * STRIDE - pad_h
+    iw0 = ow * STRIDE - pad_w
+    x_rows = x_ptr + b.to(tl.int64) * H * W * C
+
+    rk = tl.arange(0, BLOCK_K)
+    if W4:
+        c_w = (C + 1) // 2
+        rkw = tl.arange(0, BLOCK_K // 2)
+        w_rows = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rkw[None, :]
+    else:
+        c_w = C
+        w_rows = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
+
+    c_blocks = (C + BLOCK_K - 1) // BLOCK_K
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for it in range(0, KH * KW * c_blocks):
+        tap = it // c_blocks
+        c0 = (it - tap * c_blocks) * BLOCK_K
+        ih = ih0 + tap // KW
+        iw = iw0 + tap % KW
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a_ptrs = x_rows + ((ih * W + iw) * C + c0)[:, None] + rk[None, :]
+        if EVEN_C:
+            a = tl.load(a_ptrs, mask=inside[:, None], other=0)
+        else:
+            a = tl.load(a_ptrs, mask=inside[:, None] & (rk < C - c0)[None, :], other=0)
+        a = tl.where(inside[:, None], a, pad_code)
+        if W4:
+            w_ptrs = w_rows + tap * c_w + c0 // 2
+            if EVEN_C:
+                p = tl.load(w_ptrs)
+            else:
+                p = tl.load(w_ptrs, mask=(rkw < c_w - c0 // 2)[None, :], other=0)
+            w = unpack_int4_rows(p, BLOCK_N, BLOCK_K)
+        else:
+            w_ptrs = w_rows + tap * c_w + c0
+            if EVEN_C:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=(rk < C - c0)[None, :], other=0)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+
+    acc = acc - zero[:, None] * tl.load(w_sum_ptr + rn_in)[None, :]
+    s_a = tl.load(scale_ptr + g)
+    y = acc.to(tl.float32) * (tl.load(w_scale_ptr + rn_in)[None, :] * s_a[:, None])
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if HAS_RES:
+        r_off = b.to(tl.int64) * stride_rb + oh * stride_rh + ow * stride_rw
+        res = tl.load(res_ptr + r_off[:, None] + rn[None, :].to(tl.int64) * stride_rc, mask=mask)
+        y = y + res.to(tl.float32)
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def prepare_conv_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offline: integer conv weights [N, C, KH, KW] → (kernel operand, Σ w as int32 [N]).
+
+    The operand is [N, KH, KW, C] int8 (C contiguous), or for 4 bits `pack_int4` of it along C:
+    uint8 [N, KH, KW, ⌈C/2⌉] (an odd C padded with a zero nibble per tap).
+    """
+    if w_int.dtype != torch.int8 or w_int.dim() != 4:
+        raise TypeError(f"prepare_conv_weight expects int8 [N, C, KH, KW], got {w_int.dtype} {tuple(w_int.shape)}")
+    w_sum = w_int.to(torch.int32).sum(dim=(1, 2, 3), dtype=torch.int32)
+    w_nhwc = w_int.permute(0, 2, 3, 1).contiguous()
+    w_op = pack_int4(w_nhwc) if bits == 4 else w_nhwc
+    return w_op.contiguous(), w_sum.contiguous()
+
+
+def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor, bias,
+          scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
+          stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor) -> torch.Tensor:
+    """Launch on NHWC int8 codes [B, H, W, C] into `out`, an NCHW-shaped channels-last tensor.
+
+    `padding` is (top, bottom, left, right); `residual` (optional) is NCHW-shaped, any strides.
+    """
+    B, H, W, C = x_nhwc.shape
+    N, KH, KW, _ = w_op.shape
+    OH, OW = out.shape[2], out.shape[3]
+    if out.numel() == 0:
+        return out
+    res = residual if residual is not None else out
+    grid = lambda meta: (triton.cdiv(B * OH * OW, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _qconv_kernel[grid](
+        x_nhwc, w_op, w_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        scale, zero, group,
+        B, H, W, C, N, OH, OW, padding[0], padding[2], group_stride,
+        w_op.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        KH=KH, KW=KW, STRIDE=stride,
+        W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+    )
+    return out

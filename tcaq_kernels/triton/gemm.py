@@ -1,0 +1,171 @@
+"""W8A8 / W4A8 GEMM with the zero-point, scale, bias and residual epilogue (DESIGN.md §3).
+
+    y[m, n] = s_w[n]·s_a[g(m)]·(Σ_k w[n,k]·a[m,k] − z[g(m)]·Σ_k w[n,k]) + bias[n] (+ res[m, n])
+
+`a` is int8 codes [M, K], or float activations that the prologue quantizes tile by tile in
+registers (`A_FLOAT`: the standalone quantize pass and its int8 round trip through memory
+disappear). The row's timestep group g(m) = group[m // rows_per_sample] is read on the device.
+
+Weights are [N, K] int8, K contiguous — the K-major operand int8 wgmma needs — or packed int4
+[N, ⌈K/2⌉] (`pack_int4`, low nibble = even k) widened to int8 in registers: Hopper has no 4-bit
+MMA (DESIGN.md §4), so int4 halves the weight bytes but multiplies as int8.
+Accumulation is int32 through `tl.dot` on int8; `Σ_k w` is precomputed offline, so the zero-point
+correction is one multiply-subtract per output in the epilogue.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..quant.primitives import pack_int4
+from .numerics import interpreting, quantize_uniform, unpack_int4_rows
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    cfg = lambda bm, bn, bk, w, s: triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    return [
+        # large M (SD 64×64 and 32×32 levels, DDPM at batch 256)
+        cfg(128, 256, 128, 8, 3), cfg(128, 128, 128, 8, 3), cfg(128, 128, 64, 4, 4),
+        cfg(128, 64, 128, 4, 4), cfg(64, 128, 128, 4, 4), cfg(64, 64, 128, 4, 4),
+        # small M (time embedding, text tokens): weight streaming
+        cfg(16, 64, 128, 4, 4), cfg(16, 128, 128, 4, 3), cfg(32, 64, 128, 4, 4),
+    ]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Tiles of 16/32 rows only for small M, and never for large M; BLOCK_K never past K."""
+    M, K = named_args["M"], named_args["K"]
+    small = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
+    large = [c for c in configs if c.kwargs["BLOCK_M"] > 32]
+    keep = small if M <= 32 else large
+    fit = [c for c in keep if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(K))]
+    return fit or keep
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "W4"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
+@triton.jit
+def _qgemm_kernel(
+    a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    r_inv_ptr, s_inv_ptr, scale_ptr, zero_ptr, group_ptr,
+    M, N, K, rows_per_sample, group_stride,
+    stride_am, stride_ak, stride_wn, stride_rm, stride_rn, stride_om,
+    A_FLOAT: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
+    pid = tl.program_id(0)
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Wrapped indices keep every operand load in bounds without masks; the store is masked.
+    rm_in = rm % M
+    rn_in = rn % N
+    g = tl.load(group_ptr + (rm_in // rows_per_sample) * group_stride)
+    zero = tl.load(zero_ptr + g)
+
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm_in[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    if W4:
+        rkw = tl.arange(0, BLOCK_K // 2)
+        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rkw[None, :]
+        k_packed = (K + 1) // 2
+    else:
+        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    if A_FLOAT:
+        s_inv = tl.load(s_inv_ptr + g)[:, None]
+        zero_col = zero[:, None]
+
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0)
+        if A_FLOAT:
+            u = a.to(tl.float32)
+            if HAS_RINV:
+                if EVEN_K:
+                    u = u * tl.load(r_inv_ptr + k0 + rk)[None, :]
+                else:
+                    u = u * tl.load(r_inv_ptr + k0 + rk, mask=rk < K - k0, other=1.0)[None, :]
+            # Lanes past K become the code z here, but meet zero weights below.
+            a = quantize_uniform(u, s_inv, zero_col, QMIN, QMAX)
+        if W4:
+            if EVEN_K:
+                p = tl.load(w_ptrs)
+            else:
+                p = tl.load(w_ptrs, mask=rkw[None, :] < k_packed - k0 // 2, other=0)
+            w = unpack_int4_rows(p, BLOCK_N, BLOCK_K)
+            w_ptrs += BLOCK_K // 2
+        else:
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+            else:
+                w = tl.load(w_ptrs, mask=rk[None, :] < K - k0, other=0)
+            w_ptrs += BLOCK_K
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K * stride_ak
+
+    # Epilogue: zero-point correction in int32, then acc·(s_w·s_a) + bias in fp32 (scale formed first).
+    acc = acc - zero[:, None] * tl.load(w_sum_ptr + rn_in)[None, :]
+    s_a = tl.load(scale_ptr + g)
+    y = acc.to(tl.float32) * (tl.load(w_scale_ptr + rn_in)[None, :] * s_a[:, None])
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if HAS_RES:
+        res = tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :] * stride_rn, mask=mask)
+        y = y + res.to(tl.float32)
+    out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def prepare_linear_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offline: integer weights [N, K] → (kernel operand, Σ_k w as int32 [N]).
+
+    The operand is int8 [N, K] for 8/6-bit weights and `pack_int4`'s uint8 [N, ⌈K/2⌉] for 4 bits.
+    """
+    if w_int.dtype != torch.int8 or w_int.dim() != 2:
+        raise TypeError(f"prepare_linear_weight expects int8 [N, K], got {w_int.dtype} {tuple(w_int.shape)}")
+    w_sum = w_int.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    w_op = pack_int4(w_int) if bits == 4 else w_int
+    return w_op.contiguous(), w_sum.contiguous()
+
+
+def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
+          bias, s_inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
+          group_stride: int, rows_per_sample: int, a_bits: int, r_inv, residual2, out: torch.Tensor) -> torch.Tensor:
+    """Launch on a2 [M, K] (int8 codes, or float when the prologue quantizes) into out [M, N].
+
+    `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉] (then the kernel widens int4 to int8).
+    """
+    M, K = a2.shape
+    N = w_op.shape[0]
+    if M == 0 or N == 0:
+        return out
+    a_float = a2.dtype != torch.int8
+    res = residual2 if residual2 is not None else out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _qgemm_kernel[grid](
+        a2, w_op, w_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group,
+        M, N, K, rows_per_sample, group_stride,
+        a2.stride(0), a2.stride(1), w_op.stride(0), res.stride(0), res.stride(1), out.stride(0),
+        A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None,
+        QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
+        W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
+    )
+    return out

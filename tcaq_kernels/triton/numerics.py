@@ -1,0 +1,65 @@
+"""Device functions shared by the kernels: the activation quantizers of `quant/primitives.py`.
+
+They are written once so that every kernel (standalone quantize, GEMM prologue, conv, attention)
+produces the same integers as `quantize_uniform` / `quantize_log2`:
+
+* uniform: `clamp(rint((x·r_inv)·s_inv) + z, qmin, qmax)` in fp32, the two products in that order;
+* log2: the level read off the fp32 bit pattern of `y = x·s_inv` (exponent, and mantissa against
+  √2), the reserved top code for zero.
+
+Rounding uses the 1.5·2^23 trick instead of `libdevice.rint`: the CPU interpreter (CI) has no
+libdevice, and this form rounds half-to-even identically on both. The clamp to ±2^22 before the
+add keeps the trick exact and, sitting between the multiply and the add, also stops the compiler
+from contracting them into an fma (which would skip the product's rounding and move codes).
+"""
+import triton
+import triton.language as tl
+
+from triton import knobs
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU CI): kernels then use one small tile config."""
+    return bool(knobs.runtime.interpret)
+
+
+@triton.jit
+def rint_f32(v):
+    """Round half-to-even of fp32 `v`, saturated at ±2^22 (far outside any code range)."""
+    v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
+    return (v + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def quantize_uniform(u, s_inv, zero, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """Signed uniform codes (int8) of fp32 `u` (already multiplied by r_inv): rint(u·s_inv) + z."""
+    v = rint_f32(u * s_inv) + zero.to(tl.float32)
+    return tl.minimum(tl.maximum(v, QMIN), QMAX).to(tl.int8)
+
+
+@triton.jit
+def quantize_log2(x, s_inv, LEVEL_MAX: tl.constexpr, ZERO_CODE: tl.constexpr):
+    """log2 codes (int32 values in [0, ZERO_CODE]) of `x` with scale 1/s_inv.
+
+    With y = 1.m·2^e, rint(-log2 y) = -e - [1.m ≥ √2]; x ≤ 0, NaN, subnormals and anything below
+    level LEVEL_MAX get ZERO_CODE, exactly like `primitives.quantize_log2`.
+    """
+    y = x.to(tl.float32) * s_inv
+    bits = y.to(tl.int32, bitcast=True)
+    exponent = ((bits >> 23) & 0xFF) - 127
+    above_sqrt2 = ((bits & 0x7FFFFF) > 0x3504F3).to(tl.int32)
+    code = tl.maximum(-exponent - above_sqrt2, 0)
+    is_zero = (y > 0) == 0
+    is_zero = is_zero | (code > LEVEL_MAX)
+    return tl.where(is_zero, ZERO_CODE, code)
+
+
+@triton.jit
+def unpack_int4_rows(p, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """Widen packed int4 `p` [ROWS, COLS//2] (uint8, low nibble = even column) to int8 [ROWS, COLS].
+
+    Hopper has no 4-bit MMA (DESIGN.md §4): int4 is a storage format, multiplied as int8.
+    """
+    lo = (p << 4).to(tl.int8, bitcast=True) >> 4
+    hi = p.to(tl.int8, bitcast=True) >> 4
+    return tl.reshape(tl.join(lo, hi), (ROWS, COLS))

@@ -1,0 +1,93 @@
+"""Activation quantize kernel: float [B, S, C] (any strides) → codes [B, S, C'] channel-last.
+
+One program quantizes a BLOCK_S × BLOCK_C tile of one sample; the sample's timestep group is read
+from `group` on the device and indexes the parameter tables (`s_inv[G]`, `zero[G]`), so nothing
+syncs with the host and the launch is CUDA-graph safe. Reading NCHW input (S contiguous) and writing
+channel-last codes makes this also the layout change the NHWC conv needs, in the same pass.
+
+Outputs (numerics of `quant/primitives.py`):
+* uniform, int8: signed codes `clamp(rint((x·r_inv)·s_inv) + z)`;
+* uniform, packed int4 (bits ≤ 4): two codes a byte along C, low nibble = even channel, an odd C
+  padded with a zero nibble (`pack_int4`'s format);
+* log2, uint8: codes of `quantize_log2` (no TCR factor: log2 is for post-softmax maps).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .numerics import interpreting, quantize_log2, quantize_uniform
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config({"BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_S": 64, "BLOCK_C": 64}, num_warps=4),
+        triton.Config({"BLOCK_S": 32, "BLOCK_C": 128}, num_warps=4),
+        triton.Config({"BLOCK_S": 128, "BLOCK_C": 32}, num_warps=4),
+        triton.Config({"BLOCK_S": 128, "BLOCK_C": 64}, num_warps=8),
+    ]
+
+
+@triton.jit
+def _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero,
+           BITS: tl.constexpr, LOG2: tl.constexpr, HAS_RINV: tl.constexpr):
+    """Codes of one [BLOCK_S, len(cols)] tile; lanes outside the tensor come back as 0."""
+    mask = row_mask[:, None] & (cols < C)[None, :]
+    x = tl.load(x_ptrs + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
+    if LOG2:
+        q = quantize_log2(x, s_inv, min((1 << BITS) - 2, 24), (1 << BITS) - 1)
+    else:
+        if HAS_RINV:
+            x = x * tl.load(r_inv_ptr + cols, mask=cols < C, other=1.0)[None, :]
+        q = quantize_uniform(x, s_inv, zero, -(1 << (BITS - 1)), (1 << (BITS - 1)) - 1).to(tl.int32)
+    return tl.where(mask, q, 0)
+
+
+@triton.autotune(configs=_configs(), key=["S", "C", "PACK4", "LOG2"])
+@triton.jit
+def _quantize_kernel(
+    x_ptr, out_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,
+    S, C, C_OUT, stride_xb, stride_xs, stride_xc, stride_ob, stride_os, group_stride,
+    BITS: tl.constexpr, LOG2: tl.constexpr, HAS_RINV: tl.constexpr, PACK4: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    g = tl.load(group_ptr + b * group_stride)
+    s_inv = tl.load(s_inv_ptr + g)
+    zero = tl.load(zero_ptr + g)
+
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # output columns (bytes when PACK4)
+    row_mask = rows < S
+    x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs
+    if PACK4:
+        lo = _codes(x_ptrs, 2 * cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero, BITS, LOG2, HAS_RINV)
+        hi = _codes(x_ptrs, 2 * cols + 1, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero, BITS, LOG2, HAS_RINV)
+        out = (lo & 0xF) | ((hi & 0xF) << 4)
+    else:
+        out = _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero, BITS, LOG2, HAS_RINV)
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < C_OUT)[None, :])
+
+
+def quantize_bsc(x3: torch.Tensor, s_inv: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
+                 group_stride: int, bits: int, r_inv, log2: bool, pack4: bool, out: torch.Tensor) -> torch.Tensor:
+    """Launch on a [B, S, C] view (any strides) into `out` [B, S, C'] (last dim contiguous).
+
+    C' is C, or ⌈C/2⌉ when `pack4`; `out` is int8 for uniform codes, uint8 for log2 or packed codes.
+    `group_stride` is 0 when one group serves every sample (then `group` may be 0-d).
+    """
+    B, S, C = x3.shape
+    c_out = out.shape[2]
+    if out.numel() == 0:
+        return out
+    grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(c_out, meta["BLOCK_C"]), B)
+    _quantize_kernel[grid](
+        x3, out, r_inv if r_inv is not None else s_inv, s_inv, zero, group,
+        S, C, c_out, x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1), group_stride,
+        BITS=bits, LOG2=log2, HAS_RINV=r_inv is not None, PACK4=pack4,
+    )
+    return out

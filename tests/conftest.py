@@ -1,0 +1,37 @@
+"""Shared fixtures: the embedded reference model and a small min-max state calibrated on it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, UNet2DModel
+
+import tcaq_kernels
+from tcaq_kernels.models import default_model_dir
+
+
+@pytest.fixture(scope="session")
+def ref_unet() -> UNet2DModel:
+    unet = UNet2DModel.from_pretrained(default_model_dir(), subfolder="unet").float().eval()
+    unet.requires_grad_(False)
+    return unet
+
+
+@pytest.fixture(scope="session")
+def ref_scheduler() -> DDIMScheduler:
+    return DDIMScheduler.from_pretrained(default_model_dir(), subfolder="scheduler")
+
+
+@pytest.fixture(scope="session")
+def ref_state_w8a8(ref_unet, ref_scheduler):
+    """Min-max W8A8 with 4 timestep groups: 8 samples × 12 DDIM steps (3 steps a group)."""
+    return tcaq_kernels.calibrate(
+        ref_unet, scheduler=ref_scheduler, bits="W8A8", num_samples=8, num_steps=12,
+        timestep_groups=4, batch_size=8, progress=False,
+    )
+
+
+@pytest.fixture
+def rng() -> torch.Generator:
+    """Fresh random inputs every run (seed printed by pytest on failure via the repr)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return torch.Generator().manual_seed(seed)

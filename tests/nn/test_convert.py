@@ -1,0 +1,207 @@
+"""convert(): reference and simulate backends agree, and the result is a drop-in UNet."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, UNet2DConditionModel
+
+import tcaq_kernels
+from tcaq_kernels.calib.minmax import state_from_ranges
+from tcaq_kernels.calib.observe import RangeObserver
+from tcaq_kernels.nn import QAttnProcessor, QConv2d, QLinear
+from tcaq_kernels.quant.layers import quantizable_layers
+from tcaq_kernels.quant.primitives import quantize_uniform
+from tcaq_kernels.sampling import ddim_sample, seeded_noise, unet_sample_shape
+
+
+@pytest.fixture(scope="module")
+def converted(ref_unet, ref_state_w8a8):
+    return {b: tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend=b) for b in ("reference", "simulate")}
+
+
+def test_every_layer_swapped_and_float_layers_kept(converted, ref_state_w8a8):
+    model = converted["reference"]
+    kinds = {n: type(m) for n, m in model.named_modules()}
+    assert kinds["conv_in"] is torch.nn.Conv2d and kinds["conv_out"] is torch.nn.Conv2d
+    for name, layer in ref_state_w8a8.layers.items():
+        if layer.kind == "attention":
+            assert isinstance(model.get_submodule(name).processor, QAttnProcessor)
+        else:
+            assert kinds[name] is {"conv2d": QConv2d, "linear": QLinear}[layer.kind]
+    plain = [n for n, m in model.named_modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
+    assert sorted(plain) == ["conv_in", "conv_out"]
+
+
+def _layer_inputs(unet, names, x, t):
+    """Inputs of each named layer during one float forward."""
+    seen, handles = {}, []
+    for name in names:
+        mod = unet.get_submodule(name)
+        handles.append(mod.register_forward_pre_hook(lambda m, a, _n=name: seen.setdefault(_n, a[0].detach())))
+    with torch.no_grad():
+        unet(x, t)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("timestep", [999, 420, 15])
+def test_backends_agree_layer_by_layer(converted, ref_unet, ref_state_w8a8, rng, timestep):
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    names = [n for n, l in ref_state_w8a8.layers.items() if l.kind != "attention"]
+    inputs = _layer_inputs(ref_unet, names, x, timestep)
+    for model in converted.values():
+        model.tcaq_groups.update(timestep, 2)
+    expected_group = int(timestep * 4 // 1000)
+    assert converted["reference"].tcaq_groups.group.tolist() == [expected_group] * 2
+    for name in names:
+        ref_mod, sim_mod = converted["reference"].get_submodule(name), converted["simulate"].get_submodule(name)
+        inp = inputs[name]
+        with torch.no_grad():
+            y_ref, y_sim = ref_mod(inp), sim_mod(inp)
+        scale = y_ref.abs().max().item()
+        assert (y_ref - y_sim).abs().max().item() <= 2e-5 * scale + 1e-6, name
+        # same integers: the simulate path's fake quant equals the reference codes dequantized
+        s, s_inv, z = ref_mod.act.lookup(ref_mod.groups.group, inp, name)
+        q = quantize_uniform(inp, s_inv, z, ref_mod.act.bits, ref_mod.r_inv, ref_mod.channel_dim)
+        assert q.min() >= -128 and q.max() <= 127
+
+
+def test_backends_agree_on_attention_blocks(converted, ref_unet, ref_state_w8a8, rng):
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    names = [n for n, l in ref_state_w8a8.layers.items() if l.kind == "attention"]
+    assert names, "the reference model has attention blocks"
+    inputs = _layer_inputs(ref_unet, names, x, 500)
+    for model in converted.values():
+        model.tcaq_groups.update(500, 2)
+    for name in names:
+        with torch.no_grad():
+            y_ref = converted["reference"].get_submodule(name)(inputs[name])
+            y_sim = converted["simulate"].get_submodule(name)(inputs[name])
+            y_fp = ref_unet.get_submodule(name)(inputs[name])
+        # the q/k/v projections round differently in the two backends, which can flip a few codes
+        err = (y_ref - y_sim).norm() / y_ref.norm()
+        assert err < 1e-3, (name, err.item())
+        # and the quantized block is close to, but not identical with, the float block
+        q_err = (y_ref - y_fp).norm() / y_fp.norm()
+        assert 0 < q_err < 0.05, (name, q_err.item())
+
+
+def _psnr(a, b):
+    return (10 * torch.log10(4.0 / (a - b).pow(2).mean())).item()  # images in [-1, 1]
+
+
+def test_backends_agree_end_to_end(converted, ref_unet, ref_scheduler):
+    """Same seeds through both backends: far closer to each other than either is to full precision.
+
+    They are not bit-identical: float rounding differs between the two products, which now and
+    then moves a downstream activation across a rounding boundary (one code step).
+    """
+    noise = seeded_noise(range(100, 104), (3, 32, 32))
+    ref = ddim_sample(converted["reference"], ref_scheduler, noise, 8, progress=False)
+    sim = ddim_sample(converted["simulate"], ref_scheduler, noise, 8, progress=False)
+    fp = ddim_sample(ref_unet, ref_scheduler, noise, 8, progress=False)
+    assert _psnr(ref, sim) > 40 and _psnr(ref, sim) > _psnr(ref, fp) + 8, (_psnr(ref, sim), _psnr(ref, fp))
+    with torch.no_grad():
+        e_ref = converted["reference"](noise, 500).sample
+        e_sim = converted["simulate"](noise, 500).sample
+        e_fp = ref_unet(noise, 500).sample
+    # a rounding flip costs one code step on ~0.1 % of elements: a small fraction of the
+    # quantization error itself, which is what this bounds
+    rel = ((e_ref - e_sim).norm() / e_ref.norm()).item()
+    rel_fp = ((e_ref - e_fp).norm() / e_fp.norm()).item()
+    assert rel < 0.02 and rel < 0.3 * rel_fp, (rel, rel_fp)
+
+
+def test_quantized_close_to_full_precision(converted, ref_unet, rng):
+    x = torch.randn(4, 3, 32, 32, generator=rng)
+    with torch.no_grad():
+        e_fp = ref_unet(x, 300).sample
+        e_q = converted["reference"](x, 300).sample
+    rel = ((e_q - e_fp).norm() / e_fp.norm()).item()
+    assert 0 < rel < 0.1, rel
+
+
+def test_per_sample_timesteps_match_per_sample_calls(converted, rng):
+    model = converted["reference"]
+    x = torch.randn(3, 3, 32, 32, generator=rng)
+    t = torch.tensor([990, 510, 20])
+    with torch.no_grad():
+        batched = model(x, t).sample
+        assert model.tcaq_groups.group.tolist() == [3, 2, 0]
+        single = torch.cat([model(x[i : i + 1], int(t[i])).sample for i in range(3)])
+        wrong = model(x, torch.tensor([990, 990, 990])).sample
+    # batch size changes float rounding upstream (and so a few codes); wrong groups change far more
+    err = ((batched - single).norm() / single.norm()).item()
+    assert err < 0.02 and err * 10 < ((wrong - single).norm() / single.norm()).item()
+
+
+def test_drop_in_for_ddim_pipeline(converted, ref_unet, ref_scheduler):
+    model = converted["reference"]
+    assert type(model) is type(ref_unet)
+    assert model.config == ref_unet.config and model.dtype == ref_unet.dtype and model.device == ref_unet.device
+    pipe = DDIMPipeline(unet=model, scheduler=ref_scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    images = out.images
+    assert images.shape == (2, 32, 32, 3) and (images >= 0).all() and (images <= 1).all()
+    assert images.std() > 0.05  # not a blank image
+
+
+def test_convert_does_not_touch_the_input_model(ref_unet, ref_state_w8a8):
+    before = {n: type(m) for n, m in ref_unet.named_modules()}
+    tcaq_kernels.convert(ref_unet, ref_state_w8a8)
+    assert {n: type(m) for n, m in ref_unet.named_modules()} == before
+    assert not hasattr(ref_unet, "tcaq_groups")
+
+
+def test_convert_accepts_a_path_and_rejects_bad_backend(ref_unet, ref_state_w8a8, tmp_path):
+    path = ref_state_w8a8.save(tmp_path / "s.tcaq")
+    model = tcaq_kernels.convert(ref_unet, path, backend="simulate")
+    assert model.tcaq_info["backend"] == "simulate"
+    with pytest.raises(ValueError, match="unknown backend 'cuda-nope'"):
+        tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="cuda-nope")
+
+
+def _tiny_cond_unet():
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
+def test_conditional_unet_converts_and_backends_agree(rng):
+    unet = _tiny_cond_unet()
+    layers = quantizable_layers(unet)
+    layers = {n: k for n, k in layers.items() if n not in ("conv_in", "conv_out")}
+    assert any(n.endswith("attn2") for n in layers), "cross-attention present"
+    observer = RangeObserver(unet, layers, [500.0])
+    text = torch.randn(2, 7, 24, generator=rng)
+    with observer, torch.no_grad():
+        for t in (900, 100):
+            unet(torch.randn(2, 4, 8, 8, generator=rng), t, encoder_hidden_states=text)
+    state = state_from_ranges(unet, observer, "W8A8", ["conv_in", "conv_out"], {})
+    state.validate(unet)
+    x = torch.randn(2, 4, 8, 8, generator=rng)
+    with torch.no_grad():
+        fp = unet(x, 700, encoder_hidden_states=text).sample
+        outs = {b: tcaq_kernels.convert(unet, state, backend=b)(x, 700, encoder_hidden_states=text).sample
+                for b in ("reference", "simulate")}
+    assert outs["reference"].shape == fp.shape
+    assert ((outs["reference"] - outs["simulate"]).norm() / outs["reference"].norm()) < 1e-4
+    assert ((outs["reference"] - fp).norm() / fp.norm()) < 0.1
+
+
+def test_w4a8_state_runs_with_packed_weights(ref_unet, ref_scheduler, rng):
+    state = tcaq_kernels.calibrate(ref_unet, scheduler=ref_scheduler, bits="W4A8", num_samples=2, num_steps=4,
+                                   batch_size=2, progress=False)
+    conv = next(l for l in state.layers.values() if l.kind == "conv2d")
+    assert conv.weight.dtype == torch.uint8
+    model = tcaq_kernels.convert(ref_unet, state)
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    with torch.no_grad():
+        out = model(x, 100).sample
+        fp = ref_unet(x, 100).sample
+    assert torch.isfinite(out).all() and ((out - fp).norm() / fp.norm()) < 0.5

@@ -1,0 +1,39 @@
+"""Random timestep-group tables and references for the kernel tests (fresh draws every run)."""
+import torch
+
+from tcaq_kernels.quant import primitives as P
+
+
+class Tables:
+    """Parameter tables of one quantized activation with G timestep groups, and a per-sample group."""
+
+    def __init__(self, gen: torch.Generator, groups: int, batch: int, bits: int, device, unit_scale=False):
+        qmin, qmax = P.qrange(bits)
+        self.bits = bits
+        self.scale = torch.rand(groups, generator=gen) * 0.2 + 0.05
+        if unit_scale:
+            self.scale = torch.ones(groups)
+        self.s_inv = 1.0 / (torch.rand(groups, generator=gen) * 0.2 + 0.05)
+        self.zero = torch.randint(qmin // 4, qmax // 4 + 1, (groups,), generator=gen, dtype=torch.int32)
+        self.group = torch.randint(0, groups, (batch,), generator=gen, dtype=torch.int32)
+        for name in ("scale", "s_inv", "zero", "group"):
+            setattr(self, name, getattr(self, name).to(device))
+
+    def per_sample(self, table: torch.Tensor, ndim: int) -> torch.Tensor:
+        """table[group[b]] shaped [B, 1, …, 1] to broadcast against an ndim-dim tensor."""
+        return table[self.group.long()].view(-1, *([1] * (ndim - 1)))
+
+
+def rand_int(gen, shape, bits, device):
+    qmin, qmax = P.qrange(bits)
+    return torch.randint(qmin, qmax + 1, shape, generator=gen, dtype=torch.int8).to(device)
+
+
+def assert_float_close(out: torch.Tensor, ref: torch.Tensor, what: str):
+    """Floats up to fp32 rounding (an fma in the epilogue), then the output dtype's own rounding."""
+    assert not out.isnan().any(), f"{what}: unwritten (NaN) outputs"
+    eps = torch.finfo(out.dtype).eps
+    ref_o = ref.to(out.dtype).float()
+    tol = 2 * eps * ref.abs() + 4 * torch.finfo(torch.float32).eps * ref.abs().max().clamp(min=1)
+    bad = (out.float() - ref_o).abs() > tol
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} outputs off, e.g. {out.float()[bad][:4]} vs {ref_o[bad][:4]}"

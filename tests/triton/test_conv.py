@@ -1,0 +1,127 @@
+"""Implicit-GEMM conv against `ops/reference.int_conv2d`: int32 accumulators bit for bit."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tcaq_kernels.ops import reference as R
+from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d, quantize_act
+from tcaq_kernels.quant import primitives as P
+from tcaq_kernels.triton.conv import qconv
+
+from _tables import Tables, assert_float_close, rand_int
+
+# (B, C, H, W, N, k, stride, padding): C_in = 3 and 4 (image / latent input), odd C, stride 2,
+# 1×1, non-square images, a spatial size that is not a multiple of the stride.
+CASES = [
+    (2, 3, 8, 8, 16, 3, 1, 1),
+    (2, 4, 7, 9, 24, 3, 1, 1),
+    (2, 37, 9, 6, 20, 3, 2, 1),
+    (1, 40, 6, 6, 33, 1, 1, 0),
+    (2, 33, 7, 7, 16, 1, 2, 0),
+    (3, 64, 5, 5, 40, 3, 1, 1),
+]
+
+
+def _ref_acc(codes_nchw, w_int, t, stride, pads):
+    """Reference accumulator; asymmetric padding is done in the quantized domain with z first."""
+    top, bottom, left, right = pads
+    z = t.per_sample(t.zero, 4)
+    if (top, left) == (bottom, right):
+        return R.int_conv2d(codes_nchw, w_int, z, (stride, stride), (top, left))
+    padded = F.pad(codes_nchw.double() - z.double(), (left, right, top, bottom)) + z.double()
+    return R.int_conv2d(padded, w_int, z, (stride, stride), (0, 0))
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", CASES)
+def test_int8_codes_exact_accumulator(gen, device, w_bits, case):
+    B, C, H, W, N, k, stride, pad = case
+    codes = rand_int(gen, (B, C, H, W), 8, device)
+    w = rand_int(gen, (N, C, k, k), w_bits, device)
+    t = Tables(gen, groups=4, batch=B, bits=8, device=device, unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                t.s_inv, t.scale, t.zero, t.group, stride, [pad], out_dtype=torch.float32)
+    ref = _ref_acc(codes, w, t, stride, (pad,) * 4)
+    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, ref.float())
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_asymmetric_padding_stride2(gen, device, w_bits):
+    """DDPM's Downsample2D pads (0, 1, 0, 1) then convolves 3×3 / 2 without padding."""
+    B, C, H, W, N = 2, 19, 8, 8, 12
+    codes = rand_int(gen, (B, C, H, W), 8, device)
+    w = rand_int(gen, (N, C, 3, 3), w_bits, device)
+    t = Tables(gen, groups=3, batch=B, bits=8, device=device, unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                t.s_inv, t.scale, t.zero, t.group, 2, [0, 1, 0, 1], out_dtype=torch.float32)
+    assert torch.equal(y, _ref_acc(codes, w, t, 2, (0, 1, 0, 1)).float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tcr", [False, True])
+def test_float_input_epilogue_residual(gen, device, out_dtype, tcr):
+    """Float NCHW in (quantize → NHWC codes → conv), scales, bias and an NCHW residual."""
+    B, C, H, W, N = 2, 12, 6, 7, 20
+    x = (torch.randn(B, C, H, W, generator=gen) * 2).to(device)
+    w = rand_int(gen, (N, C, 3, 3), 8, device)
+    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
+    bias = torch.randn(N, generator=gen).to(device)
+    residual = torch.randn(B, N, H, W, generator=gen).to(device)
+    r_inv = (torch.rand(C, generator=gen) + 0.5).to(device) if tcr else None
+    t = Tables(gen, groups=5, batch=B, bits=8, device=device)
+    w_q, w_sum = prepare_conv_weight(w, 8)
+    y = qconv2d(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, r_inv, residual,
+                out_dtype)
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 4), t.per_sample(t.zero, 4), 8, r_inv, 1)
+    ref = R.epilogue(_ref_acc(codes, w, t, 1, (1,) * 4), w_scale, t.per_sample(t.scale, 4), bias, 1) + residual
+    assert_float_close(y, ref, "qconv2d")
+
+
+def test_poisoned_output(gen, device):
+    B, C, H, W, N = 2, 5, 5, 6, 9
+    codes = rand_int(gen, (B, H, W, C), 8, device)
+    w = rand_int(gen, (N, C, 3, 3), 4, device)
+    t = Tables(gen, groups=2, batch=B, bits=8, device=device)
+    w_scale = torch.rand(N, generator=gen).to(device)
+    w_q, w_sum = prepare_conv_weight(w, 4)
+    out = torch.full((B, N, H, W), float("nan"), device=device).to(memory_format=torch.channels_last)
+    qconv(codes, w_q, w_sum, w_scale, None, t.scale, t.zero, t.group, 1, 1, (1, 1, 1, 1), None, out)
+    acc = _ref_acc(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4)
+    assert_float_close(out, R.epilogue(acc, w_scale, t.per_sample(t.scale, 4), None, 1), "qconv")
+
+
+def test_fake_impl_matches(device):
+    x = torch.randn(2, 3, 5, 5, device=device)
+    w_q, w_sum = prepare_conv_weight(torch.ones(8, 3, 3, 3, dtype=torch.int8, device=device), 8)
+    one = torch.ones(2, device=device)
+    z = torch.zeros(2, dtype=torch.int32, device=device)
+    torch.library.opcheck(qconv2d, (x, w_q, w_sum, torch.ones(8, device=device), None, one, one, z, z, 2, [1]),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# SD-1.5 and DDPM layers on the GPU: (B, C, H, W, N, k, stride, pad).
+@pytest.mark.cuda
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", [
+    (2, 320, 64, 64, 320, 3, 1, 1), (2, 4, 64, 64, 320, 3, 1, 1), (2, 640, 32, 32, 640, 3, 2, 1),
+    (2, 960, 32, 32, 640, 1, 1, 0), (2, 2560, 8, 8, 1280, 3, 1, 1), (256, 3, 32, 32, 128, 3, 1, 1),
+    (256, 256, 4, 4, 256, 3, 1, 1),
+])
+def test_large_shapes(gen, w_bits, case):
+    B, C, H, W, N, k, stride, pad = case
+    x = torch.randn(B, C, H, W, generator=gen).to(torch.bfloat16).cuda()
+    w = rand_int(gen, (N, C, k, k), w_bits, "cuda")
+    t = Tables(gen, groups=10, batch=B, bits=8, device="cuda")
+    w_scale = (torch.rand(N, generator=gen) * 0.01).cuda()
+    bias = torch.randn(N, generator=gen).cuda()
+    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    codes = quantize_act(x, t.s_inv, t.zero, t.group, 8, channel_dim=1)
+    acc = _ref_acc(codes.permute(0, 3, 1, 2), w, t, stride, (pad,) * 4)
+    y = qconv2d(codes, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, torch.ones_like(t.scale),
+                t.zero, t.group, stride, [pad], out_dtype=torch.float32)
+    assert torch.equal(y, acc.float())
+    y = qconv2d(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, stride, [pad])
+    assert_float_close(y, R.epilogue(acc, w_scale, t.per_sample(t.scale, 4), bias, 1), "qconv2d")

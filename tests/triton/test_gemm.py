@@ -1,0 +1,113 @@
+"""W8A8 / W4A8 GEMM against `ops/reference.py`: int32 accumulators bit for bit, floats to fp32 rounding."""
+import pytest
+import torch
+
+from tcaq_kernels.ops import reference as R
+from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
+from tcaq_kernels.quant import primitives as P
+from tcaq_kernels.triton.gemm import qgemm
+
+from _tables import Tables, assert_float_close, rand_int
+
+# (B, rows per sample, K, N): M not a tile multiple, odd K, a single row per sample, K < one tile.
+SHAPES = [(2, 37, 70, 45), (3, 1, 64, 96), (2, 20, 33, 17), (1, 64, 128, 64)]
+
+
+def _acc_ref(a_codes, w_int, t):
+    return R.int_linear(a_codes, w_int, t.per_sample(t.zero, a_codes.dim()))
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_codes_exact_accumulator(gen, device, w_bits, shape):
+    """Unit scales, fp32 output: the kernel's output is float(int32 accumulator), compared exactly."""
+    B, L, K, N = shape
+    a = rand_int(gen, (B, L, K), 8, device)
+    w = rand_int(gen, (N, K), w_bits, device)
+    t = Tables(gen, groups=4, batch=B, bits=8, device=device, unit_scale=True)
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
+    y = qlinear(a, w_q, w_sum, torch.ones(N, device=device), None, t.s_inv, t.scale, t.zero, t.group,
+                out_dtype=torch.float32)
+    assert torch.equal(y, _acc_ref(a, w, t).float())
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("a_bits", [8, 6])
+@pytest.mark.parametrize("tcr", [False, True])
+def test_fused_quantize_prologue_exact(gen, device, w_bits, a_bits, tcr):
+    """Float input: codes made in the GEMM prologue must equal quantize_uniform's."""
+    B, L, K, N = 2, 29, 72, 40
+    x = (torch.randn(B, L, K, generator=gen) * 3).to(torch.bfloat16).to(device)
+    w = rand_int(gen, (N, K), w_bits, device)
+    t = Tables(gen, groups=3, batch=B, bits=a_bits, device=device, unit_scale=True)
+    r_inv = (torch.rand(K, generator=gen) + 0.5).to(device) if tcr else None
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
+    y = qlinear(x, w_q, w_sum, torch.ones(N, device=device), None, t.s_inv, t.scale, t.zero, t.group,
+                a_bits, r_inv, out_dtype=torch.float32)
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), a_bits, r_inv, -1)
+    assert torch.equal(y, _acc_ref(codes, w, t).float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_epilogue_scale_bias_residual(gen, device, out_dtype):
+    B, L, K, N = 2, 45, 96, 72
+    x = torch.randn(B, L, K, generator=gen).to(device)
+    w = rand_int(gen, (N, K), 8, device)
+    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
+    bias = torch.randn(N, generator=gen).to(device)
+    residual = torch.randn(B, L, N, generator=gen).to(out_dtype).to(device)
+    t = Tables(gen, groups=5, batch=B, bits=8, device=device)
+    w_q, w_sum = prepare_linear_weight(w, 8)
+    y = qlinear(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, residual=residual,
+                out_dtype=out_dtype)
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
+    ref = R.epilogue(_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual.float()
+    assert y.dtype == out_dtype
+    assert_float_close(y, ref, "qlinear")
+
+
+def test_poisoned_output_and_one_group(gen, device):
+    """NaN-poisoned output must be fully overwritten; a one-element `group` serves every row."""
+    M, K, N = 50, 64, 33
+    a = rand_int(gen, (M, K), 8, device)
+    w = rand_int(gen, (N, K), 4, device)
+    t = Tables(gen, groups=3, batch=1, bits=8, device=device)
+    w_scale = torch.rand(N, generator=gen).to(device)
+    w_q, w_sum = prepare_linear_weight(w, 4)
+    out = torch.full((M, N), float("nan"), device=device)
+    qgemm(a, w_q, w_sum, w_scale, None, t.s_inv, t.scale, t.zero, t.group, 0, M, 8, None, None, out)
+    g = t.group.long()
+    ref = R.epilogue(R.int_linear(a, w, t.zero[g]), w_scale, t.scale[g], None, -1)
+    assert_float_close(out, ref, "qgemm")
+
+
+def test_fake_impl_matches(device):
+    x = torch.randn(2, 3, 32, device=device)
+    w_q, w_sum = prepare_linear_weight(torch.ones(16, 32, dtype=torch.int8, device=device), 4)
+    one = torch.ones(2, device=device)
+    z = torch.zeros(2, dtype=torch.int32, device=device)
+    torch.library.opcheck(qlinear, (x, w_q, w_sum, torch.ones(16, device=device), None, one, one, z, z),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# SD-1.5 (batch 2) and DDPM shapes on the GPU: M×N×K.
+@pytest.mark.cuda
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("mnk", [(8192, 320, 320), (2048, 5120, 640), (154, 1280, 768), (2, 1280, 320),
+                                 (65536, 256, 256)])
+def test_large_shapes(gen, w_bits, mnk):
+    M, N, K = mnk
+    B = 2 if M % 2 == 0 else 1
+    x = torch.randn(B, M // B, K, generator=gen).to(torch.bfloat16).cuda()
+    w = rand_int(gen, (N, K), w_bits, "cuda")
+    t = Tables(gen, groups=10, batch=B, bits=8, device="cuda")
+    w_scale = (torch.rand(N, generator=gen) * 0.01).cuda()
+    bias = torch.randn(N, generator=gen).cuda()
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
+    acc = _acc_ref(codes, w, t)
+    y = qlinear(codes, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, torch.ones_like(t.scale),
+                t.zero, t.group, out_dtype=torch.float32)
+    assert torch.equal(y, acc.float())
+    y = qlinear(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group)
+    assert_float_close(y, R.epilogue(acc, w_scale, t.per_sample(t.scale, 3), bias, -1), "qlinear")
