@@ -82,8 +82,28 @@ def check_determinism(a: argparse.Namespace, first_shard: Path) -> dict:
     return {"first_shard_identical": same, "images_differing": n_diff, "n": n, "seconds": time.perf_counter() - t}
 
 
+def portable_command(cmd: str) -> str:
+    """`cmd` without the machine-specific paths (output folder, shared-file copies, cache)."""
+    drop = {"--out", "--ref-npz", "--resnet-weights", "--cache-dir"}
+    parts, out = shlex.split(cmd), []
+    if "--state" not in parts:
+        drop.add("--backend")  # meaningless without a state
+    it = iter(parts)
+    for p in it:
+        if p in drop:
+            next(it, None)
+        else:
+            out.append(p)
+    return shlex.join(out)
+
+
 def render_markdown(fp: dict, floor: dict, report: dict, det: dict | None) -> str:
     v = report["versions"]
+    inception = report.get("inception_fid", {})
+    if inception.get("available"):
+        inception_note = f"Inception FID (pytorch-fid weights found locally): {inception['fid_inception']:.3f}."
+    else:
+        inception_note = "Inception-v3 weights are not on these machines, so no Inception FID was computed."
     lines = [
         "# Full-precision quality row (FID-ResNet56)",
         "",
@@ -91,8 +111,7 @@ def render_markdown(fp: dict, floor: dict, report: dict, det: dict | None) -> st
         + ("on" if report["allow_tf32"] else "off") + f"), DDIM {report['steps']} steps, eta 0, sample i from seed i "
         f"(seeds {report['seeds']['first']}…{report['seeds']['last']}), scored against the 10,000 CIFAR-10 test "
         "images (`shared/data/cifar10-test-jpeg.npz`) in the 64-d pooled feature space of the CIFAR ResNet-56 "
-        "(`shared/models/resnet56-cifar10`). Not comparable with a paper's Inception FID; "
-        "Inception-v3 weights are not on these machines, so no Inception FID was computed.",
+        "(`shared/models/resnet56-cifar10`). Not comparable with a paper's Inception FID. " + inception_note,
         "",
         "| row | n | FID-ResNet56 | IS-like (ResNet-56 softmax, 10 splits) |",
         "| --- | ---: | ---: | ---: |",
@@ -106,7 +125,7 @@ def render_markdown(fp: dict, floor: dict, report: dict, det: dict | None) -> st
         f"- versions: torch {v['torch']} (CUDA {v['cuda']}), triton {v['triton']}, diffusers {v['diffusers']}, "
         f"numpy {v['numpy']}, Python {v['python']}",
         f"- command: `{fp['command']}`",
-        f"- same as: `{report['command']}` (with the output folder of your choice)",
+        f"- same as: `{portable_command(report['command'])} --out DIR` (shared files at their default place)",
     ]
     if det is not None:
         lines.append(f"- determinism: shard 0 regenerated in a fresh folder on the same card was "

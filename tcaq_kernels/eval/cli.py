@@ -66,7 +66,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The full command that reproduces `args`, every option spelled out."""
     parts = ["python", "-m", "tcaq_kernels", "evaluate"]
     for action in _add_arguments(argparse.ArgumentParser())._actions:
-        if not action.option_strings or action.dest == "help":
+        if not action.option_strings or action.dest == "help" or (action.dest == "backend" and not args.state):
             continue
         value = getattr(args, action.dest, None)
         if isinstance(action, argparse._StoreTrueAction):

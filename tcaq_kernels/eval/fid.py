@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -156,7 +157,7 @@ def reference_features(
             with np.load(path) as z:
                 if str(z["key"]) == key:
                     return ReferenceFeatures(z["features"], z["logits"], z["labels"], key, path, True)
-        except (OSError, KeyError, ValueError):
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
             pass  # unreadable entry: recompute and overwrite it
     from .resnet56 import extract, load_resnet56
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import zipfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,7 @@ def _shard_ok(path: Path, seeds: list[int], shape: tuple[int, int, int]) -> bool
                 and z["images"].dtype == np.uint8
                 and z["images"].shape == (len(seeds), h, w, c)
             )
-    except (OSError, KeyError, ValueError, EOFError):
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
         return False
 
 

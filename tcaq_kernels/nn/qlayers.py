@@ -12,11 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import reference as ref
-from ..quant.primitives import fake_quant_uniform, quantize_uniform, unpack_int4
+from ..quant.primitives import quantize_uniform, ste, unpack_int4
 from ..quant.state import ActQuant, LayerState
 from .timestep import TimestepGroups, per_sample
 
 BACKENDS = ("reference", "simulate", "triton")
+
+
+def _scaled_input(x, s_inv, r_inv, channel_dim):
+    """`(x·r_inv)·s_inv` — the pre-rounding value whose gradient the codes pass through."""
+    u = x.float()
+    if r_inv is not None:
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        u = u * r_inv.view(shape)
+    return u * s_inv
 
 
 class ActTables(torch.nn.Module):
@@ -70,15 +80,19 @@ class _QWeighted(torch.nn.Module):
         return unpack_int4(self.weight, math.prod(self.weight_shape[1:])).view(self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s, s_inv, z = self.act.lookup(self.groups.group, x, self.name)
-        if self.backend == "simulate":
-            x_hat = fake_quant_uniform(x, s, z, self.act.bits, self.r_inv, self.channel_dim)
-            w_hat = self.weight_int().float() * self.w_scale.view(-1, *([1] * (len(self.weight_shape) - 1)))
-            return self._float_product(x_hat, w_hat).to(x.dtype)
         if self.backend == "triton":
             return self._triton(x).to(x.dtype)
-        q = quantize_uniform(x, s_inv, z, self.act.bits, self.r_inv, self.channel_dim)
-        acc = self._int_product(q, z)
+        s, s_inv, z = self.act.lookup(self.groups.group, x, self.name)
+        if self.backend == "simulate":
+            # Integer-valued fp32 codes with a straight-through gradient, multiplied in fp32: the
+            # partial sums stay exact while below 2^24, so this differentiable path reproduces the
+            # reference integers and outputs on real activations at float-GEMM speed.
+            u = _scaled_input(x, s_inv, self.r_inv, self.channel_dim)
+            codes = ste(quantize_uniform(x, s_inv, z, self.act.bits, self.r_inv, self.channel_dim).float() - z, u - z)
+            acc = self._float_product(codes, self.weight_int().float())
+        else:
+            q = quantize_uniform(x, s_inv, z, self.act.bits, self.r_inv, self.channel_dim)
+            acc = self._int_product(q, z)
         return ref.epilogue(acc, self.w_scale, s, self.bias, self.channel_dim).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -95,8 +109,8 @@ class QLinear(_QWeighted):
     def _int_product(self, q, z):
         return ref.int_linear(q, self.weight_int(), z)
 
-    def _float_product(self, x_hat, w_hat):
-        return F.linear(x_hat, w_hat, self.bias)
+    def _float_product(self, codes, w):
+        return F.linear(codes, w)
 
     def _triton(self, x):
         from ..ops import triton_ops
@@ -124,8 +138,8 @@ class QConv2d(_QWeighted):
     def _int_product(self, q, z):
         return ref.int_conv2d(q, self.weight_int(), z, self.stride, self.padding, self.dilation)
 
-    def _float_product(self, x_hat, w_hat):
-        return F.conv2d(x_hat, w_hat, self.bias, self.stride, self.padding, self.dilation)
+    def _float_product(self, codes, w):
+        return F.conv2d(codes, w, None, self.stride, self.padding, self.dilation)
 
     def _triton(self, x):
         from ..ops import triton_ops

@@ -33,7 +33,7 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `
         x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
         kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)`.
         (w_q, w_sum) from `prepare_conv_weight(w_int [N, C, KH, KW], bits)`: int8 [N, KH, KW, C]
-        or packed uint8 [N, KH, KW, ⌈C/2⌉]. stride: int; padding: [p], [ph, pw] or
+        or packed uint8 [N, KH, KW, ⌈C/2⌉], and per-tap weight sums int32 [N, KH·KW]. stride: int; padding: [p], [ph, pw] or
         [top, bottom, left, right],
         filled with the code z[g]. residual: NCHW-shaped [B, N, OH, OW], any memory format.
 """

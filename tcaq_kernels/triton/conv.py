@@ -5,8 +5,10 @@ Rows are output pixels m = (b, oh, ow), columns output channels n, and the reduc
 one filter tap — coalesced NHWC loads, no im2col buffer. The taps and channel blocks are flattened
 into one loop so that the software pipeline spans the whole reduction, not one tap.
 
-Padding is in the quantized domain with the code z[g] (DESIGN.md §3): out-of-image taps read z, so
-`acc − z·Σw` is the reference's zero-point-corrected accumulator at every pixel, borders included.
+Padding is in the quantized domain with the code z[g] (DESIGN.md §3). The main loop reads
+out-of-image taps as 0 (zero-filled async copies: the A tile goes to the MMA straight from shared
+memory), and the epilogue subtracts z·Σ_c w over the taps inside the image only, from per-tap weight
+sums precomputed offline: `Σ w·(a − z)` with the padding read as z, the reference's accumulator.
 Channel counts that are not tile multiples (C_in = 3, 4, 960, …) are masked, not rejected; the
 masked lanes meet zero weights.
 
@@ -18,18 +20,19 @@ import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
-from .numerics import interpreting, unpack_int4_rows
+from .numerics import interpreting, tuning_bench, unpack_int4_rows
 
 
 def _configs():
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     cfg = lambda bm, bn, bk, w, s: triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     return [
         cfg(128, 256, 64, 8, 3), cfg(128, 128, 128, 8, 3), cfg(128, 128, 64, 4, 4),
         cfg(128, 64, 64, 4, 4), cfg(64, 128, 64, 4, 4), cfg(64, 64, 64, 4, 4),
-        cfg(128, 64, 128, 4, 3), cfg(64, 64, 32, 4, 4),
+        # C_in = 3 / 4 (image, latent): the int8 MMA's minimum K tile
+        cfg(128, 64, 32, 4, 4), cfg(64, 64, 32, 4, 4),
     ]
 
 
@@ -41,11 +44,11 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(), key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qconv_kernel(
-    x_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
     scale_ptr, zero_ptr, group_ptr,
     B, H, W, C, N, OH, OW, pad_h, pad_w, group_stride,
     stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
@@ -73,55 +76,68 @@ def _qconv_kernel(
     b = rm_in // (OW * OH)
     g = tl.load(group_ptr + b * group_stride)
     zero = tl.load(zero_ptr + g)
-    pad_code = zero[:, None].to(tl.int8)
     ih0 = oh * STRIDE - pad_h
     iw0 = ow * STRIDE - pad_w
-    x_rows = x_ptr + b.to(tl.int64) * H * W * C
+    x_rows = x_ptr + (b.to(tl.int64) * H * W * C)[:, None]
 
     rk = tl.arange(0, BLOCK_K)
+    c_blocks = (C + BLOCK_K - 1) // BLOCK_K
+    n_iter = KH * KW * c_blocks
     if W4:
         c_w = (C + 1) // 2
         rkw = tl.arange(0, BLOCK_K // 2)
         w_rows = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rkw[None, :]
+        p_next = tl.load(w_rows, mask=(rkw < c_w)[None, :], other=0)
     else:
-        c_w = C
         w_rows = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
 
-    c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-    for it in range(0, KH * KW * c_blocks):
+    for it in range(0, n_iter):
         tap = it // c_blocks
         c0 = (it - tap * c_blocks) * BLOCK_K
         ih = ih0 + tap // KW
         iw = iw0 + tap % KW
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        # Out-of-image taps read 0 here (a zero-filled async copy, so the tile stays in shared
+        # memory for the MMA); the epilogue turns them into the padding code z.
         a_ptrs = x_rows + ((ih * W + iw) * C + c0)[:, None] + rk[None, :]
         if EVEN_C:
             a = tl.load(a_ptrs, mask=inside[:, None], other=0)
         else:
             a = tl.load(a_ptrs, mask=inside[:, None] & (rk < C - c0)[None, :], other=0)
-        a = tl.where(inside[:, None], a, pad_code)
         if W4:
-            w_ptrs = w_rows + tap * c_w + c0 // 2
-            if EVEN_C:
-                p = tl.load(w_ptrs)
-            else:
-                p = tl.load(w_ptrs, mask=(rkw < c_w - c0 // 2)[None, :], other=0)
-            w = unpack_int4_rows(p, BLOCK_N, BLOCK_K)
+            # int4 weights are widened in registers, which Triton does not pipeline: prefetch the
+            # next tile by hand, one iteration ahead.
+            w = unpack_int4_rows(p_next, BLOCK_N, BLOCK_K)
+            nxt = it + 1
+            tap_n = nxt // c_blocks
+            c0_n = (nxt - tap_n * c_blocks) * BLOCK_K
+            p_next = tl.load(w_rows + tap_n * c_w + c0_n // 2,
+                             mask=(rkw < c_w - c0_n // 2)[None, :] & (nxt < n_iter), other=0)
         else:
-            w_ptrs = w_rows + tap * c_w + c0
+            w_ptrs = w_rows + tap * C + c0
             if EVEN_C:
                 w = tl.load(w_ptrs)
             else:
                 w = tl.load(w_ptrs, mask=(rk < C - c0)[None, :], other=0)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
-    acc = acc - zero[:, None] * tl.load(w_sum_ptr + rn_in)[None, :]
+    # Zero point and padding: acc − z·Σ_{taps inside the image} Σ_c w  =  Σ w·(a − z) with the
+    # padding read as z (DESIGN.md §3); per-tap weight sums come precomputed.
+    n_mask = rn < N
+    inside_sum = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for tap in tl.static_range(KH * KW):
+        ih = ih0 + tap // KW
+        iw = iw0 + tap % KW
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        tap_sum = tl.load(w_tap_sum_ptr + rn * (KH * KW) + tap, mask=n_mask, other=0)
+        inside_sum += tl.where(inside[:, None], tap_sum[None, :], 0)
+    acc = acc - zero[:, None] * inside_sum
     s_a = tl.load(scale_ptr + g)
-    y = acc.to(tl.float32) * (tl.load(w_scale_ptr + rn_in)[None, :] * s_a[:, None])
+    y = acc.to(tl.float32) * (tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)[None, :] * s_a[:, None])
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & n_mask[None, :]
     if HAS_RES:
         r_off = b.to(tl.int64) * stride_rb + oh * stride_rh + ow * stride_rw
         res = tl.load(res_ptr + r_off[:, None] + rn[None, :].to(tl.int64) * stride_rc, mask=mask)
@@ -131,20 +147,21 @@ def _qconv_kernel(
 
 
 def prepare_conv_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offline: integer conv weights [N, C, KH, KW] → (kernel operand, Σ w as int32 [N]).
+    """Offline: integer conv weights [N, C, KH, KW] → (kernel operand, per-tap Σ_c w as int32 [N, KH·KW]).
 
     The operand is [N, KH, KW, C] int8 (C contiguous), or for 4 bits `pack_int4` of it along C:
-    uint8 [N, KH, KW, ⌈C/2⌉] (an odd C padded with a zero nibble per tap).
+    uint8 [N, KH, KW, ⌈C/2⌉] (an odd C padded with a zero nibble per tap). The per-tap sums give
+    the zero-point correction of border pixels, whose out-of-image taps read the code z.
     """
     if w_int.dtype != torch.int8 or w_int.dim() != 4:
         raise TypeError(f"prepare_conv_weight expects int8 [N, C, KH, KW], got {w_int.dtype} {tuple(w_int.shape)}")
-    w_sum = w_int.to(torch.int32).sum(dim=(1, 2, 3), dtype=torch.int32)
+    w_sum = w_int.to(torch.int32).sum(dim=1, dtype=torch.int32).flatten(1)
     w_nhwc = w_int.permute(0, 2, 3, 1).contiguous()
     w_op = pack_int4(w_nhwc) if bits == 4 else w_nhwc
     return w_op.contiguous(), w_sum.contiguous()
 
 
-def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor, bias,
+def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_scale: torch.Tensor, bias,
           scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
           stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor) -> torch.Tensor:
     """Launch on NHWC int8 codes [B, H, W, C] into `out`, an NCHW-shaped channels-last tensor.
@@ -159,7 +176,7 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale
     res = residual if residual is not None else out
     grid = lambda meta: (triton.cdiv(B * OH * OW, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _qconv_kernel[grid](
-        x_nhwc, w_op, w_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        x_nhwc, w_op, w_tap_sum, w_scale, bias if bias is not None else w_scale, res, out,
         scale, zero, group,
         B, H, W, C, N, OH, OW, padding[0], padding[2], group_stride,
         w_op.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),

@@ -17,17 +17,17 @@ import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
-from .numerics import interpreting, quantize_uniform, unpack_int4_rows
+from .numerics import interpreting, quantize_uniform, tuning_bench, unpack_int4_rows
 
 
 def _configs():
     if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 64, "GROUP_M": 4}, num_warps=4)]
     cfg = lambda bm, bn, bk, w, s: triton.Config(
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
     return [
-        # large M (SD 64×64 and 32×32 levels, DDPM at batch 256)
-        cfg(128, 256, 128, 8, 3), cfg(128, 128, 128, 8, 3), cfg(128, 128, 64, 4, 4),
+        # large M (SD 64×64 and 32×32 levels, DDPM at batch 256); N = 320 fits 64-wide tiles
+        cfg(128, 256, 128, 8, 3), cfg(128, 128, 128, 8, 4), cfg(128, 128, 64, 4, 4),
         cfg(128, 64, 128, 4, 4), cfg(64, 128, 128, 4, 4), cfg(64, 64, 128, 4, 4),
         # small M (time embedding, text tokens): weight streaming
         cfg(16, 64, 128, 4, 4), cfg(16, 128, 128, 4, 3), cfg(32, 64, 128, 4, 4),
@@ -45,7 +45,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "W4"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qgemm_kernel(
@@ -82,34 +82,37 @@ def _qgemm_kernel(
         rkw = tl.arange(0, BLOCK_K // 2)
         w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rkw[None, :]
         k_packed = (K + 1) // 2
+        p_next = tl.load(w_ptrs, mask=rkw[None, :] < k_packed, other=0)
     else:
         w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
     if A_FLOAT:
         s_inv = tl.load(s_inv_ptr + g)[:, None]
         zero_col = zero[:, None]
+        x_next = tl.load(a_ptrs, mask=rk[None, :] < K, other=0.0)
 
+    # Operands that pass through registers (float activations to quantize, int4 weights to widen)
+    # are not software-pipelined by Triton, so the next tile is prefetched by hand, one iteration
+    # ahead; int8 operands are left to Triton's cp.async pipeline.
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
     for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0)
         if A_FLOAT:
-            u = a.to(tl.float32)
+            u = x_next.to(tl.float32)
+            a_ptrs += BLOCK_K * stride_ak
+            x_next = tl.load(a_ptrs, mask=rk[None, :] < K - k0 - BLOCK_K, other=0.0)
             if HAS_RINV:
-                if EVEN_K:
-                    u = u * tl.load(r_inv_ptr + k0 + rk)[None, :]
-                else:
-                    u = u * tl.load(r_inv_ptr + k0 + rk, mask=rk < K - k0, other=1.0)[None, :]
+                u = u * tl.load(r_inv_ptr + k0 + rk, mask=rk < K - k0, other=1.0)[None, :]
             # Lanes past K become the code z here, but meet zero weights below.
             a = quantize_uniform(u, s_inv, zero_col, QMIN, QMAX)
-        if W4:
+        else:
             if EVEN_K:
-                p = tl.load(w_ptrs)
+                a = tl.load(a_ptrs)
             else:
-                p = tl.load(w_ptrs, mask=rkw[None, :] < k_packed - k0 // 2, other=0)
-            w = unpack_int4_rows(p, BLOCK_N, BLOCK_K)
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - k0, other=0)
+            a_ptrs += BLOCK_K * stride_ak
+        if W4:
+            w = unpack_int4_rows(p_next, BLOCK_N, BLOCK_K)
             w_ptrs += BLOCK_K // 2
+            p_next = tl.load(w_ptrs, mask=rkw[None, :] < k_packed - (k0 + BLOCK_K) // 2, other=0)
         else:
             if EVEN_K:
                 w = tl.load(w_ptrs)
@@ -117,15 +120,15 @@ def _qgemm_kernel(
                 w = tl.load(w_ptrs, mask=rk[None, :] < K - k0, other=0)
             w_ptrs += BLOCK_K
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K * stride_ak
 
     # Epilogue: zero-point correction in int32, then acc·(s_w·s_a) + bias in fp32 (scale formed first).
-    acc = acc - zero[:, None] * tl.load(w_sum_ptr + rn_in)[None, :]
+    n_mask = rn < N
+    acc = acc - zero[:, None] * tl.load(w_sum_ptr + rn, mask=n_mask, other=0)[None, :]
     s_a = tl.load(scale_ptr + g)
-    y = acc.to(tl.float32) * (tl.load(w_scale_ptr + rn_in)[None, :] * s_a[:, None])
+    y = acc.to(tl.float32) * (tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)[None, :] * s_a[:, None])
     if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn_in).to(tl.float32)[None, :]
-    mask = (rm < M)[:, None] & (rn < N)[None, :]
+        y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    mask = (rm < M)[:, None] & n_mask[None, :]
     if HAS_RES:
         res = tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :] * stride_rn, mask=mask)
         y = y + res.to(tl.float32)

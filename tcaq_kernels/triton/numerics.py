@@ -23,6 +23,16 @@ def interpreting() -> bool:
     return bool(knobs.runtime.interpret)
 
 
+def tuning_bench(fn, quantiles):
+    """Autotuning timer: replays of a CUDA graph, short.
+
+    The kernels take microseconds, less than their Python launch path, so event timing of eager
+    launches ranks configs by host overhead; graph replays time the GPU alone (and the UNet runs in
+    a graph anyway). Triton's default of 100 ms per config would make a UNet's first call take minutes.
+    """
+    return triton.testing.do_bench_cudagraph(fn, rep=10, quantiles=quantiles)
+
+
 @triton.jit
 def rint_f32(v):
     """Round half-to-even of fp32 `v`, saturated at ±2^22 (far outside any code range)."""

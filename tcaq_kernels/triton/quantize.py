@@ -15,12 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import interpreting, quantize_log2, quantize_uniform
+from .numerics import interpreting, quantize_log2, quantize_uniform, tuning_bench
 
 
 def _configs():
     if interpreting():
-        return [triton.Config({"BLOCK_S": 32, "BLOCK_C": 32}, num_warps=4)]
+        return [triton.Config({"BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_S": 64, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_S": 32, "BLOCK_C": 128}, num_warps=4),
@@ -44,7 +44,7 @@ def _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero,
     return tl.where(mask, q, 0)
 
 
-@triton.autotune(configs=_configs(), key=["S", "C", "PACK4", "LOG2"])
+@triton.autotune(configs=_configs(), key=["S", "C", "PACK4", "LOG2"], do_bench=tuning_bench)
 @triton.jit
 def _quantize_kernel(
     x_ptr, out_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,

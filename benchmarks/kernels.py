@@ -1,0 +1,334 @@
+"""Kernel micro-benchmarks: the Triton W8A8 / W4A8 GEMM and conv against the vendor libraries.
+
+Every GEMM and conv shape of the SD-1.5 UNet (512 px, 64×64 latent) at batch 2 and 8 and of the
+DDPM-CIFAR10 layout (channels 128/256/256/256, 32×32 … 4×4) at batch 256, side by side in one run:
+bf16 cuBLAS (`F.linear`), `torch._int_mm` (int32 out, no epilogue), fp8 `torch._scaled_mm`
+(bf16 out), cuDNN bf16 conv (channels_last), and the Triton kernels. Time is the median of
+`triton.testing.do_bench` over replays of a CUDA graph holding one call (L2 cleared before every
+replay, no host launch overhead: the GPU time), on random data, never zeros. The eager per-call
+time (Python launch path included) is recorded beside it as `eager_ms`, and `floor_ms` is the
+roofline floor (HBM bytes at 3.0 TB/s vs dense tensor-core peak) of the impls whose bytes we know.
+
+Rows (`--out`/kernels.json): {"op", "model", "shape", "count", "impl", "ms", "tops",
+"speedup_vs_bf16", "card", "command", "config", "eager_ms", "floor_ms"}; `count` is how often the shape occurs in one UNet
+call, `config` the Triton tile the autotuner chose. The markdown table beside it has the medians.
+
+Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
+rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
+"triton-w8a8+quant" conv rows take the bf16 NCHW (channels_last) activation: quantize kernel + conv.
+
+Command (repo root, GPU machine; the shapes were traced once from diffusers' UNet2DConditionModel /
+UNet2DModel on the meta device, so diffusers is not needed here):
+
+    PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out benchmarks/results
+
+Where `import tcaq_kernels` would pull in diffusers and it is absent, put a stub package first on
+the path: `mkdir -p /tmp/pk/tcaq_kernels && touch /tmp/pk/tcaq_kernels/__init__.py && for d in quant
+ops triton; do ln -sfn $PWD/tcaq_kernels/$d /tmp/pk/tcaq_kernels/$d; done` and run with
+`PYTHONPATH=/tmp/pk`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from tcaq_kernels.ops.triton_ops import prepare_conv_weight, prepare_linear_weight, qconv2d, qlinear
+from tcaq_kernels.triton.conv import _qconv_kernel
+from tcaq_kernels.triton.gemm import _qgemm_kernel
+
+# (M, N, K, count per UNet call)
+GEMM = {
+    "sd15-b2": [
+        (2, 320, 1280, 5), (2, 640, 1280, 5), (2, 1280, 320, 1), (2, 1280, 1280, 13),
+        (128, 1280, 1280, 6), (128, 1280, 5120, 1), (128, 10240, 1280, 1),
+        (154, 320, 768, 10), (154, 640, 768, 10), (154, 1280, 768, 12),
+        (512, 1280, 1280, 30), (512, 1280, 5120, 5), (512, 10240, 1280, 5),
+        (2048, 640, 640, 30), (2048, 640, 2560, 5), (2048, 5120, 640, 5),
+        (8192, 320, 320, 30), (8192, 320, 1280, 5), (8192, 2560, 320, 5),
+    ],
+    "sd15-b8": [
+        (8, 320, 1280, 5), (8, 640, 1280, 5), (8, 1280, 320, 1), (8, 1280, 1280, 13),
+        (512, 1280, 1280, 6), (512, 1280, 5120, 1), (512, 10240, 1280, 1),
+        (616, 320, 768, 10), (616, 640, 768, 10), (616, 1280, 768, 12),
+        (2048, 1280, 1280, 30), (2048, 1280, 5120, 5), (2048, 10240, 1280, 5),
+        (8192, 640, 640, 30), (8192, 640, 2560, 5), (8192, 5120, 640, 5),
+        (32768, 320, 320, 30), (32768, 320, 1280, 5), (32768, 2560, 320, 5),
+    ],
+    "ddpm-cifar10-b256": [
+        (256, 128, 512, 5), (256, 256, 512, 17), (256, 512, 128, 1), (256, 512, 512, 1),
+        (4096, 256, 256, 4), (16384, 256, 256, 12), (65536, 256, 256, 8),
+    ],
+}
+BATCH = {"sd15-b2": 2, "sd15-b8": 8, "ddpm-cifar10-b256": 256}
+
+
+def _sd_convs(B):
+    # (B, C, H, W, N, k, stride, (top, bottom, left, right), count)
+    rows = [
+        (4, 64, 320, 3, 1, 1), (320, 32, 640, 1, 1, 1), (320, 32, 640, 3, 1, 1), (320, 64, 4, 3, 1, 1),
+        (320, 64, 320, 1, 1, 10), (320, 64, 320, 3, 1, 7), (320, 64, 320, 3, 2, 1),
+        (640, 16, 1280, 1, 1, 1), (640, 16, 1280, 3, 1, 1), (640, 32, 640, 1, 1, 10),
+        (640, 32, 640, 3, 1, 6), (640, 32, 640, 3, 2, 1), (640, 64, 320, 1, 1, 2), (640, 64, 320, 3, 1, 2),
+        (640, 64, 640, 3, 1, 1), (960, 32, 640, 1, 1, 1), (960, 32, 640, 3, 1, 1), (960, 64, 320, 1, 1, 1),
+        (960, 64, 320, 3, 1, 1), (1280, 8, 1280, 1, 1, 2), (1280, 8, 1280, 3, 1, 11),
+        (1280, 16, 1280, 1, 1, 10), (1280, 16, 1280, 3, 1, 7), (1280, 16, 1280, 3, 2, 1),
+        (1280, 32, 640, 1, 1, 1), (1280, 32, 640, 3, 1, 1), (1280, 32, 1280, 3, 1, 1),
+        (1920, 16, 1280, 1, 1, 1), (1920, 16, 1280, 3, 1, 1), (1920, 32, 640, 1, 1, 1),
+        (1920, 32, 640, 3, 1, 1), (2560, 8, 1280, 1, 1, 3), (2560, 8, 1280, 3, 1, 3),
+        (2560, 16, 1280, 1, 1, 2), (2560, 16, 1280, 3, 1, 2),
+    ]
+    return [(B, C, S, S, N, k, s, (k // 2,) * 4, n) for C, S, N, k, s, n in rows]
+
+
+def _ddpm_convs(B):
+    rows = [
+        (3, 32, 128, 3, 1, 1), (128, 16, 256, 1, 1, 1), (128, 16, 256, 3, 1, 1), (128, 32, 3, 3, 1, 1),
+        (128, 32, 128, 3, 1, 7), (256, 4, 256, 3, 1, 11), (256, 8, 256, 3, 1, 8), (256, 16, 256, 3, 1, 7),
+        (256, 32, 128, 1, 1, 2), (256, 32, 128, 3, 1, 2), (256, 32, 256, 3, 1, 1), (384, 16, 256, 1, 1, 1),
+        (384, 16, 256, 3, 1, 1), (384, 32, 128, 1, 1, 1), (384, 32, 128, 3, 1, 1), (512, 4, 256, 1, 1, 3),
+        (512, 4, 256, 3, 1, 3), (512, 8, 256, 1, 1, 3), (512, 8, 256, 3, 1, 3), (512, 16, 256, 1, 1, 2),
+        (512, 16, 256, 3, 1, 2),
+    ]
+    convs = [(B, C, S, S, N, k, s, (k // 2,) * 4, n) for C, S, N, k, s, n in rows]
+    # Downsample2D(padding=0): F.pad(x, (0, 1, 0, 1)) then 3×3 stride 2 — the pad fused as (0, 1, 0, 1).
+    convs += [(B, C, S, S, C, 3, 2, (0, 1, 0, 1), 1) for C, S in ((128, 32), (256, 16), (256, 8))]
+    return convs
+
+
+CONV = {"sd15-b2": _sd_convs(2), "sd15-b8": _sd_convs(8), "ddpm-cifar10-b256": _ddpm_convs(256)}
+
+
+HBM_BYTES_PER_S = 3.0e12  # device-to-device copy measured on this H100 (DESIGN.md §4)
+PEAK_OPS = {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12}  # dense tensor-core peaks
+
+
+def bench(fn) -> tuple[float, float]:
+    """(GPU ms, eager ms) of one call.
+
+    GPU time: `fn` captured once in a CUDA graph, the graph replayed under `do_bench` (median; L2
+    cleared before every replay), so host launch overhead is out and the data comes from HBM.
+    Eager time: 50 back-to-back Python calls, host clock, synchronized: what a caller without CUDA
+    graphs sees (the larger of the GPU time and the launch path's host time).
+    """
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    gpu_ms = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    return gpu_ms, (time.perf_counter() - t0) * 1e3 / 50
+
+
+def floor_ms(bytes_moved: float, ops: float, kind: str) -> float:
+    """Roofline floor: the larger of HBM time for the bytes that must move and tensor-core time."""
+    return max(bytes_moved / HBM_BYTES_PER_S, ops / PEAK_OPS[kind]) * 1e3
+
+
+def _tables(B, G=10, dev="cuda"):
+    g = torch.Generator(device=dev).manual_seed(B)
+    s_inv = torch.rand(G, device=dev, generator=g) * 20 + 5
+    return dict(s_inv=s_inv, scale=1.0 / s_inv, zero=torch.randint(-20, 20, (G,), device=dev, dtype=torch.int32,
+                                                                   generator=g),
+                group=torch.randint(0, G, (B,), device=dev, dtype=torch.int32, generator=g))
+
+
+def _best(kernel) -> str:
+    c = kernel.best_config
+    return "{}x{}x{} w{} s{}".format(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
+                                     c.num_stages)
+
+
+def run_gemm(model, shape, card, command):
+    M, N, K, count = shape
+    B = BATCH[model]
+    t = _tables(B)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    a = torch.randint(-128, 128, (M, K), device="cuda", dtype=torch.int8)
+    w8 = torch.randint(-128, 128, (N, K), device="cuda", dtype=torch.int8)
+    w4 = torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8)
+    w_scale = torch.rand(N, device="cuda") * 1e-3
+    ops8, ops4 = prepare_linear_weight(w8, 8), prepare_linear_weight(w4, 4)
+    x8 = x.to(torch.float8_e4m3fn)
+    wf8 = w.to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    tab = (t["s_inv"], t["scale"], t["zero"], t["group"])
+
+    ops = 2.0 * M * N * K
+    out_b = 2 * M * N
+    floors = {
+        "cublas-bf16": floor_ms(2 * M * K + 2 * N * K + out_b, ops, "bf16"),
+        "triton-w8a8": floor_ms(M * K + N * K + out_b, ops, "int8"),
+        "triton-w4a8": floor_ms(M * K + N * K / 2 + out_b, ops, "int8"),
+        "triton-w8a8-fused": floor_ms(2 * M * K + N * K + out_b, ops, "int8"),
+        "triton-w4a8-fused": floor_ms(2 * M * K + N * K / 2 + out_b, ops, "int8"),
+    }
+    impls = {
+        "cublas-bf16": (lambda: F.linear(x, w, bias), None),
+        "int_mm": (lambda: torch._int_mm(a, w8.t()), None),
+        "scaled_mm-fp8": (lambda: torch._scaled_mm(x8, wf8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
+                          None),
+        "triton-w8a8": (lambda: qlinear(a, *ops8, w_scale, bias, *tab), _qgemm_kernel),
+        "triton-w4a8": (lambda: qlinear(a, *ops4, w_scale, bias, *tab), _qgemm_kernel),
+        "triton-w8a8-fused": (lambda: qlinear(x, *ops8, w_scale, bias, *tab), _qgemm_kernel),
+        "triton-w4a8-fused": (lambda: qlinear(x, *ops4, w_scale, bias, *tab), _qgemm_kernel),
+    }
+    return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
+
+
+def run_conv(model, shape, card, command):
+    B, C, H, W, N, k, stride, pads, count = shape
+    top, bottom, left, right = pads
+    OH, OW = (H + top + bottom - k) // stride + 1, (W + left + right - k) // stride + 1
+    t = _tables(B)
+    x = torch.randn(B, C, H, W, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    # cuDNN gets the already padded input when the padding is asymmetric (DDPM's F.pad + conv).
+    x_cudnn = F.pad(x, (left, right, top, bottom)).contiguous(memory_format=torch.channels_last) \
+        if (top, left) != (bottom, right) else x
+    pad_cudnn = 0 if x_cudnn is not x else top
+    w = (torch.randn(N, C, k, k, device="cuda") * (C * k * k) ** -0.5).to(torch.bfloat16)
+    w = w.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    codes = torch.randint(-128, 128, (B, H, W, C), device="cuda", dtype=torch.int8)
+    w8 = torch.randint(-128, 128, (N, C, k, k), device="cuda", dtype=torch.int8)
+    w4 = torch.randint(-8, 8, (N, C, k, k), device="cuda", dtype=torch.int8)
+    w_scale = torch.rand(N, device="cuda") * 1e-3
+    ops8, ops4 = prepare_conv_weight(w8, 8), prepare_conv_weight(w4, 4)
+    tab = (t["s_inv"], t["scale"], t["zero"], t["group"])
+    pad = list(pads)
+    ops = 2.0 * B * OH * OW * N * C * k * k
+    act, wts, out_b = B * H * W * C, N * C * k * k, 2 * B * OH * OW * N
+    floors = {
+        "cudnn-bf16": floor_ms(2 * act + 2 * wts + out_b, ops, "bf16"),
+        "triton-w8a8": floor_ms(act + wts + out_b, ops, "int8"),
+        "triton-w4a8": floor_ms(act + wts / 2 + out_b, ops, "int8"),
+        "triton-w8a8+quant": floor_ms(2 * act + act + act + wts + out_b, ops, "int8"),
+    }
+    impls = {
+        "cudnn-bf16": (lambda: F.conv2d(x_cudnn, w, bias, stride, pad_cudnn), None),
+        "triton-w8a8": (lambda: qconv2d(codes, *ops8, w_scale, bias, *tab, stride, pad), _qconv_kernel),
+        "triton-w4a8": (lambda: qconv2d(codes, *ops4, w_scale, bias, *tab, stride, pad), _qconv_kernel),
+        "triton-w8a8+quant": (lambda: qconv2d(x, *ops8, w_scale, bias, *tab, stride, pad), _qconv_kernel),
+    }
+    shape_s = f"B{B} C{C} {H}x{W} N{N} k{k} s{stride} p{''.join(map(str, pads)) if len(set(pads)) > 1 else top}"
+    return _time_all("conv", model, shape_s, count, ops, impls, floors, "cudnn-bf16", card, command)
+
+
+def _time_all(op, model, shape, count, flops, impls, floors, base, card, command):
+    rows, base_ms = [], None
+    for impl, (fn, kernel) in impls.items():
+        try:
+            fn()
+            torch.cuda.synchronize()
+            config = _best(kernel) if kernel is not None else None
+            ms, eager_ms = bench(fn)
+        except (RuntimeError, ValueError) as e:  # e.g. _int_mm needs M > 16
+            print(f"  {op} {model} {shape} {impl}: not run ({str(e).splitlines()[0][:100]})")
+            continue
+        if impl == base:
+            base_ms = ms
+        rows.append({"op": op, "model": model, "shape": shape, "count": count, "impl": impl, "ms": ms,
+                     "tops": flops / ms / 1e9, "speedup_vs_bf16": None, "card": card, "command": command,
+                     "config": config, "eager_ms": eager_ms, "floor_ms": floors.get(impl)})
+    for r in rows:
+        r["speedup_vs_bf16"] = base_ms / r["ms"] if base_ms else None
+    line = " ".join(f"{r['impl']}={r['ms'] * 1e3:.1f}us" for r in rows)
+    print(f"{op} {model} {shape}: {line}", flush=True)
+    return rows
+
+
+def summarize(rows, meta) -> str:
+    """Markdown: per-shape tables, then medians of the speedups and count-weighted time ratios."""
+    out = [f"# Kernel benchmarks\n\n{meta}\n"]
+    for op, base in (("gemm", "cublas-bf16"), ("conv", "cudnn-bf16")):
+        impls = list(dict.fromkeys(r["impl"] for r in rows if r["op"] == op))
+        for model in dict.fromkeys(r["model"] for r in rows if r["op"] == op):
+            sel = [r for r in rows if r["op"] == op and r["model"] == model]
+            out.append(f"\n## {op} — {model} (µs, ×{base})\n")
+            out.append("| shape | n | " + " | ".join(impls) + " | w8a8 floor | eager w8a8 / bf16 | config (w8a8) |")
+            out.append("|" + "---|" * (len(impls) + 5))
+            for shape in dict.fromkeys(r["shape"] for r in sel):
+                cells = {r["impl"]: r for r in sel if r["shape"] == shape}
+                row = [shape, str(next(iter(cells.values()))["count"])]
+                for i in impls:
+                    r = cells.get(i)
+                    row.append("—" if r is None else f"{r['ms'] * 1e3:.1f} ({r['speedup_vs_bf16']:.2f}×)")
+                mine, ref = cells.get("triton-w8a8") or {}, cells.get(base) or {}
+                row.append(f"{mine['floor_ms'] * 1e3:.1f}" if mine.get("floor_ms") else "—")
+                row.append(f"{mine['eager_ms'] * 1e3:.0f} / {ref['eager_ms'] * 1e3:.0f}" if mine and ref else "—")
+                row.append(mine.get("config") or "")
+                out.append("| " + " | ".join(row) + " |")
+    out.append("\n## Summary (median over the shapes of each set; weighted = Σ count·t_bf16 / Σ count·t)\n")
+    out.append("| op | set | impl | median × bf16 | weighted × bf16 | median × int_mm | median eager × bf16 eager |")
+    out.append("|---|---|---|---|---|---|---|")
+    for op, base_impl in (("gemm", "cublas-bf16"), ("conv", "cudnn-bf16")):
+        sets = [(m, [m]) for m in dict.fromkeys(r["model"] for r in rows if r["op"] == op)]
+        sets.append(("sd15 (b2+b8)", ["sd15-b2", "sd15-b8"]))
+        for name, models in sets:
+            sel = [r for r in rows if r["op"] == op and r["model"] in models]
+            for impl in dict.fromkeys(r["impl"] for r in sel):
+                mine = {(r["model"], r["shape"]): r for r in sel if r["impl"] == impl}
+                base = {(r["model"], r["shape"]): r for r in sel if r["impl"] == base_impl}
+                intmm = {(r["model"], r["shape"]): r for r in sel if r["impl"] == "int_mm"}
+                keys = [k for k in mine if k in base]
+                if not keys:
+                    continue
+                med = statistics.median(mine[k]["speedup_vs_bf16"] for k in keys)
+                wt = sum(base[k]["ms"] * base[k]["count"] for k in keys) / sum(mine[k]["ms"] * mine[k]["count"]
+                                                                                 for k in keys)
+                ik = [k for k in keys if k in intmm]
+                vs_int = f"{statistics.median(intmm[k]['ms'] / mine[k]['ms'] for k in ik):.2f}" if ik else "—"
+                eager = statistics.median(base[k]["eager_ms"] / mine[k]["eager_ms"] for k in keys)
+                out.append(f"| {op} | {name} | {impl} | {med:.2f} | {wt:.2f} | {vs_int} | {eager:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--ops", default="gemm,conv")
+    p.add_argument("--models", default=",".join(GEMM))
+    args = p.parse_args()
+    torch.manual_seed(0)
+    card = torch.cuda.get_device_name()
+    command = "python " + " ".join(sys.argv)
+    meta = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, "
+            f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; command: `{command}`")
+    print(meta, flush=True)
+    rows = []
+    for model in args.models.split(","):
+        if "gemm" in args.ops:
+            for shape in GEMM[model]:
+                rows += run_gemm(model, shape, card, command)
+        if "conv" in args.ops:
+            for shape in CONV[model]:
+                rows += run_conv(model, shape, card, command)
+    # Rows of the ops not run now are kept from an earlier run in --out (each row names its command).
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "kernels.json"
+    ran = set(args.ops.split(","))
+    kept = [r for r in json.loads(path.read_text()) if r["op"] not in ran] if path.exists() else []
+    rows = kept + rows
+    path.write_text(json.dumps(rows, indent=1))
+    meta = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
+            f"cuDNN {torch.backends.cudnn.version()}; commands: "
+            + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)))
+    md = summarize(rows, meta)
+    (args.out / "kernels.md").write_text(md)
+    print(md[md.index("## Summary"):])
+
+
+if __name__ == "__main__":
+    main()
