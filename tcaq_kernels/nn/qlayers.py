@@ -6,27 +6,15 @@ product per backend, reading parameters with the device-side group index.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..ops import reference as ref
-from ..quant.primitives import quantize_uniform, ste, unpack_int4
-from ..quant.state import ActQuant, LayerState
+from ..quant.primitives import quantize_uniform, scale_input, ste
+from ..quant.state import ActQuant, LayerState, stored_weight_codes
 from .timestep import TimestepGroups, per_sample
 
 BACKENDS = ("reference", "simulate", "triton")
-
-
-def _scaled_input(x, s_inv, r_inv, channel_dim):
-    """`(x·r_inv)·s_inv` — the pre-rounding value whose gradient the codes pass through."""
-    u = x.float()
-    if r_inv is not None:
-        shape = [1] * x.dim()
-        shape[channel_dim] = -1
-        u = u * r_inv.view(shape)
-    return u * s_inv
 
 
 class ActTables(torch.nn.Module):
@@ -73,11 +61,13 @@ class _QWeighted(torch.nn.Module):
         self.act = ActTables(layer.acts["input"], device)
         self.weight_shape = tuple(layer.weight_shape)
 
+    @classmethod
+    def from_state(cls, name: str, module: torch.nn.Module, layer: LayerState, groups: TimestepGroups, backend: str):
+        return cls(name, layer, module, groups, backend)
+
     def weight_int(self) -> torch.Tensor:
         """int8 weights in the float module's shape (4-bit ones unpacked on the fly)."""
-        if self.w_bits != 4:
-            return self.weight.view(self.weight_shape)
-        return unpack_int4(self.weight, math.prod(self.weight_shape[1:])).view(self.weight_shape)
+        return stored_weight_codes(self.weight, self.w_bits, self.weight_shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
@@ -87,7 +77,7 @@ class _QWeighted(torch.nn.Module):
             # Integer-valued fp32 codes with a straight-through gradient, multiplied in fp32: the
             # partial sums stay exact while below 2^24, so this differentiable path reproduces the
             # reference integers and outputs on real activations at float-GEMM speed.
-            u = _scaled_input(x, s_inv, self.r_inv, self.channel_dim)
+            u = scale_input(x, s_inv, self.r_inv, self.channel_dim)
             codes = ste(quantize_uniform(x, s_inv, z, self.act.bits, self.r_inv, self.channel_dim).float() - z, u - z)
             acc = self._float_product(codes, self.weight_int().float())
         else:
@@ -101,10 +91,6 @@ class _QWeighted(torch.nn.Module):
 
 class QLinear(_QWeighted):
     channel_dim = -1
-
-    @classmethod
-    def from_state(cls, name, module: torch.nn.Linear, layer: LayerState, groups, backend) -> "QLinear":
-        return cls(name, layer, module, groups, backend)
 
     def _int_product(self, q, z):
         return ref.int_linear(q, self.weight_int(), z)
@@ -130,10 +116,6 @@ class QConv2d(_QWeighted):
             )
         super().__init__(name, layer, module, groups, backend)
         self.stride, self.padding, self.dilation = tuple(module.stride), tuple(module.padding), tuple(module.dilation)
-
-    @classmethod
-    def from_state(cls, name, module: torch.nn.Conv2d, layer: LayerState, groups, backend) -> "QConv2d":
-        return cls(name, layer, module, groups, backend)
 
     def _int_product(self, q, z):
         return ref.int_conv2d(q, self.weight_int(), z, self.stride, self.padding, self.dilation)

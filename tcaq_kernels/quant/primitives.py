@@ -130,6 +130,16 @@ def qparams_symmetric(amax: torch.Tensor, bits: int) -> tuple[torch.Tensor, torc
     return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
+def scale_input(
+    x: torch.Tensor, s_inv: torch.Tensor, r_inv: Optional[torch.Tensor] = None, channel_dim: int = 1
+) -> torch.Tensor:
+    """`(x·r_inv)·s_inv` in fp32 — the value that is rounded to a code, in the order kernels use."""
+    u = x.float()
+    if r_inv is not None:
+        u = u * _channel_view(r_inv, x.dim(), channel_dim)
+    return u * s_inv.float()
+
+
 def quantize_uniform(
     x: torch.Tensor,
     s_inv: torch.Tensor,
@@ -144,10 +154,7 @@ def quantize_uniform(
     `r_inv` is the per-channel TCR reciprocal along `channel_dim`.
     """
     qmin, qmax = qrange(bits)
-    u = x.float()
-    if r_inv is not None:
-        u = u * _channel_view(r_inv, x.dim(), channel_dim)
-    u = torch.round(u * s_inv.float()) + zero.float()
+    u = torch.round(scale_input(x, s_inv, r_inv, channel_dim)) + zero.float()
     return torch.clamp(u, qmin, qmax).to(torch.int8)
 
 
@@ -171,10 +178,7 @@ def fake_quant_uniform(
     `scale` its codes are the integer path's codes, bit for bit.
     """
     qmin, qmax = qrange(bits)
-    u = x.float()
-    if r_inv is not None:
-        u = u * _channel_view(r_inv, x.dim(), channel_dim)
-    q = torch.clamp(round_ste(u * (1.0 / scale)) + zero.float(), qmin, qmax)
+    q = torch.clamp(round_ste(scale_input(x, 1.0 / scale, r_inv, channel_dim)) + zero.float(), qmin, qmax)
     return (q - zero.float()) * scale
 
 

@@ -63,10 +63,14 @@ class LayerState:
 
     def weight_int(self) -> torch.Tensor:
         """Integer weights as int8 in the float module's weight shape (unpacking 4-bit)."""
-        shape = tuple(self.weight_shape)
-        k = math.prod(shape[1:])
-        w = unpack_int4(self.weight, k) if self.w_bits == 4 else self.weight
-        return w.reshape(shape)
+        return stored_weight_codes(self.weight, self.w_bits, self.weight_shape)
+
+
+def stored_weight_codes(stored: torch.Tensor, w_bits: int, shape) -> torch.Tensor:
+    """int8 codes shaped like the float weight, from the stored [N, K] (or packed 4-bit) tensor."""
+    shape = tuple(shape)
+    w = unpack_int4(stored, math.prod(shape[1:])) if w_bits == 4 else stored
+    return w.reshape(shape)
 
 
 @dataclass
