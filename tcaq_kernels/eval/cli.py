@@ -188,7 +188,7 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         "fid_resnet56": quality["fid_resnet56"],
         "is_resnet56": quality["is_resnet56"],
         "is_resnet56_std": quality["is_resnet56_std"],
-        "is_splits": args.is_splits,
+        "is_splits": quality["is_splits"],
         "floor_fid_resnet56": floor["fid_resnet56"],
         "floor": floor,
         "reference": {"n_images": int(len(ref.features)), "cache": str(ref.cache_path) if ref.cache_path else None,

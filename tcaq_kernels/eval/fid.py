@@ -71,11 +71,21 @@ def fid_from_features(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     return frechet_distance(*gaussian_stats(feats_a), *gaussian_stats(feats_b))
 
 
+#: Fewest samples a split of the IS-like score may hold; with fewer, p(y) of a split is noise.
+MIN_SPLIT_SIZE = 50
+
+
+def effective_splits(n: int, splits: int) -> int:
+    """`splits`, reduced so that every split holds at least MIN_SPLIT_SIZE samples (at least 1)."""
+    return max(1, min(int(splits), n // MIN_SPLIT_SIZE))
+
+
 def is_like_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """Inception-Score formula on a classifier's logits: exp E_x KL(p(y|x) ‖ p(y)), mean ± std over splits.
 
     Split j holds samples j, j+splits, j+2·splits, … (strided rather than contiguous, so a set stored
-    in class order — like the CIFAR test file — still gets mixed splits); `splits` is capped at N.
+    in class order — like the CIFAR test file — still gets mixed splits); `splits` is reduced by
+    `effective_splits` for small N (8 samples in 8 splits would score exactly 1).
     Higher means confident and diverse predictions; over 10 CIFAR classes the maximum is 10.
     """
     lg = np.asarray(logits, dtype=np.float64)
@@ -84,7 +94,7 @@ def is_like_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
     lg = lg - lg.max(axis=1, keepdims=True)
     logp = lg - np.log(np.exp(lg).sum(axis=1, keepdims=True))
     scores = []
-    k = max(1, min(int(splits), len(lg)))
+    k = effective_splits(len(lg), splits)
     for part in (logp[j::k] for j in range(k)):
         p = np.exp(part)
         log_py = np.log(p.mean(axis=0) + 1e-300)
@@ -112,7 +122,10 @@ def _sha256_file(path: Path) -> str:
 
 
 def reference_key(npz_path: Path, weights_path: Path) -> str:
-    """Cache key: sha256 over the inputs' hashes, the JPEG decoder version and FEATURE_VERSION."""
+    """Cache key: sha256 over the inputs' hashes, the JPEG decoder version and FEATURE_VERSION.
+
+    The device is not part of it: CPU and H100 features gave floors agreeing to 5e-8 relative.
+    """
     import PIL
 
     parts = [FEATURE_VERSION, _sha256_file(npz_path), _sha256_file(weights_path), f"PIL-{PIL.__version__}"]
@@ -197,6 +210,7 @@ def fid_resnet56(
         "fid_resnet56": fid_from_features(feats, reference.features),
         "is_resnet56": is_mean,
         "is_resnet56_std": is_std,
+        "is_splits": effective_splits(len(feats), is_splits),
         "n_samples": int(len(feats)),
         "n_reference": int(len(reference.features)),
     }

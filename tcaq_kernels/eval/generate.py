@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import zipfile
+import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -239,7 +240,9 @@ def main(argv=None) -> int:
         num_steps=args.steps, batch_size=args.batch_size, shard_size=args.shard_size, rank=rank,
         world_size=world, meta_extra=meta, progress=not args.no_progress,
     )
-    print(json.dumps({"rank": rank, "world_size": world, **stats.__dict__}), flush=True)
+    # One write per line: ranks share stdout, and writes under PIPE_BUF bytes do not interleave.
+    sys.stdout.write(json.dumps({"rank": rank, "world_size": world, **stats.__dict__}) + "\n")
+    sys.stdout.flush()
     import torch.distributed as dist
 
     if dist.is_initialized():

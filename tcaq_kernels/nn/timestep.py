@@ -25,7 +25,10 @@ class TimestepGroups(torch.nn.Module):
 
     def update(self, timestep, batch: int) -> None:
         """Set `group` [batch] from a scalar or per-sample `timestep` (int, float or tensor)."""
-        t = torch.as_tensor(timestep).to(device=self.edges.device, dtype=torch.float32).reshape(-1)
+        t = torch.as_tensor(timestep)
+        if t.device != self.edges.device and self.edges.is_cuda:
+            t = t.pin_memory()  # a pinned, non-blocking copy does not wait for queued GPU work
+        t = t.to(device=self.edges.device, dtype=torch.float32, non_blocking=True).reshape(-1)
         g = torch.bucketize(t, self.edges, right=True, out_int32=True)
         if g.numel() == 1:
             g = g.expand(batch)

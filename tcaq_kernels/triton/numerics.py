@@ -12,15 +12,22 @@ libdevice, and this form rounds half-to-even identically on both. The clamp to Â
 add keeps the trick exact and, sitting between the multiply and the add, also stops the compiler
 from contracting them into an fma (which would skip the product's rounding and move codes).
 """
+import os
+
 import triton
 import triton.language as tl
-
 from triton import knobs
 
 
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (CPU CI): kernels then use one small tile config."""
     return bool(knobs.runtime.interpret)
+
+
+def quick_tuning() -> bool:
+    """TCAQ_TRITON_TUNING=quick (set by the GPU tests): two configs a kernel instead of the full
+    space, since the tests check integers, not speed, and every config is a compile."""
+    return os.environ.get("TCAQ_TRITON_TUNING") == "quick"
 
 
 def tuning_bench(fn, quantiles):

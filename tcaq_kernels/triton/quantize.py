@@ -15,12 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import interpreting, quantize_log2, quantize_uniform, tuning_bench
+from .numerics import interpreting, quantize_log2, quantize_uniform, quick_tuning, tuning_bench
 
 
 def _configs():
     if interpreting():
         return [triton.Config({"BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4)]
+    if quick_tuning():
+        return [triton.Config({"BLOCK_S": 64, "BLOCK_C": 64}, num_warps=4)]
     return [
         triton.Config({"BLOCK_S": 64, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_S": 32, "BLOCK_C": 128}, num_warps=4),

@@ -34,7 +34,9 @@ def test_full_precision_report_grid_and_repeatability(tmp_path, common, capsys):
     r1 = _evaluate(tmp_path / "a", *common, "--seed-base", seed)
     assert "FID-ResNet56" in capsys.readouterr().out
     for key in NUMBERS:
-        assert np.isfinite(r1[key]) and r1[key] > 0, key
+        assert np.isfinite(r1[key]) and r1[key] >= 0, key
+    assert r1["fid_resnet56"] > 0 and r1["is_resnet56"] >= 1.0
+    assert r1["is_splits"] == 1 and r1["is_resnet56_std"] == 0.0  # 8 samples: one split, not 2 of 4
     assert r1["n_samples"] == 8 and r1["steps"] == STEPS and r1["eta"] == 0.0
     assert r1["seeds"]["first"] == int(seed) and r1["seeds"]["count"] == 8
     assert r1["fid_resnet56"] > 10 * r1["floor_fid_resnet56"]  # 3-step samples are far from real images

@@ -79,6 +79,13 @@ def test_is_like_score_bounds(rs):
     assert F.is_like_score(rs.standard_normal((n, k)))[0] > 1.0
 
 
+def test_effective_splits():
+    assert F.effective_splits(10000, 10) == 10
+    assert F.effective_splits(120, 10) == 2
+    assert F.effective_splits(8, 10) == 1
+    assert F.effective_splits(8, 1) == 1
+
+
 def test_cache_dir_env_override(monkeypatch, tmp_path):
     monkeypatch.setenv("TCAQ_CACHE", str(tmp_path / "c"))
     assert F.cache_dir() == tmp_path / "c"

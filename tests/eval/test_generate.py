@@ -70,7 +70,9 @@ def _torchrun(nproc: int, out: Path, seed_base: int) -> list[dict]:
            "--batch-size", "2", "--seed-base", str(seed_base), "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stats = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"rank"')]
+    assert len(stats) == nproc, f"expected one stats line per rank, got stdout:\n{proc.stdout[-4000:]}"
+    return stats
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
