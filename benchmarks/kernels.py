@@ -307,21 +307,19 @@ def main():
     meta = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, "
             f"CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}; command: `{command}`")
     print(meta, flush=True)
-    rows = []
-    for model in args.models.split(","):
-        if "gemm" in args.ops:
-            for shape in GEMM[model]:
-                rows += run_gemm(model, shape, card, command)
-        if "conv" in args.ops:
-            for shape in CONV[model]:
-                rows += run_conv(model, shape, card, command)
-    # Rows of the ops not run now are kept from an earlier run in --out (each row names its command).
+    # Rows of the ops not run now are kept from an earlier run in --out (each row names its command);
+    # results are rewritten after every shape, so a run cut short still leaves its rows.
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "kernels.json"
     ran = set(args.ops.split(","))
-    kept = [r for r in json.loads(path.read_text()) if r["op"] not in ran] if path.exists() else []
-    rows = kept + rows
-    path.write_text(json.dumps(rows, indent=1))
+    rows = [r for r in json.loads(path.read_text()) if r["op"] not in ran] if path.exists() else []
+    for model in args.models.split(","):
+        for op, shapes, run in (("gemm", GEMM, run_gemm), ("conv", CONV, run_conv)):
+            if op not in ran:
+                continue
+            for shape in shapes[model]:
+                rows += run(model, shape, card, command)
+                path.write_text(json.dumps(rows, indent=1))
     meta = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}; commands: "
             + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)))

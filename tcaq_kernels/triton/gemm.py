@@ -11,6 +11,12 @@ Weights are [N, K] int8, K contiguous — the K-major operand int8 wgmma needs �
 MMA (DESIGN.md §4), so int4 halves the weight bytes but multiplies as int8.
 Accumulation is int32 through `tl.dot` on int8; `Σ_k w` is precomputed offline, so the zero-point
 correction is one multiply-subtract per output in the epilogue.
+
+Performance limits (measured, benchmarks/results/kernels.md): Triton 3.6 issues an int8 wgmma
+synchronously — its MMAv3 pipeliner keeps a dot asynchronous only for fp32 accumulators — so the
+tensor cores idle while each k-step's MMA is waited on, and the int8 kernel runs at about bf16
+cuBLAS speed (≈740 TOPS at best), not at the 2× the int8 peak allows. Register-side operands (int4
+widening, the float prologue) also round-trip through shared memory, hence W4A8 ≈ 0.5× W8A8.
 """
 import torch
 import triton
