@@ -1,12 +1,30 @@
 """Shared fixtures: the embedded reference model and a small min-max state calibrated on it."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from diffusers import DDIMScheduler, UNet2DModel
 
-import tcaq_kernels
-from tcaq_kernels.models import default_model_dir
+# Without a GPU the Triton kernels run in Triton's interpreter. `triton.jit` reads the variable when
+# it decorates, and diffusers imports triton, so this must come before any other import below.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
+
+import tcaq_kernels  # noqa: E402
+from tcaq_kernels.models import default_model_dir  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests are reported as skipped (never as passed) where no GPU is."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -82,11 +82,13 @@ class QAttnProcessor(ExplicitAttnProcessor):
         self.q, self.k, self.v, self.p = (ActTables(layer.acts[a], device) for a in ("q", "k", "v", "p"))
 
     def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
-        """softmax(QKᵀ·scale + mask)·V on quantized operands; q, k, v are [B, heads, L, d]."""
-        if self.backend == "triton":
-            from ..ops import triton_ops
+        """softmax(QKᵀ·scale + mask)·V on quantized operands; q, k, v are [B, heads, L, d].
 
-            return triton_ops.qattention_module(self, q, k, v, softmax_scale, mask)
+        `reference` sums integer products exactly in float64. `simulate` — and `triton`, which has
+        no attention kernel yet — multiply integer-valued fp32 codes (exact while partial sums stay
+        below 2^24) with a straight-through gradient.
+        """
+        exact = self.backend == "reference"
         g = self.groups.group
         codes = {}
         scales = {}
@@ -96,9 +98,9 @@ class QAttnProcessor(ExplicitAttnProcessor):
             c = quantize_uniform(x, s_inv, z, tables.bits)
             # simulate: integer-valued floats with a straight-through gradient, so calibration can
             # backpropagate while computing the very same scores as the integer path.
-            codes[name] = c if self.backend == "reference" else ste(c.float(), x * s_inv)
+            codes[name] = c if exact else ste(c.float(), x * s_inv)
             scales[name] = s
-        if self.backend == "reference":
+        if exact:
             scores = ref.int_attention_scores(codes["q"], codes["k"]).float()
         else:  # exact in fp32 while d·127² < 2^24 (head_dim ≤ 1040)
             scores = torch.matmul(codes["q"], codes["k"].transpose(-1, -2))
@@ -106,22 +108,22 @@ class QAttnProcessor(ExplicitAttnProcessor):
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
-        return self._pv(probs, codes["v"], scales["v"], g)
+        return self._pv(probs, codes["v"], scales["v"], g, exact)
 
-    def _pv(self, probs, v_codes, s_v, g) -> torch.Tensor:
+    def _pv(self, probs, v_codes, s_v, g, exact: bool) -> torch.Tensor:
         p = self.p
         s, s_inv, z = p.lookup(g, probs, self.name)
         outs = {}
         if "uniform" in p.kinds:
             c = quantize_uniform(probs, s_inv, z, p.bits)
-            if self.backend == "reference":
+            if exact:
                 acc = ref.int_pv_uniform(c, z, v_codes).float()
             else:
                 acc = torch.matmul(ste(c.float(), probs * s_inv) - z.float(), v_codes)
             outs["uniform"] = acc * (s * s_v)
         if "log2" in p.kinds:
             c = quantize_log2(probs, s_inv, p.bits)
-            if self.backend == "reference":
+            if exact:
                 acc = ref.pv_log2(c, p.bits, v_codes).float()
             else:
                 levels = dequantize_log2(c, torch.ones((), device=c.device), p.bits)

@@ -6,6 +6,8 @@ product per backend, reading parameters with the device-side group index.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,11 @@ class _QWeighted(torch.nn.Module):
         self.register_buffer("r_inv", r_inv)
         self.act = ActTables(layer.acts["input"], device)
         self.weight_shape = tuple(layer.weight_shape)
+        if backend == "triton":
+            _require_triton(name, device)
+            w_op, w_sum = self._prepare_triton(w_int, layer.w_bits)
+            self.register_buffer("triton_weight", w_op)  # the kernel's layout (packed for 4 bits)
+            self.register_buffer("triton_wsum", w_sum)
 
     @classmethod
     def from_state(cls, name: str, module: torch.nn.Module, layer: LayerState, groups: TimestepGroups, backend: str):
@@ -89,8 +96,22 @@ class _QWeighted(torch.nn.Module):
         return f"W{self.w_bits}A{self.act.bits}, shape={self.weight_shape}, groups={len(self.act.kinds)}, backend={self.backend}"
 
 
+def _require_triton(name: str, device) -> None:
+    if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"layer '{name}': backend 'triton' needs the model on a CUDA device "
+            "(or TRITON_INTERPRET=1 set before importing triton, to run Triton's CPU interpreter)"
+        )
+
+
 class QLinear(_QWeighted):
     channel_dim = -1
+
+    @staticmethod
+    def _prepare_triton(w_int, bits):
+        from ..ops.triton_ops import prepare_linear_weight
+
+        return prepare_linear_weight(w_int, bits)
 
     def _int_product(self, q, z):
         return ref.int_linear(q, self.weight_int(), z)
@@ -101,7 +122,9 @@ class QLinear(_QWeighted):
     def _triton(self, x):
         from ..ops import triton_ops
 
-        return triton_ops.qlinear_module(self, x)
+        a = self.act
+        return triton_ops.qlinear(x, self.triton_weight, self.triton_wsum, self.w_scale, self.bias, a.s_inv, a.scale,
+                                  a.zero, self.groups.group, a_bits=a.bits, r_inv=self.r_inv, out_dtype=x.dtype)
 
 
 class QConv2d(_QWeighted):
@@ -114,8 +137,17 @@ class QConv2d(_QWeighted):
                 f"(got groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}); "
                 "keep it in float"
             )
+        if backend == "triton" and (module.stride[0] != module.stride[1] or tuple(module.dilation) != (1, 1)):
+            raise ValueError(f"layer '{name}': the triton conv needs a square stride and dilation 1 "
+                             f"(got stride={module.stride}, dilation={module.dilation})")
         super().__init__(name, layer, module, groups, backend)
         self.stride, self.padding, self.dilation = tuple(module.stride), tuple(module.padding), tuple(module.dilation)
+
+    @staticmethod
+    def _prepare_triton(w_int, bits):
+        from ..ops.triton_ops import prepare_conv_weight
+
+        return prepare_conv_weight(w_int, bits)
 
     def _int_product(self, q, z):
         return ref.int_conv2d(q, self.weight_int(), z, self.stride, self.padding, self.dilation)
@@ -126,4 +158,7 @@ class QConv2d(_QWeighted):
     def _triton(self, x):
         from ..ops import triton_ops
 
-        return triton_ops.qconv2d_module(self, x)
+        a = self.act
+        return triton_ops.qconv2d(x, self.triton_weight, self.triton_wsum, self.w_scale, self.bias, a.s_inv, a.scale,
+                                  a.zero, self.groups.group, self.stride[0], list(self.padding), a_bits=a.bits,
+                                  r_inv=self.r_inv, out_dtype=x.dtype)

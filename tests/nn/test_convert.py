@@ -203,8 +203,6 @@ def test_simulate_backend_is_differentiable(converted, rng):
 
 @pytest.mark.cuda
 def test_group_index_is_device_side_and_graph_capturable(ref_unet, ref_state_w8a8):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     model = tcaq_kernels.convert(copy.deepcopy(ref_unet).cuda(), ref_state_w8a8)
     x = torch.randn(2, 3, 32, 32, device="cuda")
     t = torch.tensor(900, device="cuda")
