@@ -51,22 +51,23 @@ class _QWeighted(torch.nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"layer '{name}': unknown backend '{backend}', expected one of {BACKENDS}")
         device, bias = module.weight.device, module.bias
-        self.name, self.backend, self.w_bits = name, backend, layer.w_bits
+        self.name, self.backend = name, backend
         self.__dict__["groups"] = groups  # shared, owned (and moved) by the UNet; not a submodule here
-        w_int = layer.weight_int().to(device)
-        self.register_buffer("weight", layer.weight.to(device))  # as stored: int8, or packed int4
+        self.w_bits, self.weight_shape = layer.w_bits, tuple(layer.weight_shape)
         self.register_buffer("w_scale", layer.weight_scale.float().to(device))
-        self.register_buffer("wsum", w_int.flatten(1).sum(1, dtype=torch.int32))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         r_inv = None if layer.tcr is None else (1.0 / layer.tcr.float()).to(device)
         self.register_buffer("r_inv", r_inv)
         self.act = ActTables(layer.acts["input"], device)
-        self.weight_shape = tuple(layer.weight_shape)
+        # One copy of the integer weights, in the layout the backend reads: the kernel's layout
+        # (with its weight sums for the zero-point term) for triton, the stored one otherwise.
         if backend == "triton":
             _require_triton(name, device)
-            w_op, w_sum = self._prepare_triton(w_int, layer.w_bits)
-            self.register_buffer("triton_weight", w_op)  # the kernel's layout (packed for 4 bits)
+            w_op, w_sum = self._prepare_triton(layer.weight_int().to(device), layer.w_bits)
+            self.register_buffer("triton_weight", w_op)
             self.register_buffer("triton_wsum", w_sum)
+        else:
+            self.register_buffer("weight", layer.weight.to(device))  # int8, or packed int4
 
     @classmethod
     def from_state(cls, name: str, module: torch.nn.Module, layer: LayerState, groups: TimestepGroups, backend: str):

@@ -1,0 +1,122 @@
+"""End-to-end UNet latency and weight memory: full precision and quantized, side by side, one run.
+
+    python benchmarks/latency.py --batch 64 256 --out benchmarks/results
+
+on a CUDA machine (diffusers installed). Every row of one invocation is measured on the same card
+in the same process: fp32 and bf16 eager, bf16 `torch.compile`, bf16 replayed from one CUDA graph,
+and the converted W8A8 / W4A8 models (`backend="triton"`) eager and from a CUDA graph. One "step"
+is one UNet forward at the given batch; times are medians of CUDA-event-timed repeats after
+warm-up, on random (never zero) inputs. The quantized states are min-max with 4 timestep groups
+from a small calibration budget — the speed does not depend on how the scales were chosen.
+Writes latency.json (rows) and latency.md (a table with ratios against bf16 eager).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import tcaq_kernels  # noqa: E402
+from tcaq_kernels.eval.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
+from tcaq_kernels.sampling import make_scheduler  # noqa: E402
+
+
+def median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graphed(model, x, t):
+    """Capture one forward in a CUDA graph (after warm-up, so autotuning stays outside)."""
+    with torch.no_grad():
+        for _ in range(3):
+            model(x, t)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(x, t)
+    return graph.replay
+
+
+def model_bytes(model) -> int:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("latency.py measures GPU latency: no CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    card = torch.cuda.get_device_name()
+    fp32 = load_fp_unet(args.model, device="cuda")
+    scheduler = make_scheduler(load_scheduler_config(args.model))
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    states = {b: tcaq_kernels.calibrate(fp32, scheduler=scheduler, bits=b, num_samples=32, num_steps=20,
+                                        timestep_groups=4, batch_size=32, progress=False) for b in args.bits}
+    quantized = {b: tcaq_kernels.convert(bf16, s, backend="triton") for b, s in states.items()}
+    compiled = None if args.no_compile else torch.compile(copy.deepcopy(bf16))
+    rows = []
+    for batch in args.batch:
+        shape = (batch, fp32.config.in_channels, fp32.config.sample_size, fp32.config.sample_size)
+        x32 = torch.randn(shape, device="cuda")
+        x16 = x32.to(torch.bfloat16)
+        t = torch.tensor(500, device="cuda")
+        variants = [("fp32 eager", fp32, x32, False), ("bf16 eager", bf16, x16, False),
+                    ("bf16 CUDA graph", bf16, x16, True)]
+        if compiled is not None:
+            variants.append(("bf16 torch.compile", compiled, x16, False))
+        for bits, model in quantized.items():
+            variants += [(f"{bits} triton eager", model, x16, False), (f"{bits} triton CUDA graph", model, x16, True)]
+        for name, model, x, use_graph in variants:
+            with torch.no_grad():
+                fn = graphed(model, x, t) if use_graph else (lambda m=model, x=x: m(x, t))
+                ms = median_ms(fn)
+            rows.append({"variant": name, "batch": batch, "ms_per_step": round(ms, 4),
+                         "weight_bytes": model_bytes(model), "card": card})
+            print(f"batch {batch:4d}  {name:28s} {ms:8.3f} ms/step", flush=True)
+    base = {(r["batch"]): r["ms_per_step"] for r in rows if r["variant"] == "bf16 eager"}
+    for r in rows:
+        r["speedup_vs_bf16_eager"] = round(base[r["batch"]] / r["ms_per_step"], 3)
+    meta = {"command": "python " + " ".join(sys.argv), "card": card, "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "python": platform.python_version(),
+            "model": str(args.model or "embedded ddpm-cifar10-small")}
+    out = Path(args.out)
+    atomic_write_json(out / "latency.json", {"meta": meta, "rows": rows})
+    lines = [f"# End-to-end UNet latency ({meta['model']})", "",
+             f"card: {card}; torch {meta['torch']}; triton {meta['triton']}; command: `{meta['command']}`", "",
+             "| batch | variant | ms / step | × bf16 eager | weights + buffers (MB) |", "| ---: | --- | ---: | ---: | ---: |"]
+    lines += [f"| {r['batch']} | {r['variant']} | {r['ms_per_step']:.3f} | {r['speedup_vs_bf16_eager']:.2f} | "
+              f"{r['weight_bytes'] / 1e6:.2f} |" for r in rows]
+    atomic_write_text(out / "latency.md", "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
