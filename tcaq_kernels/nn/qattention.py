@@ -84,10 +84,20 @@ class QAttnProcessor(ExplicitAttnProcessor):
     def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
         """softmax(QKᵀ·scale + mask)·V on quantized operands; q, k, v are [B, heads, L, d].
 
-        `reference` sums integer products exactly in float64. `simulate` — and `triton`, which has
-        no attention kernel yet — multiply integer-valued fp32 codes (exact while partial sums stay
-        below 2^24) with a straight-through gradient.
+        `reference` sums integer products exactly in float64. `simulate` — and `triton` when a mask
+        is given — multiply integer-valued fp32 codes (exact while partial sums stay below 2^24)
+        with a straight-through gradient. `triton` without a mask runs the fused kernel
+        (`tcaq::triton_qattention`, no autograd).
         """
+        if self.backend == "triton" and mask is None:
+            from ..ops import triton_ops
+
+            qkv_tables = (x for a in (self.q, self.k, self.v) for x in (a.s_inv, a.scale, a.zero))
+            return triton_ops.qattention(
+                q, k, v, float(softmax_scale), *qkv_tables,
+                self.p.s_inv, self.p.scale, self.p.zero, self.p.kind_ids, self.groups.group,
+                q_bits=self.q.bits, k_bits=self.k.bits, v_bits=self.v.bits, p_bits=self.p.bits,
+                out_dtype=q.dtype if q.is_floating_point() else torch.float32)
         exact = self.backend == "reference"
         g = self.groups.group
         codes = {}

@@ -10,7 +10,8 @@ Tables of a quantized layer with G timestep groups: `s_inv[G]` fp32 (1/s_a), `sc
 (one entry per sample), or of one element when every sample shares the group; sample b of the
 batch uses `table[group[b]]`.
 
-Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`):
+Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`,
+`tcaq::triton_qattention`):
 
     quantize_act(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False,
                  channel_dim=-1) -> codes
@@ -36,6 +37,14 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `
         or packed uint8 [N, KH, KW, ⌈C/2⌉], and per-tap weight sums int32 [N, KH·KW]. stride: int; padding: [p], [ph, pw] or
         [top, bottom, left, right],
         filled with the code z[g]. residual: NCHW-shaped [B, N, OH, OW], any memory format.
+
+    qattention(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero,
+               v_s_inv, v_scale, v_zero, p_s_inv, p_scale, p_zero, p_kind_ids, group,
+               q_bits=8, k_bits=8, v_bits=8, p_bits=8, out_dtype=None) -> out [B, heads, Lq, d]
+        `QAttnProcessor.attention` without a mask (triton/attention.py): q [B, heads, Lq, d],
+        k, v [B, heads, Lk, d] float, any strides; head dim ≤ 256. q/k/v are quantized
+        (uniform, their tables), P per group with the kind `p_kind_ids[g]` (0 uniform, 1 log2).
+        out_dtype defaults to q's dtype. Two kernels: k/v quantize, then the fused attention.
 """
 from __future__ import annotations
 
@@ -43,11 +52,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..triton.attention import check_shapes, qattention_launch
 from ..triton.conv import prepare_conv_weight, qconv
 from ..triton.gemm import prepare_linear_weight, qgemm
 from ..triton.quantize import quantize_bsc
 
-__all__ = ["quantize_act", "qlinear", "qconv2d", "prepare_linear_weight", "prepare_conv_weight"]
+__all__ = ["quantize_act", "qlinear", "qconv2d", "qattention", "prepare_linear_weight", "prepare_conv_weight"]
 
 
 def _group_layout(group: torch.Tensor, batch: int) -> tuple[int, int]:
@@ -214,3 +224,49 @@ def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, 
       r_inv=None, residual=None, out_dtype=None):
     return torch.empty(_conv_out_shape(x, w_q, stride, padding), dtype=_float_out(x, out_dtype),
                        device=x.device, memory_format=torch.channels_last)
+
+
+# --------------------------------------------------------------------------------------- qattention
+
+
+@torch.library.custom_op("tcaq::triton_qattention", mutates_args=())
+def qattention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float,
+    q_s_inv: torch.Tensor,
+    q_scale: torch.Tensor,
+    q_zero: torch.Tensor,
+    k_s_inv: torch.Tensor,
+    k_scale: torch.Tensor,
+    k_zero: torch.Tensor,
+    v_s_inv: torch.Tensor,
+    v_scale: torch.Tensor,
+    v_zero: torch.Tensor,
+    p_s_inv: torch.Tensor,
+    p_scale: torch.Tensor,
+    p_zero: torch.Tensor,
+    p_kind_ids: torch.Tensor,
+    group: torch.Tensor,
+    q_bits: int = 8,
+    k_bits: int = 8,
+    v_bits: int = 8,
+    p_bits: int = 8,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """Quantized attention softmax(QKᵀ·scale)·V, P quantized per the group's kind (see module doc)."""
+    check_shapes(q, k, v)
+    batch, gstride = _group_layout(group, q.shape[0])
+    if batch != q.shape[0]:
+        raise ValueError(f"group has {group.numel()} entries for a batch of {q.shape[0]}")
+    out = torch.empty(q.shape, dtype=_float_out(q, out_dtype), device=q.device)
+    return qattention_launch(
+        q, k, v, softmax_scale, (q_s_inv, q_zero, q_scale), (k_s_inv, k_zero, k_scale), (v_s_inv, v_zero, v_scale),
+        (p_s_inv, p_zero, p_scale), p_kind_ids, group, gstride, (q_bits, k_bits, v_bits, p_bits), out)
+
+
+@qattention.register_fake
+def _(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero, v_s_inv, v_scale, v_zero,
+      p_s_inv, p_scale, p_zero, p_kind_ids, group, q_bits=8, k_bits=8, v_bits=8, p_bits=8, out_dtype=None):
+    return q.new_empty(q.shape, dtype=_float_out(q, out_dtype))

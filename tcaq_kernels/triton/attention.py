@@ -1,0 +1,400 @@
+"""Quantized attention: int8 QKᵀ, softmax, P quantized with the group's DAQ kind, P·V (DESIGN.md §3).
+
+Computes `QAttnProcessor.attention` (nn/qattention.py) without a mask, for q [B, heads, Lq, d] and
+k, v [B, heads, Lk, d], sample b reading every table at its timestep group g = group[b] on the
+device (nothing syncs with the host; CUDA-graph safe):
+
+    q_c, k_c, v_c = quantize_uniform(x, s_inv_x[g], z_x[g])            (symmetric: z = 0)
+    S   = (q_c·k_cᵀ)·((s_q[g]·s_k[g])·softmax_scale)                   int32 acc, fp32 scores
+    P   = exp(S − rowmax S) / rowsum                                    over all Lk keys
+    uniform group: c = quantize_uniform(P, s_inv_p, z_p);  O = (Σ_j c·v_c − z_p·Σ_j v_c)·(s_p·s_v)
+    log2 group:    c = quantize_log2(P, s_inv_p);          O = (Σ_j 2^-c·v_c)·(s_p·s_v)
+
+Like the reference, the products use the q/k/v codes as they are (their zero points are 0 in every
+state `calibrate` writes; the quantize step still adds z, so the codes are the reference's).
+
+Two launches:
+1. `_quantize_qkv_kernel` quantizes q, k and v once (not once per tile that reads them) into the
+   layouts the MMAs want: q and k codes [B·H, L_pad, DP] (d contiguous: K-major operands of QKᵀ),
+   v codes transposed, [B·H, DP, Lk_pad] (keys contiguous: the K-major B operand of P·V that int8
+   wgmma requires), once as int8 and once as fp16 (the log2 path's operand), zero past L and d;
+   and Σ_j v [B·H, DP] (integer atomics) for the zero-point term. L_pad is L rounded up to 128,
+   so the attention kernel reads its operands without masks. q goes through memory rather than
+   being quantized in the attention kernel: an MMA operand made in registers there was re-read
+   from shared memory byte by byte on every key tile (Triton 3.6), a loaded one is not.
+2. `_qattn_kernel`, one program per (BLOCK_M query rows, b, head), two passes over the keys:
+   pass 1: S tile by tile (int8 `tl.dot`, int32 acc), the running row max (of the int32 scores:
+           the scale is positive) and the row sum of exp(S − max). Only max and sum leave it.
+   pass 2: S again and y = P·s_inv = exp(S − max)·s_inv/sum with the *final* max and sum — P is the
+           softmax itself, not an online estimate (a one-pass online softmax cannot quantize P:
+           the codes depend on the final max and sum) — quantized in registers, then
+           uniform: int8 codes · v codes on the int8 MMA (int32 acc), z·Σv subtracted at the end;
+           log2:    the levels 2^-c as fp16 (exact: 2^-24 is fp16's smallest subnormal, the zero
+                    code is 0) · v codes as fp16 (exact integers), fp32 accumulation.
+   The group's kind is read from `p_kind_ids` on the device and picks the branch at run time, so
+   a batch may mix kinds. Epilogue: acc·(s_p·s_v) in fp32 (the scale product formed first, as
+   the reference does), stored as the output dtype into [B, heads, Lq, d].
+
+Cost per score (MUFU is the limit: two exponentials, one per pass): the exponentials are
+`ex2.approx.ftz` on the scores in log2 units, one FFMA + one MUFU each; pass 2 folds log2(s_inv/sum)
+into the exponent, so y comes straight out of the exp; the uniform code is rint(min(y, QMAX − z)) + z
+read off the bits of y + 1.5·2^23, and the log2 level 2^-c is the exponent field of y after adding
+0x800000 − 0x3504F4 (the carry is quantize_log2's √2 rounding) — both the very integers of
+`quant/primitives.py` for the same y.
+
+Head dims up to 256 are padded to a power of two ≥ 16 inside (zero codes in the pad); Lq and Lk
+are arbitrary (masked), Lk ≠ Lq for cross-attention.
+
+Numerics against the reference: the q/k/v codes and the int32 QKᵀ are bit-exact. y differs from
+the reference's fp32 P·s_inv by a few ulp (another exp, summation order, the folded scale), so a P
+code can flip where y sits on a rounding boundary; given the codes, the uniform P·V is
+integer-exact (and its fp32 epilogue the reference's) and the log2 one exact up to fp32
+accumulation order. `qattention_launch(..., debug=True)` also returns the kernel's int32 scores and
+P codes, so the tests check each stage.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .numerics import interpreting, quantize_uniform, quick_tuning, tuning_bench
+
+LK_ALIGN = 128  # keys are padded to this; every BLOCK_N divides it
+KV_BLOCK = 64  # keys per program of the k/v quantize kernel (divides LK_ALIGN)
+MAX_HEAD_DIM = 256
+
+
+def _configs():
+    cfg = lambda bm, bn, w, s: triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    if interpreting():
+        return [cfg(32, 32, 4, 1)]
+    # the first config _prune keeps is the one quick tuning (the GPU tests) uses
+    return [cfg(128, 64, 8, 3), cfg(128, 64, 4, 3), cfg(128, 128, 8, 3), cfg(64, 64, 4, 3), cfg(64, 128, 4, 3),
+            cfg(64, 64, 8, 2)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Register budget: BLOCK_M·DP ≤ 128·128 (8 warps at the top); no tiles far past Lq."""
+    dp, lq = kwargs["DP"], named_args["Lq"]  # constexprs arrive as keyword arguments
+    keep = []
+    for c in configs:
+        bm = c.kwargs["BLOCK_M"]
+        if bm * dp > 128 * 128 or (bm * dp == 128 * 128 and c.num_warps < 8):
+            continue
+        if bm > max(64, triton.next_power_of_2(lq)):
+            continue
+        keep.append(c)
+    keep = keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"])]
+    return keep[:1] if quick_tuning() else keep
+
+
+# ------------------------------------------------------------------------------ k / v quantize
+
+
+@triton.jit
+def _quantize_qkv_kernel(
+    q_ptr, k_ptr, v_ptr, qc_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr,
+    q_s_inv_ptr, q_zero_ptr, k_s_inv_ptr, k_zero_ptr, v_s_inv_ptr, v_zero_ptr, group_ptr, group_stride,
+    H, Lq, Lk, D, LQ_PAD, LK_PAD,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd,
+    Q_QMIN: tl.constexpr, Q_QMAX: tl.constexpr, K_QMIN: tl.constexpr, K_QMAX: tl.constexpr,
+    V_QMIN: tl.constexpr, V_QMAX: tl.constexpr, DP: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Programs [0, LQ_PAD/BLOCK_L) along axis 0 quantize q rows, the rest k and v rows."""
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = tl.load(group_ptr + b * group_stride)
+    rd = tl.arange(0, DP)
+    bh = pid_bh.to(tl.int64)
+    q_blocks = LQ_PAD // BLOCK_L
+    if pid < q_blocks:
+        rl = pid * BLOCK_L + tl.arange(0, BLOCK_L)
+        mask = (rl < Lq)[:, None] & (rd < D)[None, :]
+        x = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+                    + rl[:, None].to(tl.int64) * stride_ql + rd[None, :] * stride_qd, mask=mask, other=0.0)
+        qc = quantize_uniform(x.to(tl.float32), tl.load(q_s_inv_ptr + g), tl.load(q_zero_ptr + g), Q_QMIN, Q_QMAX)
+        tl.store(qc_ptr + bh * LQ_PAD * DP + rl[:, None] * DP + rd[None, :], tl.where(mask, qc, 0).to(tl.int8))
+    else:
+        _quantize_kv_rows(k_ptr, v_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr, k_s_inv_ptr, k_zero_ptr, v_s_inv_ptr,
+                          v_zero_ptr, g, b, h, bh, (pid - q_blocks) * BLOCK_L + tl.arange(0, BLOCK_L), rd, Lk, D,
+                          LK_PAD, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl,
+                          stride_vd, K_QMIN, K_QMAX, V_QMIN, V_QMAX, DP)
+
+
+@triton.jit
+def _quantize_kv_rows(k_ptr, v_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr, k_s_inv_ptr, k_zero_ptr, v_s_inv_ptr,
+                      v_zero_ptr, g, b, h, bh, rl, rd, Lk, D, LK_PAD,
+                      stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
+                      K_QMIN: tl.constexpr, K_QMAX: tl.constexpr, V_QMIN: tl.constexpr, V_QMAX: tl.constexpr,
+                      DP: tl.constexpr):
+    mask = (rl < Lk)[:, None] & (rd < D)[None, :]
+    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+                + rl[:, None].to(tl.int64) * stride_kl + rd[None, :] * stride_kd, mask=mask, other=0.0)
+    kc = quantize_uniform(k.to(tl.float32), tl.load(k_s_inv_ptr + g), tl.load(k_zero_ptr + g), K_QMIN, K_QMAX)
+    kc = tl.where(mask, kc, 0).to(tl.int8)
+    tl.store(kc_ptr + bh * LK_PAD * DP + rl[:, None] * DP + rd[None, :], kc)
+
+    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+                + rl[:, None].to(tl.int64) * stride_vl + rd[None, :] * stride_vd, mask=mask, other=0.0)
+    vc = quantize_uniform(v.to(tl.float32), tl.load(v_s_inv_ptr + g), tl.load(v_zero_ptr + g), V_QMIN, V_QMAX)
+    vc = tl.where(mask, vc, 0).to(tl.int8)
+    vt_offs = bh * DP * LK_PAD + rd[None, :] * LK_PAD + rl[:, None]
+    tl.store(vt_ptr + vt_offs, vc)
+    tl.store(vt16_ptr + vt_offs, vc.to(tl.float16))  # the log2 path's fp16 operand (exact integers)
+    # Σ_j v for the zero-point term of uniform P codes: integer atomics, so the order cannot matter
+    tl.atomic_add(vsum_ptr + bh * DP + rd, tl.sum(vc.to(tl.int32), axis=0))
+
+
+# ------------------------------------------------------------------------------------ attention
+
+
+@triton.jit
+def _exp2(x, FAST: tl.constexpr):
+    """2^x: one MUFU.EX2 (`ex2.approx.ftz`) on the GPU; numpy's exp2 in the interpreter.
+
+    `tl.math.exp2` wraps the same instruction in a subnormal fix-up (four more instructions an
+    element); flushing results below 2^-126 to 0 changes no P code (they are all the zero code).
+    """
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _scores(qc, kc_base, n0, rn, rd, DP: tl.constexpr):
+    """int32 QKᵀ of one key tile (int8 MMA)."""
+    k = tl.load(kc_base + (n0 + rn)[:, None] * DP + rd[None, :])
+    return tl.dot(qc, tl.trans(k), out_dtype=tl.int32)
+
+
+@triton.jit
+def _stats_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_ptrs,
+                DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr):
+    """Pass 1 on one key tile: running row max (of the int32 scores: the scale is positive, so
+    max(acc)·scale is the max of the scores) and row sum of exp(S − max), in log2 units."""
+    acc = _scores(qc, kc_base, n0, rn, rd, DP)
+    if DEBUG:
+        tl.store(dbg_ptrs + n0, acc, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+    if MASK:
+        acc = tl.where((n0 + rn < Lk)[None, :], acc, -2147483647)
+    m_new = tl.maximum(m_i, tl.max(acc, axis=1))
+    m2_old = m_i.to(tl.float32) * c2
+    m2 = m_new.to(tl.float32) * c2
+    e = _exp2(acc.to(tl.float32) * c2 - m2[:, None], FAST)
+    if MASK:
+        e = tl.where((n0 + rn < Lk)[None, :], e, 0.0)
+    l = l * _exp2(m2_old - m2, FAST) + tl.sum(e, axis=1)
+    return m_new, l
+
+
+@triton.jit
+def _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP: tl.constexpr, MASK: tl.constexpr, FAST: tl.constexpr):
+    """Pass 2: y = P·s_inv = exp(S − max)·s_inv/sum = 2^(acc·c2 + b2), b2 = log2(s_inv/sum) − max₂."""
+    acc = _scores(qc, kc_base, n0, rn, rd, DP)
+    y = _exp2(acc.to(tl.float32) * c2 + b2[:, None], FAST)
+    if MASK:
+        y = tl.where((n0 + rn < Lk)[None, :], y, 0.0)
+    return y
+
+
+@triton.jit
+def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z, acc, dbg_ptrs,
+                     DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr):
+    y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
+    # quantize_uniform for y ≥ 0: clamp(rint(y) + z, QMIN, QMAX) = rint(min(y, QMAX − z)) + z, the
+    # rint read off the bits of min(·) + 1.5·2^23 (exact below 2^22), z folded into the subtrahend
+    c = (tl.minimum(y, k_max) + 12582912.0).to(tl.int32, bitcast=True) - magic_z
+    if DEBUG:
+        tl.store(dbg_ptrs + n0, c, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+    vt = tl.load(vt_base + rd[:, None] * LK_PAD + (n0 + rn)[None, :])  # [DP, BLOCK_N], keys contiguous
+    return tl.dot(c.to(tl.int8), tl.trans(vt), acc, out_dtype=tl.int32)
+
+
+@triton.jit
+def _pv_log2_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc, dbg_ptrs,
+                  LEVEL_MIN: tl.constexpr, ZERO_CODE: tl.constexpr, DP: tl.constexpr,
+                  MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr):
+    y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
+    # quantize_log2 + dequantize as one bit trick: y = 1.m·2^e rounds to 2^(e + [m > √2 mantissa]),
+    # i.e. the exponent field after adding 0x800000 − 0x3504F4 (the carry is the rounding); code ≥ 0
+    # caps it at 1, and levels below 2^-L (and y = 0) become the zero code's 0.
+    level = ((y.to(tl.int32, bitcast=True) + 0x4AFB0C) & 0x7F800000).to(tl.float32, bitcast=True)
+    level = tl.minimum(level, 1.0)
+    level = tl.where(level >= LEVEL_MIN, level, 0.0)
+    if DEBUG:
+        code = tl.where(level == 0.0, ZERO_CODE, 127 - (level.to(tl.int32, bitcast=True) >> 23))
+        tl.store(dbg_ptrs + n0, code, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+    vt = tl.load(vt_base + rd[:, None] * LK_PAD + (n0 + rn)[None, :])  # fp16 v codes
+    return tl.dot(level.to(tl.float16), tl.trans(vt), acc, out_dtype=tl.float32)
+
+
+@triton.autotune(configs=_configs(), key=["Lq", "Lk", "DP", "DEBUG"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
+@triton.jit
+def _qattn_kernel(
+    qc_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr, out_ptr, dbg_s_ptr, dbg_p_ptr,
+    q_scale_ptr, k_scale_ptr, v_scale_ptr, p_s_inv_ptr, p_zero_ptr, p_scale_ptr, p_kind_ptr, group_ptr,
+    softmax_scale, H, Lq, Lk, LQ_PAD, LK_PAD, D, group_stride, stride_ob, stride_oh, stride_ol, stride_od,
+    P_QMAX: tl.constexpr,
+    LEVEL_MIN: tl.constexpr, ZERO_CODE: tl.constexpr,
+    DP: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    bh = pid_bh.to(tl.int64)
+    g = tl.load(group_ptr + b * group_stride)
+    # the reference's score scale (s_q·s_k)·softmax_scale in fp32, in log2 units for exp2
+    c2 = ((tl.load(q_scale_ptr + g) * tl.load(k_scale_ptr + g)) * softmax_scale) * 1.4426950408889634
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rd = tl.arange(0, DP)
+    # q codes from the quantize kernel (a loaded MMA operand stays in shared memory; one made in
+    # registers here was re-read byte by byte from shared memory on every key tile)
+    qc = tl.load(qc_ptr + bh * LQ_PAD * DP + rm[:, None] * DP + rd[None, :])
+
+    kc_base = kc_ptr + bh * LK_PAD * DP
+    dbg_offs = bh * Lq * Lk + rm[:, None].to(tl.int64) * Lk + rn[None, :]
+    n_full = (Lk // BLOCK_N) * BLOCK_N
+
+    # pass 1: row max and row sum
+    m_i = tl.full((BLOCK_M,), -2147483647, tl.int32)
+    l = tl.full((BLOCK_M,), 0.0, tl.float32)
+    for n0 in range(0, n_full, BLOCK_N):
+        m_i, l = _stats_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_s_ptr + dbg_offs,
+                             DP, False, DEBUG, FAST)
+    if n_full < Lk:
+        m_i, l = _stats_step(qc, kc_base, n_full, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_s_ptr + dbg_offs,
+                             DP, True, DEBUG, FAST)
+
+    # pass 2: P·s_inv with the final max and sum, quantized per the group's kind, times V
+    b2 = tl.math.log2(tl.load(p_s_inv_ptr + g) / l) - m_i.to(tl.float32) * c2
+    s_out = tl.load(p_scale_ptr + g) * tl.load(v_scale_ptr + g)
+    if tl.load(p_kind_ptr + g) == 1:  # log2
+        v16_base = vt16_ptr + bh * DP * LK_PAD
+        acc_f = tl.full((BLOCK_M, DP), 0.0, tl.float32)
+        for n0 in range(0, n_full, BLOCK_N):
+            acc_f = _pv_log2_step(qc, kc_base, v16_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f,
+                                  dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, False, DEBUG, FAST)
+        if n_full < Lk:
+            acc_f = _pv_log2_step(qc, kc_base, v16_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f,
+                                  dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, True, DEBUG, FAST)
+        y = acc_f * s_out
+    else:  # uniform
+        vt_base = vt_ptr + bh * DP * LK_PAD
+        p_zero = tl.load(p_zero_ptr + g)
+        k_max = (P_QMAX - p_zero).to(tl.float32)
+        magic_z = 0x4B400000 - p_zero
+        acc_i = tl.full((BLOCK_M, DP), 0, tl.int32)
+        for n0 in range(0, n_full, BLOCK_N):
+            acc_i = _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z,
+                                     acc_i, dbg_p_ptr + dbg_offs, DP, False, DEBUG, FAST)
+        if n_full < Lk:
+            acc_i = _pv_uniform_step(qc, kc_base, vt_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
+                                     magic_z, acc_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG, FAST)
+        vsum = tl.load(vsum_ptr + bh * DP + rd)
+        y = (acc_i - p_zero * vsum[None, :]).to(tl.float32) * s_out
+
+    out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + rm[:, None].to(tl.int64) * stride_ol + rd[None, :] * stride_od)
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(rm < Lq)[:, None] & (rd < D)[None, :])
+
+
+# --------------------------------------------------------------------------------------- launch
+
+
+def padded_head_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: Sequence[int]):
+    """q [B, H, Lq, d], k, v [B, H, Lk, d] float → the MMA operands, one launch: q codes
+    [B·H, Lq_pad, DP] and k codes [B·H, Lk_pad, DP] int8, v codes [B·H, DP, Lk_pad] as int8 and as
+    fp16, and Σ_j v codes [B·H, DP] int32; zero past L and d. *_tab = (s_inv, zero, …) tables [G]."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    dp = padded_head_dim(D)
+    lq_pad = (Lq + LK_ALIGN - 1) // LK_ALIGN * LK_ALIGN
+    lk_pad = (Lk + LK_ALIGN - 1) // LK_ALIGN * LK_ALIGN
+    dev = q.device
+    qc = torch.empty((B * H, lq_pad, dp), dtype=torch.int8, device=dev)
+    kc = torch.empty((B * H, lk_pad, dp), dtype=torch.int8, device=dev)
+    vt = torch.empty((B * H, dp, lk_pad), dtype=torch.int8, device=dev)
+    vt16 = torch.empty((B * H, dp, lk_pad), dtype=torch.float16, device=dev)
+    vsum = torch.zeros((B * H, dp), dtype=torch.int32, device=dev)
+    lo = [-(1 << (b_ - 1)) for b_ in bits[:3]]
+    _quantize_qkv_kernel[((lq_pad + lk_pad) // KV_BLOCK, B * H)](
+        q, k, v, qc, kc, vt, vt16, vsum, q_tab[0], q_tab[1], k_tab[0], k_tab[1], v_tab[0], v_tab[1],
+        group, group_stride, H, Lq, Lk, D, lq_pad, lk_pad, *q.stride(), *k.stride(), *v.stride(),
+        Q_QMIN=lo[0], Q_QMAX=-lo[0] - 1, K_QMIN=lo[1], K_QMAX=-lo[1] - 1, V_QMIN=lo[2], V_QMAX=-lo[2] - 1,
+        DP=dp, BLOCK_L=KV_BLOCK, num_warps=8,
+    )
+    return qc, kc, vt, vt16, vsum
+
+
+def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale, k_scale, v_scale, p_tab,
+                   p_kind_ids, group, group_stride: int, p_bits: int, out: torch.Tensor,
+                   debug: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+    """The attention kernel on the `quantize_qkv` operands `ops`, into `out` [B, H, Lq, D].
+
+    p_tab = (s_inv, zero, scale) tables [G]; `debug` = (scores int32, codes int32), each
+    [B, H, Lq, Lk] contiguous, receives the int32 QKᵀ and the P codes.
+    """
+    qc, kc, vt, vt16, vsum = ops
+    B, H = out.shape[:2]
+    dp = kc.shape[2]
+    if Lq == 0:
+        return out
+    dbg_s, dbg_p = debug if debug is not None else (vsum, vsum)
+    level_max = min((1 << p_bits) - 2, 24)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    _qattn_kernel[grid](
+        qc, kc, vt, vt16, vsum, out, dbg_s, dbg_p,
+        q_scale, k_scale, v_scale, p_tab[0], p_tab[1], p_tab[2], p_kind_ids, group,
+        float(softmax_scale), H, Lq, Lk, qc.shape[1], kc.shape[1], D, group_stride, *out.stride(),
+        P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1,
+        DP=dp, DEBUG=debug is not None, FAST=not interpreting(),
+    )
+    return out
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be [B, heads, L, d], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, _, D = q.shape
+    if k.shape[:2] != (B, H) or v.shape[:2] != (B, H) or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k/v batch, heads or length mismatch: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"q, k, v need one head dim, got {D}, {k.shape[3]}, {v.shape[3]}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} outside 1..{MAX_HEAD_DIM}")
+    if k.shape[2] == 0:
+        raise ValueError("attention over zero keys")
+
+
+def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab, p_kind_ids, group,
+                      group_stride: int, bits: Sequence[int], out: torch.Tensor, debug: bool = False):
+    """Both kernels into `out` [B, H, Lq, d]. *_tab = (s_inv, zero, scale) tables [G]; bits = (q, k, v, p).
+
+    Returns `out`, or with `debug` (out, int32 scores [B, H, Lq, Lk], int32 P codes [B, H, Lq, Lk]).
+    """
+    check_shapes(q, k, v)
+    ops = quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride, bits)
+    dbg = None
+    if debug:
+        B, H, Lq, _ = q.shape
+        dbg = tuple(torch.full((B, H, Lq, k.shape[2]), -(1 << 30), dtype=torch.int32, device=q.device)
+                    for _ in range(2))
+    attention_core(ops, q.shape[2], k.shape[2], q.shape[3], softmax_scale, q_tab[2], k_tab[2], v_tab[2], p_tab,
+                   p_kind_ids, group, group_stride, bits[3], out, dbg)
+    return (out, *dbg) if debug else out

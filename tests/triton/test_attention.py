@@ -1,0 +1,424 @@
+"""Quantized attention kernel against `QAttnProcessor`'s reference math, stage by stage.
+
+What is asserted, and why:
+1. QKᵀ: the kernel's int32 scores (debug output) equal `int_attention_scores` of the reference's
+   q/k codes bit for bit — so the fused q quantize, the k quantize and the int8 MMA are exact.
+2. P codes: the kernel's softmax differs from torch's by a few ulp (another exp, another summation
+   order), so a code may flip where P·s_inv sits on a rounding boundary. Asserted: at most
+   `MAX_FLIP_RATE` of the codes differ from the reference's; each differing code is one level away;
+   and at each one the reference's P·s_inv lies within a relative `BOUNDARY_TOL` of the rounding
+   boundary between the two codes (a flip anywhere else is a bug, not rounding).
+3. P·V: given the kernel's own P codes, its output is exact — bit for bit for uniform groups
+   (int32 accumulator, then the reference's fp32 epilogue), to `LOG2_PV_TOL`·Σ|terms| for log2
+   groups (fp16 MMA of exact powers of two, fp32 accumulation; the reference sums in float64).
+4. End to end, `QAttnProcessor(backend="triton")` against `backend="reference"`: rows where the
+   kernel's P codes equal the codes the reference processor used (captured from its quantizer calls)
+   match as in 3; a row with differing codes differs by at most Σ_j |Δlevel|·|v_j|·s_p·s_v over them
+   (plus the float tolerance). The processor's codes themselves must pass check 2 against the test's
+   recomputation: on the GPU the two torch softmaxes were seen not to agree to the last ulp (the first
+   H100 run of this file, which bounded against the recomputation, failed by one code's worth on 6
+   and 5 of 2.6 M outputs of the SD self-attention shapes while every stage check passed).
+
+CPU (interpreter): small odd shapes. `@pytest.mark.cuda`: SD-1.5 self-attention at the 64×64
+level (B 2, heads 8, L 4096, d 40 → padded to 64), its cross-attention (77 tokens), and the
+DDPM-CIFAR10 attention (B 64, heads 1, L 256, d 128).
+
+Timing (GPU; rows for benchmarks/results/kernels.json, stdout as JSON lines), from the repo root:
+    TCAQ_TRITON_TUNING= PYTHONPATH=/tmp/pk:tests/triton python tests/triton/test_attention.py --bench OUT.json
+(`/tmp/pk` is the stub package of benchmarks/kernels.py's docstring, with `nn` linked as well.)
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from tcaq_kernels.nn.qattention import QAttnProcessor
+from tcaq_kernels.nn.timestep import TimestepGroups
+from tcaq_kernels.ops import reference as R
+from tcaq_kernels.ops import triton_ops
+from tcaq_kernels.quant import primitives as P
+from tcaq_kernels.quant.state import ActQuant, LayerState
+from tcaq_kernels.triton.attention import qattention_launch
+
+MAX_FLIP_RATE = 1e-3
+BOUNDARY_TOL = 3e-5
+# log2 P·V: |error| ≤ tol·Σ_j|2^-c·v_j| — fp32 sums in numpy; on the GPU, tensor-core accumulation
+# (its internal alignment of the fp16 products within one MMA is not plain fp32 addition)
+LOG2_PV_TOL = {"cpu": 1e-5, "cuda": 2.5e-4}
+KINDS = {"uniform": ["uniform"] * 3, "log2": ["log2"] * 3, "mixed": ["uniform", "log2", "log2"]}
+
+
+class Case:
+    """One attention layer's tables (3 timestep groups), per-sample groups and random inputs."""
+
+    def __init__(self, gen, device, B, H, Lq, Lk, D, kinds, bits=(8, 8, 8, 8), dtype=torch.float32, groups=None,
+                 qkv_zero=False):
+        self.device, self.D = device, D
+        q = torch.randn(B, H, Lq, D, generator=gen) * 1.5
+        k = torch.randn(B, H, Lk, D, generator=gen)
+        v = torch.randn(B, H, Lk, D, generator=gen)
+        # q, k, v as diffusers hands them over: [B, L, H, d] memory viewed as [B, H, L, d]
+        self.q, self.k, self.v = (t.transpose(1, 2).contiguous().transpose(1, 2).to(dtype).to(device)
+                                  for t in (q, k, v))
+        self.scale = D ** -0.5
+        G = 3
+        acts = {}
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            b = bits["qkv".index(name)]
+            s, z = P.qparams_symmetric(x.abs().max() * (0.6 + 0.4 * torch.rand(G, generator=gen)), b)
+            if qkv_zero:  # not what calibrate writes, but the codes must still be the reference's
+                z = torch.randint(-9, 10, (G,), generator=gen, dtype=torch.int32)
+            acts[name] = ActQuant(bits=b, kind=["uniform"] * G, scale=s, zero=z)
+        # P's tables from a rough range of the probabilities (peak ≈ 1/√Lk … 1), clipped differently per group
+        pmax = torch.rand(G, generator=gen) * 0.6 + 0.2
+        s_u, z_u = P.qparams_from_range(torch.zeros(G), pmax, bits[3])
+        s_l = pmax * 2.0 ** (-torch.rand(G, generator=gen))
+        kinds = KINDS[kinds] if isinstance(kinds, str) else kinds
+        p_scale = torch.where(torch.tensor([k_ == "log2" for k_ in kinds]), s_l, s_u)
+        acts["p"] = ActQuant(bits=bits[3], kind=list(kinds), scale=p_scale, zero=z_u)
+        layer = LayerState(kind="attention", acts=acts)
+        self.groups = TimestepGroups([333.0, 666.0]).to(device)
+        if groups is None:
+            groups = torch.randint(0, G, (B,), generator=gen, dtype=torch.int32)
+        self.groups.group = groups.to(device)
+        self.procs = {b: QAttnProcessor("attn", layer, self.groups, b, device) for b in ("reference", "triton")}
+        self.tabs = self.procs["triton"]
+        self.bits = bits
+
+    def per_sample(self, table):
+        return table[self.groups.group.long()].view(-1, 1, 1, 1).expand(self.q.shape[0], 1, 1, 1)
+
+    def reference(self):
+        """The reference's intermediate values: q/k/v codes, int32 scores, fp32 probs, P codes."""
+        t = self.tabs
+        codes = {n: P.quantize_uniform(x, self.per_sample(getattr(t, n).s_inv), self.per_sample(getattr(t, n).zero),
+                                       getattr(t, n).bits)
+                 for n, x in (("q", self.q), ("k", self.k), ("v", self.v))}
+        scores = R.int_attention_scores(codes["q"], codes["k"])
+        probs = (scores.float() * (self.per_sample(t.q.scale) * self.per_sample(t.k.scale) * self.scale)).softmax(-1)
+        p = t.p
+        is_log2 = self.per_sample(p.kind_ids) == 1
+        y = probs * self.per_sample(p.s_inv)  # the fp32 value each P code is rounded from
+        c_uni = P.quantize_uniform(probs, self.per_sample(p.s_inv), self.per_sample(p.zero), p.bits).int()
+        c_log = P.quantize_log2(probs, self.per_sample(p.s_inv), p.bits).int()
+        return codes, scores, y, torch.where(is_log2, c_log, c_uni), is_log2
+
+    def levels(self, p_codes, is_log2):
+        """The dequantized P (in units of s_p): 2^-c for log2, c − z for uniform, float64."""
+        p = self.tabs.p
+        lev_log = P.dequantize_log2(p_codes, torch.ones((), device=p_codes.device), p.bits).double()
+        lev_uni = (p_codes - self.per_sample(p.zero)).double()
+        return torch.where(is_log2, lev_log, lev_uni)
+
+    def out_from_codes(self, p_codes, v_codes, is_log2):
+        """The reference's P·V and epilogue for given P codes (float64 sum, fp32 epilogue)."""
+        acc = torch.matmul(self.levels(p_codes, is_log2), v_codes.double())
+        acc = torch.where(is_log2, acc, acc.round()).float()  # uniform: the exact int32 value
+        s_out = self.per_sample(self.tabs.p.scale) * self.per_sample(self.tabs.v.scale)
+        return acc * s_out
+
+    def kernel(self, debug=False, out_dtype=torch.float32, poison=True):
+        t = self.tabs
+        tab = lambda a: (a.s_inv, a.zero, a.scale)
+        fill = float("nan") if poison else 0.0
+        out = torch.full(self.q.shape, fill, dtype=out_dtype, device=self.device)
+        return qattention_launch(self.q, self.k, self.v, self.scale, tab(t.q), tab(t.k), tab(t.v), tab(t.p),
+                                 t.p.kind_ids, self.groups.group, 1 if self.groups.group.numel() > 1 else 0,
+                                 self.bits, out, debug=debug)
+
+
+def _boundary_distance(y, is_log2):
+    """Relative distance of the reference's y = P·s_inv from the rounding boundary next to it."""
+    y = y.double()
+    d_uni = (y - (torch.floor(y) + 0.5)).abs() / y.clamp(min=1e-30)
+    e = -torch.log2(y.clamp(min=1e-45))
+    d_log = (e - (torch.floor(e) + 0.5)).abs() * math.log(2)
+    return torch.where(is_log2, d_log, d_uni)
+
+
+def _assert_flips(codes, codes_ref, y, is_log2, p):
+    """`codes` differ from `codes_ref` rarely, by one level, and only where the reference's
+    y = P·s_inv sits within BOUNDARY_TOL of the rounding boundary between the two codes."""
+    flips = codes != codes_ref
+    rate = flips.float().mean().item()
+    assert rate <= MAX_FLIP_RATE, f"{int(flips.sum())} of {flips.numel()} P codes flipped"
+    if flips.any():
+        ck, cr = codes[flips], codes_ref[flips]
+        log2_f = is_log2.expand_as(flips)[flips]
+        zc = P.log2_zero_code(p.bits)
+        ck_l = torch.where(ck == zc, P.log2_levels(p.bits) + 1, ck)  # underflow sits one level below L
+        cr_l = torch.where(cr == zc, P.log2_levels(p.bits) + 1, cr)
+        assert ((ck_l - cr_l).abs() == 1).all(), f"P codes off by more than one level: {ck[:8]} vs {cr[:8]}"
+        dist = _boundary_distance(y.expand_as(flips)[flips], log2_f)
+        assert (dist <= BOUNDARY_TOL).all(), f"P code flipped away from a rounding boundary (distance {dist.max():.3g})"
+    return flips
+
+
+def check_stages(case: Case, out_dtype=torch.float32):
+    out, scores_k, codes_k = case.kernel(debug=True, out_dtype=out_dtype)
+    codes, scores_ref, y, codes_ref, is_log2 = case.reference()
+    p = case.tabs.p
+
+    # 1. q/k codes and the int32 QKᵀ, bit for bit
+    assert torch.equal(scores_k, scores_ref), f"scores: {int((scores_k != scores_ref).sum())} differ"
+
+    # 2. P codes: rare, one-level flips, each at a rounding boundary
+    flips = _assert_flips(codes_k, codes_ref, y, is_log2, p)
+
+    # 3. P·V exact given the kernel's own P codes
+    assert not out.float().isnan().any(), "unwritten (NaN) outputs"
+    expect = case.out_from_codes(codes_k, codes["v"], is_log2)
+    _assert_pv(out, expect, case, codes_k, codes["v"], is_log2)
+    return out, flips, codes, is_log2
+
+
+def _assert_pv(out, expect, case, p_codes, v_codes, is_log2, extra=None):
+    """uniform rows bit-exact (fp32 out) / to the output dtype's rounding; log2 rows to fp32 sums."""
+    s_out = (case.per_sample(case.tabs.p.scale) * case.per_sample(case.tabs.v.scale)).double()
+    mag = torch.matmul(case.levels(p_codes, is_log2).abs(), v_codes.double().abs()) * s_out  # Σ|terms|
+    tol = torch.where(is_log2, LOG2_PV_TOL[out.device.type] * mag, torch.zeros_like(mag))
+    if out.dtype != torch.float32:
+        tol = tol + torch.finfo(out.dtype).eps * expect.double().abs()
+    if extra is not None:
+        tol = tol + extra
+    err = (out.double() - expect.to(out.dtype).double()).abs()
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs off, worst {err.max():.3g}"
+
+
+def _reference_run(case: Case):
+    """QAttnProcessor(backend="reference").attention, and the P codes it used (captured from its calls
+    of the quantizers: q, k, v, then P) — on the GPU, torch's softmax in the processor and in
+    `Case.reference` need not agree to the last ulp, so the bound below uses the processor's own."""
+    import tcaq_kernels.nn.qattention as QA
+
+    seen = {"uniform": [], "log2": []}
+    orig = {"uniform": QA.quantize_uniform, "log2": QA.quantize_log2}
+
+    def recorder(kind):
+        def call(*args, **kwargs):
+            seen[kind].append(orig[kind](*args, **kwargs))
+            return seen[kind][-1]
+        return call
+
+    QA.quantize_uniform, QA.quantize_log2 = recorder("uniform"), recorder("log2")
+    try:
+        y_ref = case.procs["reference"].attention(case.q, case.k, case.v, case.scale, None)
+    finally:
+        QA.quantize_uniform, QA.quantize_log2 = orig["uniform"], orig["log2"]
+    uni = seen["uniform"][3].int() if len(seen["uniform"]) > 3 else None
+    log = seen["log2"][0].int() if seen["log2"] else None
+    is_log2 = case.per_sample(case.tabs.p.kind_ids) == 1
+    codes = log if uni is None else uni if log is None else torch.where(is_log2, log, uni)
+    return y_ref, codes
+
+
+def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32):
+    """The op through QAttnProcessor(backend="triton") against backend="reference"."""
+    y_tri = case.procs["triton"].attention(case.q, case.k, case.v, case.scale, None)
+    y_ref, codes_proc = _reference_run(case)
+    assert y_tri.dtype == case.q.dtype and y_tri.shape == y_ref.shape
+    out_dbg, _, codes_k = case.kernel(debug=True, out_dtype=case.q.dtype)
+    assert torch.equal(y_tri, out_dbg), "the op and the debug launch disagree"
+    # the processor's codes are Case.reference's, up to the same boundary-only flips
+    _, _, y, codes_ref, _ = case.reference()
+    proc_flips = _assert_flips(codes_proc, codes_ref, y, is_log2, case.tabs.p)
+    if proc_flips.any():
+        print(f"reference processor vs its recomputation: {int(proc_flips.sum())} P codes differ")
+    # Σ_j |Δlevel|·|v_j|·s over the codes where kernel and processor differ bounds what they move
+    dlev = (case.levels(codes_k, is_log2) - case.levels(codes_proc, is_log2)).abs()
+    s_out = (case.per_sample(case.tabs.p.scale) * case.per_sample(case.tabs.v.scale)).double()
+    extra = torch.matmul(dlev, codes["v"].double().abs()) * s_out
+    # rows with a flip: that bound, plus the fp32 rounding of the two outputs it is measured between
+    extra = torch.where(extra > 0, extra + 4 * torch.finfo(torch.float32).eps * (y_ref.double().abs() + extra), extra)
+    _assert_pv(y_tri, y_ref, case, codes_proc, codes["v"], is_log2, extra=extra)
+
+
+# ------------------------------------------------------------------------------------ CPU shapes
+
+# (B, H, Lq, Lk, D): odd lengths and a padded head dim; cross-attention (77 keys); Lk < one tile;
+# head dims 80 → 128 and 160 → 256.
+SHAPES = [(2, 2, 37, 45, 40), (2, 1, 19, 77, 32), (3, 1, 33, 7, 64), (1, 2, 17, 40, 80), (1, 1, 9, 33, 160)]
+
+
+@pytest.mark.parametrize("kinds", list(KINDS))
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_stages(gen, device, shape, kinds):
+    case = Case(gen, device, *shape, kinds)
+    out, flips, codes, is_log2 = check_stages(case)
+    check_end_to_end(case, flips, codes, is_log2)
+
+
+@pytest.mark.parametrize("shape", SHAPES[3:])
+def test_wide_heads(gen, device, shape):
+    case = Case(gen, device, *shape, "mixed", groups=torch.tensor([1] * shape[0], dtype=torch.int32))
+    check_stages(case)
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 8, 6), (6, 8, 6, 4)])
+@pytest.mark.parametrize("kinds", ["uniform", "log2"])
+def test_low_bits(gen, device, bits, kinds):
+    """6/4-bit P (log2: levels 2^0 … 2^-14 and the zero code 15), 6-bit q and v."""
+    case = Case(gen, device, 2, 1, 21, 50, 24, kinds, bits=bits)
+    out, flips, codes, is_log2 = check_stages(case)
+    check_end_to_end(case, flips, codes, is_log2)
+
+
+def test_nonzero_qkv_zero_points(gen, device):
+    """q/k/v zero points ≠ 0: codes as the reference makes them, and the head-dim pad stays code 0."""
+    case = Case(gen, device, 2, 1, 13, 29, 24, "mixed", qkv_zero=True)
+    out, flips, codes, is_log2 = check_stages(case)
+    check_end_to_end(case, flips, codes, is_log2)
+
+
+def test_bf16_io_and_shared_group(gen, device):
+    """bf16 q/k/v in, bf16 out, one group for the whole batch (a one-element `group`)."""
+    case = Case(gen, device, 2, 2, 25, 30, 40, "mixed", dtype=torch.bfloat16,
+                groups=torch.tensor([1], dtype=torch.int32))
+    out, flips, codes, is_log2 = check_stages(case, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    check_end_to_end(case, flips, codes, is_log2)
+
+
+def test_mask_keeps_shared_path(gen, device):
+    """A mask is not the kernel's business: the processor takes the shared path for it."""
+    case = Case(gen, device, 1, 1, 8, 12, 16, "uniform")
+    mask = torch.zeros(1, 1, 8, 12, device=device)
+    mask[..., -3:] = float("-inf")
+    y = case.procs["triton"].attention(case.q, case.k, case.v, case.scale, mask)
+    y_ref = case.procs["reference"].attention(case.q, case.k, case.v, case.scale, mask)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rejects_bad_shapes(gen, device):
+    case = Case(gen, device, 2, 1, 8, 8, 16, "uniform")
+    t = case.tabs
+    args = lambda q, k, v, g: (q, k, v, 0.25, t.q.s_inv, t.q.scale, t.q.zero, t.k.s_inv, t.k.scale, t.k.zero,
+                               t.v.s_inv, t.v.scale, t.v.zero, t.p.s_inv, t.p.scale, t.p.zero, t.p.kind_ids, g)
+    wide = torch.randn(2, 1, 8, 300, device=device)
+    with pytest.raises(ValueError, match="head dim"):
+        triton_ops.qattention(*args(wide, wide, wide, case.groups.group))
+    with pytest.raises(ValueError, match="group"):
+        triton_ops.qattention(*args(case.q, case.k, case.v, torch.zeros(3, dtype=torch.int32, device=device)))
+    with pytest.raises(ValueError, match="head dim"):
+        triton_ops.qattention(*args(case.q, case.k, case.v[..., :8], case.groups.group))
+
+
+def test_fake_impl(gen, device):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 17, 40, dtype=torch.bfloat16)
+        k = torch.empty(2, 3, 9, 40, dtype=torch.bfloat16)
+        f = torch.empty(3)
+        i = torch.empty(3, dtype=torch.int32)
+        g = torch.empty(2, dtype=torch.int32)
+        y = triton_ops.qattention(q, k, k, 0.1, f, f, i, f, f, i, f, f, i, f, f, i, i, g)
+    assert y.shape == (2, 3, 17, 40) and y.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------ GPU shapes
+
+CUDA_SHAPES = {
+    "sd15-self-64x64": (2, 8, 4096, 4096, 40),
+    "sd15-cross-64x64": (2, 8, 4096, 77, 40),
+    "ddpm-cifar10-b64": (64, 1, 256, 256, 128),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kinds", ["uniform", "log2", "mixed"])
+@pytest.mark.parametrize("name", list(CUDA_SHAPES))
+def test_full_shapes_cuda(gen, name, kinds):
+    B = CUDA_SHAPES[name][0]
+    groups = torch.arange(B, dtype=torch.int32) % 3  # every group, hence every kind of "mixed", present
+    case = Case(gen, "cuda", *CUDA_SHAPES[name], kinds, dtype=torch.bfloat16, groups=groups)
+    out, flips, codes, is_log2 = check_stages(case, out_dtype=torch.bfloat16)
+    print(f"{name} {kinds}: {int(flips.sum())} of {flips.numel()} P codes flipped")
+    check_end_to_end(case, flips, codes, is_log2)
+
+
+# ------------------------------------------------------------------------------------ benchmark
+
+
+def bench(path: str) -> None:
+    """Kernel vs bf16 SDPA on random bf16 inputs: `ms` is the median of triton.testing.do_bench over
+    replays of a CUDA graph holding one call (GPU time; do_bench clears L2 before each), `eager_ms`
+    the median of do_bench over eager calls (host launch path included). See the module doc."""
+    import json
+
+    import torch.nn.functional as F
+    import triton
+
+    from tcaq_kernels.triton.attention import _qattn_kernel, attention_core, quantize_qkv
+
+    gen = torch.Generator().manual_seed(0)
+    card = torch.cuda.get_device_name()
+    command = ("TCAQ_TRITON_TUNING= PYTHONPATH=/tmp/pk:tests/triton "
+               "python tests/triton/test_attention.py --bench OUT.json")
+
+    def graph_ms(fn):
+        fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+
+    rows = []
+    shapes = {"sd15-b2": [("self", CUDA_SHAPES["sd15-self-64x64"]), ("cross", CUDA_SHAPES["sd15-cross-64x64"])],
+              "ddpm-cifar10-b64": [("self", CUDA_SHAPES["ddpm-cifar10-b64"])]}
+    for model, items in shapes.items():
+        for what, (B, H, Lq, Lk, D) in items:
+            shape = f"{what} B{B} H{H} Lq{Lq} Lk{Lk} d{D}"
+            flops = 4.0 * B * H * Lq * Lk * D
+            timed, configs = {}, {}
+            q = torch.randn(B, H, Lq, D, generator=gen).to(torch.bfloat16).cuda()
+            k = torch.randn(B, H, Lk, D, generator=gen).to(torch.bfloat16).cuda()
+            v = torch.randn(B, H, Lk, D, generator=gen).to(torch.bfloat16).cuda()
+            timed["sdpa-bf16"] = lambda: F.scaled_dot_product_attention(q, k, v)
+            for kinds in ("uniform", "log2"):
+                case = Case(gen, "cuda", B, H, Lq, Lk, D, kinds, dtype=torch.bfloat16,
+                            groups=torch.zeros(B, dtype=torch.int32))
+                proc = case.procs["triton"]
+                fn = lambda proc=proc, sc=case.scale: proc.attention(q, k, v, sc, None)
+                fn()
+                c = _qattn_kernel.best_config
+                configs[f"triton-qattn-{kinds}"] = (
+                    f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}")
+                print(f"{model} {shape}: autotune {getattr(_qattn_kernel, 'configs_timings', None)}", flush=True)
+                timed[f"triton-qattn-{kinds}"] = fn
+                if kinds == "uniform":
+                    t = case.tabs
+                    tabs = [(a.s_inv, a.zero, a.scale) for a in (t.q, t.k, t.v)]
+                    qkv = lambda t=t, tabs=tabs, g=case.groups.group: quantize_qkv(q, k, v, *tabs, g, 1, (8, 8, 8))
+                    ops = qkv()
+                    out = torch.empty_like(q)
+                    g, sc = case.groups.group, case.scale
+                    timed["triton-qattn-uniform-core"] = lambda t=t, ops=ops, out=out, g=g, sc=sc: attention_core(
+                        ops, Lq, Lk, D, sc, t.q.scale, t.k.scale, t.v.scale, (t.p.s_inv, t.p.zero, t.p.scale),
+                        t.p.kind_ids, g, 1, 8, out)
+                    configs["triton-qattn-uniform-core"] = configs["triton-qattn-uniform"]
+                    timed["triton-qattn-qkv-quantize"] = qkv
+            ms = {impl: graph_ms(fn) for impl, fn in timed.items()}
+            eager = {impl: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+                     for impl, fn in timed.items()}
+            for impl, t_ms in ms.items():
+                row = {"op": "attention", "model": model, "shape": shape, "impl": impl, "ms": t_ms,
+                       "tops": None if impl.endswith("quantize") else flops / t_ms / 1e9,
+                       "speedup_vs_bf16": ms["sdpa-bf16"] / t_ms, "card": card, "command": command,
+                       "config": configs.get(impl), "eager_ms": eager[impl]}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--bench":
+        bench(sys.argv[2])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} --bench OUT.json")
