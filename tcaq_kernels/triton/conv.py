@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
-from .numerics import interpreting, quick_tuning, tuning_bench, unpack_int4_rows
+from .numerics import grouped_tile, interpreting, quick_tuning, tuning_bench, unpack_int4_rows
 
 
 def _configs():
@@ -57,14 +57,7 @@ def _qconv_kernel(
     EVEN_C: tl.constexpr,
 ):
     M = B * OH * OW
-    pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
-from .numerics import interpreting, quantize_uniform, quick_tuning, tuning_bench, unpack_int4_rows
+from .numerics import grouped_tile, interpreting, quantize_uniform, quick_tuning, tuning_bench, unpack_int4_rows
 
 
 def _configs():
@@ -63,15 +63,7 @@ def _qgemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row tiles share each weight tile while it is in L2.
-    pid = tl.program_id(0)
-    num_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_n = (N + BLOCK_N - 1) // BLOCK_N
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -24,6 +24,18 @@ import triton.language as tl
 from triton import knobs
 
 
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped launch order: GROUP_M row tiles share each weight
+    tile while it is still in L2."""
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (CPU CI): kernels then use one small tile config."""
     return bool(knobs.runtime.interpret)
