@@ -31,16 +31,31 @@ def _load(model_dir, device):
 def cmd_calibrate(args) -> int:
     import tcaq_kernels
 
+    options = dict(num_samples=args.samples, num_steps=args.steps, seed=args.seed, batch_size=args.batch_size)
+    if args.groups is not None:  # else the method's own default (1 for minmax, 10 for tcaq)
+        options["timestep_groups"] = args.groups
+    options.update(_method_options(args.option))
     unet, scheduler = _load(args.model, _device(args.device))
     start = time.perf_counter()
-    state = tcaq_kernels.calibrate(
-        unet, scheduler=scheduler, bits=args.bits, method=args.method, num_samples=args.samples,
-        num_steps=args.steps, timestep_groups=args.groups, seed=args.seed, batch_size=args.batch_size,
-    )
+    state = tcaq_kernels.calibrate(unet, scheduler=scheduler, bits=args.bits, method=args.method, **options)
     path = state.save(args.out)
     print(f"calibrated {len(state.layers)} layers ({args.method} {args.bits}, {state.num_groups} timestep groups) "
           f"in {time.perf_counter() - start:.1f} s → {path}")
     return 0
+
+
+def _method_options(pairs) -> dict:
+    """`KEY=VALUE` pairs → method options; VALUE is read as JSON (numbers, true/false, null, lists), else as text."""
+    options = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option {pair!r}: expected KEY=VALUE, e.g. --option iters=500")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def cmd_inspect(args) -> int:
@@ -123,12 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("calibrate", help="calibrate a model and write a CalibState")
     _add_model(c)
     c.add_argument("--bits", default="W8A8", choices=SUPPORTED_BITS)
-    c.add_argument("--method", default="minmax")
-    c.add_argument("--samples", type=int, default=64)
-    c.add_argument("--steps", type=int, default=100)
-    c.add_argument("--groups", type=int, default=1)
+    from .calib import METHODS
+
+    c.add_argument("--method", default="minmax", choices=sorted(METHODS), help="calibration method (calib/presets.py)")
+    c.add_argument("--samples", type=int, default=64, help="calibration trajectories")
+    c.add_argument("--steps", type=int, default=100, help="DDIM steps of the calibration trajectories")
+    c.add_argument("--groups", type=int, default=None, help="timestep groups (default: the method's own)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--option", action="append", metavar="KEY=VALUE",
+                   help="method option (calib/config.py MethodConfig), repeatable: --option iters=500 --option par_rounds=1")
     c.add_argument("--out", required=True, help="CalibState file to write (atomically)")
     c.set_defaults(func=cmd_calibrate)
 

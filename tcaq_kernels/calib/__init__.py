@@ -1,9 +1,15 @@
-"""Calibration methods producing a `CalibState`."""
+"""Calibration methods producing a `CalibState`.
+
+`METHODS["minmax"]` is the fast observe-while-sampling min-max calibration; every other method is a
+preset of the reconstruction pipeline (see `presets.py` for the list and `config.py` for options).
+"""
 from __future__ import annotations
 
+from .config import MethodConfig
 from .minmax import calibrate_minmax
+from .presets import PRESETS, make_method, preset_config
 
-METHODS = {"minmax": calibrate_minmax}
+METHODS = {"minmax": calibrate_minmax, **{name: make_method(name) for name in PRESETS if name != "minmax"}}
 
 
 def calibrate(pipe_or_unet, bits: str = "W8A8", method: str = "minmax", scheduler=None, **options):
@@ -20,4 +26,4 @@ def calibrate(pipe_or_unet, bits: str = "W8A8", method: str = "minmax", schedule
     return METHODS[method](unet, scheduler, bits=bits, **options)
 
 
-__all__ = ["METHODS", "calibrate", "calibrate_minmax"]
+__all__ = ["METHODS", "PRESETS", "MethodConfig", "calibrate", "calibrate_minmax", "preset_config"]

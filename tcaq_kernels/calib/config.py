@@ -1,0 +1,139 @@
+"""Every option of the reconstruction-based methods, with its default and why.
+
+The presets (`presets.py`) are named sets of overrides of `MethodConfig`; anything METHOD.md marks
+[ours] is an option here, so a reader can see what was decided and change it per call:
+`calibrate(pipe, bits, method="tcaq", iters=500, tcr_clamp=None)`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional, Sequence
+
+from ..quant.layers import DEFAULT_FLOAT_LAYERS
+
+WEIGHT_SCALE_RULES = ("minmax", "mse")
+ACT_INIT_RULES = ("minmax", "mse")
+BLOCK_INPUTS = ("quantized", "float")
+TCR_GRANULARITIES = ("step", "group")
+DAQ_ALTERNATIVES = ("exponential", "lognormal")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Options of `pipeline.calibrate_with_config`; the field comments are the documentation."""
+
+    # --- calibration data (data.py) -----------------------------------------------------------
+    num_samples: int = 64  # DDIM trajectories of the full-precision sampler (one seed each)
+    num_steps: int = 100  # DDIM steps per trajectory (eta 0, as in the evaluation protocol)
+    seed: int = 0  # first trajectory seed; trajectory i uses seed + i
+    batch_size: int = 64  # batch of sampling and of the capture passes
+    # (step, trajectory) points used for initialisation and reconstruction, spread evenly over the
+    # sampler's steps (Q-Diffusion's "uniform over timesteps"); None uses every point.
+    num_points: Optional[int] = 2048
+    # --- quantizer layout ---------------------------------------------------------------------
+    timestep_groups: int = 1  # activation parameter sets over [0, T), equal timestep ranges
+    # True: every activation quantizer has its own parameters per timestep group. False: one set
+    # shared by all groups (only DAQ's post-softmax quantizer still varies per group).
+    group_act_params: bool = True
+    keep_float: Sequence[str] = DEFAULT_FLOAT_LAYERS  # layers left in float
+    # --- initialisation (initialize.py) -------------------------------------------------------
+    weight_scale: str = "mse"  # per-channel weight scale: full range, or MSE-optimal clipping
+    act_init: str = "mse"  # activation qparams: observed range, or MSE-optimal clipping
+    init_points: Optional[int] = 512  # points whose activations initialise quantizers (None: all)
+    init_values: int = 1 << 16  # activation values kept per quantizer and group for the MSE searches
+    # --- TCR (tcr.py) ---------------------------------------------------------------------------
+    tcr: bool = False
+    tcr_clamp: Optional[float] = 10.0  # upper bound on r (None: unbounded); bounds the weight range growth
+    tcr_granularity: str = "step"  # "step": one m[t, c] per sampler step (the paper's reading); "group": per timestep group
+    tcr_linear: bool = False  # also reparameterise Linear inputs (the paper covers convs)
+    # Migration strengths a tried per layer, r ← r^a: the one with the smallest layer-output error
+    # (weights and inputs quantized) wins. (1.0,) is the paper's full equalisation; a = 0 is "no TCR",
+    # so the search never makes a layer worse than without TCR on its search inputs. Full
+    # equalisation multiplies weight columns by up to the clamp, which 4-bit weights pay for.
+    tcr_strengths: Sequence[float] = (1.0,)
+    tcr_search_points: int = 32  # inputs per layer kept for the strength search
+    # --- DAQ (daq.py) ---------------------------------------------------------------------------
+    daq: bool = False
+    daq_alternative: str = "exponential"  # distribution the power law is compared against
+    daq_pvalue: Optional[float] = None  # also require the Vuong p-value below this (None: sign of R only)
+    daq_xmin_quantiles: int = 20  # candidate x_min values (quantiles of the sample) for the KS choice
+    daq_values: int = 20000  # post-softmax values per layer and group used by the fit
+    # --- block reconstruction (reconstruct.py) --------------------------------------------------
+    reconstruct: bool = True
+    # optimisation steps per block in the first round (BRECQ/Q-Diffusion use 20k; 1000 keeps the full
+    # tcaq calibration of the reference model within the 15-minute H100 budget, see calib/README.md)
+    iters: int = 1000
+    recon_batch_size: int = 32
+    # "quantized": a block sees the inputs the partly quantized model gives it (BRECQ's choice);
+    # "float": the full-precision model's inputs. Targets are always full-precision outputs.
+    block_inputs: str = "quantized"
+    weight_lr: float = 1e-3  # Adam on the AdaRound variables
+    act_lr: float = 1e-3  # Adam on log(step size): a relative change per step, the same for every layer
+    learn_act_scale: bool = True  # LSQ: learn activation step sizes jointly with the rounding
+    round_weight: float = 0.01  # weight of AdaRound's rounding regulariser
+    beta_start: float = 20.0  # AdaRound regulariser temperature, annealed linearly …
+    beta_end: float = 2.0  # … to this
+    warmup: float = 0.2  # share of the iterations before the regulariser starts
+    # --- PAR (par.py) ---------------------------------------------------------------------------
+    par_rounds: int = 0  # rounds of regenerate-from-quantized-model + reconstruct again
+    par_iters_decay: float = 0.5  # round k runs iters · decay^k optimisation steps
+    par_fresh_seeds: bool = False  # False: regenerate from the same seeds (same noise, the quantized trajectory)
+    # --- execution ------------------------------------------------------------------------------
+    device: Optional[str] = None  # None: the UNet's device
+    # where a round's full-precision block outputs wait for their block (P × 3.6 MB for the
+    # reference model); None: the compute device. "cpu" trades GPU memory for a copy per block.
+    cache_device: Optional[str] = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("weight_scale", self.weight_scale, WEIGHT_SCALE_RULES)
+        _choice("act_init", self.act_init, ACT_INIT_RULES)
+        _choice("block_inputs", self.block_inputs, BLOCK_INPUTS)
+        _choice("tcr_granularity", self.tcr_granularity, TCR_GRANULARITIES)
+        _choice("daq_alternative", self.daq_alternative, DAQ_ALTERNATIVES)
+        for name in ("num_samples", "num_steps", "batch_size", "recon_batch_size", "timestep_groups", "init_values",
+                     "daq_values", "tcr_search_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        for name in ("num_points", "init_points"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value}: must be at least 1, or None for every point")
+        if self.iters < 0 or self.par_rounds < 0:
+            raise ValueError(f"iters={self.iters}, par_rounds={self.par_rounds}: must not be negative")
+        if self.tcr_clamp is not None and self.tcr_clamp < 1:
+            raise ValueError(f"tcr_clamp={self.tcr_clamp}: r ≥ 1 by construction, so a clamp below 1 is meaningless")
+        if not self.tcr_strengths or any(not 0 <= a <= 1 for a in self.tcr_strengths):
+            raise ValueError(f"tcr_strengths={self.tcr_strengths}: need at least one strength, each in [0, 1]")
+        if self.daq_pvalue is not None and not 0 < self.daq_pvalue <= 1:
+            raise ValueError(f"daq_pvalue={self.daq_pvalue}: must be in (0, 1]")
+        if not 0 < self.par_iters_decay <= 1:
+            raise ValueError(f"par_iters_decay={self.par_iters_decay}: must be in (0, 1]")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"warmup={self.warmup}: must be in [0, 1)")
+        if self.par_rounds and not self.reconstruct:
+            raise ValueError("par_rounds > 0 needs reconstruct=True: PAR repeats the reconstruction")
+
+    def updated(self, **options) -> "MethodConfig":
+        """A copy with `options` changed; unknown names are refused with the list of known ones."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown calibration option(s) {unknown}; known options: {sorted(known)}")
+        for name in ("keep_float", "tcr_strengths"):
+            if name in options:
+                options[name] = tuple(options[name])
+        return replace(self, **options)
+
+    def as_settings(self) -> dict:
+        """JSON-able record of the configuration, stored in the CalibState's settings."""
+        out = asdict(self)
+        out["keep_float"] = list(self.keep_float)
+        out["tcr_strengths"] = list(self.tcr_strengths)
+        out.pop("progress")
+        return out
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r}: expected one of {allowed}")

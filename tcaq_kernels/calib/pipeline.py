@@ -1,0 +1,86 @@
+"""The calibration pipeline every preset configures: data → initialise + reconstruct → PAR → state.
+
+1. Full-precision DDIM trajectories (data.py), and a time-major selection of points from them.
+2. A fake-quant copy of the UNet (qmodel.py); blocks in execution order (blocks.py).
+3. Round 0, block by block: capture, initialise (TCR, DAQ, weight scales, activation qparams), and
+   reconstruct (AdaRound + LSQ) unless the configuration says not to.
+4. PAR rounds (par.py), if any.
+5. Export integers and scales into a CalibState whose settings record the configuration, the data
+   each round was fitted on, per-block losses, the DAQ table, the wall time and the device.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from contextlib import contextmanager
+
+import torch
+
+from ..quant.state import CalibState
+from ..sampling import seeded_noise, unet_sample_shape
+from .blocks import find_blocks
+from .config import MethodConfig
+from .data import collect_trajectories
+from .par import run_par
+from .qmodel import QuantSim
+from .reconstruct import reconstruct_round
+from .settings import parse_bits, uniform_group_edges
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module):
+    """Calibrate on the deterministic model (dropout off), and give the module back as it was."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return device.type
+
+
+def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str) -> CalibState:
+    """Run the pipeline with `cfg` and return the state, labelled `method`."""
+    start = time.perf_counter()
+    parse_bits(bits)
+    unknown = sorted(set(cfg.keep_float) - set(dict(unet.named_modules())))
+    if unknown:
+        raise ValueError(f"keep_float names layers that do not exist: {unknown}")
+    device = torch.device(cfg.device) if cfg.device else next(unet.parameters()).device
+    fp = unet if next(unet.parameters()).device == device else copy.deepcopy(unet).to(device)
+    edges = uniform_group_edges(scheduler.config.num_train_timesteps, cfg.timestep_groups)
+    phases = {}
+    with _eval_mode(fp), torch.no_grad():
+        data = collect_trajectories(fp, scheduler, list(range(cfg.seed, cfg.seed + cfg.num_samples)),
+                                    cfg.num_steps, cfg.batch_size, progress=cfg.progress)
+        sim = QuantSim(fp, bits, edges, cfg.keep_float, cfg.group_act_params, per_group_p=cfg.daq)
+        example = seeded_noise([cfg.seed], unet_sample_shape(fp), device), data.timesteps[:1]
+        blocks = find_blocks(fp, sim.kinds, example)
+    phases["data"] = time.perf_counter() - start
+    with _eval_mode(fp):
+        points = data.points(cfg.num_points, seed=cfg.seed)
+        base = reconstruct_round(sim, fp, blocks, points, cfg, cfg.iters, initialize=True,
+                                 num_steps=cfg.num_steps, desc=f"{method} {bits}: blocks")
+        phases["round0"] = time.perf_counter() - start - phases["data"]
+        par = run_par(sim, fp, scheduler, blocks, cfg)
+        phases["par"] = time.perf_counter() - start - phases["data"] - phases["round0"]
+    settings = {
+        **cfg.as_settings(),
+        "method": method,
+        "calib_data": data.describe(),
+        "num_points_used": len(points),
+        "num_blocks": len(blocks),
+        "round0_blocks": base["blocks"],
+        "par": par,
+        "daq_table": base["daq"],
+        "tcr_strength": base["tcr"],
+        "calib_seconds": round(time.perf_counter() - start, 2),
+        "phase_seconds": {k: round(v, 2) for k, v in phases.items()},
+        "device": device_name(device),
+    }
+    return sim.export_state(fp, method, settings)

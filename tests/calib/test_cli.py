@@ -1,0 +1,49 @@
+"""`python -m tcaq_kernels calibrate` runs the presets and passes method options through."""
+from __future__ import annotations
+
+import pytest
+
+from tcaq_kernels.__main__ import _method_options, build_parser, main
+from tcaq_kernels.quant.state import CalibState
+
+
+def test_option_values_are_parsed_as_json_then_text():
+    assert _method_options(["iters=500", "tcr=true", "tcr_clamp=null", "daq_alternative=lognormal", "tcr_strengths=[0, 1]"]) == {
+        "iters": 500, "tcr": True, "tcr_clamp": None, "daq_alternative": "lognormal", "tcr_strengths": [0, 1],
+    }
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        _method_options(["iters"])
+
+
+def test_unknown_method_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["calibrate", "--method", "nope", "--out", "x"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_unet, tiny_scheduler):
+    """The tiny UNet as a diffusers pipeline folder, for `--model`."""
+    tiny_unet.save_pretrained(tmp_path / "model" / "unet")
+    tiny_scheduler.save_pretrained(tmp_path / "model" / "scheduler")
+    return tmp_path / "model"
+
+
+def test_calibrate_writes_a_reconstruction_state(tmp_path, tiny_model_dir, tiny_unet):
+    out = tmp_path / "q.tcaq"
+    rc = main(["calibrate", "--model", str(tiny_model_dir), "--method", "tcaq", "--bits", "W6A6", "--samples", "2",
+               "--steps", "4", "--groups", "2", "--batch-size", "4", "--device", "cpu", "--out", str(out),
+               "--option", "iters=2", "--option", "num_points=4", "--option", "par_rounds=1",
+               "--option", "tcr_strengths=[0, 1]", "--option", "progress=false"])
+    assert rc == 0
+    state = CalibState.load(out)
+    state.validate(tiny_unet)
+    assert state.method == "tcaq" and state.bits == "W6A6" and state.num_groups == 2
+    s = state.settings
+    assert s["iters"] == 2 and s["num_points_used"] == 4 and len(s["par"]) == 1 and s["tcr_strengths"] == [0, 1]
+
+
+def test_unknown_option_names_the_known_ones(tmp_path, tiny_model_dir):
+    with pytest.raises(TypeError, match="unknown calibration option.*'itters'.*known options"):
+        main(["calibrate", "--model", str(tiny_model_dir), "--method", "tcaq", "--samples", "1", "--steps", "1",
+              "--device", "cpu", "--out", str(tmp_path / "x"), "--option", "itters=5"])

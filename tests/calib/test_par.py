@@ -1,0 +1,59 @@
+"""PAR: each round's calibration data comes from the quantized model's own trajectories."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tcaq_kernels
+from tcaq_kernels.calib.blocks import find_blocks
+from tcaq_kernels.calib.config import MethodConfig
+from tcaq_kernels.calib.data import collect_trajectories
+from tcaq_kernels.calib.par import regenerate, round_iters, round_seeds
+from tcaq_kernels.calib.qmodel import QuantSim
+from tcaq_kernels.calib.reconstruct import reconstruct_round
+from tcaq_kernels.calib.settings import uniform_group_edges
+
+
+@pytest.fixture
+def calibrated(tiny_unet, tiny_scheduler, tiny_budget):
+    cfg = MethodConfig(**{**tiny_budget, "timestep_groups": 2, "num_points": None, "init_points": None})
+    data = collect_trajectories(tiny_unet, tiny_scheduler, round_seeds(cfg, 0), cfg.num_steps, progress=False)
+    sim = QuantSim(tiny_unet, "W4A4", uniform_group_edges(1000, 2), cfg.keep_float)
+    blocks = find_blocks(tiny_unet, sim.kinds, (data.x[0], data.timesteps[0]))
+    reconstruct_round(sim, tiny_unet, blocks, data.points(None), cfg, cfg.iters, True, cfg.num_steps, "round 0")
+    return sim, cfg, data
+
+
+def test_regenerated_data_is_the_quantized_models_trajectory(calibrated, tiny_unet, tiny_scheduler):
+    sim, cfg, data0 = calibrated
+    data1 = regenerate(sim, tiny_unet, tiny_scheduler, cfg, 1)
+    assert data1.source == "quantized (PAR round 1)"
+    assert data1.model_fingerprint == data0.model_fingerprint  # it belongs to the float model's structure
+    assert data1.seeds == data0.seeds and torch.equal(data1.timesteps, data0.timesteps)
+    assert torch.equal(data1.x[0], data0.x[0])  # the same starting noise …
+    drift = (data1.x[1:] - data0.x[1:]).norm() / data0.x[1:].norm()
+    assert drift > 0.05  # … then the quantized model walks its own trajectory (W4A4: measured ~0.5)
+    assert data1.digest() != data0.digest()
+    # and that trajectory is the one the exported state gives after convert()
+    converted = tcaq_kernels.convert(tiny_unet, sim.export_state(tiny_unet, "test", {}), backend="simulate")
+    data_conv = collect_trajectories(converted, tiny_scheduler, data0.seeds, cfg.num_steps, progress=False)
+    assert (data_conv.x - data1.x).norm() / data1.x.norm() < 1e-5  # float summation order only (~3e-7)
+
+
+def test_rounds_shrink_iterations_and_can_use_fresh_seeds():
+    cfg = MethodConfig(iters=800, par_iters_decay=0.5, num_samples=4, seed=10)
+    assert [round_iters(cfg, k) for k in range(4)] == [800, 400, 200, 100]
+    assert round_seeds(cfg, 2) == [10, 11, 12, 13]
+    assert round_seeds(cfg.updated(par_fresh_seeds=True), 2) == [18, 19, 20, 21]
+    assert round_iters(cfg.updated(iters=0, reconstruct=True), 1) == 0
+
+
+def test_pipeline_records_every_round(tiny_unet, tiny_scheduler, tiny_budget):
+    state = tcaq_kernels.calibrate(tiny_unet, "W8A8", method="qdiffusion+par", scheduler=tiny_scheduler,
+                                   **{**tiny_budget, "iters": 4})
+    par = state.settings["par"]
+    assert [r["round"] for r in par] == [1, 2] and [r["iters"] for r in par] == [2, 1]
+    digests = {state.settings["calib_data"]["digest"], *(r["data"]["digest"] for r in par)}
+    assert len(digests) == 3 and all(r["data"]["source"].startswith("quantized") for r in par)
+    assert set(par[0]["blocks"]) == set(state.settings["round0_blocks"])
+    state.validate(tiny_unet)
