@@ -13,9 +13,9 @@ add keeps the trick exact and, sitting between the multiply and the add, also st
 from contracting them into an fma (which would skip the product's rounding and move codes).
 
 The kernels avoid `triton.language.standard` helpers (`tl.cdiv`, `tl.zeros`, reductions): those are
-jitted when triton is first imported, and when that happens before TRITON_INTERPRET is set (the
-test suite's root conftest imports diffusers, which imports triton) the CPU interpreter cannot call
-them. `(n + b - 1) // b` and `tl.full` do the same job.
+jitted when triton is first imported, and when that happens before TRITON_INTERPRET is set (any
+program that imports diffusers first imports triton; tests/conftest.py sets the variable before
+that) the CPU interpreter cannot call them. `(n + b - 1) // b` and `tl.full` do the same job.
 """
 import os
 
