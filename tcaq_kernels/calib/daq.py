@@ -25,11 +25,11 @@ from ..quant.primitives import (
     dequantize_log2,
     dequantize_uniform,
     log2_scale_mse,
+    qparams_mse,
     quantize_log2,
     quantize_uniform,
 )
 from .config import DAQ_ALTERNATIVES
-from .qparams import qparams_mse
 
 MIN_TAIL = 50  # fewer tail values than this make the fit meaningless
 

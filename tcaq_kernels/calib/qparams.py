@@ -11,18 +11,14 @@ from typing import Optional
 import torch
 
 from ..quant.primitives import (
+    candidate_chunks,
     qparams_from_range,
+    qparams_mse,
     qparams_symmetric,
     qrange,
     weight_scale_symmetric,
 )
 from .tcr import fold_weight
-
-
-def _chunks(candidates: int, per_candidate: int, budget: int = 1 << 24):
-    """Candidate ranges whose broadcast error tensor stays under `budget` elements."""
-    step = max(1, budget // max(1, per_candidate))
-    return [(lo, min(lo + step, candidates)) for lo in range(0, candidates, step)]
 
 
 def weight_scale_mse(
@@ -38,30 +34,11 @@ def weight_scale_mse(
     base = weight_scale_symmetric(wr, bits)
     ratios = torch.linspace(min_ratio, 1.0, grid, device=wr.device)
     errs = []
-    for lo, hi in _chunks(grid, wr.numel()):
+    for lo, hi in candidate_chunks(grid, wr.numel()):
         s = base[None, :, None] * ratios[lo:hi, None, None]  # [R, N, 1]
         errs.append((torch.clamp(torch.round(wr / s), qmin, qmax) * s - wr).pow(2).sum(dim=2))
     best = torch.cat(errs).argmin(dim=0)  # first minimum per channel
     return base * ratios[best]
-
-
-def qparams_mse(x: torch.Tensor, bits: int, grid: int = 80, min_ratio: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
-    """`quant.primitives.qparams_mse` with every candidate evaluated at once (same candidates, same choice).
-
-    The primitive loops over candidates in Python; this is the form the initialisation calls
-    thousands of times (per quantizer, timestep group and TCR strength).
-    """
-    x = x.detach().float().flatten()
-    qmin, qmax = qrange(bits)
-    ratios = torch.linspace(min_ratio, 1.0, grid).to(x.device)
-    scale, zero = qparams_from_range(x.min() * ratios, x.max() * ratios, bits)
-    s_inv, zf = (1.0 / scale)[:, None], zero.float()[:, None]
-    errs = []
-    for lo, hi in _chunks(grid, x.numel()):
-        q = torch.clamp(torch.round(x[None] * s_inv[lo:hi]) + zf[lo:hi], qmin, qmax)
-        errs.append(((q - zf[lo:hi]) * scale[lo:hi, None] - x[None]).pow(2).mean(dim=1))
-    best = int(torch.cat(errs).argmin())
-    return scale[best], zero[best]
 
 
 def symmetric_scale_mse(x: torch.Tensor, bits: int, grid: int = 80, min_ratio: float = 0.3) -> torch.Tensor:
@@ -71,7 +48,7 @@ def symmetric_scale_mse(x: torch.Tensor, bits: int, grid: int = 80, min_ratio: f
     base, _ = qparams_symmetric(x.abs().max(), bits)
     scales = base * torch.linspace(min_ratio, 1.0, grid).to(x.device)
     errs = []
-    for lo, hi in _chunks(grid, x.numel()):
+    for lo, hi in candidate_chunks(grid, x.numel()):
         s = scales[lo:hi, None]
         errs.append((torch.clamp(torch.round(x[None] / s), qmin, qmax) * s - x[None]).pow(2).mean(dim=1))
     return scales[int(torch.cat(errs).argmin())].reshape(())

@@ -248,17 +248,29 @@ def qparams_percentile(x: torch.Tensor, bits: int, pct: float = 99.99) -> tuple[
     return qparams_from_range(lo, hi, bits)
 
 
+def candidate_chunks(candidates: int, per_candidate: int, budget: int = 1 << 24) -> list[tuple[int, int]]:
+    """Ranges of candidates whose broadcast error tensor stays under `budget` elements."""
+    step = max(1, budget // max(1, per_candidate))
+    return [(lo, min(lo + step, candidates)) for lo in range(0, candidates, step)]
+
+
 def qparams_mse(x: torch.Tensor, bits: int, grid: int = 80, min_ratio: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
-    """Asymmetric qparams minimising ‖x − x̂‖² over clipping ratios of the observed range."""
-    x = x.detach().float()
-    lo, hi = x.min(), x.max()
-    best, best_err = None, float("inf")
-    for ratio in torch.linspace(min_ratio, 1.0, grid).tolist():
-        scale, zero = qparams_from_range(lo * ratio, hi * ratio, bits)
-        err = (dequantize_uniform(quantize_uniform(x, 1.0 / scale, zero, bits), scale, zero) - x).pow(2).mean().item()
-        if err < best_err:
-            best, best_err = (scale, zero), err
-    return best
+    """Asymmetric qparams minimising ‖x − x̂‖² over clipping ratios of the observed range.
+
+    Every candidate is evaluated at once (in memory-bounded chunks): calibration calls this per
+    quantizer, timestep group and TCR strength, thousands of times. Ties keep the smallest ratio.
+    """
+    x = x.detach().float().flatten()
+    qmin, qmax = qrange(bits)
+    ratios = torch.linspace(min_ratio, 1.0, grid).to(x.device)
+    scale, zero = qparams_from_range(x.min() * ratios, x.max() * ratios, bits)
+    s_inv, zf = (1.0 / scale)[:, None], zero.float()[:, None]
+    errs = []
+    for lo, hi in candidate_chunks(grid, x.numel()):
+        q = torch.clamp(torch.round(x[None] * s_inv[lo:hi]) + zf[lo:hi], qmin, qmax)
+        errs.append(((q - zf[lo:hi]) * scale[lo:hi, None] - x[None]).pow(2).mean(dim=1))
+    best = int(torch.cat(errs).argmin())
+    return scale[best], zero[best]
 
 
 def log2_scale_mse(x: torch.Tensor, bits: int, candidates: int = 16) -> torch.Tensor:
