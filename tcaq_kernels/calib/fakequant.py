@@ -228,6 +228,10 @@ class FakeQuantLayer(torch.nn.Module):
     def tcr(self) -> Optional[torch.Tensor]:
         return self.weight_q.r
 
+    def quantizers(self) -> dict[str, "ActQuantizer"]:
+        """The layer's activation quantizers by state name (reconstruction learns their step sizes)."""
+        return {"input": self.act_q}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
             self.observer.record(self, "input", x)
