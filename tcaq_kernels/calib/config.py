@@ -80,6 +80,9 @@ class MethodConfig:
     par_fresh_seeds: bool = False  # False: regenerate from the same seeds (same noise, the quantized trajectory)
     # --- execution ------------------------------------------------------------------------------
     device: Optional[str] = None  # None: the UNet's device
+    # replay each block's reconstruction step as a CUDA graph (on CUDA devices): the same computation
+    # as the eager step, one launch instead of hundreds (the step is launch-bound for small blocks)
+    cuda_graphs: bool = True
     # where a round's full-precision block outputs wait for their block (P × 3.6 MB for the
     # reference model); None: the compute device. "cpu" trades GPU memory for a copy per block.
     cache_device: Optional[str] = None
