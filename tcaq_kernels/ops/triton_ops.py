@@ -10,8 +10,8 @@ Tables of a quantized layer with G timestep groups: `s_inv[G]` fp32 (1/s_a), `sc
 (one entry per sample), or of one element when every sample shares the group; sample b of the
 batch uses `table[group[b]]`.
 
-Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`,
-`tcaq::triton_qattention`):
+Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_silu_quantize`,
+`tcaq::triton_qlinear`, `tcaq::triton_qconv2d`, `tcaq::triton_qattention`):
 
     quantize_act(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False,
                  channel_dim=-1) -> codes
@@ -19,6 +19,14 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `
         [..., K] in → [..., K] out. mode "uniform": int8 signed codes (r_inv[C] the TCR
         reciprocal, optional); pack4 (bits ≤ 4) → uint8 [..., ⌈C/2⌉], low nibble = even channel.
         mode "log2": uint8 codes of `quantize_log2` (zero may be None, r_inv must be None).
+
+    groupnorm_silu_quantize(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None)
+            -> codes [B, H, W, C] int8
+        A ResBlock's `silu(group_norm(x))` quantized for the next conv, one pass after the statistics
+        (triton/groupnorm.py): x float [B, C, H, W] in any memory format; weight/bias [C] (or both
+        None); uniform codes of the conv's quantizer (its s_inv/zero tables, r_inv[C]), in the NHWC
+        layout `qconv2d` takes. Statistics are fp32 but not summed in torch's order: a code may
+        differ by one where the value lies within fp32 rounding of a rounding boundary.
 
     qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
             residual=None, out_dtype=None) -> y [..., N]
@@ -32,7 +40,8 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_qlinear`, `
     qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
             a_bits=8, r_inv=None, residual=None, out_dtype=None) -> y [B, N, OH, OW] channels_last
         x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
-        kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)`.
+        kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)` or
+        `groupnorm_silu_quantize` (no quantize pass; s_inv and r_inv are then unused).
         (w_q, w_sum) from `prepare_conv_weight(w_int [N, C, KH, KW], bits)`: int8 [N, KH, KW, C]
         or packed uint8 [N, KH, KW, ⌈C/2⌉], and per-tap weight sums int32 [N, KH·KW]. stride: int; padding: [p], [ph, pw] or
         [top, bottom, left, right],
@@ -55,9 +64,10 @@ import torch
 from ..triton.attention import check_shapes, qattention_launch
 from ..triton.conv import prepare_conv_weight, qconv
 from ..triton.gemm import prepare_linear_weight, qgemm
+from ..triton.groupnorm import groupnorm_silu_quantize_bsc
 from ..triton.quantize import quantize_bsc
 
-__all__ = ["quantize_act", "qlinear", "qconv2d", "qattention", "prepare_linear_weight", "prepare_conv_weight"]
+__all__ = ["quantize_act", "groupnorm_silu_quantize", "qlinear", "qconv2d", "qattention", "prepare_linear_weight", "prepare_conv_weight"]
 
 
 def _group_layout(group: torch.Tensor, batch: int) -> tuple[int, int]:
@@ -131,6 +141,41 @@ def quantize_act(
 def _(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False, channel_dim=-1):
     dtype = torch.uint8 if (mode == "log2" or pack4) else torch.int8
     return x.new_empty(_quantize_shape(x, channel_dim, pack4), dtype=dtype)
+
+
+# -------------------------------------------------------------------------- groupnorm_silu_quantize
+
+
+@torch.library.custom_op("tcaq::triton_groupnorm_silu_quantize", mutates_args=())
+def groupnorm_silu_quantize(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    num_groups: int,
+    eps: float,
+    s_inv: torch.Tensor,
+    zero: torch.Tensor,
+    group: torch.Tensor,
+    bits: int = 8,
+    r_inv: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """NHWC int8 codes of `silu(group_norm(x))` with the next conv's quantizer (see module doc)."""
+    if x.dim() != 4:
+        raise ValueError(f"groupnorm_silu_quantize expects x [B, C, H, W], got {tuple(x.shape)}")
+    B, C, H, W = x.shape
+    batch, gstride = _group_layout(group, B)
+    if batch != B:
+        raise ValueError(f"group has {group.numel()} entries for a batch of {B}")
+    out = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
+    groupnorm_silu_quantize_bsc(x.permute(0, 2, 3, 1).reshape(B, H * W, C), num_groups, eps, weight, bias, s_inv,
+                                zero, group, gstride, bits, r_inv, out.view(B, H * W, C))
+    return out
+
+
+@groupnorm_silu_quantize.register_fake
+def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None):
+    B, C, H, W = x.shape
+    return x.new_empty((B, H, W, C), dtype=torch.int8)
 
 
 # ------------------------------------------------------------------------------------------ qlinear
@@ -208,6 +253,10 @@ def qconv2d(
         raise ValueError(f"group has {group.numel()} entries for a batch of {x.shape[0]}")
     if x.dtype == torch.int8:
         codes = x
+        c_w = w_q.shape[3] * (2 if w_q.dtype == torch.uint8 else 1)
+        if x.dim() != 4 or x.shape[3] not in (c_w, c_w - (w_q.dtype == torch.uint8)):
+            raise ValueError(f"qconv2d: int8 codes must be NHWC [B, H, W, C] with the weight's C, "
+                             f"got {tuple(x.shape)} for weights {tuple(w_q.shape)}")
     else:
         B, C, H, W = x.shape
         x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)

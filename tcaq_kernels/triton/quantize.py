@@ -18,7 +18,8 @@ import triton.language as tl
 from .numerics import interpreting, quantize_log2, quantize_uniform, quick_tuning, tuning_bench
 
 
-def _configs():
+def tile_configs():
+    """Tiles of an elementwise [B, S, C] → channel-last kernel (also the fused GroupNorm's)."""
     if interpreting():
         return [triton.Config({"BLOCK_S": 32, "BLOCK_C": 16}, num_warps=4)]
     if quick_tuning():
@@ -29,6 +30,17 @@ def _configs():
         triton.Config({"BLOCK_S": 128, "BLOCK_C": 32}, num_warps=4),
         triton.Config({"BLOCK_S": 128, "BLOCK_C": 64}, num_warps=8),
     ]
+
+
+@triton.jit
+def sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample b, its rows and columns, and the sample's (1/s, z) read on the device,
+    for a grid (S tiles, C tiles, B)."""
+    b = tl.program_id(2)
+    g = tl.load(group_ptr + b * group_stride)
+    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, rows, cols, tl.load(s_inv_ptr + g), tl.load(zero_ptr + g)
 
 
 @triton.jit
@@ -46,7 +58,7 @@ def _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero,
     return tl.where(mask, q, 0)
 
 
-@triton.autotune(configs=_configs(), key=["S", "C", "PACK4", "LOG2"], do_bench=tuning_bench)
+@triton.autotune(configs=tile_configs(), key=["S", "C", "PACK4", "LOG2"], do_bench=tuning_bench)
 @triton.jit
 def _quantize_kernel(
     x_ptr, out_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,
@@ -54,15 +66,8 @@ def _quantize_kernel(
     BITS: tl.constexpr, LOG2: tl.constexpr, HAS_RINV: tl.constexpr, PACK4: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    g = tl.load(group_ptr + b * group_stride)
-    s_inv = tl.load(s_inv_ptr + g)
-    zero = tl.load(zero_ptr + g)
-
-    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # output columns (bytes when PACK4)
+    b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
+    # cols are output columns (bytes when PACK4)
     row_mask = rows < S
     x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs
     if PACK4:

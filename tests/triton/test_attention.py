@@ -143,8 +143,9 @@ def _assert_flips(codes, codes_ref, y, is_log2, p):
     """`codes` differ from `codes_ref` rarely, by one level, and only where the reference's
     y = P·s_inv sits within BOUNDARY_TOL of the rounding boundary between the two codes."""
     flips = codes != codes_ref
-    rate = flips.float().mean().item()
-    assert rate <= MAX_FLIP_RATE, f"{int(flips.sum())} of {flips.numel()} P codes flipped"
+    # the rate bound is for large maps; on a few hundred codes one boundary flip would exceed it
+    assert int(flips.sum()) <= max(2, MAX_FLIP_RATE * flips.numel()), \
+        f"{int(flips.sum())} of {flips.numel()} P codes flipped"
     if flips.any():
         ck, cr = codes[flips], codes_ref[flips]
         log2_f = is_log2.expand_as(flips)[flips]

@@ -125,3 +125,13 @@ def test_large_shapes(gen, w_bits, case):
     assert torch.equal(y, acc.float())
     y = qconv2d(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, stride, [pad])
     assert_float_close(y, R.epilogue(acc, w_scale, t.per_sample(t.scale, 4), bias, 1), "qconv2d")
+
+
+def test_codes_in_the_wrong_layout_are_refused(device):
+    """int8 input is taken as NHWC codes: an NCHW code tensor must not be read as pixels × channels."""
+    w_q, w_sum = prepare_conv_weight(torch.ones(8, 5, 3, 3, dtype=torch.int8, device=device), 8)
+    one = torch.ones(1, device=device)
+    z = torch.zeros(1, dtype=torch.int32, device=device)
+    nchw = torch.zeros(2, 5, 6, 7, dtype=torch.int8, device=device)
+    with pytest.raises(ValueError, match="NHWC"):
+        qconv2d(nchw, w_q, w_sum, torch.ones(8, device=device), None, one, one, z, z, 1, [1])

@@ -1,0 +1,123 @@
+"""Fused GroupNorm + SiLU + quantize against torch's fp32 group_norm → silu → `quantize_uniform`.
+
+Codes must equal the reference's except one-level flips inside the fp32 band of a rounding boundary
+(_gn_band.py); a band of zero width would wrongly fail on summation order, a loose check would
+miss a wrong statistic. The input has a mean far from zero, where a Σx² variance would fail.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tcaq_kernels.ops.triton_ops import groupnorm_silu_quantize, prepare_conv_weight, qconv2d
+from tcaq_kernels.triton.groupnorm import groupnorm_silu_quantize_bsc
+
+from _gn_band import assert_codes_within_band, band, reference
+from _tables import Tables, rand_int
+
+# (B, C, H, W, norm groups): channels per group 3, 5, 2 (the embedded model's 64 / 32), 8.
+CASES = [(2, 12, 5, 7, 4), (3, 20, 6, 6, 4), (1, 64, 4, 5, 32), (2, 16, 9, 3, 2)]
+
+
+def _inputs(gen, device, B, C, H, W, dtype=torch.float32, affine=True, tcr=True, bits=8):
+    x = (torch.randn(B, C, H, W, generator=gen) * 2 + torch.randn(1, C, 1, 1, generator=gen) * 4).to(dtype)
+    gamma = torch.randn(C, generator=gen) * 0.5 + 1 if affine else None
+    beta = torch.randn(C, generator=gen) * 0.3 if affine else None
+    r_inv = torch.rand(C, generator=gen) + 0.5 if tcr else None
+    t = Tables(gen, groups=3, batch=B, bits=bits, device=device)
+    move = lambda v: None if v is None else v.to(device)
+    return x.to(device), move(gamma), move(beta), move(r_inv), t
+
+
+def _check(codes, x, G, gamma, beta, eps, r_inv, t, what):
+    s_inv, zero = t.per_sample(t.s_inv, 4), t.per_sample(t.zero, 4)
+    ref, v = reference(x, G, gamma, beta, eps, s_inv, zero, t.bits, r_inv)
+    assert codes.dtype == torch.int8 and codes.shape == ref.shape
+    return assert_codes_within_band(codes, ref, v, band(x.cpu(), G, _cpu(gamma), _cpu(beta), eps, s_inv.cpu(),
+                                                        _cpu(r_inv)), what)
+
+
+def _cpu(v):
+    return None if v is None else v.cpu()
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_codes_match_reference(gen, device, case, bits):
+    B, C, H, W, G = case
+    x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W, bits=bits)
+    codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, bits, r_inv)
+    _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} A{bits}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_input_channels_last_no_affine(gen, device, dtype):
+    B, C, H, W, G = 2, 24, 6, 5, 8
+    x, _, _, _, t = _inputs(gen, device, B, C, H, W, dtype=dtype, affine=False, tcr=False)
+    x = x.to(memory_format=torch.channels_last)
+    codes = groupnorm_silu_quantize(x, None, None, G, 1e-6, t.s_inv, t.zero, t.group, 8)
+    _check(codes, x, G, None, None, 1e-6, None, t, f"{dtype} channels_last")
+
+
+@pytest.mark.parametrize("split", [2, 3, 7])
+def test_split_statistics_and_poisoned_output(gen, device, split):
+    """Statistics summed over several programs per group (the GPU's choice on small batches), an
+    empty split included (7 splits of 31 pixels), into an output poisoned with two sentinels."""
+    B, C, H, W, G = 2, 12, 31, 1, 3
+    x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
+    x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+    for sentinel in (-77, 91):
+        out = torch.full((B, H, W, C), sentinel, dtype=torch.int8, device=device)
+        groupnorm_silu_quantize_bsc(x3, G, 1e-5, gamma, beta, t.s_inv, t.zero, t.group, 1, 8, r_inv,
+                                    out.view(B, H * W, C), split=split)
+        _check(out, x, G, gamma, beta, 1e-5, r_inv, t, f"split {split}, sentinel {sentinel}")
+
+
+def test_one_group_for_the_batch_feeds_the_conv(gen, device):
+    """A 0-d group serves every sample; the codes go straight into qconv2d's codes path, whose
+    padding reads the zero point: the same result as the conv quantizing the reference activation."""
+    B, C, H, W, G, N = 3, 8, 5, 6, 4, 10
+    x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
+    t.group = t.group[:1].reshape(())
+    codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, 8, r_inv)
+    g = t.group.long()
+    s_inv, zero = t.s_inv[g], t.zero[g]
+    ref, v = reference(x, G, gamma, beta, 1e-5, s_inv, zero, 8, r_inv)
+    flips = assert_codes_within_band(codes, ref, v, band(x.cpu(), G, _cpu(gamma), _cpu(beta), 1e-5, s_inv.cpu(),
+                                                         _cpu(r_inv)), "0-d group")
+    w_q, w_sum = prepare_conv_weight(rand_int(gen, (N, C, 3, 3), 8, device), 8)
+    w_scale = torch.rand(N, generator=gen).to(device)
+    conv = lambda a: qconv2d(a, w_q, w_sum, w_scale, None, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, r_inv,
+                             out_dtype=torch.float32)
+    y_float = F.silu(F.group_norm(x, G, gamma, beta, 1e-5))
+    if not flips.any():
+        assert torch.equal(conv(codes), conv(y_float))
+
+
+def test_rejects_bad_groups(device):
+    x = torch.randn(1, 6, 2, 2, device=device)
+    one = torch.ones(1, device=device)
+    z = torch.zeros(1, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="6 channels do not split into 4 groups"):
+        groupnorm_silu_quantize(x, None, None, 4, 1e-5, one, z, z)
+
+
+def test_fake_impl_matches(device):
+    x = torch.randn(2, 4, 3, 5, device=device)
+    w = torch.ones(4, device=device)
+    tab = torch.ones(2, device=device)
+    z = torch.zeros(2, dtype=torch.int32, device=device)
+    torch.library.opcheck(groupnorm_silu_quantize, (x, w, w * 0, 2, 1e-5, tab, z, z, 8, w),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# SD-1.5 ResBlock norms (batch 2 and 8) and DDPM-CIFAR10's (batch 64) on the GPU.
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [(2, 320, 64, 64, 32), (2, 1280, 8, 8, 32), (8, 640, 32, 32, 32),
+                                  (2, 2560, 16, 16, 32), (64, 128, 32, 32, 32), (64, 256, 4, 4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_shapes(gen, case, dtype):
+    B, C, H, W, G = case
+    x, gamma, beta, r_inv, t = _inputs(gen, "cuda", B, C, H, W, dtype=dtype)
+    x = x.to(memory_format=torch.channels_last) if C % 640 == 0 else x
+    codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, 8, r_inv)
+    _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} {dtype}")
