@@ -1,0 +1,257 @@
+"""The quality table of issue 3: calibrate each (preset, bits), evaluate it, record one row per job.
+
+Each job runs the two public commands, so every row carries the command that reproduces it:
+
+    python -m tcaq_kernels calibrate --method PRESET --bits BITS --seed 1000000 --out STATE
+    python -m tcaq_kernels evaluate --state STATE --backend simulate --n-samples N --steps 100 --out DIR
+
+Calibration trajectories start at seed 1,000,000, so they never share noise with the evaluation seeds
+(0 … N−1, the full-precision row's seeds): the same-seed PSNR is measured on held-out seeds.
+Jobs are spread over the visible GPUs (one job per GPU at a time, `--gpus 0 1 2 3`); each finished job
+is upserted into the results file at once (`tcaq_kernels.eval.results`: rows with the same preset, bits
+and n_samples are replaced), so an interrupted run keeps what it finished. `--render` rewrites the
+markdown table from the JSON without running anything.
+
+    python benchmarks/quality.py --jobs tcaq:W4A8:10000 qdiffusion:W4A8:10000 --gpus 0 1 --out out/quality
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("tcaq_kernels") is None:  # not installed: use this checkout
+    sys.path.insert(0, str(REPO))
+
+from tcaq_kernels.eval.atomic import atomic_write_text  # noqa: E402
+from tcaq_kernels.eval.results import read_rows, upsert_rows  # noqa: E402
+
+CALIB_SEED = 1_000_000
+RESULTS = REPO / "benchmarks" / "results" / "quality.json"
+MARKDOWN = REPO / "benchmarks" / "results" / "quality.md"
+BITS_ORDER = ("fp", "W8A8", "W6A6", "W4A8", "W4A4")
+
+
+def parse_job(text: str) -> tuple[str, str, int]:
+    """`preset:bits:n_samples` → (preset, bits, n)."""
+    try:
+        preset, bits, n = text.split(":")
+        return preset, bits, int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"job {text!r}: expected PRESET:BITS:N_SAMPLES, e.g. tcaq:W4A8:10000") from None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def job_commands(preset: str, bits: str, n: int, a: argparse.Namespace, state: Path, eval_dir: Path) -> tuple[list, list]:
+    calib = [sys.executable, "-m", "tcaq_kernels", "calibrate", "--method", preset, "--bits", bits,
+             "--seed", str(CALIB_SEED), "--out", str(state)]
+    for opt in a.option:
+        calib += ["--option", opt]
+    ev = [sys.executable, "-m", "tcaq_kernels", "evaluate", "--state", str(state), "--backend", a.backend,
+          "--n-samples", str(n), "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--out", str(eval_dir),
+          "--no-progress"]
+    for flag, val in (("--ref-npz", a.ref_npz), ("--resnet-weights", a.resnet_weights), ("--cache-dir", a.cache_dir)):
+        if val:
+            ev += [flag, val]
+    return calib, ev
+
+
+def portable(cmd: list[str], drop=("--ref-npz", "--resnet-weights", "--cache-dir", "--no-progress")) -> str:
+    """The command as a reader runs it: `python`, placeholders for the machine's paths."""
+    out, skip = ["python"], False
+    for i, part in enumerate(cmd[1:], 1):
+        if skip:
+            skip = False
+            continue
+        if part in drop:
+            skip = part != "--no-progress"
+            continue
+        prev = cmd[i - 1]
+        out.append("STATE" if prev in ("--state",) or (prev == "--out" and part.endswith(".tcaq"))
+                   else "DIR" if prev == "--out" else part)
+    return shlex.join(out)
+
+
+def _counts(values) -> dict | None:
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[str(v)] = counts.get(str(v), 0) + 1
+    return dict(sorted(counts.items())) or None
+
+
+def summarize_state(path: Path) -> dict:
+    """What the calibration decided and how long it took, from the state's settings."""
+    from tcaq_kernels.quant.state import CalibState
+
+    state = CalibState.load(path)
+    s = state.settings
+    daq = s.get("daq_table") or {}
+    kinds = [rec.get("kind") for recs in daq.values() for rec in (recs if isinstance(recs, list) else [])]
+    return {
+        "calib_seconds": s.get("calib_seconds"),
+        "calib_phase_seconds": s.get("phase_seconds"),
+        "calib_device": s.get("device"),
+        "timestep_groups": state.num_groups,
+        "daq_log2_share": round(kinds.count("log2") / len(kinds), 4) if kinds else None,
+        "tcr_strength_counts": _counts((s.get("tcr_strength") or {}).values()),
+        "state_sha256": sha256_file(path),
+        "state_bytes": path.stat().st_size,
+    }
+
+
+def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, lock: threading.Lock) -> dict:
+    preset, bits, n = job
+    tag = f"{preset.replace('+', '_')}-{bits}-{n}"
+    out = Path(a.out)
+    state, eval_dir, log_path = out / f"{tag}.tcaq", out / tag, out / f"{tag}.log"
+    calib, ev = job_commands(preset, bits, n, a, state, eval_dir)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    seconds = {}
+    with open(log_path, "w") as log:
+        for name, cmd in (("calibrate", calib), ("evaluate", ev)):
+            if name == "calibrate" and state.exists() and a.reuse_states:
+                continue
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            t = time.perf_counter()
+            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+            seconds[name] = round(time.perf_counter() - t, 2)
+    report = json.loads((eval_dir / "report.json").read_text())
+    row = {
+        "preset": preset, "bits": bits, "n_samples": report["n_samples"], "steps": report["steps"],
+        "fid_resnet56": report["fid_resnet56"], "is_resnet56": report["is_resnet56"],
+        "psnr_vs_fp": report["psnr_vs_fp"], "eps_rel_error": (report.get("eps_rel_error") or {}).get("mean"),
+        "fidelity_seeds": (report.get("fidelity") or {}).get("n_seeds"),
+        **summarize_state(state),
+        "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
+        "backend": a.backend, "card": report["device"],
+        "torch": report["versions"]["torch"], "triton": report["versions"]["triton"],
+        "command": f"{portable(calib)} && {portable(ev)}",
+    }
+    with lock:
+        upsert_rows(a.results, [row])
+    return row
+
+
+def run_all(a: argparse.Namespace) -> list[dict]:
+    jobs: "queue.Queue[tuple]" = queue.Queue()
+    for job in a.jobs:
+        jobs.put(job)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    lock, done, failed = threading.Lock(), [], []
+    start = time.perf_counter()
+
+    def worker(gpu):
+        while True:
+            try:
+                job = jobs.get_nowait()
+            except queue.Empty:
+                return
+            if a.deadline and time.perf_counter() - start > a.deadline:
+                failed.append((job, "not started: past --deadline"))
+                continue
+            try:
+                row = run_job(job, gpu, a, lock)
+                done.append(row)
+                print(f"[gpu {gpu}] {job}: FID-ResNet56 {row['fid_resnet56']:.3f}, PSNR {row['psnr_vs_fp']:.2f} dB, "
+                      f"calib {row['calib_seconds']} s", flush=True)
+            except Exception as e:  # one failed job must not stop the others; its log says why
+                failed.append((job, repr(e)))
+                print(f"[gpu {gpu}] {job}: FAILED {e!r}", flush=True)
+
+    threads = [threading.Thread(target=worker, args=(g,)) for g in (a.gpus or [None])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for job, why in failed:
+        print(f"not done: {job}: {why}", file=sys.stderr)
+    return done
+
+
+def _fmt(v, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def render_markdown(rows: list[dict]) -> str:
+    """The table of every quantized row beside the full-precision one, grouped by bit width."""
+    fp = next((r for r in rows if r["preset"] == "fp"), None)
+    quant = [r for r in rows if r["preset"] not in ("fp", "test-images-floor")]
+    quant.sort(key=lambda r: (BITS_ORDER.index(r["bits"]) if r["bits"] in BITS_ORDER else 99, -r["n_samples"], r["preset"]))
+    lines = [
+        "# Quality table: FID-ResNet56 of the reference model per preset and bit width",
+        "",
+        "DDIM-100 (eta 0) samples of `tcaq_kernels/models/ddpm-cifar10-small`, sample i from seed i, scored "
+        "against the 10,000 CIFAR-10 test images in the ResNet-56 feature space (not comparable with a paper's "
+        "Inception FID). PSNR: final images against the full-precision model's on the same seeds (the first 64); "
+        "calibration seeds start at 1,000,000. Δ: FID change against the full-precision row.",
+        "",
+        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | calib (s) | card | state sha256 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    if fp:
+        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | {fp['card']} | — |")
+    for r in quant:
+        delta = None if not fp else 100 * (r["fid_resnet56"] / fp["fid_resnet56"] - 1)
+        lines.append(
+            f"| {r['bits']} | {r['preset']} | {r['n_samples']} | {r['fid_resnet56']:.3f} | "
+            f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
+            f"{_fmt(r.get('calib_seconds'), '.0f')} | {r.get('card', '—')} | `{(r.get('state_sha256') or '—')[:12]}` |")
+    lines += ["", "Commands (one per row):", ""]
+    for r in quant:
+        lines.append(f"- {r['bits']} {r['preset']} (n={r['n_samples']}, backend {r.get('backend')}, torch "
+                     f"{r.get('torch')}, triton {r.get('triton')}): `{r['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", nargs="*", type=parse_job, default=[], help="PRESET:BITS:N_SAMPLES …")
+    p.add_argument("--gpus", nargs="*", default=None, help="CUDA device indices, one job at a time on each")
+    p.add_argument("--out", default="out/quality", help="states, evaluation folders and logs")
+    p.add_argument("--backend", default="simulate", choices=("reference", "simulate", "triton"))
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="calibration option for every job")
+    p.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
+    p.add_argument("--reuse-states", action="store_true", help="skip calibration where the state file exists")
+    p.add_argument("--ref-npz", default=None)
+    p.add_argument("--resnet-weights", default=None)
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--md", default=str(MARKDOWN))
+    p.add_argument("--render", action="store_true", help="only rewrite the markdown from the results file")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if not a.render:
+        if not a.jobs:
+            raise SystemExit("no --jobs given (or pass --render to rewrite the table only)")
+        run_all(a)
+    atomic_write_text(Path(a.md), render_markdown(read_rows(a.results)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
