@@ -3,6 +3,20 @@
 Everything is precomputed at construction (`from_state`): integer weights, Σ_k w for the
 zero-point term, reciprocal tables for the quantize step. Forward is one quantize and one integer
 product per backend, reading parameters with the device-side group index.
+
+A layer with a split input (`LayerState.input_split`, quant/state.py) has a second table set,
+`act_skip`, for input channels [split, C_in), and runs one quantize and one integer product per
+channel range, combined as ops/reference.py states:
+`y = (acc1·(s_w·s_a1) + acc2·(s_w·s_a2)) + bias`.
+
+* reference / simulate: each range is quantized with its own tables and multiplied by its weight
+  slice; the simulate backend keeps integer-valued fp32 codes × integer weights (exact sums), so
+  both backends feed `ref.epilogue` the same accumulators and agree bit for bit.
+* triton: two calls of the unsplit ops of ops/triton_ops.py, one per range, each with its weight
+  slice prepared once here and no bias, asked for fp32 `acc_i·(s_w·s_ai)`; the two are added and
+  then the bias, in torch. That is the reference's order with the same roundings, so the result
+  is expected to equal the reference exactly whenever the accumulators do (tested under the
+  interpreter); the guarantee we state is agreement within fp32 rounding of the final combine.
 """
 from __future__ import annotations
 
@@ -13,7 +27,7 @@ import torch.nn.functional as F
 
 from ..ops import reference as ref
 from ..quant.primitives import quantize_uniform, scale_input, ste
-from ..quant.state import ActQuant, LayerState, stored_weight_codes
+from ..quant.state import SKIP_ACT, ActQuant, LayerState, input_ranges, stored_weight_codes
 from .timestep import TimestepGroups, per_sample
 
 BACKENDS = ("reference", "simulate", "triton")
@@ -59,13 +73,20 @@ class _QWeighted(torch.nn.Module):
         r_inv = None if layer.tcr is None else (1.0 / layer.tcr.float()).to(device)
         self.register_buffer("r_inv", r_inv)
         self.act = ActTables(layer.acts["input"], device)
+        self.input_split = layer.input_split
+        self.act_skip = None if layer.input_split is None else ActTables(layer.acts[SKIP_ACT], device)
+        # (first, end) input channel of each range: one range, or two for a split input
+        self.channel_ranges = [(lo, hi) for _, lo, hi in input_ranges(layer.input_split, self.weight_shape[1])]
         # One copy of the integer weights, in the layout the backend reads: the kernel's layout
-        # (with its weight sums for the zero-point term) for triton, the stored one otherwise.
+        # (with its weight sums for the zero-point term) for triton, one set per channel range,
+        # the stored one otherwise.
         if backend == "triton":
             _require_triton(name, device)
-            w_op, w_sum = self._prepare_triton(layer.weight_int().to(device), layer.w_bits)
-            self.register_buffer("triton_weight", w_op)
-            self.register_buffer("triton_wsum", w_sum)
+            w_int = layer.weight_int().to(device)
+            for suffix, (lo, hi) in zip(("", "_skip"), self.channel_ranges):
+                w_op, w_sum = self._prepare_triton(w_int[:, lo:hi].contiguous(), layer.w_bits)
+                self.register_buffer(f"triton_weight{suffix}", w_op)
+                self.register_buffer(f"triton_wsum{suffix}", w_sum)
         else:
             self.register_buffer("weight", layer.weight.to(device))  # int8, or packed int4
 
@@ -77,24 +98,55 @@ class _QWeighted(torch.nn.Module):
         """int8 weights in the float module's shape (4-bit ones unpacked on the fly)."""
         return stored_weight_codes(self.weight, self.w_bits, self.weight_shape)
 
+    def range_tables(self) -> list[tuple[ActTables, int, int]]:
+        """(tables, first channel, end channel) of each input channel range."""
+        return [(t, lo, hi) for t, (lo, hi) in zip((self.act, self.act_skip), self.channel_ranges)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
-            return self._triton(x).to(x.dtype)
-        s, s_inv, z = self.act.lookup(self.groups.group, x, self.name)
+            return self._triton_forward(x).to(x.dtype)
+        w_int = self.weight_int()
+        parts = [self._accumulate(x, tables, lo, hi, w_int[:, lo:hi]) for tables, lo, hi in self.range_tables()]
+        (acc, s), skip = parts[0], (parts[1] if len(parts) > 1 else None)
+        return ref.epilogue(acc, self.w_scale, s, self.bias, self.channel_dim, skip).to(x.dtype)
+
+    def _accumulate(self, x: torch.Tensor, tables: ActTables, lo: int, hi: int, w_int: torch.Tensor):
+        """(zero-point-corrected accumulator, per-sample s_a) of input channels [lo, hi)."""
+        x, r_inv = x.narrow(self.channel_dim, lo, hi - lo), self._r_inv(lo, hi)
+        s, s_inv, z = tables.lookup(self.groups.group, x, self.name)
         if self.backend == "simulate":
             # Integer-valued fp32 codes with a straight-through gradient, multiplied in fp32: the
             # partial sums stay exact while below 2^24, so this differentiable path reproduces the
             # reference integers and outputs on real activations at float-GEMM speed.
-            u = scale_input(x, s_inv, self.r_inv, self.channel_dim)
-            codes = ste(quantize_uniform(x, s_inv, z, self.act.bits, self.r_inv, self.channel_dim).float() - z, u - z)
-            acc = self._float_product(codes, self.weight_int().float())
-        else:
-            q = quantize_uniform(x, s_inv, z, self.act.bits, self.r_inv, self.channel_dim)
-            acc = self._int_product(q, z)
-        return ref.epilogue(acc, self.w_scale, s, self.bias, self.channel_dim).to(x.dtype)
+            u = scale_input(x, s_inv, r_inv, self.channel_dim)
+            codes = ste(quantize_uniform(x, s_inv, z, tables.bits, r_inv, self.channel_dim).float() - z, u - z)
+            return self._float_product(codes, w_int.float()), s
+        q = quantize_uniform(x, s_inv, z, tables.bits, r_inv, self.channel_dim)
+        return self._int_product(q, w_int, z), s
+
+    def _r_inv(self, lo: int, hi: int):
+        """TCR reciprocals of input channels [lo, hi) (a contiguous view), or None."""
+        return None if self.r_inv is None else self.r_inv[lo:hi]
+
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One fused kernel call; a split input: one bias-free fp32 call per range, then the sum and the bias."""
+        if self.input_split is None:
+            return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype)
+        weights = ((self.triton_weight, self.triton_wsum), (self.triton_weight_skip, self.triton_wsum_skip))
+        y1, y2 = (self._triton(x.narrow(self.channel_dim, lo, hi - lo), tables, w_op, w_sum, self._r_inv(lo, hi),
+                               None, torch.float32)
+                  for (tables, lo, hi), (w_op, w_sum) in zip(self.range_tables(), weights))
+        y = y1 + y2
+        if self.bias is not None:
+            shape = [1] * y.dim()
+            shape[self.channel_dim] = -1
+            y = y + self.bias.view(shape)
+        return y
 
     def extra_repr(self) -> str:
-        return f"W{self.w_bits}A{self.act.bits}, shape={self.weight_shape}, groups={len(self.act.kinds)}, backend={self.backend}"
+        split = "" if self.input_split is None else f", input_split={self.input_split}"
+        return (f"W{self.w_bits}A{self.act.bits}, shape={self.weight_shape}{split}, groups={len(self.act.kinds)}, "
+                f"backend={self.backend}")
 
 
 def _require_triton(name: str, device) -> None:
@@ -114,18 +166,17 @@ class QLinear(_QWeighted):
 
         return prepare_linear_weight(w_int, bits)
 
-    def _int_product(self, q, z):
-        return ref.int_linear(q, self.weight_int(), z)
+    def _int_product(self, q, w_int, z):
+        return ref.int_linear(q, w_int, z)
 
     def _float_product(self, codes, w):
         return F.linear(codes, w)
 
-    def _triton(self, x):
+    def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype):
         from ..ops import triton_ops
 
-        a = self.act
-        return triton_ops.qlinear(x, self.triton_weight, self.triton_wsum, self.w_scale, self.bias, a.s_inv, a.scale,
-                                  a.zero, self.groups.group, a_bits=a.bits, r_inv=self.r_inv, out_dtype=x.dtype)
+        return triton_ops.qlinear(x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero, self.groups.group,
+                                  a_bits=a.bits, r_inv=r_inv, out_dtype=out_dtype)
 
 
 class QConv2d(_QWeighted):
@@ -150,16 +201,14 @@ class QConv2d(_QWeighted):
 
         return prepare_conv_weight(w_int, bits)
 
-    def _int_product(self, q, z):
-        return ref.int_conv2d(q, self.weight_int(), z, self.stride, self.padding, self.dilation)
+    def _int_product(self, q, w_int, z):
+        return ref.int_conv2d(q, w_int, z, self.stride, self.padding, self.dilation)
 
     def _float_product(self, codes, w):
         return F.conv2d(codes, w, None, self.stride, self.padding, self.dilation)
 
-    def _triton(self, x):
+    def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype):
         from ..ops import triton_ops
 
-        a = self.act
-        return triton_ops.qconv2d(x, self.triton_weight, self.triton_wsum, self.w_scale, self.bias, a.s_inv, a.scale,
-                                  a.zero, self.groups.group, self.stride[0], list(self.padding), a_bits=a.bits,
-                                  r_inv=self.r_inv, out_dtype=x.dtype)
+        return triton_ops.qconv2d(x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero, self.groups.group,
+                                  self.stride[0], list(self.padding), a_bits=a.bits, r_inv=r_inv, out_dtype=out_dtype)

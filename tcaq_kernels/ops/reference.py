@@ -3,6 +3,16 @@
 Integer products are summed in float64, which is exact here: |code·code| ≤ 2^14 and any K < 2^38
 keeps every partial sum below 2^53. This makes the oracle run on any device torch supports
 (CUDA has no general int32 matmul) while still returning bit-exact int32 accumulators.
+
+Split inputs (quant/state.py): each channel range i is quantized with its own (s_ai, z_i), gives
+its own accumulator `acc_i = int_conv2d(q_i, w_int[:, range i], z_i)` (so a conv pads each range
+with its own z_i), and `epilogue(acc1, …, skip=(acc2, s_a2))` evaluates, in fp32,
+
+    y = (acc1·(s_w[n]·s_a1[g]) + acc2·(s_w[n]·s_a2[g])) + bias
+
+each product rounded, then their sum, then the bias. This order is the contract: the simulate
+backend reproduces it bit for bit, and the Triton backend gets it by asking the unsplit kernels
+for the two bias-free products `acc_i·(s_w·s_ai)` (a single fp32 multiply each) and adding them.
 """
 from __future__ import annotations
 
@@ -49,11 +59,19 @@ def epilogue(
     a_scale: torch.Tensor,
     bias: Optional[torch.Tensor],
     channel_dim: int,
+    skip: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """`acc·(s_w[n]·s_a[g]) + bias` in fp32: the combined scale is formed first, as kernels do."""
+    """`acc·(s_w[n]·s_a[g]) + bias` in fp32: the combined scale is formed first, as kernels do.
+
+    `skip = (acc2, s_a2)`: the second range of a split input, whose product is added before the
+    bias (the order in the module docstring).
+    """
     shape = [1] * acc.dim()
     shape[channel_dim] = -1
-    y = acc.float() * (w_scale.float().view(shape) * a_scale.float())
+    w_scale = w_scale.float().view(shape)
+    y = acc.float() * (w_scale * a_scale.float())
+    if skip is not None:
+        y = y + skip[0].float() * (w_scale * skip[1].float())
     if bias is not None:
         y = y + bias.float().view(shape)
     return y

@@ -3,6 +3,21 @@
 A state holds integers and scales only; the float model it was calibrated on supplies the rest
 (biases, norms, float-kept layers). The file is one safetensors file whose metadata carries the
 JSON manifest and a SHA-256 of all tensor bytes, so a truncated or altered file is refused at load.
+
+Versions: 2 added split inputs (below); a version-1 file is a version-2 file without split layers,
+so it loads as one (and is written back as version 2).
+
+Split inputs (Q-Diffusion's shortcut splitting): a conv2d/linear layer whose input is a
+concatenation `cat([h, skip], channel dim)` may carry `input_split` = the first channel of the
+second range. Channels `[0, split)` are quantized by the activation quantizer `"input"`, channels
+`[split, C_in)` by `"input_skip"` (same bits, own scale and zero point per timestep group), and the
+layer computes (ops/reference.py states the exact evaluation order)
+
+    y = (acc1·(s_w[n]·s_a1[g]) + acc2·(s_w[n]·s_a2[g])) + bias,
+    acc_i = Σ_{k ∈ range i} w_int[n, k]·(a_int[k] − z_i[g])          (int32, each range on its own)
+
+with conv zero padding of each range at its own zero point z_i (so each correction term is
+`z_i·Σ_{k ∈ range i} w_int`). The TCR factor r of every input channel applies in both ranges.
 """
 from __future__ import annotations
 
@@ -21,7 +36,8 @@ from safetensors.torch import save_file
 
 from .primitives import ACT_BITS, WEIGHT_BITS, qrange, unpack_int4
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _META_KEY = "tcaq_calib_state"
 _DIGEST_KEY = "tcaq_sha256"
 ACT_KINDS = ("uniform", "log2")
@@ -29,6 +45,19 @@ ACT_KINDS = ("uniform", "log2")
 # (symmetric, zero point 0); p is the post-softmax map, whose quantizer DAQ may switch per group.
 LAYER_ACTS = {"conv2d": ("input",), "linear": ("input",), "attention": ("q", "k", "v", "p")}
 SYMMETRIC_ACTS = {"q", "k", "v"}
+SKIP_ACT = "input_skip"  # the quantizer of the second channel range of a split input
+
+
+def layer_acts(kind: str, input_split: Optional[int] = None) -> tuple[str, ...]:
+    """Activation quantizer names of a layer: LAYER_ACTS, plus "input_skip" when its input is split."""
+    return LAYER_ACTS[kind] + ((SKIP_ACT,) if input_split is not None else ())
+
+
+def input_ranges(input_split: Optional[int], c_in: int) -> list[tuple[str, int, int]]:
+    """`(quantizer name, first channel, end channel)` of each input channel range of a layer."""
+    if input_split is None:
+        return [("input", 0, c_in)]
+    return [("input", 0, input_split), (SKIP_ACT, input_split, c_in)]
 
 
 class CalibStateError(ValueError):
@@ -60,6 +89,7 @@ class LayerState:
     weight_shape: Optional[tuple[int, ...]] = None  # the float module's weight shape
     weight_scale: Optional[torch.Tensor] = None  # [N] float32
     tcr: Optional[torch.Tensor] = None  # [C_in] float32 TCR factors r (None: TCR off)
+    input_split: Optional[int] = None  # first input channel quantized by "input_skip" (None: not split)
 
     def weight_int(self) -> torch.Tensor:
         """Integer weights as int8 in the float module's weight shape (unpacking 4-bit)."""
@@ -132,9 +162,9 @@ class CalibState:
         except json.JSONDecodeError as exc:
             raise CalibStateError(f"{path}: corrupted CalibState manifest ({exc})") from exc
         version = manifest.get("version")
-        if version != STATE_VERSION:
+        if version not in READABLE_VERSIONS:
             raise CalibStateError(
-                f"{path}: unknown CalibState version {version!r} (this tcaq_kernels reads version {STATE_VERSION})"
+                f"{path}: unknown CalibState version {version!r} (this tcaq_kernels reads versions {READABLE_VERSIONS})"
             )
         try:
             return cls._unflatten(manifest, tensors)
@@ -156,6 +186,8 @@ class CalibState:
                 tensors[f"{name}::weight_scale"] = layer.weight_scale.detach().float().cpu().contiguous()
                 if layer.tcr is not None:
                     tensors[f"{name}::tcr"] = layer.tcr.detach().float().cpu().contiguous()
+                if layer.input_split is not None:
+                    entry["input_split"] = layer.input_split
             layers[name] = entry
         manifest = {
             "version": self.version,
@@ -190,6 +222,7 @@ class CalibState:
                 layer.weight = tensors[f"{name}::weight"]
                 layer.weight_scale = tensors[f"{name}::weight_scale"]
                 layer.tcr = tensors[f"{name}::tcr"] if entry.get("tcr") else None
+                layer.input_split = entry.get("input_split")
             layers[name] = layer
         return cls(
             method=manifest["method"],
@@ -200,7 +233,6 @@ class CalibState:
             float_layers=list(manifest["float_layers"]),
             settings=dict(manifest.get("settings", {})),
             model_class=manifest.get("model_class", ""),
-            version=int(manifest["version"]),
         )
 
     # ------------------------------------------------------------------------------ validate
@@ -241,8 +273,13 @@ def _validate_layer(name: str, layer: LayerState, kind: str, module: torch.nn.Mo
 
     if layer.kind != kind:
         fail(f"kind '{layer.kind}' but the model has a {kind}")
-    if set(layer.acts) != set(LAYER_ACTS[kind]):
-        fail(f"activation quantizers {sorted(layer.acts)}, expected {sorted(LAYER_ACTS[kind])}")
+    if layer.input_split is not None and kind == "attention":
+        fail("input_split is for conv2d/linear inputs; attention layers have no split input")
+    if SKIP_ACT in layer.acts and layer.input_split is None:
+        fail(f"has an '{SKIP_ACT}' activation quantizer but no input_split")
+    expected_acts = layer_acts(kind, layer.input_split)
+    if set(layer.acts) != set(expected_acts):
+        fail(f"activation quantizers {sorted(layer.acts)}, expected {sorted(expected_acts)}")
     for act_name, act in layer.acts.items():
         where = f"activation '{act_name}'"
         if act.bits not in ACT_BITS:
@@ -278,11 +315,26 @@ def _validate_layer(name: str, layer: LayerState, kind: str, module: torch.nn.Mo
     if layer.weight_scale.shape != (n,):
         fail(f"weight_scale shape {tuple(layer.weight_scale.shape)}, expected ({n},)")
     _check_scale(fail, "weight_scale", layer.weight_scale)
+    c_in = layer.weight_shape[1]
+    if layer.input_split is not None:
+        _validate_split(fail, layer, c_in)
     if layer.tcr is not None:
-        c_in = layer.weight_shape[1]
         if layer.tcr.shape != (c_in,):
             fail(f"tcr shape {tuple(layer.tcr.shape)}, expected ({c_in},)")
         _check_scale(fail, "tcr", layer.tcr)
+
+
+def _validate_split(fail, layer: LayerState, c_in: int) -> None:
+    """A split input: an integer channel strictly inside the input, both ranges at the same bits."""
+    split = layer.input_split
+    if isinstance(split, bool) or not isinstance(split, int):
+        fail(f"input_split must be an integer channel index, got {split!r}")
+    if not 0 < split < c_in:
+        fail(f"input_split {split} must lie strictly inside the {c_in} input channels (0 < split < {c_in})")
+    bits = {a: layer.acts[a].bits for a in ("input", SKIP_ACT)}
+    if bits["input"] != bits[SKIP_ACT]:
+        fail(f"both ranges of a split input must have the same bits, got input {bits['input']} and "
+             f"{SKIP_ACT} {bits[SKIP_ACT]}")
 
 
 def _check_scale(fail, what: str, t: torch.Tensor) -> None:
