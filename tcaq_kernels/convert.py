@@ -13,12 +13,17 @@ from .quant.state import CalibState
 _WEIGHTED = {"conv2d": QConv2d, "linear": QLinear}
 
 
-def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backend: str = "reference", inplace: bool = False):
+def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backend: str = "reference",
+            inplace: bool = False, fuse_norm: bool = True):
     """Return `model` with every quantized layer of `state` replaced, ready for a diffusers pipeline.
 
     The result is the same UNet class (same forward signature, `.config`, `.dtype`, `.device`);
     a forward pre-hook turns the `timestep` argument into the device-side group index that every
     quantized layer reads its parameters with. `state` may be a CalibState or a path to one.
+
+    With backend "triton" and `fuse_norm`, every diffusers ResnetBlock2D runs GroupNorm → SiLU →
+    quantize as one kernel feeding its quantized convs (nn/qresnet.py); `tcaq_info["fused_norms"]`
+    counts the fused halves and `tcaq_info["unfused_norms"]` says why any block half was not fused.
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -38,4 +43,21 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     out.add_module("tcaq_groups", groups)
     out.register_forward_pre_hook(set_groups_hook, with_kwargs=True)
     out.tcaq_info = {"method": state.method, "bits": state.bits, "backend": backend, "groups": state.num_groups}
+    if backend == "triton" and fuse_norm:
+        out.tcaq_info.update(_fuse_resnets(out))
     return out
+
+
+def _fuse_resnets(model: torch.nn.Module) -> dict:
+    """Fuse the norm halves of every ResnetBlock2D (nn/qresnet.py); what was fused, and why not."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    from .nn.qresnet import fuse_resnet
+
+    fused, unfused = 0, {}
+    for name, block in list(model.named_modules()):
+        if type(block) is ResnetBlock2D:
+            refusals = fuse_resnet(name, block)
+            fused += 2 - len(refusals)
+            unfused.update({f"{name}.{half}": reason for half, reason in refusals.items()})
+    return {"fused_norms": fused, "unfused_norms": unfused}

@@ -8,9 +8,9 @@ re-reads them (GroupNorm, SiLU, then the quantize kernel — three passes over a
 writes the int8 codes the conv reads, NHWC, in one pass after the statistics.
 
 Two kernels, no host sync (CUDA-graph safe):
-1. `_gn_stats_kernel`, one program per (sample, norm group, split of the pixels): count, mean and
-   M2 of its slice in fp32, tile by tile with Chan's parallel update (a shifted two-pass per tile,
-   no Σx² cancellation when the mean is large against the spread).
+1. `_gn_stats_kernel`, one program per (sample, block of norm groups, split of the group's
+   elements): count, mean and M2 of its slice in fp32, tile by tile with Chan et al.'s parallel update (a shifted two-pass per
+   tile, no Σx² cancellation when the mean is large against the spread).
 2. `_gn_silu_quantize_kernel`, a BLOCK_S × BLOCK_C tile of one sample (like quantize.py): combines
    the splits' partial statistics of its channels' groups (same formula, fixed order: deterministic),
    normalises, applies γ/β and SiLU in fp32, then quantizes exactly like quantize.py — per-sample
@@ -27,57 +27,64 @@ import triton.language as tl
 from .numerics import interpreting, quantize_uniform, tuning_bench
 from .quantize import sample_tile, tile_configs
 
-# Statistics programs wanted per SM before the pixels of a group are split further.
+# Statistics programs wanted per SM before the elements of a group are split further.
 _STATS_PROGRAMS_PER_SM = 2
-_MIN_PIXELS_PER_SPLIT = 256
+_MIN_ELEMENTS_PER_SPLIT = 4096
 _MAX_SPLIT = 32
 
 
 @triton.jit
-def _chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
-    """Chan et al.'s merge of two (count, mean, M2) summaries; an empty side leaves the other as is."""
-    n = n_a + n_b
-    w_b = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
-    delta = mean_b - mean_a
-    return n, mean_a + delta * w_b, m2_a + m2_b + delta * delta * n_a * w_b
-
-
-@triton.jit
 def _gn_stats_kernel(
-    x_ptr, part_ptr, S, C, CG, NG, pixels_per_split, part_stride,
+    x_ptr, part_ptr, S, CG, NG, per_split, part_stride,
     stride_xb, stride_xs, stride_xc,
-    BLOCK_S: tl.constexpr, BLOCK_CG: tl.constexpr,
+    CHANNEL_FASTEST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    bn = tl.program_id(0)  # sample · NG + norm group
+    """Partial (count, mean, M2) of BLOCK_G norm groups of one sample over one split of their
+    elements; element e of a group is (channel, pixel) in the order of the input's memory."""
+    g_blocks = (NG + BLOCK_G - 1) // BLOCK_G
+    b = tl.program_id(0) // g_blocks
+    grp = (tl.program_id(0) % g_blocks) * BLOCK_G + tl.arange(0, BLOCK_G)
     split = tl.program_id(1)
-    b = bn // NG
-    c = (bn % NG) * CG + tl.arange(0, BLOCK_CG)
-    c_mask = c < (bn % NG) * CG + CG
-    s_lo = split * pixels_per_split
-    s_hi = tl.minimum(s_lo + pixels_per_split, S)
-    base = x_ptr + b.to(tl.int64) * stride_xb + (c * stride_xc)[None, :]
+    g_mask = grp < NG
+    e_lo = split * per_split
+    e_hi = tl.minimum(e_lo + per_split, CG * S)
+    base = x_ptr + b.to(tl.int64) * stride_xb + (grp * CG).to(tl.int64)[:, None] * stride_xc
 
-    n = tl.full((), 0.0, tl.float32)
-    mean = tl.full((), 0.0, tl.float32)
-    m2 = tl.full((), 0.0, tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        rows = s0 + tl.arange(0, BLOCK_S)
-        mask = (rows < s_hi)[:, None] & c_mask[None, :]
-        x = tl.load(base + rows[:, None].to(tl.int64) * stride_xs, mask=mask, other=0.0).to(tl.float32)
-        n_t = tl.sum(tl.sum(mask.to(tl.float32), axis=1), axis=0)
-        mean_t = tl.sum(tl.sum(x, axis=1), axis=0) / n_t
-        d = tl.where(mask, x - mean_t, 0.0)
-        m2_t = tl.sum(tl.sum(d * d, axis=1), axis=0)
-        n, mean, m2 = _chan_merge(n, mean, m2, n_t, mean_t, m2_t)
-    idx = bn * tl.num_programs(1) + split
-    tl.store(part_ptr + idx, n)
-    tl.store(part_ptr + part_stride + idx, mean)
-    tl.store(part_ptr + 2 * part_stride + idx, m2)
+    n = tl.full((BLOCK_G,), 0.0, tl.float32)
+    mean = tl.full((BLOCK_G,), 0.0, tl.float32)
+    m2 = tl.full((BLOCK_G,), 0.0, tl.float32)
+    for e0 in range(e_lo, e_hi, BLOCK_E):
+        e = e0 + tl.arange(0, BLOCK_E)
+        if CHANNEL_FASTEST:
+            c, s = e % CG, e // CG
+        else:
+            c, s = e // S, e % S
+        mask = g_mask[:, None] & (e < e_hi)[None, :]
+        x = tl.load(base + (c * stride_xc + s.to(tl.int64) * stride_xs)[None, :], mask=mask, other=0.0)
+        x = x.to(tl.float32)
+        n_t = tl.minimum(e_hi - e0, BLOCK_E).to(tl.float32)
+        mean_t = tl.sum(x, axis=1) / n_t
+        d = tl.where(mask, x - mean_t[:, None], 0.0)
+        m2_t = tl.sum(d * d, axis=1)
+        # Chan et al.'s merge of the running (n, mean, M2) with the tile's
+        delta = mean_t - mean
+        w_t = n_t / (n + n_t)
+        mean += delta * w_t
+        m2 += m2_t + delta * delta * n * w_t
+        n += n_t
+    idx = (b * NG + grp) * tl.num_programs(1) + split
+    tl.store(part_ptr + idx, n, mask=g_mask)
+    tl.store(part_ptr + part_stride + idx, mean, mask=g_mask)
+    tl.store(part_ptr + 2 * part_stride + idx, m2, mask=g_mask)
 
 
 @triton.jit
 def _group_moments(part_ptr, part_stride, bn, c_mask, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr):
     """(mean, M2 / count) of the norm groups `bn` [BLOCK_C] from their SPLIT partial summaries."""
+    if SPLIT == 1:
+        n = tl.maximum(tl.load(part_ptr + bn, mask=c_mask, other=1.0), 1.0)
+        return tl.load(part_ptr + part_stride + bn, mask=c_mask, other=0.0), \
+            tl.load(part_ptr + 2 * part_stride + bn, mask=c_mask, other=0.0) / n
     j = tl.arange(0, SPLIT_P2)
     idx = bn[:, None] * SPLIT + j[None, :]
     mask = c_mask[:, None] & (j < SPLIT)[None, :]
@@ -119,14 +126,26 @@ def _gn_silu_quantize_kernel(
     tl.store(out_ptrs, q, mask=mask)
 
 
-def stats_split(batch: int, num_groups: int, pixels: int, device: torch.device) -> int:
-    """How many programs share one (sample, norm group): enough statistics programs to fill the
-    GPU (`_STATS_PROGRAMS_PER_SM` per SM), none with fewer than `_MIN_PIXELS_PER_SPLIT` pixels."""
+def _stats_tiles(x3: torch.Tensor, num_groups: int) -> tuple[bool, int, int]:
+    """(channel fastest in memory, BLOCK_G, BLOCK_E) of the statistics kernel.
+
+    Channels-last input reads several groups' channels together (contiguous bytes); NCHW input
+    reads one group's contiguous planes. The interpreter takes every group of a sample at once.
+    """
+    channel_fastest = x3.stride(2) == 1 and x3.shape[1] > 1
+    if interpreting():
+        return channel_fastest, min(triton.next_power_of_2(num_groups), 32), 64
+    return channel_fastest, 4 if channel_fastest else 1, 1024
+
+
+def stats_split(batch: int, group_blocks: int, elements: int, device: torch.device) -> int:
+    """How many programs share one block of norm groups: enough statistics programs to fill the GPU
+    (`_STATS_PROGRAMS_PER_SM` per SM), none with fewer than `_MIN_ELEMENTS_PER_SPLIT` elements."""
     if device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(_STATS_PROGRAMS_PER_SM * sms, batch * num_groups)
-    return max(1, min(want, pixels // _MIN_PIXELS_PER_SPLIT, _MAX_SPLIT))
+    want = triton.cdiv(_STATS_PROGRAMS_PER_SM * sms, batch * group_blocks)
+    return max(1, min(want, elements // _MIN_ELEMENTS_PER_SPLIT, _MAX_SPLIT))
 
 
 def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, s_inv: torch.Tensor,
@@ -144,15 +163,15 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     if out.numel() == 0:
         return out
     cg = C // num_groups
-    split = split or stats_split(B, num_groups, S, x3.device)
-    pixels = triton.cdiv(S, split)
+    channel_fastest, block_g, block_e = _stats_tiles(x3, num_groups)
+    group_blocks = triton.cdiv(num_groups, block_g)
+    split = split or stats_split(B, group_blocks, cg * S, x3.device)
     part_stride = B * num_groups * split
     part = torch.empty(3 * part_stride, dtype=torch.float32, device=x3.device)
-    block_cg = triton.next_power_of_2(cg)
-    block_s = 32 if interpreting() else max(16, min(256, 4096 // block_cg))
-    _gn_stats_kernel[(B * num_groups, split)](
-        x3, part, S, C, cg, num_groups, pixels, part_stride, x3.stride(0), x3.stride(1), x3.stride(2),
-        BLOCK_S=block_s, BLOCK_CG=block_cg, num_warps=4,
+    _gn_stats_kernel[(B * group_blocks, split)](
+        x3, part, S, cg, num_groups, triton.cdiv(cg * S, split), part_stride,
+        x3.stride(0), x3.stride(1), x3.stride(2),
+        CHANNEL_FASTEST=channel_fastest, BLOCK_G=block_g, BLOCK_E=block_e, num_warps=4,
     )
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(C, meta["BLOCK_C"]), B)
     _gn_silu_quantize_kernel[grid](

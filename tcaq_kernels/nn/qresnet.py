@@ -1,0 +1,142 @@
+"""ResnetBlock2D with `norm → SiLU → quantize` fused into one kernel in front of each quantized conv.
+
+In a diffusers ResnetBlock2D, `conv1` reads `silu(norm1(x))` and `conv2` reads
+`dropout(silu(norm2(h)))`; when the conv is a triton-backend `QConv2d`, only the int8 codes of
+that activation matter, so `tcaq::triton_groupnorm_silu_quantize` writes them (NHWC, the conv's
+quantizer and timestep group) and the conv reads them directly: the float GroupNorm and SiLU
+outputs never reach memory, and the conv's own quantize pass disappears. Two more adds move into
+the conv epilogues: the time embedding (`h + temb`, a broadcast residual of conv1) and the skip
+connection (the residual of conv2), so each half of the block is two kernels.
+
+`fuse_resnet(name, block)` swaps the block's class for `FusedResnetBlock2D` (a subclass: module
+names, state dict and `isinstance` stay diffusers'), fusing each half whose conv qualifies, or
+returns why nothing could be fused. Each half falls back to diffusers' own code when:
+* its conv is not a triton `QConv2d` (kept float, or another backend), has a split input (two
+  quantizers by channel range, see quant/state.py), or has a non-uniform quantizer kind;
+* its norm is not a GroupNorm over the conv's input channels, or the activation is not SiLU;
+* half 1: the block resamples (`up`/`down`: the resampling sits between SiLU and conv1);
+* half 2: `time_embedding_norm` is not "default" (scale_shift modulates between norm2 and SiLU).
+In training mode, or with diffusers' deprecated extra arguments, the whole block runs diffusers'
+forward. The fused path's codes may differ from the unfused path's by one where the value lies
+within fp32 rounding of a rounding boundary (GroupNorm statistics summed in another order).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+
+from ..ops import triton_ops
+from .qlayers import QConv2d
+
+
+def _half_refusal(norm: torch.nn.Module, conv: torch.nn.Module, act: torch.nn.Module) -> Optional[str]:
+    """Why `act(norm(x)) → conv` cannot run fused, or None when it can."""
+    if not isinstance(conv, QConv2d) or conv.backend != "triton":
+        return "conv is not a triton QConv2d"
+    if getattr(conv, "input_split", None) is not None:
+        return "conv has a split input (two activation quantizers)"
+    if any(kind != "uniform" for kind in conv.act.kinds):
+        return "conv input quantizer is not uniform in every timestep group"
+    if not isinstance(norm, torch.nn.GroupNorm) or norm.num_channels != conv.weight_shape[1]:
+        return "norm is not a GroupNorm over the conv's input channels"
+    if not isinstance(act, torch.nn.SiLU):
+        return f"activation is {type(act).__name__}, not SiLU"
+    return None
+
+
+def fuse_resnet(name: str, block: ResnetBlock2D) -> dict[str, str]:
+    """Fuse what qualifies in `block` (in place); returns {half: reason} for each half left unfused."""
+    if type(block) is not ResnetBlock2D:
+        return {"block": f"'{name}' is a {type(block).__name__}, not a diffusers ResnetBlock2D"}
+    refusals = {}
+    r1 = _half_refusal(block.norm1, block.conv1, block.nonlinearity)
+    if r1 is None and (block.upsample is not None or block.downsample is not None):
+        r1 = "block resamples between SiLU and conv1"
+    r2 = _half_refusal(block.norm2, block.conv2, block.nonlinearity)
+    if r2 is None and block.time_embedding_norm != "default":
+        r2 = f"time_embedding_norm '{block.time_embedding_norm}' modulates between norm2 and SiLU"
+    for half, reason in (("norm1", r1), ("norm2", r2)):
+        if reason is not None:
+            refusals[half] = reason
+    if len(refusals) < 2:
+        block.__class__ = FusedResnetBlock2D
+        block.tcaq_fuse = (r1 is None, r2 is None)
+    return refusals
+
+
+def _norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
+                    residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes."""
+    a, group = conv.act, conv.groups.group
+    codes = triton_ops.groupnorm_silu_quantize(x, norm.weight, norm.bias, norm.num_groups, norm.eps, a.s_inv, a.zero,
+                                               group, a.bits, conv.r_inv)
+    return triton_ops.qconv2d(codes, conv.triton_weight, conv.triton_wsum, conv.w_scale, conv.bias, a.s_inv, a.scale,
+                              a.zero, group, conv.stride[0], list(conv.padding), a_bits=a.bits, r_inv=conv.r_inv,
+                              residual=residual, out_dtype=x.dtype)
+
+
+def _conv_out_shape(conv: QConv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
+    (kh, kw), (sh, sw), (ph, pw) = conv.weight_shape[2:], conv.stride, conv.padding
+    return x.shape[0], conv.weight_shape[0], (x.shape[2] + 2 * ph - kh) // sh + 1, (x.shape[3] + 2 * pw - kw) // sw + 1
+
+
+class FusedResnetBlock2D(ResnetBlock2D):
+    """diffusers' ResnetBlock2D forward with fused norm → SiLU → quantize → conv halves (see module doc).
+
+    Not constructed directly: `fuse_resnet` swaps an existing block's class and sets `tcaq_fuse`
+    = (half 1 fused, half 2 fused).
+    """
+
+    tcaq_fuse: tuple[bool, bool]
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.training or args or kwargs.get("scale") is not None:
+            return super().forward(input_tensor, temb, *args, **kwargs)
+        fuse1, fuse2 = self.tcaq_fuse
+        if self.time_emb_proj is not None:
+            if not self.skip_time_act:
+                temb = self.nonlinearity(temb)
+            temb = self.time_emb_proj(temb)[:, :, None, None]
+        add_temb = temb if self.time_embedding_norm == "default" else None
+
+        if fuse1:
+            res = None if add_temb is None else add_temb.expand(_conv_out_shape(self.conv1, input_tensor))
+            hidden_states = _norm_silu_conv(self.norm1, self.conv1, input_tensor, res)
+        else:
+            hidden_states, input_tensor = self._first_half(input_tensor)
+            if add_temb is not None:
+                hidden_states = hidden_states + add_temb
+
+        shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+        if fuse2:
+            out = _norm_silu_conv(self.norm2, self.conv2, hidden_states, shortcut)
+        else:
+            out = shortcut + self._second_half(hidden_states, temb)
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+    def _first_half(self, input_tensor):
+        """diffusers' norm1 → SiLU → resample → conv1; returns (hidden, the resampled input)."""
+        hidden_states = self.nonlinearity(self.norm1(input_tensor))
+        if self.upsample is not None:
+            if hidden_states.shape[0] >= 64:  # diffusers' workaround for nearest upsampling of large batches
+                input_tensor = input_tensor.contiguous()
+                hidden_states = hidden_states.contiguous()
+            input_tensor = self.upsample(input_tensor)
+            hidden_states = self.upsample(hidden_states)
+        elif self.downsample is not None:
+            input_tensor = self.downsample(input_tensor)
+            hidden_states = self.downsample(hidden_states)
+        return self.conv1(hidden_states), input_tensor
+
+    def _second_half(self, hidden_states, temb):
+        """diffusers' norm2 (with scale_shift) → SiLU → dropout → conv2."""
+        hidden_states = self.norm2(hidden_states)
+        if self.time_embedding_norm == "scale_shift":
+            if temb is None:
+                raise ValueError(f"`temb` should not be None when `time_embedding_norm` is {self.time_embedding_norm}")
+            time_scale, time_shift = torch.chunk(temb, 2, dim=1)
+            hidden_states = hidden_states * (1 + time_scale) + time_shift
+        hidden_states = self.dropout(self.nonlinearity(hidden_states))
+        return self.conv2(hidden_states)

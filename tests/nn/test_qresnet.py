@@ -1,0 +1,131 @@
+"""Fused ResnetBlock2D (nn/qresnet.py) against the unfused triton backend, and convert's fuse_norm.
+
+The fused block's conv codes come from the GroupNorm kernel, the unfused block's from torch's
+GroupNorm + SiLU and the conv's quantize: they may differ by one code within the fp32 band of a
+rounding boundary (tests/triton/_gn_band.py), nowhere else; with equal codes the block outputs agree
+to fp32 rounding. CPU: Triton's interpreter on 5×4 crops of the embedded model's activations; the whole
+UNet (fused against unfused, and a short sampling run) on the GPU only: the interpreter takes minutes.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.resnet import ResnetBlock2D
+
+import tcaq_kernels
+from tcaq_kernels.nn.qresnet import FusedResnetBlock2D, fuse_resnet
+from tcaq_kernels.ops import triton_ops
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "triton"))
+from _gn_band import assert_codes_within_band, band, reference  # noqa: E402
+
+# a block without and one with conv_shortcut (64 → 128 channels)
+BLOCKS = ["down_blocks.0.resnets.0", "down_blocks.1.resnets.0"]
+
+
+@pytest.fixture(scope="module")
+def models(ref_unet, ref_state_w8a8):
+    return {fuse: tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="triton", fuse_norm=fuse)
+            for fuse in (False, True)}
+
+
+def _block_inputs(unet, name, x, t):
+    """(input_tensor, temb) the block receives in a float forward."""
+    seen = {}
+
+    def keep(module, args):
+        seen.setdefault("args", (args[0].detach(), args[1].detach()))
+
+    hook = unet.get_submodule(name).register_forward_pre_hook(keep)
+    with torch.no_grad():
+        unet(x, t)
+    hook.remove()
+    return seen["args"]
+
+
+def _record_input(module, store):
+    return module.register_forward_pre_hook(lambda m, a: store.append(a[0].detach()))
+
+
+def test_convert_fuses_every_resblock(models):
+    fused, plain = models[True], models[False]
+    blocks = [n for n, m in plain.named_modules() if isinstance(m, ResnetBlock2D)]
+    assert blocks and all(type(plain.get_submodule(n)) is ResnetBlock2D for n in blocks)
+    assert all(type(fused.get_submodule(n)) is FusedResnetBlock2D for n in blocks)
+    # every conv1/conv2 of the embedded model is quantized, unsplit, and no block resamples
+    assert fused.tcaq_info["fused_norms"] == 2 * len(blocks) and fused.tcaq_info["unfused_norms"] == {}
+    assert "fused_norms" not in plain.tcaq_info
+    assert list(fused.state_dict()) == list(plain.state_dict())
+
+
+@pytest.mark.parametrize("name", BLOCKS)
+def test_fused_block_matches_unfused(models, ref_unet, rng, monkeypatch, name):
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    t = torch.tensor([900, 100])
+    inp, temb = _block_inputs(ref_unet, name, x, t)
+    inp = inp[..., :5, :4].contiguous()
+    for model in models.values():
+        model.tcaq_groups.update(t, 2)
+    plain, fused = models[False].get_submodule(name), models[True].get_submodule(name)
+
+    acts, codes = [], []
+    hooks = [_record_input(plain.norm1, acts), _record_input(plain.norm2, acts)]
+    gn = triton_ops.groupnorm_silu_quantize
+    monkeypatch.setattr(triton_ops, "groupnorm_silu_quantize", lambda *a, **k: codes.append(gn(*a, **k)) or codes[-1])
+    with torch.no_grad():
+        y_plain, y_fused = plain(inp, temb), fused(inp, temb)
+    for h in hooks:
+        h.remove()
+
+    assert len(codes) == 2 and y_fused.shape == y_plain.shape and y_fused.dtype == y_plain.dtype
+    flips = 0
+    for (norm, conv), x_norm, c in zip(((plain.norm1, plain.conv1), (plain.norm2, plain.conv2)), acts, codes):
+        g = conv.groups.group.long()
+        s_inv, zero = conv.act.s_inv[g].view(-1, 1, 1, 1), conv.act.zero[g].view(-1, 1, 1, 1)
+        ref, v = reference(x_norm, norm.num_groups, norm.weight, norm.bias, norm.eps, s_inv, zero, conv.act.bits,
+                           conv.r_inv)
+        tol = band(x_norm, norm.num_groups, norm.weight, norm.bias, norm.eps, s_inv, conv.r_inv)
+        flips += int(assert_codes_within_band(c, ref, v, tol, f"{name} {conv.name}").sum())
+        if flips:  # conv2's input then differs between the paths; its codes are not comparable
+            break
+    if flips == 0:
+        # equal codes: conv epilogues with temb / shortcut fused vs added in torch, fp32 rounding apart
+        torch.testing.assert_close(y_fused, y_plain, rtol=1e-5, atol=1e-5 * y_plain.abs().max().item())
+    else:
+        rel = ((y_fused - y_plain).norm() / y_plain.norm()).item()
+        assert rel < 1e-2, rel
+
+
+def test_unsupported_halves_fall_back(models, ref_unet, ref_state_w8a8):
+    """A split-input conv1 keeps half 1 unfused; a resampling block keeps half 1 unfused; a block
+    whose convs are float is left as diffusers' class."""
+    import copy
+
+    model = copy.deepcopy(models[False])
+    block = model.get_submodule(BLOCKS[0])
+    block.conv1.input_split = 16  # what a split-input QConv2d carries
+    assert fuse_resnet(BLOCKS[0], block) == {"norm1": "conv has a split input (two activation quantizers)"}
+    assert type(block) is FusedResnetBlock2D and block.tcaq_fuse == (False, True)
+
+    down = ResnetBlock2D(in_channels=8, temb_channels=None, groups=4, down=True).eval()
+    assert set(fuse_resnet("float", down)) == {"norm1", "norm2"} and type(down) is ResnetBlock2D
+
+
+@pytest.mark.cuda
+def test_fused_unet_on_gpu(ref_unet, ref_scheduler, ref_state_w8a8):
+    from tcaq_kernels.sampling import ddim_sample, seeded_noise
+
+    import copy
+
+    unet = copy.deepcopy(ref_unet).cuda()
+    models = {f: tcaq_kernels.convert(unet, ref_state_w8a8, backend="triton", fuse_norm=f) for f in (False, True)}
+    noise = seeded_noise(range(16), (3, 32, 32), "cuda")
+    with torch.no_grad():
+        e = {f: m(noise, 500).sample for f, m in models.items()}
+    rel = ((e[True] - e[False]).norm() / e[False].norm()).item()
+    assert rel < 1e-2, rel
+    images = {f: ddim_sample(m, ref_scheduler, noise, 10, progress=False) for f, m in models.items()}
+    assert (images[True] - images[False]).pow(2).mean().item() < 1e-4
