@@ -51,6 +51,11 @@ def parse_job(text: str) -> tuple[str, str, int]:
         raise argparse.ArgumentTypeError(f"job {text!r}: expected PRESET:BITS:N_SAMPLES, e.g. tcaq:W4A8:10000") from None
 
 
+def is_float(preset: str) -> bool:
+    """Jobs named `fp…` evaluate the full-precision model in the same run (the baseline beside the rows)."""
+    return preset.startswith("fp")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -64,13 +69,15 @@ def job_commands(preset: str, bits: str, n: int, a: argparse.Namespace, state: P
              "--seed", str(CALIB_SEED), "--out", str(state)]
     for opt in a.option:
         calib += ["--option", opt]
-    ev = [sys.executable, "-m", "tcaq_kernels", "evaluate", "--state", str(state), "--backend", a.backend,
+    ev = [sys.executable, "-m", "tcaq_kernels", "evaluate", *([] if is_float(preset) else ["--state", str(state), "--backend", a.backend]),
           "--n-samples", str(n), "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--out", str(eval_dir),
           "--no-progress"]
     for flag, val in (("--ref-npz", a.ref_npz), ("--resnet-weights", a.resnet_weights), ("--cache-dir", a.cache_dir)):
         if val:
             ev += [flag, val]
-    return calib, ev
+    if a.allow_tf32:
+        ev.append("--allow-tf32")
+    return ([] if is_float(preset) else calib), ev
 
 
 def portable(cmd: list[str], drop=("--ref-npz", "--resnet-weights", "--cache-dir", "--no-progress")) -> str:
@@ -118,9 +125,10 @@ def summarize_state(path: Path) -> dict:
 
 def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, lock: threading.Lock) -> dict:
     preset, bits, n = job
-    tag = f"{preset.replace('+', '_')}-{bits}-{n}"
+    name = f"{preset.replace('+', '_')}-{bits}"
     out = Path(a.out)
-    state, eval_dir, log_path = out / f"{tag}.tcaq", out / tag, out / f"{tag}.log"
+    # one state per (preset, bits): with --reuse-states a 2,000-sample row reuses the 10,000-sample row's state
+    state, eval_dir, log_path = out / f"{name}.tcaq", out / f"{name}-{n}", out / f"{name}-{n}.log"
     calib, ev = job_commands(preset, bits, n, a, state, eval_dir)
     env = dict(os.environ)
     if gpu is not None:
@@ -128,7 +136,7 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
     seconds = {}
     with open(log_path, "w") as log:
         for name, cmd in (("calibrate", calib), ("evaluate", ev)):
-            if name == "calibrate" and state.exists() and a.reuse_states:
+            if not cmd or (name == "calibrate" and state.exists() and a.reuse_states):
                 continue
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
@@ -141,12 +149,14 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
         "fid_resnet56": report["fid_resnet56"], "is_resnet56": report["is_resnet56"],
         "psnr_vs_fp": report["psnr_vs_fp"], "eps_rel_error": (report.get("eps_rel_error") or {}).get("mean"),
         "fidelity_seeds": (report.get("fidelity") or {}).get("n_seeds"),
-        **summarize_state(state),
+        **({} if is_float(preset) else summarize_state(state)),
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
-        "backend": a.backend, "card": report["device"],
+        "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],
         "torch": report["versions"]["torch"], "triton": report["versions"]["triton"],
-        "command": f"{portable(calib)} && {portable(ev)}",
+        "command": portable(ev) if is_float(preset) else f"{portable(calib)} && {portable(ev)}",
     }
+    if row.get("calib_seconds") is None and not is_float(preset):
+        row["calib_seconds"] = seconds.get("calibrate")  # the whole command, model loading included
     with lock:
         upsert_rows(a.results, [row])
     return row
@@ -195,7 +205,8 @@ def _fmt(v, spec: str) -> str:
 def render_markdown(rows: list[dict]) -> str:
     """The table of every quantized row beside the full-precision one, grouped by bit width."""
     fp = next((r for r in rows if r["preset"] == "fp"), None)
-    quant = [r for r in rows if r["preset"] not in ("fp", "test-images-floor")]
+    fp_tf32 = next((r for r in rows if r["preset"] == "fp-tf32" and r["n_samples"] == 10000), None)
+    quant = [r for r in rows if r["preset"] not in ("fp", "test-images-floor")]  # fp-tf32 is listed with them
     quant.sort(key=lambda r: (BITS_ORDER.index(r["bits"]) if r["bits"] in BITS_ORDER else 99, -r["n_samples"], r["preset"]))
     lines = [
         "# Quality table: FID-ResNet56 of the reference model per preset and bit width",
@@ -203,7 +214,9 @@ def render_markdown(rows: list[dict]) -> str:
         "DDIM-100 (eta 0) samples of `tcaq_kernels/models/ddpm-cifar10-small`, sample i from seed i, scored "
         "against the 10,000 CIFAR-10 test images in the ResNet-56 feature space (not comparable with a paper's "
         "Inception FID). PSNR: final images against the full-precision model's on the same seeds (the first 64); "
-        "calibration seeds start at 1,000,000. Δ: FID change against the full-precision row.",
+        "calibration seeds start at 1,000,000. Δ: FID change against the full-precision row of the same "
+        "arithmetic and sample count (`fp-tf32` for rows evaluated with TF32, whose integer products are exact in "
+        "TF32; `fp` otherwise); FID is biased by the sample count, so rows compare only at equal n.",
         "",
         "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | calib (s) | card | state sha256 |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
@@ -211,11 +224,14 @@ def render_markdown(rows: list[dict]) -> str:
     if fp:
         lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | {fp['card']} | — |")
     for r in quant:
-        delta = None if not fp else 100 * (r["fid_resnet56"] / fp["fid_resnet56"] - 1)
+        base = fp_tf32 if (r.get("allow_tf32") and fp_tf32) else fp
+        comparable = base and base is not r and base["n_samples"] == r["n_samples"]  # FID is biased by n
+        delta = 100 * (r["fid_resnet56"] / base["fid_resnet56"] - 1) if comparable else None
         lines.append(
             f"| {r['bits']} | {r['preset']} | {r['n_samples']} | {r['fid_resnet56']:.3f} | "
             f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
-            f"{_fmt(r.get('calib_seconds'), '.0f')} | {r.get('card', '—')} | `{(r.get('state_sha256') or '—')[:12]}` |")
+            f"{_fmt(r.get('calib_seconds'), '.0f')} | {r.get('card', '—')}{' (TF32)' if r.get('allow_tf32') else ''} | "
+            f"`{(r.get('state_sha256') or '—')[:12]}` |")
     lines += ["", "Commands (one per row):", ""]
     for r in quant:
         lines.append(f"- {r['bits']} {r['preset']} (n={r['n_samples']}, backend {r.get('backend')}, torch "
@@ -231,6 +247,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backend", default="simulate", choices=("reference", "simulate", "triton"))
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=2000)
+    p.add_argument("--allow-tf32", action="store_true",
+                   help="TF32 matmuls/convs in the evaluation (integer codes of up to 8 bits times 8-bit weights are exact in TF32)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="calibration option for every job")
     p.add_argument("--deadline", type=float, default=None, help="start no job after this many seconds")
     p.add_argument("--reuse-states", action="store_true", help="skip calibration where the state file exists")
