@@ -29,13 +29,15 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         differ by one where the value lies within fp32 rounding of a rounding boundary.
 
     qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
-            residual=None, out_dtype=None) -> y [..., N]
+            residual=None, out_dtype=None, split_k=None) -> y [..., N]
         x [..., K]: float activations, quantized in the GEMM prologue (one kernel), or int8 codes
         from `quantize_act`. (w_q, w_sum) from `prepare_linear_weight(w_int, bits)`: int8 [N, K]
         or packed int4 uint8 [N, ⌈K/2⌉]; w_scale [N] fp32; bias [N] or None; residual [..., N] or
         None (added after the bias). Rows of sample b are the M/B consecutive rows of x's
         flattened leading dims (B = group.numel()). out_dtype defaults to x's float dtype
-        (bfloat16 for int8 input).
+        (bfloat16 for int8 input). split_k: None lets `choose_split_k` split the K loop when the
+        output tiles cannot fill the GPU (small M), 1 never splits, n > 1 forces n splits; int32
+        partial sums added exactly, so the result does not depend on it.
 
     qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
             a_bits=8, r_inv=None, residual=None, out_dtype=None) -> y [B, N, OH, OW] channels_last
@@ -196,6 +198,7 @@ def qlinear(
     r_inv: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """Quantized linear layer, quantize fused into the GEMM prologue (see module doc)."""
     K = x.shape[-1]
@@ -208,13 +211,13 @@ def qlinear(
     out = torch.empty((M, N), dtype=_float_out(x, out_dtype), device=x.device)
     res2 = residual.reshape(M, N) if residual is not None else None
     qgemm(x2, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, gstride, max(M // batch, 1),
-          a_bits, r_inv, res2, out)
+          a_bits, r_inv, res2, out, split_k)
     return out.view(*x.shape[:-1], N)
 
 
 @qlinear.register_fake
 def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None, residual=None,
-      out_dtype=None):
+      out_dtype=None, split_k=None):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=_float_out(x, out_dtype))
 
 

@@ -12,6 +12,11 @@ MMA (DESIGN.md §4), so int4 halves the weight bytes but multiplies as int8.
 Accumulation is int32 through `tl.dot` on int8; `Σ_k w` is precomputed offline, so the zero-point
 correction is one multiply-subtract per output in the epilogue.
 
+Small M (time embeddings, text tokens, the 8×8 levels) gives fewer output tiles than SMs: the K
+loop is then split (`choose_split_k`), each split writes int32 partial sums and a second kernel adds
+them in split order and runs the same epilogue (`linear_epilogue`) — integer addition, so the
+result is bit-exact and deterministic whatever the split, and nothing syncs with the host.
+
 Performance limits (measured, benchmarks/results/kernels.md): Triton 3.6 issues an int8 wgmma
 synchronously — its MMAv3 pipeliner keeps a dot asynchronous only for fp32 accumulators — so the
 tensor cores idle while each k-step's MMA is waited on, and the int8 kernel runs at about bf16
@@ -40,8 +45,9 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """Tiles of 16/32 rows only for small M, and never for large M; BLOCK_K never past K."""
-    M, K = named_args["M"], named_args["K"]
+    """Tiles of 16/32 rows only for small M, and never for large M; BLOCK_K never past K (or the
+    K range of one split)."""
+    M, K = named_args["M"], min(named_args["K"], named_args["k_per_split"])
     small = [c for c in configs if c.kwargs["BLOCK_M"] <= 32]
     large = [c for c in configs if c.kwargs["BLOCK_M"] > 32]
     keep = small if M <= 32 else large
@@ -49,21 +55,24 @@ def _prune(configs, named_args, **kwargs):
     return fit or keep
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "W4"],
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qgemm_kernel(
-    a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     r_inv_ptr, s_inv_ptr, scale_ptr, zero_ptr, group_ptr,
-    M, N, K, rows_per_sample, group_stride,
+    M, N, K, k_per_split, rows_per_sample, group_stride,
     stride_am, stride_ak, stride_wn, stride_rm, stride_rn, stride_om,
     A_FLOAT: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # split-K: this program sums k in [k_lo, k_hi); k_per_split is a multiple of every BLOCK_K
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -74,24 +83,24 @@ def _qgemm_kernel(
     zero = tl.load(zero_ptr + g)
 
     rk = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + rm_in[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    a_ptrs = a_ptr + rm_in[:, None].to(tl.int64) * stride_am + (k_lo + rk)[None, :] * stride_ak
     if W4:
         rkw = tl.arange(0, BLOCK_K // 2)
-        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rkw[None, :]
+        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + (k_lo // 2 + rkw)[None, :]
         k_packed = (K + 1) // 2
-        p_next = tl.load(w_ptrs, mask=rkw[None, :] < k_packed, other=0)
+        p_next = tl.load(w_ptrs, mask=rkw[None, :] < k_packed - k_lo // 2, other=0)
     else:
-        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        w_ptrs = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + (k_lo + rk)[None, :]
     if A_FLOAT:
         s_inv = tl.load(s_inv_ptr + g)[:, None]
         zero_col = zero[:, None]
-        x_next = tl.load(a_ptrs, mask=rk[None, :] < K, other=0.0)
+        x_next = tl.load(a_ptrs, mask=rk[None, :] < K - k_lo, other=0.0)
 
     # Operands that pass through registers (float activations to quantize, int4 weights to widen)
     # are not software-pipelined by Triton, so the next tile is prefetched by hand, one iteration
     # ahead; int8 operands are left to Triton's cp.async pipeline.
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if A_FLOAT:
             u = x_next.to(tl.float32)
             a_ptrs += BLOCK_K * stride_ak
@@ -118,7 +127,20 @@ def _qgemm_kernel(
             w_ptrs += BLOCK_K
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
-    # Epilogue: zero-point correction in int32, then acc·(s_w·s_a) + bias in fp32 (scale formed first).
+    if SPLIT_K > 1:
+        # int32 partial sums; `_splitk_epilogue_kernel` adds them in split order (exact) and finishes
+        part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(part, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    else:
+        linear_epilogue(acc, rm, rn, M, N, zero, g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                        stride_rm, stride_rn, stride_om, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def linear_epilogue(acc, rm, rn, M, N, zero, g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                    stride_rm, stride_rn, stride_om, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """Zero-point correction in int32, then acc·(s_w·s_a) + bias (+ residual) in fp32 (scale formed
+    first), stored to out[rm, rn]; `zero`/`g` are the rows' zero points and timestep groups."""
     n_mask = rn < N
     acc = acc - zero[:, None] * tl.load(w_sum_ptr + rn, mask=n_mask, other=0)[None, :]
     s_a = tl.load(scale_ptr + g)
@@ -133,6 +155,26 @@ def _qgemm_kernel(
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _splitk_epilogue_kernel(
+    part_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, zero_ptr, group_ptr,
+    M, N, rows_per_sample, group_stride, stride_rm, stride_rn, stride_om,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    g = tl.load(group_ptr + ((rm % M) // rows_per_sample) * group_stride)
+    part = part_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for _ in range(0, SPLIT_K):  # in split order: deterministic (and integer, so exact)
+        acc += tl.load(part, mask=mask, other=0)
+        part += M * N
+    linear_epilogue(acc, rm, rn, M, N, tl.load(zero_ptr + g), g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr,
+                    res_ptr, out_ptr, stride_rm, stride_rn, stride_om, HAS_BIAS, HAS_RES)
+
+
 def prepare_linear_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline: integer weights [N, K] → (kernel operand, Σ_k w as int32 [N]).
 
@@ -145,27 +187,71 @@ def prepare_linear_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor,
     return w_op.contiguous(), w_sum.contiguous()
 
 
+# Split-K: used when the output tiles would fill fewer than half the SMs; each split gets at least
+# _MIN_K_PER_SPLIT of the reduction, in multiples of _K_ALIGN (a multiple of every BLOCK_K).
+_MIN_K_PER_SPLIT = 256
+_K_ALIGN = 128
+_MAX_SPLIT_K = 16
+
+
+def choose_split_k(M: int, N: int, K: int, sms: int) -> int:
+    """Splits of the K loop for an M×N×K GEMM on `sms` SMs (1: no split).
+
+    The output tile count is estimated with the tiles the autotuner keeps for that M (16×64 for
+    M ≤ 32, 128×128 above); splitting stops at enough programs for the SMs, at _MIN_K_PER_SPLIT
+    of K per split, and at _MAX_SPLIT_K (each split adds M·N·4 bytes of partial sums).
+    """
+    bm, bn = (16, 64) if M <= 32 else (128, 128)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    if 2 * tiles >= sms:
+        return 1
+    return max(1, min(sms // tiles, K // _MIN_K_PER_SPLIT, _MAX_SPLIT_K))
+
+
+def k_range_per_split(K: int, split_k: int) -> tuple[int, int]:
+    """(K per split rounded up to _K_ALIGN, the number of non-empty splits that gives)."""
+    per = triton.cdiv(triton.cdiv(K, max(split_k, 1)), _K_ALIGN) * _K_ALIGN
+    return per, triton.cdiv(K, per)
+
+
 def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
           bias, s_inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
-          group_stride: int, rows_per_sample: int, a_bits: int, r_inv, residual2, out: torch.Tensor) -> torch.Tensor:
+          group_stride: int, rows_per_sample: int, a_bits: int, r_inv, residual2, out: torch.Tensor,
+          split_k: int | None = None) -> torch.Tensor:
     """Launch on a2 [M, K] (int8 codes, or float when the prologue quantizes) into out [M, N].
 
     `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉] (then the kernel widens int4 to int8).
+    `split_k`: None chooses (`choose_split_k`, CUDA only), 1 never splits, n > 1 splits K n ways
+    (int32 partial sums, then a second kernel adds them in order and runs the epilogue: the
+    integers are exact and the result deterministic; no host sync, so CUDA graphs capture it).
     """
     M, K = a2.shape
     N = w_op.shape[0]
     if M == 0 or N == 0:
         return out
+    if split_k is None:
+        sms = torch.cuda.get_device_properties(a2.device).multi_processor_count if a2.is_cuda else 1
+        split_k = choose_split_k(M, N, K, sms) if a2.is_cuda else 1
+    per_split, split_k = k_range_per_split(K, split_k)
+    part = torch.empty((split_k, M, N), dtype=torch.int32, device=a2.device) if split_k > 1 else out
     a_float = a2.dtype != torch.int8
     res = residual2 if residual2 is not None else out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    tail = dict(HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, SPLIT_K=split_k)
+    bias_arg = bias if bias is not None else w_scale
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
     _qgemm_kernel[grid](
-        a2, w_op, w_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        a2, w_op, w_sum, w_scale, bias_arg, res, out, part,
         r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group,
-        M, N, K, rows_per_sample, group_stride,
+        M, N, K, per_split, rows_per_sample, group_stride,
         a2.stride(0), a2.stride(1), w_op.stride(0), res.stride(0), res.stride(1), out.stride(0),
         A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None,
-        QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
-        W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None,
+        QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1, W4=w_op.dtype == torch.uint8, **tail,
     )
+    if split_k > 1:
+        block_m, block_n = 32, 64
+        _splitk_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            part, w_sum, w_scale, bias_arg, res, out, scale, zero, group,
+            M, N, rows_per_sample, group_stride, res.stride(0), res.stride(1), out.stride(0),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **tail,
+        )
     return out

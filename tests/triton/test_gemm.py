@@ -5,7 +5,7 @@ import torch
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 from tcaq_kernels.quant import primitives as P
-from tcaq_kernels.triton.gemm import qgemm
+from tcaq_kernels.triton.gemm import choose_split_k, k_range_per_split, qgemm
 
 from _tables import Tables, assert_float_close, rand_int
 
@@ -111,3 +111,70 @@ def test_large_shapes(gen, w_bits, mnk):
     assert torch.equal(y, acc.float())
     y = qlinear(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group)
     assert_float_close(y, R.epilogue(acc, w_scale, t.per_sample(t.scale, 3), bias, -1), "qlinear")
+
+
+# split-K: odd small shapes, K not a multiple of the split's 128-aligned range, every weight width,
+# both input kinds; the int32 result must not depend on the split.
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("split_k", [2, 3])
+@pytest.mark.parametrize("a_float", [False, True])
+def test_split_k_exact(gen, device, w_bits, split_k, a_float):
+    B, L, K, N = 3, 1, 333, 37
+    w = rand_int(gen, (N, K), w_bits, device)
+    t = Tables(gen, groups=4, batch=B, bits=8, device=device, unit_scale=True)
+    r_inv = (torch.rand(K, generator=gen) + 0.5).to(device)
+    x = (torch.randn(B, L, K, generator=gen) * 3).to(device)
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, r_inv, -1)
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
+    y = qlinear(x if a_float else codes, w_q, w_sum, torch.ones(N, device=device), None, t.s_inv, t.scale, t.zero,
+                t.group, 8, r_inv, out_dtype=torch.float32, split_k=split_k)
+    assert torch.equal(y, _acc_ref(codes, w, t).float())
+
+
+def test_split_k_epilogue_bias_residual(gen, device):
+    """The split's epilogue kernel applies zero point, scales, bias and residual like the fused one."""
+    B, L, K, N = 2, 5, 300, 45
+    x = torch.randn(B, L, K, generator=gen).to(device)
+    w = rand_int(gen, (N, K), 8, device)
+    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
+    bias = torch.randn(N, generator=gen).to(device)
+    residual = torch.randn(B, L, N, generator=gen).to(device)
+    t = Tables(gen, groups=5, batch=B, bits=8, device=device)
+    w_q, w_sum = prepare_linear_weight(w, 8)
+    args = (x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group)
+    y_split = qlinear(*args, residual=residual, split_k=3)
+    assert torch.equal(y_split, qlinear(*args, residual=residual, split_k=1))
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
+    ref = R.epilogue(_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual
+    assert_float_close(y_split, ref, "qlinear split-K")
+
+
+def test_choose_split_k():
+    """Split only where the output tiles leave SMs idle, never below 256 of K a split."""
+    assert choose_split_k(8192, 320, 320, 132) == 1
+    assert choose_split_k(2, 1280, 1280, 132) == 5  # 20 tiles of 16×64; K 1280 allows 5 splits
+    assert choose_split_k(2, 320, 1280, 132) == 5
+    assert choose_split_k(128, 1280, 5120, 132) == 13
+    assert choose_split_k(2, 1280, 200, 132) == 1
+    assert k_range_per_split(1280, 5) == (256, 5) and k_range_per_split(5120, 13) == (512, 10)
+    assert k_range_per_split(333, 3) == (128, 3) and k_range_per_split(100, 4) == (128, 1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("mnk", [(2, 1280, 1280), (2, 320, 1280), (128, 1280, 5120), (154, 320, 768),
+                                 (8, 640, 1280)])
+def test_split_k_large_shapes(gen, w_bits, mnk):
+    """The SD-1.5 small-M shapes with the heuristic's split and forced splits, bit for bit."""
+    M, N, K = mnk
+    x = torch.randn(M, K, generator=gen).to(torch.bfloat16).cuda()
+    w = rand_int(gen, (N, K), w_bits, "cuda")
+    t = Tables(gen, groups=10, batch=1, bits=8, device="cuda", unit_scale=True)
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
+    codes = P.quantize_uniform(x, t.s_inv[t.group.long()], t.zero[t.group.long()], 8)
+    acc = R.int_linear(codes, w, t.zero[t.group.long()]).float()
+    for split_k in (None, 1, 4, 16):
+        for a in (codes, x):
+            y = qlinear(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                        out_dtype=torch.float32, split_k=split_k)
+            assert torch.equal(y, acc), (split_k, a.dtype)
