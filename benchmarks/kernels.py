@@ -13,6 +13,15 @@ Rows (`--out`/kernels.json): {"op", "model", "shape", "count", "impl", "ms", "to
 "speedup_vs_bf16", "card", "command", "config", "eager_ms", "floor_ms"}; `count` is how often the shape occurs in one UNet
 call, `config` the Triton tile the autotuner chose. The markdown table beside it has the medians.
 
+Ops: "gemm", "conv" (below), "groupnorm" — a ResBlock's GroupNorm + SiLU before its conv:
+"torch-bf16" (F.group_norm + F.silu, bf16, channels_last as the quantized convs write it),
+"torch-bf16+quant" (the same, then the quantize kernel: what the unfused triton UNet runs) and
+"triton-fused" (`groupnorm_silu_quantize`: statistics kernel + one pass writing the conv's codes);
+the shapes and counts are the 44 norms of the 22 ResnetBlock2D of each UNet (derived from the
+diffusers configs), 32 groups — and "gemm-splitk", the GEMM shapes whose output tiles leave SMs
+idle (`choose_split_k` > 1 on this card), each Triton impl without split-K (`split_k=1`) and with
+the heuristic's split ("-splitk"; the split count is appended to `config`).
+
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
 "triton-w8a8+quant" conv rows take the bf16 NCHW (channels_last) activation: quantize kernel + conv.
@@ -21,6 +30,8 @@ Command (repo root, GPU machine; the shapes were traced once from diffusers' UNe
 UNet2DModel on the meta device, so diffusers is not needed here):
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out benchmarks/results
+
+(`--ops groupnorm,gemm-splitk` runs only those rows and keeps the others from the earlier run.)
 
 Where `import tcaq_kernels` would pull in diffusers and it is absent, put a stub package first on
 the path: `mkdir -p /tmp/pk/tcaq_kernels && touch /tmp/pk/tcaq_kernels/__init__.py && for d in quant
@@ -40,9 +51,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from tcaq_kernels.ops.triton_ops import prepare_conv_weight, prepare_linear_weight, qconv2d, qlinear
+from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
+                                         qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel
-from tcaq_kernels.triton.gemm import _qgemm_kernel
+from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split
+from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
 # (M, N, K, count per UNet call)
 GEMM = {
@@ -105,6 +118,17 @@ def _ddpm_convs(B):
 
 CONV = {"sd15-b2": _sd_convs(2), "sd15-b8": _sd_convs(8), "ddpm-cifar10-b256": _ddpm_convs(256)}
 
+# ResnetBlock2D norms (norm1 and norm2 of every block): (C, H = W, count per UNet call). Up blocks'
+# norm1 sees the concatenated skip input (e.g. SD 1280 + 1280 = 2560 channels at 8×8).
+_SD_NORMS = [(320, 64, 7), (640, 64, 2), (960, 64, 1), (320, 32, 1), (640, 32, 6), (960, 32, 1), (1280, 32, 1),
+             (1920, 32, 1), (640, 16, 1), (1280, 16, 6), (1920, 16, 1), (2560, 16, 2), (1280, 8, 11),
+             (2560, 8, 3)]
+_DDPM_NORMS = [(128, 32, 7), (256, 32, 2), (384, 32, 1), (128, 16, 1), (256, 16, 6), (384, 16, 1), (512, 16, 2),
+               (256, 8, 7), (512, 8, 3), (256, 4, 11), (512, 4, 3)]
+NORM = {"sd15-b2": [(2, *n) for n in _SD_NORMS], "sd15-b8": [(8, *n) for n in _SD_NORMS],
+        "ddpm-cifar10-b256": [(256, *n) for n in _DDPM_NORMS]}
+NORM_GROUPS = 32
+
 
 HBM_BYTES_PER_S = 3.0e12  # device-to-device copy measured on this H100 (DESIGN.md §4)
 PEAK_OPS = {"bf16": 989e12, "int8": 1979e12, "fp8": 1979e12}  # dense tensor-core peaks
@@ -145,6 +169,8 @@ def _tables(B, G=10, dev="cuda"):
 
 def _best(kernel) -> str:
     c = kernel.best_config
+    if "BLOCK_M" not in c.kwargs:
+        return " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps}"
     return "{}x{}x{} w{} s{}".format(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
                                      c.num_stages)
 
@@ -188,6 +214,59 @@ def run_gemm(model, shape, card, command):
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
 
 
+def split_k_shapes(model):
+    """The model's GEMM shapes that the split-K heuristic splits on this card."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return [g for g in GEMM[model] if choose_split_k(g[0], g[1], g[2], sms) > 1]
+
+
+def run_gemm_splitk(model, shape, card, command):
+    """Triton GEMMs without (`split_k=1`) and with the heuristic's split-K, cuBLAS bf16 beside them."""
+    M, N, K, count = shape
+    t = _tables(BATCH[model] if M % BATCH[model] == 0 else 1)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(N, K, device="cuda") * K ** -0.5).to(torch.bfloat16)
+    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
+    a = torch.randint(-128, 128, (M, K), device="cuda", dtype=torch.int8)
+    w_scale = torch.rand(N, device="cuda") * 1e-3
+    ops = {8: prepare_linear_weight(torch.randint(-128, 128, (N, K), device="cuda", dtype=torch.int8), 8),
+           4: prepare_linear_weight(torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8), 4)}
+    tab = (t["s_inv"], t["scale"], t["zero"], t["group"])
+    split = k_range_per_split(K, choose_split_k(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count))[1]
+    impls = {"cublas-bf16": (lambda: F.linear(x, w, bias), None)}
+    for name, inp, bits in (("w8a8", a, 8), ("w4a8", a, 4), ("w8a8-fused", x, 8)):
+        for suffix, split_k in (("", 1), ("-splitk", None)):
+            impls[f"triton-{name}{suffix}"] = (
+                lambda inp=inp, bits=bits, split_k=split_k: qlinear(inp, *ops[bits], w_scale, bias, *tab,
+                                                                    split_k=split_k),
+                _qgemm_kernel, f" split{split}" if split_k is None else "")
+    return _time_all("gemm-splitk", model, f"{M}x{N}x{K}", count, 2.0 * M * N * K, impls, {}, "cublas-bf16", card,
+                     command)
+
+
+def run_norm(model, shape, card, command):
+    """GroupNorm + SiLU (+ quantize) before a ResBlock conv: torch bf16 against the fused kernel."""
+    B, C, S, count = shape
+    t = _tables(B)
+    x = torch.randn(B, C, S, S, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    w = (torch.rand(C, device="cuda") + 0.5).to(torch.bfloat16)
+    b = (torch.randn(C, device="cuda") * 0.1).to(torch.bfloat16)
+    r_inv = torch.rand(C, device="cuda") + 0.5
+    gn = lambda: F.silu(F.group_norm(x, NORM_GROUPS, w, b, 1e-5))
+    n = x.numel()
+    floors = {"torch-bf16": floor_ms(2 * n + 2 * n, 0, "bf16"),  # read x, write y
+              "triton-fused": floor_ms(2 * n + 2 * n + n, 0, "int8")}  # x twice (statistics, pass), codes
+    impls = {
+        "torch-bf16": (gn, None),
+        "torch-bf16+quant": (lambda: quantize_act(gn(), t["s_inv"], t["zero"], t["group"], 8, r_inv, channel_dim=1),
+                             None),
+        "triton-fused": (lambda: groupnorm_silu_quantize(x, w, b, NORM_GROUPS, 1e-5, t["s_inv"], t["zero"], t["group"],
+                                                         8, r_inv), _gn_silu_quantize_kernel),
+    }
+    return _time_all("groupnorm", model, f"B{B} C{C} {S}x{S} G{NORM_GROUPS}", count, 0.0, impls, floors, "torch-bf16",
+                     card, command)
+
+
 def run_conv(model, shape, card, command):
     B, C, H, W, N, k, stride, pads, count = shape
     top, bottom, left, right = pads
@@ -228,11 +307,11 @@ def run_conv(model, shape, card, command):
 
 def _time_all(op, model, shape, count, flops, impls, floors, base, card, command):
     rows, base_ms = [], None
-    for impl, (fn, kernel) in impls.items():
+    for impl, (fn, kernel, *note) in impls.items():
         try:
             fn()
             torch.cuda.synchronize()
-            config = _best(kernel) if kernel is not None else None
+            config = _best(kernel) + "".join(note) if kernel is not None else None
             ms, eager_ms = bench(fn)
         except (RuntimeError, ValueError) as e:  # e.g. _int_mm needs M > 16
             print(f"  {op} {model} {shape} {impl}: not run ({str(e).splitlines()[0][:100]})")
@@ -240,7 +319,7 @@ def _time_all(op, model, shape, count, flops, impls, floors, base, card, command
         if impl == base:
             base_ms = ms
         rows.append({"op": op, "model": model, "shape": shape, "count": count, "impl": impl, "ms": ms,
-                     "tops": flops / ms / 1e9, "speedup_vs_bf16": None, "card": card, "command": command,
+                     "tops": flops / ms / 1e9 if flops else None, "speedup_vs_bf16": None, "card": card, "command": command,
                      "config": config, "eager_ms": eager_ms, "floor_ms": floors.get(impl)})
     for r in rows:
         r["speedup_vs_bf16"] = base_ms / r["ms"] if base_ms else None
@@ -249,15 +328,21 @@ def _time_all(op, model, shape, count, flops, impls, floors, base, card, command
     return rows
 
 
+# op → (baseline impl, the impl whose floor, eager time and config the per-shape tables show)
+OPS = {"gemm": ("cublas-bf16", "triton-w8a8"), "conv": ("cudnn-bf16", "triton-w8a8"),
+       "groupnorm": ("torch-bf16", "triton-fused"), "gemm-splitk": ("cublas-bf16", "triton-w8a8-fused-splitk")}
+
+
 def summarize(rows, meta) -> str:
     """Markdown: per-shape tables, then medians of the speedups and count-weighted time ratios."""
     out = [f"# Kernel benchmarks\n\n{meta}\n"]
-    for op, base in (("gemm", "cublas-bf16"), ("conv", "cudnn-bf16")):
+    for op, (base, main_impl) in OPS.items():
         impls = list(dict.fromkeys(r["impl"] for r in rows if r["op"] == op))
         for model in dict.fromkeys(r["model"] for r in rows if r["op"] == op):
             sel = [r for r in rows if r["op"] == op and r["model"] == model]
             out.append(f"\n## {op} — {model} (µs, ×{base})\n")
-            out.append("| shape | n | " + " | ".join(impls) + " | w8a8 floor | eager w8a8 / bf16 | config (w8a8) |")
+            out.append("| shape | n | " + " | ".join(impls) + f" | {main_impl} floor | eager {main_impl} / {base} | "
+                       f"config ({main_impl}) |")
             out.append("|" + "---|" * (len(impls) + 5))
             for shape in dict.fromkeys(r["shape"] for r in sel):
                 cells = {r["impl"]: r for r in sel if r["shape"] == shape}
@@ -265,7 +350,7 @@ def summarize(rows, meta) -> str:
                 for i in impls:
                     r = cells.get(i)
                     row.append("—" if r is None else f"{r['ms'] * 1e3:.1f} ({r['speedup_vs_bf16']:.2f}×)")
-                mine, ref = cells.get("triton-w8a8") or {}, cells.get(base) or {}
+                mine, ref = cells.get(main_impl) or {}, cells.get(base) or {}
                 row.append(f"{mine['floor_ms'] * 1e3:.1f}" if mine.get("floor_ms") else "—")
                 row.append(f"{mine['eager_ms'] * 1e3:.0f} / {ref['eager_ms'] * 1e3:.0f}" if mine and ref else "—")
                 row.append(mine.get("config") or "")
@@ -273,7 +358,7 @@ def summarize(rows, meta) -> str:
     out.append("\n## Summary (median over the shapes of each set; weighted = Σ count·t_bf16 / Σ count·t)\n")
     out.append("| op | set | impl | median × bf16 | weighted × bf16 | median × int_mm | median eager × bf16 eager |")
     out.append("|---|---|---|---|---|---|---|")
-    for op, base_impl in (("gemm", "cublas-bf16"), ("conv", "cudnn-bf16")):
+    for op, (base_impl, _) in OPS.items():
         sets = [(m, [m]) for m in dict.fromkeys(r["model"] for r in rows if r["op"] == op)]
         sets.append(("sd15 (b2+b8)", ["sd15-b2", "sd15-b8"]))
         for name, models in sets:
@@ -298,7 +383,7 @@ def summarize(rows, meta) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--ops", default="gemm,conv")
+    p.add_argument("--ops", default="gemm,conv,groupnorm,gemm-splitk")
     p.add_argument("--models", default=",".join(GEMM))
     args = p.parse_args()
     torch.manual_seed(0)
@@ -314,10 +399,12 @@ def main():
     ran = set(args.ops.split(","))
     rows = [r for r in json.loads(path.read_text()) if r["op"] not in ran] if path.exists() else []
     for model in args.models.split(","):
-        for op, shapes, run in (("gemm", GEMM, run_gemm), ("conv", CONV, run_conv)):
+        for op, shapes, run in (("gemm", GEMM[model], run_gemm), ("conv", CONV[model], run_conv),
+                                ("groupnorm", NORM[model], run_norm),
+                                ("gemm-splitk", split_k_shapes(model), run_gemm_splitk)):
             if op not in ran:
                 continue
-            for shape in shapes[model]:
+            for shape in shapes:
                 rows += run(model, shape, card, command)
                 path.write_text(json.dumps(rows, indent=1))
     meta = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
