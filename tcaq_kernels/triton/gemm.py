@@ -70,9 +70,12 @@ def _qgemm_kernel(
     EVEN_K: tl.constexpr,
 ):
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    # split-K: this program sums k in [k_lo, k_hi); k_per_split is a multiple of every BLOCK_K
-    k_lo = tl.program_id(1) * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
+    if SPLIT_K > 1:  # this program sums k in [k_lo, k_hi); k_per_split is a multiple of every BLOCK_K
+        k_lo = tl.program_id(1) * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, K)
+    else:  # constant bounds: the unsplit kernel compiles as it did before split-K existed
+        k_lo = 0
+        k_hi = K
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
