@@ -232,10 +232,16 @@ def render_markdown(rows: list[dict]) -> str:
             f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
             f"{_fmt(r.get('calib_seconds'), '.0f')} | {r.get('card', '—')}{' (TF32)' if r.get('allow_tf32') else ''} | "
             f"`{(r.get('state_sha256') or '—')[:12]}` |")
+    if any(r.get("allow_tf32") for r in quant) and not fp_tf32:
+        lines += ["", "No `fp-tf32` row has been measured yet: Δ of the TF32 rows is against the fp32 `fp` row."]
+    grids = sorted(Path(MARKDOWN.parent / "quality-grids").glob("*.png"))
+    if grids:
+        lines += ["", "Same-seed grids (full precision left, quantized right, first 64 seeds): "
+                  + ", ".join(f"[{g.stem}](quality-grids/{g.name})" for g in grids) + "."]
     lines += ["", "Commands (one per row):", ""]
     for r in quant:
         lines.append(f"- {r['bits']} {r['preset']} (n={r['n_samples']}, backend {r.get('backend')}, torch "
-                     f"{r.get('torch')}, triton {r.get('triton')}): `{r['command']}`")
+                     f"{r.get('torch')}, triton {r.get('triton')}, code {r.get('code_commit', '?')}): `{r['command']}`")
     return "\n".join(lines) + "\n"
 
 
