@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
+from diffusers import DDIMScheduler, UNet2DConditionModel, UNet2DModel  # noqa: E402
 
 import tcaq_kernels  # noqa: E402
 from tcaq_kernels.models import default_model_dir  # noqa: E402
@@ -46,6 +46,17 @@ def ref_state_w8a8(ref_unet, ref_scheduler):
         ref_unet, scheduler=ref_scheduler, bits="W8A8", num_samples=8, num_steps=12,
         timestep_groups=4, batch_size=8, progress=False,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_cond_unet() -> UNet2DConditionModel:
+    """8×8 conditional UNet with cross-attention down and up blocks (random weights)."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8,
+    ).eval()
 
 
 @pytest.fixture

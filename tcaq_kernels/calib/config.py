@@ -36,6 +36,11 @@ class MethodConfig:
     # shared by all groups (only DAQ's post-softmax quantizer still varies per group).
     group_act_params: bool = True
     keep_float: Sequence[str] = DEFAULT_FLOAT_LAYERS  # layers left in float
+    # Q-Diffusion's shortcut splitting: an up-block ResBlock's conv1 and conv_shortcut read
+    # cat([h, skip]), two ranges of very different size; True gives the skip channels a quantizer of
+    # their own ("input_skip", CalibState v2). On by default, as in Q-Diffusion, whose baseline
+    # every reconstruction preset builds on; the `minmax` preset turns it off (presets.py).
+    split_skip: bool = True
     # --- initialisation (initialize.py) -------------------------------------------------------
     weight_scale: str = "mse"  # per-channel weight scale: full range, or MSE-optimal clipping
     act_init: str = "mse"  # activation qparams: observed range, or MSE-optimal clipping

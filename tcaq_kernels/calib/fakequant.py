@@ -23,7 +23,7 @@ from ..quant.primitives import (
     quantize_weight,
     weight_scale_symmetric,
 )
-from ..quant.state import ActQuant, LayerState
+from ..quant.state import SKIP_ACT, ActQuant, LayerState, input_ranges
 from .qparams import weight_scale_mse
 from .tcr import fold_weight, unfold_input
 
@@ -205,7 +205,13 @@ class AdaRoundWeight(torch.nn.Module):
 
 
 class FakeQuantLayer(torch.nn.Module):
-    """A Conv2d or Linear with AdaRound weights and an LSQ input quantizer (TCR-aware)."""
+    """A Conv2d or Linear with AdaRound weights and an LSQ input quantizer (TCR-aware).
+
+    A split input (`split_input`, Q-Diffusion's shortcut splitting) gets a second quantizer,
+    "input_skip", for channels [split, C_in): each range is fake-quantized with its own step size
+    and zero point and the ranges are concatenated again before the one float product, which is
+    the integer layer's `acc1·(s_w·s_a1) + acc2·(s_w·s_a2)` up to float summation order.
+    """
 
     def __init__(self, name: str, module: torch.nn.Module, kind: str, w_bits: int, a_bits: int, act_sets: int, index: GroupIndex):
         super().__init__()
@@ -222,15 +228,46 @@ class FakeQuantLayer(torch.nn.Module):
         self.register_buffer("bias", None if module.bias is None else module.bias.detach().float().clone())
         self.weight_q = AdaRoundWeight(module.weight, w_bits)
         self.act_q = ActQuantizer(a_bits, act_sets, symmetric=False, index=index)
+        self.act_skip_q: Optional[ActQuantizer] = None
+        self.input_split: Optional[int] = None
         self.observer = None
 
     @property
     def tcr(self) -> Optional[torch.Tensor]:
         return self.weight_q.r
 
+    @property
+    def in_channels(self) -> int:
+        return self.weight_q.weight.shape[1]
+
+    def split_input(self, split: Optional[int]) -> None:
+        """Quantize input channels [split, C_in) with a quantizer of their own; None: one for all.
+
+        Initialisation calls it (the split is the method's choice, `MethodConfig.split_skip`, at a
+        point the UNet's structure gives, `quant.layers.skip_splits`); a new split starts with an
+        uninitialised "input_skip" quantizer, so export fails until initialisation has set it.
+        """
+        if split is not None and not 0 < split < self.in_channels:
+            raise ValueError(f"layer '{self.name}': input_split {split} must lie strictly inside the "
+                             f"{self.in_channels} input channels")
+        if split == self.input_split:
+            return
+        self.input_split = split
+        self.act_skip_q = None
+        if split is not None:
+            skip = ActQuantizer(self.act_q.bits, self.act_q.num_sets, symmetric=False, index=self.act_q.index)
+            skip.enabled = self.act_q.enabled
+            self.act_skip_q = skip.to(self.act_q.zero.device)
+
+    def input_ranges(self) -> list[tuple[str, int, int]]:
+        """(quantizer name, first channel, end channel) of each input channel range."""
+        return input_ranges(self.input_split, self.in_channels)
+
     def quantizers(self) -> dict[str, "ActQuantizer"]:
         """The layer's activation quantizers by state name (reconstruction learns their step sizes)."""
-        return {"input": self.act_q}
+        if self.act_skip_q is None:
+            return {"input": self.act_q}
+        return {"input": self.act_q, SKIP_ACT: self.act_skip_q}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -241,8 +278,17 @@ class FakeQuantLayer(torch.nn.Module):
             w = self.weight_q.weight
         else:
             w = self.weight_q()
-        xq = self.act_q(x, r, self.channel_dim)
+        xq = self.quantize_input(x, r)
         return self.product(xq.to(x.dtype), w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def quantize_input(self, x: torch.Tensor, r: Optional[torch.Tensor]) -> torch.Tensor:
+        """Fake-quantized x·r⁻¹, each input channel range by its own quantizer."""
+        if self.input_split is None:
+            return self.act_q(x, r, self.channel_dim)
+        quantizers, dim = self.quantizers(), self.channel_dim
+        parts = [quantizers[act](x.narrow(dim, lo, hi - lo), None if r is None else r[lo:hi], dim)
+                 for act, lo, hi in self.input_ranges()]
+        return torch.cat(parts, dim=dim)
 
     def product(self, x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The layer's conv / matmul with weight `w`."""
@@ -255,12 +301,13 @@ class FakeQuantLayer(torch.nn.Module):
         flat = w_int.flatten(1)
         return LayerState(
             kind=self.kind,
-            acts={"input": self.act_q.export(num_groups, f"layer '{self.name}' input")},
+            acts={a: qz.export(num_groups, f"layer '{self.name}' {a}") for a, qz in self.quantizers().items()},
             w_bits=self.weight_q.bits,
             weight=pack_int4(flat) if self.weight_q.bits == 4 else flat,
             weight_shape=tuple(w_int.shape),
             weight_scale=self.weight_q.scale.detach().float().cpu().clone(),
             tcr=None if self.tcr is None else self.tcr.detach().float().cpu().clone(),
+            input_split=self.input_split,
         )
 
 

@@ -53,12 +53,19 @@ class InitObserver:
             accumulate_absmax(m, rows, channel_absmax(x.float(), layer.channel_dim))
             return
         x = x.detach().float()
-        if act == "input":
-            x = unfold_input(x, layer.tcr, layer.channel_dim)
+        if act != "input":
+            self._record_values(layer.name, act, x)
+            return
+        x, dim = unfold_input(x, layer.tcr, layer.channel_dim), layer.channel_dim
+        for range_act, lo, hi in layer.input_ranges():  # a split input: each range for its own quantizer
+            self._record_values(layer.name, range_act, x.narrow(dim, lo, hi - lo))
+
+    def _record_values(self, layer: str, act: str, x: torch.Tensor) -> None:
+        """Fold `x` (batch first) into the per-group range and value sample of quantizer `act`."""
         groups = self.sim.index.group.to(x.device).expand(x.shape[0])
         for g in groups.unique().tolist():
             flat = x[groups == g].reshape(-1)
-            key = (layer.name, act, g)
+            key = (layer, act, g)
             lo, hi = flat.min().item(), flat.max().item()
             old = self.range.get(key)
             self.range[key] = [lo, hi] if old is None else [min(old[0], lo), max(old[1], hi)]
@@ -109,6 +116,9 @@ def initialize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig
     """
     idx = init_point_indices(len(io), cfg.init_points, io.groups.device)
     layers = {n: sim.layers[n] for n in block.layers}
+    for name, layer in layers.items():
+        if isinstance(layer, FakeQuantLayer):
+            layer.split_input(sim.skip_splits.get(name) if cfg.split_skip else None)
     tcr_rows = num_steps if cfg.tcr_granularity == "step" else sim.num_groups
     tcr_layers = {
         n: tcr_rows for n, l in layers.items()
@@ -130,7 +140,7 @@ def initialize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig
                 for _ in replay(sim, block, io, init_point_indices(len(io), cfg.tcr_search_points, idx.device), cfg.batch_size):
                     pass
             for name in tcr_layers:
-                r_full = tcr_factors(observer.tcr_m[name])
+                r_full = range_tcr_factors(observer.tcr_m[name], layers[name].input_ranges())
                 if search:
                     xs, gs = (torch.cat(t) for t in zip(*observer.inputs.pop(name)))
                     strength = search_tcr_strength(layers[name], xs, gs, r_full, cfg, sim.num_groups)
@@ -147,10 +157,22 @@ def initialize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig
     for name, layer in layers.items():
         if isinstance(layer, FakeQuantLayer):
             layer.weight_q.setup(layer.weight_q.r, cfg.weight_scale)
-            _init_uniform(observer, name, "input", layer.act_q, cfg, sim.num_groups)
+            for act, qz in layer.quantizers().items():
+                _init_uniform(observer, name, act, qz, cfg, sim.num_groups)
         else:
             daq_records.update(_init_attention(observer, name, layer, cfg, sim.num_groups))
     return {"daq": daq_records, "tcr": tcr_records}
+
+
+def range_tcr_factors(m: torch.Tensor, ranges: list[tuple[str, int, int]]) -> torch.Tensor:
+    """TCR factors of each input channel range on its own, concatenated.
+
+    [ours] The ranges of a split input have quantizers of their own, so each range is balanced
+    within itself (its own min-range channel sets s[t]); balancing the skip range against the
+    other would only scale it as a whole, which its own step size already does, at the price of
+    larger r (clamped) and a wider weight range.
+    """
+    return torch.cat([tcr_factors(m[:, lo:hi]) for _, lo, hi in ranges])
 
 
 def _group_qparams(u: torch.Tensor, rows: torch.Tensor, num_rows: int, bits: int, rule: str, limit: int, gen):
@@ -178,6 +200,7 @@ def search_tcr_strength(layer: FakeQuantLayer, x: torch.Tensor, groups: torch.Te
     reference = layer.product(x, w)
     rows = groups if layer.act_q.num_sets > 1 else torch.zeros_like(groups)
     gen = torch.Generator().manual_seed(cfg.seed)
+    quantizers, dim = layer.quantizers(), layer.channel_dim
     best, best_err = 0.0, float("inf")
     for strength in cfg.tcr_strengths:
         r = with_strength(r_full, strength, cfg.tcr_clamp)
@@ -187,14 +210,20 @@ def search_tcr_strength(layer: FakeQuantLayer, x: torch.Tensor, groups: torch.Te
         else:
             s_w = weight_scale_symmetric(w, layer.weight_q.bits, r)
         w_q = dequantize_weight(quantize_weight(w, s_w, layer.weight_q.bits, r), s_w)
-        u = unfold_input(x, r, layer.channel_dim)
-        scales, zeros = _group_qparams(u, rows, layer.act_q.num_sets, layer.act_q.bits, cfg.act_init, cfg.init_values, gen)
-        view = (-1,) + (1,) * (x.dim() - 1)
-        x_q = fake_quant_uniform(u, scales[rows].view(view), zeros[rows].view(view), layer.act_q.bits)
+        u = unfold_input(x, r, dim)
+        x_q = torch.cat([_fake_quant_as_initialised(u.narrow(dim, lo, hi - lo), rows, quantizers[act], cfg, gen)
+                         for act, lo, hi in layer.input_ranges()], dim=dim)
         err = (layer.product(x_q, w_q) - reference).pow(2).sum().item()
         if err < best_err:
             best, best_err = strength, err
     return best
+
+
+def _fake_quant_as_initialised(u: torch.Tensor, rows: torch.Tensor, qz: ActQuantizer, cfg: MethodConfig, gen) -> torch.Tensor:
+    """`u` fake-quantized with the per-set qparams `qz` would be initialised with (`cfg.act_init`)."""
+    scales, zeros = _group_qparams(u, rows, qz.num_sets, qz.bits, cfg.act_init, cfg.init_values, gen)
+    view = (-1,) + (1,) * (u.dim() - 1)
+    return fake_quant_uniform(u, scales[rows].view(view), zeros[rows].view(view), qz.bits)
 
 
 def _set_rows(qz: ActQuantizer, num_groups: int):

@@ -11,9 +11,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..quant.layers import DEFAULT_FLOAT_LAYERS, model_fingerprint, quantizable_layers
+from ..quant.layers import DEFAULT_FLOAT_LAYERS, model_fingerprint, quantizable_layers, skip_splits
 from ..quant.primitives import pack_int4, qparams_from_range, qparams_symmetric, quantize_weight, weight_scale_symmetric
-from ..quant.state import LAYER_ACTS, SYMMETRIC_ACTS, ActQuant, CalibState, CalibStateError, LayerState
+from ..quant.state import SYMMETRIC_ACTS, ActQuant, CalibState, CalibStateError, LayerState, layer_acts
 from ..sampling import ddim_sample, seeded_noise, unet_sample_shape
 from .observe import RangeObserver
 from .settings import parse_bits, uniform_group_edges
@@ -30,8 +30,13 @@ def calibrate_minmax(
     batch_size: int = 64,
     keep_float: Sequence[str] = DEFAULT_FLOAT_LAYERS,
     progress: bool = True,
+    split_skip: bool = False,
 ) -> CalibState:
-    """Sample `num_samples` DDIM trajectories with the float `unet` and quantize from their ranges."""
+    """Sample `num_samples` DDIM trajectories with the float `unet` and quantize from their ranges.
+
+    `split_skip`: give the skip half of every up-block concatenation its own input quantizer
+    (shortcut splitting; off for this baseline, see calib/presets.py).
+    """
     parse_bits(bits)  # fail before sampling
     keep = set(keep_float)
     unknown = keep - set(dict(unet.named_modules()))
@@ -41,7 +46,8 @@ def calibrate_minmax(
     edges = uniform_group_edges(scheduler.config.num_train_timesteps, timestep_groups)
     device = next(unet.parameters()).device
     seeds = list(range(seed, seed + num_samples))
-    with RangeObserver(unet, layers, edges) as observer:
+    splits = skip_splits(unet, layers) if split_skip else {}
+    with RangeObserver(unet, layers, edges, splits) as observer:
         for start in tqdm(range(0, num_samples, batch_size), desc="min-max calibration", disable=not progress):
             noise = seeded_noise(seeds[start : start + batch_size], unet_sample_shape(unet), device, unet.dtype)
             ddim_sample(unet, scheduler, noise, num_steps, progress=False)
@@ -52,6 +58,7 @@ def calibrate_minmax(
         "seed": seed,
         "sampler": "ddim",
         "act_qparams": "minmax",
+        "split_skip": split_skip,
     }
     return state_from_ranges(unet, observer, bits, sorted(keep), settings)
 
@@ -62,11 +69,12 @@ def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str,
     modules = dict(unet.named_modules())
     state_layers = {}
     for name, kind in observer.layers.items():
-        acts = {act: _act_quant(name, act, observer.stats[(name, act)].cpu(), a_bits) for act in LAYER_ACTS[kind]}
+        split = observer.splits.get(name)
+        acts = {act: _act_quant(name, act, observer.stats[(name, act)].cpu(), a_bits) for act in layer_acts(kind, split)}
         if kind == "attention":
             state_layers[name] = LayerState(kind=kind, acts=acts)
         else:
-            state_layers[name] = weight_layer_state(kind, modules[name].weight, w_bits, acts)
+            state_layers[name] = weight_layer_state(kind, modules[name].weight, w_bits, acts, input_split=split)
     return CalibState(
         method="minmax",
         bits=bits,
@@ -79,14 +87,15 @@ def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str,
     )
 
 
-def weight_layer_state(kind: str, weight: torch.Tensor, w_bits: int, acts: dict, tcr=None) -> LayerState:
+def weight_layer_state(kind: str, weight: torch.Tensor, w_bits: int, acts: dict, tcr=None, input_split=None) -> LayerState:
     """Per-output-channel symmetric nearest-rounded weights (packed when 4-bit)."""
     w = weight.detach().float().cpu()
     scale = weight_scale_symmetric(w, w_bits, tcr)
     w_int = quantize_weight(w, scale, w_bits, tcr).flatten(1)
     stored = pack_int4(w_int) if w_bits == 4 else w_int
     return LayerState(
-        kind=kind, acts=acts, w_bits=w_bits, weight=stored, weight_shape=tuple(w.shape), weight_scale=scale, tcr=tcr
+        kind=kind, acts=acts, w_bits=w_bits, weight=stored, weight_shape=tuple(w.shape), weight_scale=scale, tcr=tcr,
+        input_split=input_split,
     )
 
 

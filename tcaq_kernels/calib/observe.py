@@ -5,12 +5,12 @@ removed afterwards, leaving the model exactly as it was (no patched model code).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from ..nn.qattention import ExplicitAttnProcessor
-from ..quant.state import LAYER_ACTS
+from ..quant.state import input_ranges, layer_acts
 
 
 class _ObservingAttnProcessor(ExplicitAttnProcessor):
@@ -35,17 +35,20 @@ class RangeObserver:
     """Running min/max of every quantized layer's activation quantizers, per timestep group.
 
     `stats[(layer, act)]` is a float64 tensor [G, 2] of (min, max); groups that never ran keep
-    (+inf, −inf), which the state builder reports by name.
+    (+inf, −inf), which the state builder reports by name. `splits` (`{layer: input_split}`, see
+    quant.layers.skip_splits) gives those layers' input channel ranges separate ranges, "input"
+    and "input_skip".
     """
 
-    def __init__(self, unet: torch.nn.Module, layers: dict[str, str], group_edges: Sequence[float]):
-        self.unet, self.layers = unet, layers
+    def __init__(self, unet: torch.nn.Module, layers: dict[str, str], group_edges: Sequence[float],
+                 splits: Optional[dict[str, int]] = None):
+        self.unet, self.layers, self.splits = unet, layers, dict(splits or {})
         self.edges = torch.tensor(list(group_edges), dtype=torch.float64)
         groups = len(group_edges) + 1
         self.stats = {
             (name, act): torch.tensor([[float("inf"), float("-inf")]] * groups, dtype=torch.float64)
             for name, kind in layers.items()
-            for act in LAYER_ACTS[kind]
+            for act in layer_acts(kind, self.splits.get(name))
         }
         self.group = 0
         self._handles, self._processors = [], {}
@@ -76,9 +79,15 @@ class RangeObserver:
                 self._processors[name] = module.processor
                 module.set_processor(_ObservingAttnProcessor(self, name))
             else:
-                hook = lambda mod, args, _n=name: self.record(_n, "input", args[0])  # noqa: E731
+                hook = lambda mod, args, _n=name, _k=kind: self._record_input(_n, _k, args[0])  # noqa: E731
                 self._handles.append(module.register_forward_pre_hook(hook))
         return self
+
+    def _record_input(self, name: str, kind: str, x: torch.Tensor) -> None:
+        """A weighted layer's input, one range per input quantizer (two for a split input)."""
+        dim = 1 if kind == "conv2d" else -1
+        for act, lo, hi in input_ranges(self.splits.get(name), x.shape[dim]):
+            self.record(name, act, x.narrow(dim, lo, hi - lo))
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

@@ -2,8 +2,8 @@
 
 | preset           | what it is |
 | ---------------- | ---------- |
-| `minmax`         | no reconstruction: observed ranges, full-range weight scales, nearest rounding, float-model block inputs, every calibration point (the same numbers as `calibrate_minmax`, which `METHODS["minmax"]` keeps as the fast path) |
-| `qdiffusion`     | the Q-Diffusion baseline: BRECQ block reconstruction (AdaRound + LSQ, MSE-initialised), one activation parameter set for all timesteps, no TCR/DAQ/PAR |
+| `minmax`         | no reconstruction: observed ranges, full-range weight scales, nearest rounding, float-model block inputs, every calibration point, no split skip inputs (the same numbers as `calibrate_minmax`, which `METHODS["minmax"]` keeps as the fast path) |
+| `qdiffusion`     | the Q-Diffusion baseline: BRECQ block reconstruction (AdaRound + LSQ, MSE-initialised), split skip inputs (shortcut splitting), one activation parameter set for all timesteps, no TCR/DAQ/PAR |
 | `tcaq`           | TCAQ-DM: the baseline + TCR (strength searched per layer) + DAQ + 2 PAR rounds, with activation parameters per timestep group |
 | `qdiffusion+tcr` | ablation: the baseline + TCR only |
 | `qdiffusion+daq` | ablation: the baseline + DAQ only (timestep groups for the post-softmax quantizer only; every other quantizer keeps one shared set) |
@@ -25,8 +25,12 @@ from .pipeline import calibrate_with_config
 
 TCAQ_GROUPS = 10  # [ours] 10 equal timestep ranges = 10 DDIM-100 steps each
 
-_MINMAX = dict(reconstruct=False, weight_scale="minmax", act_init="minmax", block_inputs="float", num_points=None, init_points=None)
-_QDIFFUSION = dict(timestep_groups=1)
+# split_skip off: min-max is the plain-PTQ baseline row (one quantizer per layer input, as
+# `calibrate_minmax` defaults to); shortcut splitting is one of Q-Diffusion's contributions, so it
+# starts with `qdiffusion` and everything built on it. `split_skip=True` works here too.
+_MINMAX = dict(reconstruct=False, weight_scale="minmax", act_init="minmax", block_inputs="float", num_points=None,
+               init_points=None, split_skip=False)
+_QDIFFUSION = dict(timestep_groups=1, split_skip=True)
 # [ours] per-layer strength search: full equalisation (the paper's TCR, strength 1) helped at W6A6 but
 # hurt 4-bit weights in our measurements (calib/config.py, tcr_strengths)
 _TCR = dict(tcr=True, tcr_strengths=(0.0, 0.25, 0.5, 0.75, 1.0))

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import copy
+from functools import cached_property
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from ..quant.layers import model_fingerprint, quantizable_layers
+from ..quant.layers import model_fingerprint, quantizable_layers, skip_splits
 from ..quant.state import CalibState
 from .fakequant import FakeQuantAttnProcessor, FakeQuantLayer, GroupIndex
 from .settings import parse_bits
@@ -57,16 +58,23 @@ class QuantSim:
     def num_groups(self) -> int:
         return self.index.num_groups
 
+    @cached_property
+    def skip_splits(self) -> dict[str, int]:
+        """`{layer: input_split}` of the quantized layers that read a skip concatenation (quant/layers.py).
+
+        Derived from the module structure on first use only, so a UNet whose skips cannot be
+        derived still calibrates with `split_skip=False`.
+        """
+        return skip_splits(self.model, self.kinds)
+
     def set_mode(self, names: Iterable[str], weight: str, act: bool) -> None:
         """Weight mode ("float" | "quant" | "soft") and activation quantization of the named layers."""
         for name in names:
             layer = self.layers[name]
             if isinstance(layer, FakeQuantLayer):
                 layer.weight_q.mode = weight
-                layer.act_q.enabled = act
-            else:
-                for qz in layer.quantizers().values():
-                    qz.enabled = act
+            for qz in layer.quantizers().values():
+                qz.enabled = act
 
     def set_observer(self, names: Iterable[str], observer: Optional[object]) -> None:
         for name in names:

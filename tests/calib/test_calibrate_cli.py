@@ -41,6 +41,17 @@ def test_calibrate_writes_a_reconstruction_state(tmp_path, tiny_model_dir, tiny_
     assert state.method == "tcaq" and state.bits == "W6A6" and state.num_groups == 2
     s = state.settings
     assert s["iters"] == 2 and s["num_points_used"] == 4 and len(s["par"]) == 1 and s["tcr_strengths"] == [0, 1]
+    assert s["split_skip"] is True and sum(l.input_split is not None for l in state.layers.values()) == 8
+
+
+def test_split_skip_option_turns_splitting_off(tmp_path, tiny_model_dir, tiny_unet):
+    out = tmp_path / "q.tcaq"
+    main(["calibrate", "--model", str(tiny_model_dir), "--method", "qdiffusion", "--samples", "2", "--steps", "2",
+          "--batch-size", "4", "--device", "cpu", "--out", str(out), "--option", "iters=1", "--option", "num_points=4",
+          "--option", "split_skip=false", "--option", "progress=false"])
+    state = CalibState.load(out)
+    state.validate(tiny_unet)
+    assert state.settings["split_skip"] is False and all(l.input_split is None for l in state.layers.values())
 
 
 def test_unknown_option_names_the_known_ones(tmp_path, tiny_model_dir):

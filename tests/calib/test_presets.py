@@ -57,16 +57,21 @@ def test_tcaq_at_every_bit_width(bits, tiny_unet, tiny_scheduler, tiny_budget, t
     assert {l.w_bits for l in state.layers.values() if l.kind != "attention"} == {w_bits}
 
 
-def test_minmax_preset_is_the_minmax_method(tiny_unet, tiny_scheduler):
-    """The pipeline configured as `minmax` reproduces `calibrate_minmax` (which METHODS keeps as the fast path).
+@pytest.mark.parametrize("split_skip", [False, True])
+def test_minmax_preset_is_the_minmax_method(tiny_unet, tiny_scheduler, split_skip):
+    """The pipeline configured as `minmax` reproduces `calibrate_minmax` (which METHODS keeps as the fast path),
+    with or without split skip inputs.
 
     With batch_size = num_samples every capture batch is one sampler step, as in the legacy sampler loop."""
-    common = dict(num_samples=3, num_steps=4, timestep_groups=2, batch_size=3, seed=4, progress=False)
+    common = dict(num_samples=3, num_steps=4, timestep_groups=2, batch_size=3, seed=4, progress=False, split_skip=split_skip)
     legacy = calibrate_minmax(tiny_unet, tiny_scheduler, "W6A6", **common)
     ours = calibrate_with_config(tiny_unet, tiny_scheduler, "W6A6", preset_config("minmax", **common), "minmax")
     assert METHODS["minmax"] is calibrate_minmax and set(legacy.layers) == set(ours.layers)
+    split = {n for n, l in legacy.layers.items() if l.input_split is not None}
+    assert len(split) == (8 if split_skip else 0)
     for name, a in legacy.layers.items():
         b = ours.layers[name]
+        assert a.input_split == b.input_split and set(a.acts) == set(b.acts), name
         if a.kind != "attention":
             assert torch.equal(a.weight, b.weight) and torch.equal(a.weight_scale, b.weight_scale), name
         for act in a.acts:

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, UNet2DConditionModel
+from diffusers import DDIMPipeline
 
 import tcaq_kernels
 from tcaq_kernels.calib.minmax import state_from_ranges
@@ -100,6 +100,20 @@ def test_backends_agree_end_to_end(converted, ref_unet, ref_scheduler):
     assert 25 < _psnr(ref, fp) < 60, _psnr(ref, fp)  # quantized: close to, but not, full precision
 
 
+def test_backends_agree_end_to_end_with_split_skip_inputs(ref_unet, ref_scheduler):
+    """The 24 up-block layers that read cat([h, skip]) quantize the two ranges separately; the two
+    backends still give the same DDIM samples, bit for bit (2 calibration samples × DDIM-4, 2 groups)."""
+    state = tcaq_kernels.calibrate(ref_unet, scheduler=ref_scheduler, bits="W8A8", num_samples=2, num_steps=4,
+                                   timestep_groups=2, batch_size=2, split_skip=True, progress=False)
+    assert sum(l.input_split is not None for l in state.layers.values()) == 24
+    noise = seeded_noise(range(100, 102), (3, 32, 32))
+    images = {b: ddim_sample(tcaq_kernels.convert(ref_unet, state, backend=b), ref_scheduler, noise, 4, progress=False)
+              for b in ("reference", "simulate")}
+    assert torch.equal(images["reference"], images["simulate"])
+    fp = ddim_sample(ref_unet, ref_scheduler, noise, 4, progress=False)
+    assert 25 < _psnr(images["reference"], fp) < 60, _psnr(images["reference"], fp)
+
+
 def test_quantized_close_to_full_precision(converted, ref_unet, rng):
     x = torch.randn(4, 3, 32, 32, generator=rng)
     with torch.no_grad():
@@ -150,17 +164,8 @@ def test_convert_accepts_a_path_and_rejects_bad_backend(ref_unet, ref_state_w8a8
         tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="cuda-nope")
 
 
-def _tiny_cond_unet():
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=24, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
-
-
-def test_conditional_unet_converts_and_backends_agree(rng):
-    unet = _tiny_cond_unet()
+def test_conditional_unet_converts_and_backends_agree(tiny_cond_unet, rng):
+    unet = tiny_cond_unet
     layers = quantizable_layers(unet)
     layers = {n: k for n, k in layers.items() if n not in ("conv_in", "conv_out")}
     assert any(n.endswith("attn2") for n in layers), "cross-attention present"
