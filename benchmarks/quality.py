@@ -13,6 +13,11 @@ and n_samples are replaced), so an interrupted run keeps what it finished. `--re
 markdown table from the JSON without running anything.
 
     python benchmarks/quality.py --jobs tcaq:W4A8:10000 qdiffusion:W4A8:10000 --gpus 0 1 --out out/quality
+
+While jobs run, `OUT/RUNNING` exists (it holds the runner's pid); a script that waits for a runner started
+in the background should poll for that file: `pgrep -f benchmarks/quality.py` also matches the waiting
+shell's own command line. A background runner that must outlive the command that started it (the lent
+GPU machines re-send the checkout at every call) should run from a copy of the code outside the checkout.
 """
 from __future__ import annotations
 
@@ -188,11 +193,16 @@ def run_all(a: argparse.Namespace) -> list[dict]:
                 failed.append((job, repr(e)))
                 print(f"[gpu {gpu}] {job}: FAILED {e!r}", flush=True)
 
+    running = Path(a.out) / "RUNNING"
+    atomic_write_text(running, f"{os.getpid()}\n")
     threads = [threading.Thread(target=worker, args=(g,)) for g in (a.gpus or [None])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        running.unlink(missing_ok=True)
     for job, why in failed:
         print(f"not done: {job}: {why}", file=sys.stderr)
     return done

@@ -1,0 +1,50 @@
+"""benchmarks/quality.py: job parsing, the portable commands and the markdown table (no calibration run)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_jobs_parse_and_bad_ones_are_refused(quality):
+    assert quality.parse_job("qdiffusion+tcr:W4A8:2000") == ("qdiffusion+tcr", "W4A8", 2000)
+    with pytest.raises(Exception, match="PRESET:BITS:N_SAMPLES"):
+        quality.parse_job("tcaq:W4A8")
+
+
+def test_commands_are_portable_and_float_jobs_skip_calibration(quality, tmp_path):
+    a = quality.parse_args(["--allow-tf32", "--ref-npz", "/x/cifar.npz", "--option", "iters=10"])
+    calib, ev = quality.job_commands("tcaq", "W6A6", 10000, a, tmp_path / "s.tcaq", tmp_path / "d")
+    text = f"{quality.portable(calib)} && {quality.portable(ev)}"
+    assert text == ("python -m tcaq_kernels calibrate --method tcaq --bits W6A6 --seed 1000000 --out STATE --option "
+                    "iters=10 && python -m tcaq_kernels evaluate --state STATE --backend simulate --n-samples 10000 "
+                    "--steps 100 --batch-size 2000 --out DIR --allow-tf32")
+    calib, ev = quality.job_commands("fp-tf32", "fp", 2000, a, tmp_path / "s.tcaq", tmp_path / "d")
+    assert calib == [] and "--state" not in ev
+
+
+def test_markdown_compares_only_at_equal_sample_count(quality):
+    fp = {"preset": "fp", "bits": "fp", "n_samples": 10000, "fid_resnet56": 3.0, "card": "H100"}
+    rows = [
+        fp,
+        {"preset": "tcaq", "bits": "W4A8", "n_samples": 10000, "fid_resnet56": 3.3, "psnr_vs_fp": 27.0,
+         "calib_seconds": 227.0, "card": "H200", "state_sha256": "ab" * 32, "command": "c1", "allow_tf32": False},
+        {"preset": "qdiffusion+tcr", "bits": "W4A8", "n_samples": 2000, "fid_resnet56": 4.0, "psnr_vs_fp": None,
+         "calib_seconds": None, "card": "H200", "state_sha256": None, "command": "c2"},
+    ]
+    md = quality.render_markdown(rows)
+    assert "| W4A8 | tcaq | 10000 | 3.300 | +10.0 % | 27.00 | 227 | H200 | `abababababab` |" in md
+    assert "| W4A8 | qdiffusion+tcr | 2000 | 4.000 | — | — | — | H200 | `—` |" in md
+    assert md.index("| W4A8 | tcaq | 10000") < md.index("| W4A8 | qdiffusion+tcr | 2000")
+    assert "`c1`" in md and "`c2`" in md
