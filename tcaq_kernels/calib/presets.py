@@ -27,7 +27,8 @@ TCAQ_GROUPS = 10  # [ours] 10 equal timestep ranges = 10 DDIM-100 steps each
 
 # split_skip off: min-max is the plain-PTQ baseline row (one quantizer per layer input, as
 # `calibrate_minmax` defaults to); shortcut splitting is one of Q-Diffusion's contributions, so it
-# starts with `qdiffusion` and everything built on it. `split_skip=True` works here too.
+# starts with `qdiffusion` and everything built on it. `split_skip=True` works here too, and helps
+# (measured in calib/README.md, "Measured").
 _MINMAX = dict(reconstruct=False, weight_scale="minmax", act_init="minmax", block_inputs="float", num_points=None,
                init_points=None, split_skip=False)
 _QDIFFUSION = dict(timestep_groups=1, split_skip=True)
