@@ -33,7 +33,7 @@ def _split_layer(module, kind: str, split: int, w_bits: int, a_bits: int, gen, t
 
 
 def _qlayers(cls, module, layer, backends):
-    groups = TimestepGroups(EDGES)
+    groups = TimestepGroups(EDGES).to(module.weight.device)
     groups.update(TIMESTEPS, len(TIMESTEPS))
     return {b: cls.from_state("up_blocks.0.resnets.0.conv1", module, layer, groups, b) for b in backends}
 
@@ -127,7 +127,9 @@ def test_split_simulate_is_differentiable(rng):
 @pytest.mark.parametrize("w_bits", [8, 4])
 def test_split_triton_layers_match_reference(w_bits, rng):
     """Two unsplit Triton calls (one per range, bias-free fp32) added, then the bias: the reference's
-    evaluation order, so on the same accumulators the outputs are the same bits (interpreter, small shapes)."""
+    evaluation order, so on the same accumulators the outputs are the same bits (interpreter on CPU,
+    small shapes; on a GPU where one exists)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     conv = torch.nn.Conv2d(7, 6, 3, padding=1)
     lin = torch.nn.Linear(9, 10)
     cases = [
@@ -135,6 +137,7 @@ def test_split_triton_layers_match_reference(w_bits, rng):
         (QLinear, lin, _split_layer(lin, "linear", 5, w_bits, 8, rng, tcr=False), _input((3, 4, 9), 5, -1, rng)),
     ]
     for cls, module, layer, x in cases:
+        module, x = module.to(device), x.to(device)
         q = _qlayers(cls, module, layer, ("reference", "triton"))
         with torch.no_grad():
             y_ref, y_tri = q["reference"](x), q["triton"](x)
