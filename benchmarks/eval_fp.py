@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("tcaq_kernels") is None:  # not installed: use this checkout
     sys.path.insert(0, str(REPO))
 
-from tcaq_kernels.eval.atomic import atomic_write_text  # noqa: E402
+from tcaq_kernels.atomic import atomic_write_text  # noqa: E402
 from tcaq_kernels.eval.cli import build_parser, evaluate  # noqa: E402
 from tcaq_kernels.eval.results import upsert_rows  # noqa: E402
 

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tcaq_kernels  # noqa: E402
-from tcaq_kernels.eval.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from tcaq_kernels.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
 from tcaq_kernels.sampling import make_scheduler  # noqa: E402
 

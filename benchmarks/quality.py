@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if importlib.util.find_spec("tcaq_kernels") is None:  # not installed: use this checkout
     sys.path.insert(0, str(REPO))
 
-from tcaq_kernels.eval.atomic import atomic_write_text  # noqa: E402
+from tcaq_kernels.atomic import atomic_write_text  # noqa: E402
 from tcaq_kernels.eval.results import read_rows, upsert_rows  # noqa: E402
 
 CALIB_SEED = 1_000_000

@@ -101,7 +101,7 @@ def environment(device: torch.device) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict | None:
     """Run the evaluation `args` describe; returns the report on rank 0 (None on other ranks)."""
-    from .atomic import atomic_write_json
+    from ..atomic import atomic_write_json
     from .fid import fid_resnet56, floor_resnet56, inception_fid, inception_fid_status, reference_features
     from .fidelity import same_seed_fidelity
     from .generate import generate_samples, init_distributed, load_samples

@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .atomic import atomic_save_npz
+from ..atomic import atomic_save_npz
 
 #: Bump when feature extraction changes in a way that changes the numbers (invalidates caches).
 FEATURE_VERSION = "resnet56-pool64-v1"

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..sampling import ddim_sample, seeded_noise, to_uint8, unet_sample_shape
-from .atomic import atomic_save_npz, atomic_write_json
+from ..atomic import atomic_save_npz, atomic_write_json
 
 META_NAME = "meta.json"
 

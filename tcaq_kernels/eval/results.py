@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .atomic import atomic_write_json
+from ..atomic import atomic_write_json
 
 #: Fields that identify a row; a new row replaces an old one when all of these are equal.
 ROW_KEY = ("preset", "bits", "n_samples")

@@ -25,15 +25,15 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
+from ..atomic import atomic_write_bytes
 from .primitives import ACT_BITS, WEIGHT_BITS, qrange, unpack_int4
 
 STATE_VERSION = 2
@@ -124,22 +124,10 @@ class CalibState:
     # ------------------------------------------------------------------------------------ IO
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temp file in the same folder, fsync, then rename over `path`."""
-        path = Path(path)
+        """Write atomically (temp file in the same folder, fsync, rename): never a half-written state."""
         tensors, manifest = self._flatten()
         metadata = {_META_KEY: json.dumps(manifest, sort_keys=True), _DIGEST_KEY: _digest(tensors)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_bytes(path, serialize(tensors, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CalibState":

@@ -36,13 +36,12 @@ def test_save_failure_leaves_previous_file_intact(ref_state_w8a8, tmp_path, monk
     broken = copy.deepcopy(ref_state_w8a8)
     name = next(n for n, l in broken.layers.items() if l.kind == "conv2d")
     broken.layers[name].weight = torch.zeros(3, dtype=torch.int8).expand(4, 3)  # non-contiguous view is fine
-    import tcaq_kernels.quant.state as state_mod
+    import tcaq_kernels.atomic as atomic_mod
 
-    def exploding_save(*a, **k):
-        Path(a[1]).write_bytes(b"partial")
+    def failing_fsync(fd):  # the new bytes are in the temp file, not yet durable
         raise OSError("disk full")
 
-    monkeypatch.setattr(state_mod, "save_file", exploding_save)
+    monkeypatch.setattr(atomic_mod.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         broken.save(path)
     assert path.read_bytes() == before
