@@ -29,7 +29,7 @@ from ..quant.primitives import (
     quantize_log2,
     quantize_uniform,
 )
-from .config import DAQ_ALTERNATIVES
+from .config import DAQ_ALTERNATIVES, DAQ_RULES
 
 MIN_TAIL = 50  # fewer tail values than this make the fit meaningless
 
@@ -151,8 +151,15 @@ def decide(
     alternative: str = "exponential",
     p_threshold: Optional[float] = None,
     xmin_quantiles: int = 20,
+    rule: str = "llr",
 ) -> DaqDecision:
-    """Choose log2 or uniform for a sample of post-softmax values, with both candidates' MSE qparams."""
+    """Choose log2 or uniform for a sample of post-softmax values, with both candidates' MSE qparams.
+
+    `rule` (MethodConfig.daq_rule): "llr" — the power-law test alone (the paper); "llr+mse" — the test
+    and a lower log2 MSE; "mse" — the lower MSE alone.
+    """
+    if rule not in DAQ_RULES:
+        raise ValueError(f"daq rule {rule!r}: expected one of {DAQ_RULES}")
     values = values.detach().float().flatten().cpu()
     scale_u, zero_u = qparams_mse(values, bits)
     scale_l = log2_scale_mse(values, bits)
@@ -161,7 +168,9 @@ def decide(
     x = values.double().numpy()
     fit = fit_power_law(x, xmin_quantiles)
     r, p = loglik_ratio(x, fit, alternative)
-    log2 = r > 0 and (p_threshold is None or p < p_threshold)
+    heavy_tailed = r > 0 and (p_threshold is None or p < p_threshold)
+    lower_error = mse_l < mse_u
+    log2 = {"llr": heavy_tailed, "llr+mse": heavy_tailed and lower_error, "mse": lower_error}[rule]
     return DaqDecision(
         kind="log2" if log2 else "uniform",
         uniform_scale=float(scale_u), uniform_zero=int(zero_u), log2_scale=float(scale_l),

@@ -252,7 +252,7 @@ def _init_attention(observer: InitObserver, name: str, proc: FakeQuantAttnProces
     records = []
     for row, groups in _set_rows(proc.p, num_groups):
         values, _, _ = observer.sample(name, "p", groups, cfg.daq_values)
-        d = decide(values, proc.p.bits, cfg.daq_alternative, cfg.daq_pvalue, cfg.daq_xmin_quantiles)
+        d = decide(values, proc.p.bits, cfg.daq_alternative, cfg.daq_pvalue, cfg.daq_xmin_quantiles, cfg.daq_rule)
         if d.kind == "log2":
             proc.p.set_params(row, d.log2_scale, 0, "log2")
         else:

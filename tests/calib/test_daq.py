@@ -73,3 +73,17 @@ def test_too_few_values_are_refused():
         fit_power_law(np.zeros(100))
     with pytest.raises(ValueError, match="alternative"):
         loglik_ratio(np.ones(100) + np.arange(100), fit_power_law(np.arange(1, 200.0)), "gamma")
+
+
+def test_rules_combine_the_test_and_the_measured_error(rng):
+    heavy = torch.softmax(3.0 * torch.randn(64, 256, generator=rng), dim=-1)
+    for bits in (8, 4):
+        d = {rule: decide(heavy, bits, rule=rule) for rule in ("llr", "llr+mse", "mse")}
+        lower = d["llr"].mse_log2 < d["llr"].mse_uniform
+        assert d["llr"].kind == "log2"  # the power law wins the test at every bit width …
+        assert d["llr+mse"].kind == ("log2" if lower else "uniform")
+        assert d["mse"].kind == ("log2" if lower else "uniform")
+    # … but at 8 bits uniform steps are fine enough that log2's √2 rounding costs more
+    assert decide(heavy, 8, rule="llr+mse").kind == "uniform"
+    with pytest.raises(ValueError, match="daq rule"):
+        decide(heavy, 8, rule="bayes")
