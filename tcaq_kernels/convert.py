@@ -14,7 +14,7 @@ _WEIGHTED = {"conv2d": QConv2d, "linear": QLinear}
 
 
 def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backend: str = "reference",
-            inplace: bool = False, fuse_norm: bool = True):
+            inplace: bool = False, fuse_norm: bool = False):
     """Return `model` with every quantized layer of `state` replaced, ready for a diffusers pipeline.
 
     The result is the same UNet class (same forward signature, `.config`, `.dtype`, `.device`);
@@ -24,6 +24,7 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     With backend "triton" and `fuse_norm`, every diffusers ResnetBlock2D runs GroupNorm → SiLU →
     quantize as one kernel feeding its quantized convs (nn/qresnet.py); `tcaq_info["fused_norms"]`
     counts the fused halves and `tcaq_info["unfused_norms"]` says why any block half was not fused.
+    Off by default until the fused kernel has run on a GPU (it is tested in Triton's interpreter only).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
