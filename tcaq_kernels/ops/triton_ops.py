@@ -40,7 +40,8 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         partial sums added exactly, so the result does not depend on it.
 
     qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
-            a_bits=8, r_inv=None, residual=None, out_dtype=None) -> y [B, N, OH, OW] channels_last
+            a_bits=8, r_inv=None, residual=None, out_dtype=None, split_k=None)
+            -> y [B, N, OH, OW] channels_last
         x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
         kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)` or
         `groupnorm_silu_quantize` (no quantize pass; s_inv and r_inv are then unused).
@@ -48,6 +49,9 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         or packed uint8 [N, KH, KW, ⌈C/2⌉], and per-tap weight sums int32 [N, KH·KW]. stride: int; padding: [p], [ph, pw] or
         [top, bottom, left, right],
         filled with the code z[g]. residual: NCHW-shaped [B, N, OH, OW], any memory format.
+        split_k: like qlinear's, over the reduction taps × C (`triton/conv.conv_split_k`): None
+        splits when the output tiles cannot fill the GPU (deep layers at small batch), 1 never,
+        n > 1 up to n ways; the result does not depend on it.
 
     qattention(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero,
                v_s_inv, v_scale, v_zero, p_s_inv, p_scale, p_zero, p_kind_ids, group,
@@ -249,6 +253,7 @@ def qconv2d(
     r_inv: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """Quantized conv2d (implicit GEMM on NHWC codes); returns a channels-last NCHW tensor."""
     batch, gstride = _group_layout(group, x.shape[0])
@@ -268,12 +273,12 @@ def qconv2d(
     out = torch.empty(_conv_out_shape(x, w_q, stride, padding), dtype=_float_out(x, out_dtype),
                       device=x.device, memory_format=torch.channels_last)
     return qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
-                 residual, out)
+                 residual, out, split_k)
 
 
 @qconv2d.register_fake
 def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, a_bits=8,
-      r_inv=None, residual=None, out_dtype=None):
+      r_inv=None, residual=None, out_dtype=None, split_k=None):
     return torch.empty(_conv_out_shape(x, w_q, stride, padding), dtype=_float_out(x, out_dtype),
                        device=x.device, memory_format=torch.channels_last)
 

@@ -14,12 +14,21 @@ masked lanes meet zero weights.
 
 Weights come from `prepare_conv_weight`: [N, KH, KW, C] int8 (C contiguous, K-major for wgmma), or
 packed int4 [N, KH, KW, ⌈C/2⌉] widened to int8 in registers (Hopper has no 4-bit MMA).
+
+Split-K: the deep, small layers (SD's 8×8 and 16×16 levels at batch 2: M = 128–512 pixels, K up to
+9·2560) give far fewer output tiles than SMs. The reduction steps (tap, channel block) are then
+divided among `split_k` programs per tile, each writing its int32 partial sums to a workspace
+[split_k, M, N]; a second kernel adds them in split order and runs the same epilogue
+(`conv_epilogue`) as the unsplit kernel. Integer addition makes the result bit-exact whatever the
+split, the fixed order makes it deterministic, and no decision reads device data, so CUDA graphs
+capture it. The split count comes from the GEMM's `choose_split_k` over K = KH·KW·C.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
+from .gemm import choose_split_k
 from .numerics import grouped_tile, interpreting, quick_tuning, tuning_bench, unpack_int4_rows
 
 
@@ -42,17 +51,17 @@ def _prune(configs, named_args, **kwargs):
     return fit or configs
 
 
-@triton.autotune(configs=_configs(), key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4"],
+@triton.autotune(configs=_configs(), key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qconv_kernel(
-    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     scale_ptr, zero_ptr, group_ptr,
     B, H, W, C, N, OH, OW, pad_h, pad_w, group_stride,
     stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
-    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
@@ -61,13 +70,8 @@ def _qconv_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm_in = rm % M
     rn_in = rn % N
-    ow = rm_in % OW
-    oh = (rm_in // OW) % OH
-    b = rm_in // (OW * OH)
-    g = tl.load(group_ptr + b * group_stride)
-    zero = tl.load(zero_ptr + g)
+    b, oh, ow, g, zero = output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr)
     ih0 = oh * STRIDE - pad_h
     iw0 = ow * STRIDE - pad_w
     x_rows = x_ptr + (b.to(tl.int64) * H * W * C)[:, None]
@@ -75,16 +79,25 @@ def _qconv_kernel(
     rk = tl.arange(0, BLOCK_K)
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
+    if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S): balanced, and none empty while S ≤ n
+        it_lo = tl.program_id(1) * n_iter // SPLIT_K
+        it_hi = (tl.program_id(1) + 1) * n_iter // SPLIT_K
+    else:  # constant bounds: the unsplit kernel compiles as it did before split-K existed
+        it_lo = 0
+        it_hi = n_iter
     if W4:
         c_w = (C + 1) // 2
         rkw = tl.arange(0, BLOCK_K // 2)
         w_rows = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rkw[None, :]
-        p_next = tl.load(w_rows, mask=(rkw < c_w)[None, :], other=0)
+        if SPLIT_K > 1:
+            p_next = _packed_weight_tile(w_rows, it_lo, it_hi, c_blocks, c_w, rkw, BLOCK_K)
+        else:
+            p_next = tl.load(w_rows, mask=(rkw < c_w)[None, :], other=0)
     else:
         w_rows = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
 
     acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
-    for it in range(0, n_iter):
+    for it in range(it_lo, it_hi):
         tap = it // c_blocks
         c0 = (it - tap * c_blocks) * BLOCK_K
         ih = ih0 + tap // KW
@@ -101,11 +114,7 @@ def _qconv_kernel(
             # int4 weights are widened in registers, which Triton does not pipeline: prefetch the
             # next tile by hand, one iteration ahead.
             w = unpack_int4_rows(p_next, BLOCK_N, BLOCK_K)
-            nxt = it + 1
-            tap_n = nxt // c_blocks
-            c0_n = (nxt - tap_n * c_blocks) * BLOCK_K
-            p_next = tl.load(w_rows + tap_n * c_w + c0_n // 2,
-                             mask=(rkw < c_w - c0_n // 2)[None, :] & (nxt < n_iter), other=0)
+            p_next = _packed_weight_tile(w_rows, it + 1, it_hi, c_blocks, c_w, rkw, BLOCK_K)
         else:
             w_ptrs = w_rows + tap * C + c0
             if EVEN_C:
@@ -114,10 +123,53 @@ def _qconv_kernel(
                 w = tl.load(w_ptrs, mask=(rk < C - c0)[None, :], other=0)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
 
-    # Zero point and padding: acc − z·Σ_{taps inside the image} Σ_c w  =  Σ w·(a − z) with the
-    # padding read as z (DESIGN.md §3); per-tap weight sums come precomputed.
-    # Applied tap by tap straight into acc, in a loop the compiler does not unroll: a second
-    # BLOCK_M × BLOCK_N sum, or nine hoisted tap-sum vectors, would spill registers.
+    if SPLIT_K > 1:
+        # int32 partial sums; `_splitk_conv_epilogue_kernel` adds them in split order and finishes
+        part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(part, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    else:
+        conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
+                      w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                      stride_rb, stride_rc, stride_rh, stride_rw, KH, KW, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr):
+    """(b, oh, ow, g, z) of output rows `rm`: pixel coordinates, timestep group and zero point.
+    Rows are wrapped into [0, M), so every load they index stays in bounds; stores are masked."""
+    rm_in = rm % M
+    ow = rm_in % OW
+    oh = (rm_in // OW) % OH
+    b = rm_in // (OW * OH)
+    g = tl.load(group_ptr + b * group_stride)
+    return b, oh, ow, g, tl.load(zero_ptr + g)
+
+
+@triton.jit
+def _packed_weight_tile(w_rows, it, it_end, c_blocks, c_w, rkw, BLOCK_K: tl.constexpr):
+    """Packed int4 weight tile [BLOCK_N, BLOCK_K/2] of reduction step `it` (tap, channel block);
+    zeros from step `it_end` on, so the one-ahead prefetch never reads past the program's range."""
+    tap = it // c_blocks
+    c0 = (it - tap * c_blocks) * BLOCK_K
+    return tl.load(w_rows + tap * c_w + c0 // 2, mask=(rkw < c_w - c0 // 2)[None, :] & (it < it_end), other=0)
+
+
+@triton.jit
+def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
+                  w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rb, stride_rc, stride_rh, stride_rw,
+                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """Zero point and padding correction in int32, then acc·(s_w·s_a) + bias (+ residual) in fp32
+    (scale formed first), stored to out[rm, rn] (NHWC rows = output pixels).
+
+    `acc` is Σ w·a with out-of-image taps read as 0; `ih0`/`iw0` are the rows' top-left input
+    coordinates, `zero`/`g` their zero points and timestep groups. Shared by the unsplit kernel
+    and the split-K reduction, so both round the same way.
+    """
+    # acc − z·Σ_{taps inside the image} Σ_c w  =  Σ w·(a − z) with the padding read as z
+    # (DESIGN.md §3); per-tap weight sums come precomputed. Applied tap by tap straight into acc,
+    # in a loop the compiler does not unroll: a second BLOCK_M × BLOCK_N sum, or nine hoisted
+    # tap-sum vectors, would spill registers.
     n_mask = rn < N
     for tap in range(0, KH * KW):
         ih = ih0 + tap // KW
@@ -138,6 +190,27 @@ def _qconv_kernel(
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _splitk_conv_epilogue_kernel(
+    part_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, zero_ptr, group_ptr,
+    H, W, N, OH, OW, M, pad_h, pad_w, group_stride, stride_rb, stride_rc, stride_rh, stride_rw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, oh, ow, g, zero = output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    part = part_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for _ in range(0, SPLIT_K):  # in split order: deterministic (and integer, so exact)
+        acc += tl.load(part, mask=mask, other=0)
+        part += M * N
+    conv_epilogue(acc, rm, rn, b, oh, ow, oh * STRIDE - pad_h, ow * STRIDE - pad_w, zero, g, M, N, H, W,
+                  w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  stride_rb, stride_rc, stride_rh, stride_rw, KH, KW, HAS_BIAS, HAS_RES)
+
+
 def prepare_conv_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Offline: integer conv weights [N, C, KH, KW] → (kernel operand, per-tap Σ_c w as int32 [N, KH·KW]).
 
@@ -153,26 +226,62 @@ def prepare_conv_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, t
     return w_op.contiguous(), w_sum.contiguous()
 
 
+# The widest K tile of the configs: splits are capped at the reduction steps it leaves (KH·KW·⌈C/128⌉),
+# so that no split is empty whatever tile the autotuner picks.
+_MAX_BLOCK_K = 128
+
+
+def conv_split_k(split_k: int | None, M: int, N: int, C: int, taps: int, sms: int | None) -> int:
+    """Splits of the conv reduction (taps × C) for M output pixels × N channels (1: no split).
+
+    None asks `choose_split_k` with K = taps·C for a GPU of `sms` SMs (the output tiles against the
+    SMs) and never splits without one (`sms` None: CPU); an explicit count is capped at the
+    reduction steps of the widest K tile.
+    """
+    if split_k is None:
+        split_k = choose_split_k(M, N, taps * C, sms) if sms else 1
+    if split_k < 1:
+        raise ValueError(f"split_k must be None or a positive count, got {split_k}")
+    return min(split_k, taps * triton.cdiv(C, _MAX_BLOCK_K))
+
+
 def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_scale: torch.Tensor, bias,
           scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
-          stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor) -> torch.Tensor:
+          stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor,
+          split_k: int | None = None) -> torch.Tensor:
     """Launch on NHWC int8 codes [B, H, W, C] into `out`, an NCHW-shaped channels-last tensor.
 
     `padding` is (top, bottom, left, right); `residual` (optional) is NCHW-shaped, any strides.
+    `split_k` (see `conv_split_k`): n > 1 divides the reduction among n programs per output tile,
+    int32 partial sums to a [n, M, N] workspace, then a second kernel adds them in order and runs the
+    epilogue: the result is the unsplit one bit for bit; no host sync, so CUDA graphs capture it.
     """
     B, H, W, C = x_nhwc.shape
     N, KH, KW, _ = w_op.shape
     OH, OW = out.shape[2], out.shape[3]
     if out.numel() == 0:
         return out
+    M = B * OH * OW
+    sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda else None
+    split_k = conv_split_k(split_k, M, N, C, KH * KW, sms)
+    part = torch.empty((split_k, M, N), dtype=torch.int32, device=out.device) if split_k > 1 else out
     res = residual if residual is not None else out
-    grid = lambda meta: (triton.cdiv(B * OH * OW, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    bias_arg = bias if bias is not None else w_scale
+    res_strides = (res.stride(0), res.stride(1), res.stride(2), res.stride(3))
+    tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+                HAS_RES=residual is not None)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
     _qconv_kernel[grid](
-        x_nhwc, w_op, w_tap_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part,
         scale, zero, group,
         B, H, W, C, N, OH, OW, padding[0], padding[2], group_stride,
-        w_op.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        KH=KH, KW=KW, STRIDE=stride,
-        W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        w_op.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **tail,
     )
+    if split_k > 1:
+        block_m, block_n = 32, 64
+        _splitk_conv_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
+            part, w_tap_sum, w_scale, bias_arg, res, out, scale, zero, group,
+            H, W, N, OH, OW, M, padding[0], padding[2], group_stride, *res_strides,
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **tail,
+        )
     return out

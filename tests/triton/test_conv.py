@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d, quantize_act
 from tcaq_kernels.quant import primitives as P
-from tcaq_kernels.triton.conv import qconv
+from tcaq_kernels.triton.conv import conv_split_k, qconv
 
 from _tables import Tables, assert_float_close, rand_int
 
@@ -62,8 +62,10 @@ def test_asymmetric_padding_stride2(gen, device, w_bits):
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tcr", [False, True])
-def test_float_input_epilogue_residual(gen, device, out_dtype, tcr):
-    """Float NCHW in (quantize → NHWC codes → conv), scales, bias and an NCHW residual."""
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_float_input_epilogue_residual(gen, device, out_dtype, tcr, split_k):
+    """Float NCHW in (quantize → NHWC codes → conv), scales, bias and an NCHW residual; split-K's
+    reduction kernel runs the same epilogue as the unsplit kernel, so their outputs are equal."""
     B, C, H, W, N = 2, 12, 6, 7, 20
     x = (torch.randn(B, C, H, W, generator=gen) * 2).to(device)
     w = rand_int(gen, (N, C, 3, 3), 8, device)
@@ -73,11 +75,13 @@ def test_float_input_epilogue_residual(gen, device, out_dtype, tcr):
     r_inv = (torch.rand(C, generator=gen) + 0.5).to(device) if tcr else None
     t = Tables(gen, groups=5, batch=B, bits=8, device=device)
     w_q, w_sum = prepare_conv_weight(w, 8)
-    y = qconv2d(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, r_inv, residual,
-                out_dtype)
+    args = (x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, r_inv, residual, out_dtype)
+    y = qconv2d(*args, split_k=split_k)
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 4), t.per_sample(t.zero, 4), 8, r_inv, 1)
     ref = R.epilogue(_ref_acc(codes, w, t, 1, (1,) * 4), w_scale, t.per_sample(t.scale, 4), bias, 1) + residual
-    assert_float_close(y, ref, "qconv2d")
+    assert_float_close(y, ref, f"qconv2d split_k={split_k}")
+    if split_k > 1:
+        assert torch.equal(y, qconv2d(*args, split_k=1))
 
 
 def test_poisoned_output(gen, device):
@@ -98,8 +102,9 @@ def test_fake_impl_matches(device):
     w_q, w_sum = prepare_conv_weight(torch.ones(8, 3, 3, 3, dtype=torch.int8, device=device), 8)
     one = torch.ones(2, device=device)
     z = torch.zeros(2, dtype=torch.int32, device=device)
-    torch.library.opcheck(qconv2d, (x, w_q, w_sum, torch.ones(8, device=device), None, one, one, z, z, 2, [1]),
-                          test_utils=("test_schema", "test_faketensor"))
+    args = (x, w_q, w_sum, torch.ones(8, device=device), None, one, one, z, z, 2, [1])
+    for kwargs in ({}, {"split_k": 2}):
+        torch.library.opcheck(qconv2d, args, kwargs, test_utils=("test_schema", "test_faketensor"))
 
 
 # SD-1.5 and DDPM layers on the GPU: (B, C, H, W, N, k, stride, pad).
@@ -135,3 +140,90 @@ def test_codes_in_the_wrong_layout_are_refused(device):
     nchw = torch.zeros(2, 5, 6, 7, dtype=torch.int8, device=device)
     with pytest.raises(ValueError, match="NHWC"):
         qconv2d(nchw, w_q, w_sum, torch.ones(8, device=device), None, one, one, z, z, 1, [1])
+
+
+# split-K: odd C, 3×3 and 1×1, stride 1 and 2, asymmetric padding; split counts that do not divide
+# the reduction steps (KH·KW·⌈C/64⌉ under the interpreter) and one past the cap. The int32 result
+# must not depend on the split, and every output must be written (NaN-poisoned).
+# (B, C, H, W, N, k, stride, (top, bottom, left, right), split counts)
+SPLIT_CASES = [
+    (2, 37, 7, 9, 20, 3, 1, (1, 1, 1, 1), (2, 4, 16)),
+    (1, 45, 9, 6, 17, 3, 2, (1, 1, 1, 1), (3, 5)),
+    (2, 19, 8, 8, 12, 3, 2, (0, 1, 0, 1), (2, 7)),
+    (2, 261, 5, 5, 33, 1, 1, (0, 0, 0, 0), (2, 3)),
+    (1, 200, 7, 7, 24, 1, 2, (0, 0, 0, 0), (2,)),
+]
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_k_exact_accumulator(gen, device, w_bits, case):
+    B, C, H, W, N, k, stride, pads, splits = case
+    codes = rand_int(gen, (B, H, W, C), 8, device)
+    w = rand_int(gen, (N, C, k, k), w_bits, device)
+    t = Tables(gen, groups=4, batch=B, bits=8, device=device, unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    ref = _ref_acc(codes.permute(0, 3, 1, 2), w, t, stride, pads).float()
+    for split_k in splits:
+        out = torch.full(ref.shape, float("nan"), device=device).to(memory_format=torch.channels_last)
+        qconv(codes, w_q, w_sum, torch.ones(N, device=device), None, t.scale, t.zero, t.group, 0 if B == 1 else 1,
+              stride, pads, None, out, split_k)
+        assert torch.equal(out, ref), split_k
+
+
+def test_conv_split_k_choice():
+    """The heuristic splits SD's deep layers at batch 2 on 132 SMs, never without a GPU, and caps a
+    count at the reduction steps of the widest (128-channel) K tile."""
+    assert conv_split_k(None, 128, 1280, 1280, 9, 132) == 13  # 8×8, 3×3: 10 output tiles of 128×128
+    assert conv_split_k(None, 128, 1280, 2560, 1, 132) == 10  # 8×8, 1×1 over 2560 channels
+    assert conv_split_k(None, 512, 1280, 2560, 9, 132) == 3  # 16×16
+    assert conv_split_k(None, 8192, 320, 320, 9, 132) == 1  # 64×64: enough tiles
+    assert conv_split_k(None, 128, 1280, 1280, 9, None) == 1  # CPU
+    assert conv_split_k(16, 50, 20, 37, 9, None) == 9 and conv_split_k(5, 50, 20, 261, 1, None) == 3
+    with pytest.raises(ValueError, match="split_k"):
+        conv_split_k(0, 128, 1280, 1280, 9, 132)
+
+
+# SD-1.5 layers that the heuristic splits (B, C, H, W, N, k, stride, pad), on the GPU.
+@pytest.mark.cuda
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", [
+    (2, 1280, 8, 8, 1280, 3, 1, 1), (2, 2560, 8, 8, 1280, 1, 1, 0), (2, 2560, 16, 16, 1280, 3, 1, 1),
+    (2, 1280, 16, 16, 1280, 3, 2, 1), (2, 640, 32, 32, 640, 3, 2, 1), (8, 1920, 16, 16, 1280, 3, 1, 1),
+])
+def test_split_k_large_shapes(gen, w_bits, case):
+    """The heuristic's split and forced ones, int8 codes and float input, bit for bit."""
+    B, C, H, W, N, k, stride, pad = case
+    x = torch.randn(B, C, H, W, generator=gen).to(torch.bfloat16).cuda()
+    w = rand_int(gen, (N, C, k, k), w_bits, "cuda")
+    t = Tables(gen, groups=10, batch=B, bits=8, device="cuda", unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    codes = quantize_act(x, t.s_inv, t.zero, t.group, 8, channel_dim=1)
+    acc = _ref_acc(codes.permute(0, 3, 1, 2), w, t, stride, (pad,) * 4).float()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    assert conv_split_k(None, B * acc.shape[2] * acc.shape[3], N, C, k * k, sms) > 1
+    for split_k in (None, 1, 3, 16):
+        for a in (codes, x):
+            y = qconv2d(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                        stride, [pad], out_dtype=torch.float32, split_k=split_k)
+            assert torch.equal(y, acc), (split_k, a.dtype)
+
+
+@pytest.mark.cuda
+def test_split_k_in_cuda_graph(gen):
+    """A split conv captured in a CUDA graph (no host sync) follows the device-side group on replay."""
+    B, C, H, W, N = 2, 1280, 8, 8, 1280
+    codes = rand_int(gen, (B, H, W, C), 8, "cuda")
+    w = rand_int(gen, (N, C, 3, 3), 8, "cuda")
+    t = Tables(gen, groups=10, batch=B, bits=8, device="cuda", unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, 8)
+    conv = lambda: qconv2d(codes, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                           1, [1], out_dtype=torch.float32)
+    conv()  # autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = conv()
+    for _ in range(2):
+        t.group.copy_(torch.randint(0, 10, (B,), generator=gen, dtype=torch.int32))
+        graph.replay()
+        assert torch.equal(y, _ref_acc(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4).float())
