@@ -20,7 +20,9 @@ Ops: "gemm", "conv" (below), "groupnorm" — a ResBlock's GroupNorm + SiLU befor
 the shapes and counts are the 44 norms of the 22 ResnetBlock2D of each UNet (derived from the
 diffusers configs), 32 groups — and "gemm-splitk", the GEMM shapes whose output tiles leave SMs
 idle (`choose_split_k` > 1 on this card), each Triton impl without split-K (`split_k=1`) and with
-the heuristic's split ("-splitk"; the split count is appended to `config`).
+the heuristic's split ("-splitk"; the split count is appended to `config`) — and "conv-splitk",
+the same for the conv shapes the heuristic splits (`conv_split_k`: SD's deep layers at small
+batch), cuDNN bf16 beside them.
 
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
@@ -31,7 +33,7 @@ UNet2DModel on the meta device, so diffusers is not needed here):
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out benchmarks/results
 
-(`--ops groupnorm,gemm-splitk` runs only those rows and keeps the others from the earlier run.)
+(`--ops conv-splitk,gemm-splitk` runs only those rows and keeps the others from the earlier run.)
 
 Where `import tcaq_kernels` would pull in diffusers and it is absent, put a stub package first on
 the path: `mkdir -p /tmp/pk/tcaq_kernels && touch /tmp/pk/tcaq_kernels/__init__.py && for d in quant
@@ -46,6 +48,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +56,7 @@ import triton
 
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
-from tcaq_kernels.triton.conv import _qconv_kernel
+from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
@@ -267,28 +270,45 @@ def run_norm(model, shape, card, command):
                      card, command)
 
 
-def run_conv(model, shape, card, command):
+def _conv_inputs(shape):
+    """Random inputs of one conv shape: bf16 x (channels_last) and cuDNN's view of it, bf16 weights,
+    int8 codes, the int8 / int4 kernel operands, scales and tables."""
     B, C, H, W, N, k, stride, pads, count = shape
     top, bottom, left, right = pads
-    OH, OW = (H + top + bottom - k) // stride + 1, (W + left + right - k) // stride + 1
-    t = _tables(B)
     x = torch.randn(B, C, H, W, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     # cuDNN gets the already padded input when the padding is asymmetric (DDPM's F.pad + conv).
     x_cudnn = F.pad(x, (left, right, top, bottom)).contiguous(memory_format=torch.channels_last) \
         if (top, left) != (bottom, right) else x
-    pad_cudnn = 0 if x_cudnn is not x else top
     w = (torch.randn(N, C, k, k, device="cuda") * (C * k * k) ** -0.5).to(torch.bfloat16)
-    w = w.contiguous(memory_format=torch.channels_last)
-    bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
-    codes = torch.randint(-128, 128, (B, H, W, C), device="cuda", dtype=torch.int8)
-    w8 = torch.randint(-128, 128, (N, C, k, k), device="cuda", dtype=torch.int8)
-    w4 = torch.randint(-8, 8, (N, C, k, k), device="cuda", dtype=torch.int8)
-    w_scale = torch.rand(N, device="cuda") * 1e-3
-    ops8, ops4 = prepare_conv_weight(w8, 8), prepare_conv_weight(w4, 4)
-    tab = (t["s_inv"], t["scale"], t["zero"], t["group"])
+    t = _tables(B)
+    return SimpleNamespace(
+        x=x, x_cudnn=x_cudnn, pad_cudnn=0 if x_cudnn is not x else top,
+        w=w.contiguous(memory_format=torch.channels_last),
+        bias=torch.randn(N, device="cuda", dtype=torch.bfloat16),
+        codes=torch.randint(-128, 128, (B, H, W, C), device="cuda", dtype=torch.int8),
+        ops={8: prepare_conv_weight(torch.randint(-128, 128, (N, C, k, k), device="cuda", dtype=torch.int8), 8),
+             4: prepare_conv_weight(torch.randint(-8, 8, (N, C, k, k), device="cuda", dtype=torch.int8), 4)},
+        w_scale=torch.rand(N, device="cuda") * 1e-3,
+        tab=(t["s_inv"], t["scale"], t["zero"], t["group"]),
+    )
+
+
+def _conv_geometry(shape):
+    """(output pixels M = B·OH·OW, the row label) of a conv shape."""
+    B, C, H, W, N, k, stride, pads, count = shape
+    top, bottom, left, right = pads
+    OH, OW = (H + top + bottom - k) // stride + 1, (W + left + right - k) // stride + 1
+    pad_s = "".join(map(str, pads)) if len(set(pads)) > 1 else top
+    return B * OH * OW, f"B{B} C{C} {H}x{W} N{N} k{k} s{stride} p{pad_s}"
+
+
+def run_conv(model, shape, card, command):
+    B, C, H, W, N, k, stride, pads, count = shape
+    M, label = _conv_geometry(shape)
+    v = _conv_inputs(shape)
     pad = list(pads)
-    ops = 2.0 * B * OH * OW * N * C * k * k
-    act, wts, out_b = B * H * W * C, N * C * k * k, 2 * B * OH * OW * N
+    ops = 2.0 * M * N * C * k * k
+    act, wts, out_b = B * H * W * C, N * C * k * k, 2 * M * N
     floors = {
         "cudnn-bf16": floor_ms(2 * act + 2 * wts + out_b, ops, "bf16"),
         "triton-w8a8": floor_ms(act + wts + out_b, ops, "int8"),
@@ -296,13 +316,40 @@ def run_conv(model, shape, card, command):
         "triton-w8a8+quant": floor_ms(2 * act + act + act + wts + out_b, ops, "int8"),
     }
     impls = {
-        "cudnn-bf16": (lambda: F.conv2d(x_cudnn, w, bias, stride, pad_cudnn), None),
-        "triton-w8a8": (lambda: qconv2d(codes, *ops8, w_scale, bias, *tab, stride, pad), _qconv_kernel),
-        "triton-w4a8": (lambda: qconv2d(codes, *ops4, w_scale, bias, *tab, stride, pad), _qconv_kernel),
-        "triton-w8a8+quant": (lambda: qconv2d(x, *ops8, w_scale, bias, *tab, stride, pad), _qconv_kernel),
+        "cudnn-bf16": (lambda: F.conv2d(v.x_cudnn, v.w, v.bias, stride, v.pad_cudnn), None),
+        "triton-w8a8": (lambda: qconv2d(v.codes, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
+        "triton-w4a8": (lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
+        "triton-w8a8+quant": (lambda: qconv2d(v.x, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
     }
-    shape_s = f"B{B} C{C} {H}x{W} N{N} k{k} s{stride} p{''.join(map(str, pads)) if len(set(pads)) > 1 else top}"
-    return _time_all("conv", model, shape_s, count, ops, impls, floors, "cudnn-bf16", card, command)
+    return _time_all("conv", model, label, count, ops, impls, floors, "cudnn-bf16", card, command)
+
+
+def _conv_split(shape) -> int:
+    """The split count `qconv2d(split_k=None)` uses for this conv shape on this card."""
+    B, C, H, W, N, k, stride, pads, count = shape
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    return conv_split_k(None, _conv_geometry(shape)[0], N, C, k * k, sms)
+
+
+def conv_split_k_shapes(model):
+    """The model's conv shapes that the split-K heuristic splits on this card."""
+    return [c for c in CONV[model] if _conv_split(c) > 1]
+
+
+def run_conv_splitk(model, shape, card, command):
+    """Triton convs without (`split_k=1`) and with the heuristic's split-K, cuDNN bf16 beside them."""
+    B, C, H, W, N, k, stride, pads, count = shape
+    M, label = _conv_geometry(shape)
+    v = _conv_inputs(shape)
+    impls = {"cudnn-bf16": (lambda: F.conv2d(v.x_cudnn, v.w, v.bias, stride, v.pad_cudnn), None)}
+    for name, inp, bits in (("w8a8", v.codes, 8), ("w4a8", v.codes, 4), ("w8a8+quant", v.x, 8)):
+        for suffix, split_k in (("", 1), ("-splitk", None)):
+            impls[f"triton-{name}{suffix}"] = (
+                lambda inp=inp, bits=bits, split_k=split_k: qconv2d(inp, *v.ops[bits], v.w_scale, v.bias, *v.tab,
+                                                                    stride, list(pads), split_k=split_k),
+                _qconv_kernel, f" split{_conv_split(shape)}" if split_k is None else "")
+    return _time_all("conv-splitk", model, label, count, 2.0 * M * N * C * k * k, impls, {}, "cudnn-bf16", card,
+                     command)
 
 
 def _time_all(op, model, shape, count, flops, impls, floors, base, card, command):
@@ -330,7 +377,8 @@ def _time_all(op, model, shape, count, flops, impls, floors, base, card, command
 
 # op → (baseline impl, the impl whose floor, eager time and config the per-shape tables show)
 OPS = {"gemm": ("cublas-bf16", "triton-w8a8"), "conv": ("cudnn-bf16", "triton-w8a8"),
-       "groupnorm": ("torch-bf16", "triton-fused"), "gemm-splitk": ("cublas-bf16", "triton-w8a8-fused-splitk")}
+       "groupnorm": ("torch-bf16", "triton-fused"), "gemm-splitk": ("cublas-bf16", "triton-w8a8-fused-splitk"),
+       "conv-splitk": ("cudnn-bf16", "triton-w8a8-splitk")}
 
 
 def summarize(rows, meta) -> str:
@@ -383,7 +431,7 @@ def summarize(rows, meta) -> str:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--ops", default="gemm,conv,groupnorm,gemm-splitk")
+    p.add_argument("--ops", default="gemm,conv,groupnorm,gemm-splitk,conv-splitk")
     p.add_argument("--models", default=",".join(GEMM))
     args = p.parse_args()
     torch.manual_seed(0)
@@ -401,7 +449,8 @@ def main():
     for model in args.models.split(","):
         for op, shapes, run in (("gemm", GEMM[model], run_gemm), ("conv", CONV[model], run_conv),
                                 ("groupnorm", NORM[model], run_norm),
-                                ("gemm-splitk", split_k_shapes(model), run_gemm_splitk)):
+                                ("gemm-splitk", split_k_shapes(model), run_gemm_splitk),
+                                ("conv-splitk", conv_split_k_shapes(model), run_conv_splitk)):
             if op not in ran:
                 continue
             for shape in shapes:
