@@ -235,14 +235,16 @@ def run_gemm_splitk(model, shape, card, command):
     ops = {8: prepare_linear_weight(torch.randint(-128, 128, (N, K), device="cuda", dtype=torch.int8), 8),
            4: prepare_linear_weight(torch.randint(-8, 8, (N, K), device="cuda", dtype=torch.int8), 4)}
     tab = (t["s_inv"], t["scale"], t["zero"], t["group"])
-    split = k_range_per_split(K, choose_split_k(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count))[1]
+    chosen = choose_split_k(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
+    split = k_range_per_split(K, chosen)[1]
     impls = {"cublas-bf16": (lambda: F.linear(x, w, bias), None)}
     for name, inp, bits in (("w8a8", a, 8), ("w4a8", a, 4), ("w8a8-fused", x, 8)):
-        for suffix, split_k in (("", 1), ("-splitk", None)):
+        # the heuristic's count passed explicitly: split_k=None splits only with TCAQ_AUTO_SPLIT_K=1
+        for suffix, split_k in (("", 1), ("-splitk", chosen)):
             impls[f"triton-{name}{suffix}"] = (
                 lambda inp=inp, bits=bits, split_k=split_k: qlinear(inp, *ops[bits], w_scale, bias, *tab,
                                                                     split_k=split_k),
-                _qgemm_kernel, f" split{split}" if split_k is None else "")
+                _qgemm_kernel, f" split{split}" if split_k != 1 else "")
     return _time_all("gemm-splitk", model, f"{M}x{N}x{K}", count, 2.0 * M * N * K, impls, {}, "cublas-bf16", card,
                      command)
 
@@ -325,7 +327,8 @@ def run_conv(model, shape, card, command):
 
 
 def _conv_split(shape) -> int:
-    """The split count `qconv2d(split_k=None)` uses for this conv shape on this card."""
+    """The split count the heuristic picks for this conv shape on this card (what `split_k=None` uses
+    with TCAQ_AUTO_SPLIT_K=1)."""
     B, C, H, W, N, k, stride, pads, count = shape
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     return conv_split_k(None, _conv_geometry(shape)[0], N, C, k * k, sms)
@@ -343,11 +346,11 @@ def run_conv_splitk(model, shape, card, command):
     v = _conv_inputs(shape)
     impls = {"cudnn-bf16": (lambda: F.conv2d(v.x_cudnn, v.w, v.bias, stride, v.pad_cudnn), None)}
     for name, inp, bits in (("w8a8", v.codes, 8), ("w4a8", v.codes, 4), ("w8a8+quant", v.x, 8)):
-        for suffix, split_k in (("", 1), ("-splitk", None)):
+        for suffix, split_k in (("", 1), ("-splitk", _conv_split(shape))):
             impls[f"triton-{name}{suffix}"] = (
                 lambda inp=inp, bits=bits, split_k=split_k: qconv2d(inp, *v.ops[bits], v.w_scale, v.bias, *v.tab,
                                                                     stride, list(pads), split_k=split_k),
-                _qconv_kernel, f" split{_conv_split(shape)}" if split_k is None else "")
+                _qconv_kernel, f" split{split_k}" if split_k != 1 else "")
     return _time_all("conv-splitk", model, label, count, 2.0 * M * N * C * k * k, impls, {}, "cudnn-bf16", card,
                      command)
 

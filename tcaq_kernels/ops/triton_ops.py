@@ -36,8 +36,9 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         None (added after the bias). Rows of sample b are the M/B consecutive rows of x's
         flattened leading dims (B = group.numel()). out_dtype defaults to x's float dtype
         (bfloat16 for int8 input). split_k: None lets `choose_split_k` split the K loop when the
-        output tiles cannot fill the GPU (small M), 1 never splits, n > 1 forces n splits; int32
-        partial sums added exactly, so the result does not depend on it.
+        output tiles cannot fill the GPU (small M) — only with TCAQ_AUTO_SPLIT_K=1 until the split
+        kernels are measured on a GPU (triton/gemm.py AUTO_SPLIT_K) —; 1 never splits; n > 1 forces
+        n splits. int32 partial sums are added exactly, so the result does not depend on it.
 
     qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
             a_bits=8, r_inv=None, residual=None, out_dtype=None, split_k=None)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
-from .gemm import choose_split_k
+from .gemm import AUTO_SPLIT_K, choose_split_k
 from .numerics import grouped_tile, interpreting, quick_tuning, tuning_bench, unpack_int4_rows
 
 
@@ -262,7 +262,7 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     if out.numel() == 0:
         return out
     M = B * OH * OW
-    sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda else None
+    sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda and AUTO_SPLIT_K else None
     split_k = conv_split_k(split_k, M, N, C, KH * KW, sms)
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=out.device) if split_k > 1 else out
     res = residual if residual is not None else out

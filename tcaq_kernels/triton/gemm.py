@@ -23,6 +23,8 @@ tensor cores idle while each k-step's MMA is waited on, and the int8 kernel runs
 cuBLAS speed (≈740 TOPS at best), not at the 2× the int8 peak allows. Register-side operands (int4
 widening, the float prologue) also round-trip through shared memory, hence W4A8 ≈ 0.5× W8A8.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -195,6 +197,11 @@ def prepare_linear_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor,
 _MIN_K_PER_SPLIT = 256
 _K_ALIGN = 128
 _MAX_SPLIT_K = 16
+#: Whether `split_k=None` may split (GEMM and conv). Off until the split kernels have run on a GPU:
+#: they are exact in Triton's interpreter and compile for sm_90, but the default path stays the
+#: unsplit kernel measured on the H100. `TCAQ_AUTO_SPLIT_K=1` turns the heuristic on; an explicit
+#: `split_k=n` always splits.
+AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
 
 
 def choose_split_k(M: int, N: int, K: int, sms: int) -> int:
@@ -224,7 +231,7 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     """Launch on a2 [M, K] (int8 codes, or float when the prologue quantizes) into out [M, N].
 
     `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉] (then the kernel widens int4 to int8).
-    `split_k`: None chooses (`choose_split_k`, CUDA only), 1 never splits, n > 1 splits K n ways
+    `split_k`: None chooses (`choose_split_k`, CUDA only, with AUTO_SPLIT_K), 1 never splits, n > 1 splits K n ways
     (int32 partial sums, then a second kernel adds them in order and runs the epilogue: the
     integers are exact and the result deterministic; no host sync, so CUDA graphs capture it).
     """
@@ -233,8 +240,8 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     if M == 0 or N == 0:
         return out
     if split_k is None:
-        sms = torch.cuda.get_device_properties(a2.device).multi_processor_count if a2.is_cuda else 1
-        split_k = choose_split_k(M, N, K, sms) if a2.is_cuda else 1
+        auto = a2.is_cuda and AUTO_SPLIT_K
+        split_k = choose_split_k(M, N, K, torch.cuda.get_device_properties(a2.device).multi_processor_count) if auto else 1
     per_split, split_k = k_range_per_split(K, split_k)
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=a2.device) if split_k > 1 else out
     a_float = a2.dtype != torch.int8
