@@ -6,8 +6,8 @@ The presets (`presets.py`) are named sets of overrides of `MethodConfig`; anythi
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Mapping, Optional, Sequence
 
 from ..quant.layers import DEFAULT_FLOAT_LAYERS
 
@@ -37,6 +37,10 @@ class MethodConfig:
     # shared by all groups (only DAQ's post-softmax quantizer still varies per group).
     group_act_params: bool = True
     keep_float: Sequence[str] = DEFAULT_FLOAT_LAYERS  # layers left in float
+    # Activation bits per layer-name pattern (fnmatch), overriding the A of `bits` — e.g.
+    # {"*.conv_shortcut": 8} at W4A4, where those 13 layers carry about half of the error
+    # (calib/README.md). Empty: one width everywhere, as the paper's tables.
+    act_bits: Mapping[str, int] = field(default_factory=dict)
     # Q-Diffusion's shortcut splitting: an up-block ResBlock's conv1 and conv_shortcut read
     # cat([h, skip]), two ranges of very different size; True gives the skip channels a quantizer of
     # their own ("input_skip", CalibState v2). On by default, as in Q-Diffusion, whose baseline

@@ -58,7 +58,8 @@ def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: Meth
     with _eval_mode(fp), torch.no_grad():
         data = collect_trajectories(fp, scheduler, list(range(cfg.seed, cfg.seed + cfg.num_samples)),
                                     cfg.num_steps, cfg.batch_size, progress=cfg.progress)
-        sim = QuantSim(fp, bits, edges, cfg.keep_float, cfg.group_act_params, per_group_p=cfg.daq)
+        sim = QuantSim(fp, bits, edges, cfg.keep_float, cfg.group_act_params, per_group_p=cfg.daq,
+                       act_bits=cfg.act_bits)
         example = seeded_noise([cfg.seed], unet_sample_shape(fp), device), data.timesteps[:1]
         blocks = find_blocks(fp, sim.kinds, example)
     phases["data"] = time.perf_counter() - start

@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import copy
 from functools import cached_property
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from ..quant.layers import model_fingerprint, quantizable_layers, skip_splits
 from ..quant.state import CalibState
 from .fakequant import FakeQuantAttnProcessor, FakeQuantLayer, GroupIndex
-from .settings import parse_bits
+from .settings import layer_act_bits, parse_bits
 
 
 class QuantSim:
@@ -28,6 +28,7 @@ class QuantSim:
         keep_float: Iterable[str] = (),
         group_act_params: bool = True,
         per_group_p: bool = False,
+        act_bits: Optional[Mapping[str, int]] = None,
     ):
         w_bits, a_bits = parse_bits(bits)
         self.bits, self.group_edges = bits, list(group_edges)
@@ -41,7 +42,9 @@ class QuantSim:
         modules = dict(self.model.named_modules())
         self.kinds = {n: k for n, k in quantizable_layers(self.model).items() if n not in set(keep_float)}
         self.layers: dict[str, torch.nn.Module] = {}
+        layer_bits = layer_act_bits(self.kinds, a_bits, act_bits or {})
         for name, kind in self.kinds.items():
+            a_bits = layer_bits[name]
             module = modules[name]
             if kind == "attention":
                 proc = FakeQuantAttnProcessor(name, a_bits, act_sets, p_sets, self.index).to(device)

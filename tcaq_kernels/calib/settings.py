@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import re
+from fnmatch import fnmatchcase
+from typing import Iterable, Mapping
 
 from ..quant.primitives import ACT_BITS, WEIGHT_BITS
 
@@ -21,3 +23,18 @@ def uniform_group_edges(num_train_timesteps: int, groups: int) -> list[float]:
     if groups < 1 or groups > num_train_timesteps:
         raise ValueError(f"timestep_groups={groups}: must be between 1 and {num_train_timesteps}")
     return [num_train_timesteps * g / groups for g in range(1, groups)]
+
+
+def layer_act_bits(layers: Iterable[str], default: int, overrides: Mapping[str, int]) -> dict[str, int]:
+    """Activation bits per layer: `default`, or the first `overrides` pattern (fnmatch) the name matches.
+
+    Mixed precision where a uniform width loses most (e.g. `{"*.conv_shortcut": 8}` at W4A4, see
+    calib/README.md "Where W4A4 loses"); a pattern that matches no layer is an error, not a no-op.
+    """
+    layers = list(layers)
+    for pattern, bits in overrides.items():
+        if bits not in ACT_BITS:
+            raise ValueError(f"act_bits[{pattern!r}]={bits}: activation bits must be one of {ACT_BITS}")
+        if not any(fnmatchcase(name, pattern) for name in layers):
+            raise ValueError(f"act_bits pattern {pattern!r} matches no quantized layer (e.g. {layers[:3]})")
+    return {name: next((b for pat, b in overrides.items() if fnmatchcase(name, pat)), default) for name in layers}
