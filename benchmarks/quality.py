@@ -22,7 +22,6 @@ GPU machines re-send the checkout at every call) should run from a copy of the c
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -39,6 +38,7 @@ if importlib.util.find_spec("tcaq_kernels") is None:  # not installed: use this 
     sys.path.insert(0, str(REPO))
 
 from tcaq_kernels.atomic import atomic_write_text  # noqa: E402
+from tcaq_kernels.eval.fid import sha256_file  # noqa: E402
 from tcaq_kernels.eval.results import read_rows, upsert_rows  # noqa: E402
 
 CALIB_SEED = 1_000_000
@@ -59,14 +59,6 @@ def parse_job(text: str) -> tuple[str, str, int]:
 def is_float(preset: str) -> bool:
     """Jobs named `fp…` evaluate the full-precision model in the same run (the baseline beside the rows)."""
     return preset.startswith("fp")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def job_commands(preset: str, bits: str, n: int, a: argparse.Namespace, state: Path, eval_dir: Path) -> tuple[list, list]:

@@ -113,7 +113,8 @@ def cache_dir(override: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "tcaq_kernels"
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks (cache keys, result rows)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -128,7 +129,7 @@ def reference_key(npz_path: Path, weights_path: Path) -> str:
     """
     import PIL
 
-    parts = [FEATURE_VERSION, _sha256_file(npz_path), _sha256_file(weights_path), f"PIL-{PIL.__version__}"]
+    parts = [FEATURE_VERSION, sha256_file(npz_path), sha256_file(weights_path), f"PIL-{PIL.__version__}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
