@@ -201,8 +201,9 @@ def test_split_k_large_shapes(gen, w_bits, case):
     codes = quantize_act(x, t.s_inv, t.zero, t.group, 8, channel_dim=1)
     acc = _ref_acc(codes.permute(0, 3, 1, 2), w, t, stride, (pad,) * 4).float()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert conv_split_k(None, B * acc.shape[2] * acc.shape[3], N, C, k * k, sms) > 1
-    for split_k in (None, 1, 3, 16):
+    chosen = conv_split_k(None, B * acc.shape[2] * acc.shape[3], N, C, k * k, sms)
+    assert chosen > 1
+    for split_k in (None, 1, chosen, 3, 16):  # None splits only with TCAQ_AUTO_SPLIT_K=1
         for a in (codes, x):
             y = qconv2d(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
                         stride, [pad], out_dtype=torch.float32, split_k=split_k)

@@ -173,7 +173,8 @@ def test_split_k_large_shapes(gen, w_bits, mnk):
     w_q, w_sum = prepare_linear_weight(w, w_bits)
     codes = P.quantize_uniform(x, t.s_inv[t.group.long()], t.zero[t.group.long()], 8)
     acc = R.int_linear(codes, w, t.zero[t.group.long()]).float()
-    for split_k in (None, 1, 4, 16):
+    chosen = choose_split_k(M, N, K, torch.cuda.get_device_properties(0).multi_processor_count)
+    for split_k in (None, 1, chosen, 4, 16):  # None splits only with TCAQ_AUTO_SPLIT_K=1
         for a in (codes, x):
             y = qlinear(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
                         out_dtype=torch.float32, split_k=split_k)
