@@ -219,7 +219,7 @@ def reconstruct_round(
             entry.update(optimize_block(sim, block, io, cfg, iters, cfg.progress))
             entry["loss_after"] = block_error(sim, block, io, cfg.batch_size)
         sim.set_mode(block.layers, weight="quant", act=True)
-        records["blocks"][block.name] = {k: _round(v) for k, v in entry.items()}
+        records["blocks"][block.name] = {k: _round(v) if isinstance(v, float) else v for k, v in entry.items()}
         del io
     return records
 
