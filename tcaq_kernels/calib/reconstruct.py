@@ -123,13 +123,13 @@ class _Stepper:
             opt.step()
 
 
-def _capture(stepper: _Stepper, warm_steps) -> "torch.cuda.CUDAGraph":
-    """Run `warm_steps` (real steps) on a side stream, as graph capture requires, then capture one step."""
+def _capture(stepper: _Stepper, warm: int, prepare) -> "torch.cuda.CUDAGraph":
+    """Run steps 0 … warm−1 (real steps) on a side stream, as graph capture requires, then capture one step."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for prepare in warm_steps:
-            prepare()
+        for it in range(warm):
+            prepare(it)
             stepper.zero_grad()
             stepper()
     torch.cuda.current_stream().wait_stream(side)
@@ -157,18 +157,18 @@ def optimize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig, 
     opt_a = _adam(scales, cfg.act_lr, graphed)
     stepper = _Stepper(sim, block, io, cfg, iters, weights, [o for o in (opt_w, opt_a) if o is not None])
 
-    def prepare(it: int):
-        def set_step() -> None:
-            stepper.set_schedule(beta_schedule(it, iters, cfg.warmup, cfg.beta_start, cfg.beta_end), cfg.round_weight)
-            _set_lr(opt_a, cosine_lr(cfg.act_lr, it, iters))
-        return set_step
+    def prepare(it: int) -> None:
+        """Regulariser schedule and LSQ learning rate of step `it`."""
+        stepper.set_schedule(beta_schedule(it, iters, cfg.warmup, cfg.beta_start, cfg.beta_end), cfg.round_weight)
+        _set_lr(opt_a, cosine_lr(cfg.act_lr, it, iters))
 
-    warm = min(iters, CUDA_GRAPH_WARMUP) if graphed else 0
+    # capture only when steps remain after the warm-up; otherwise every step runs eagerly below
+    warm = CUDA_GRAPH_WARMUP if graphed and iters > CUDA_GRAPH_WARMUP else 0
     try:
-        graph = _capture(stepper, [prepare(it) for it in range(warm)]) if graphed and iters > warm else None
+        graph = _capture(stepper, warm, prepare) if warm else None
         for it in tqdm(range(warm, iters), initial=warm, total=iters, desc=f"reconstruct {block.name}",
                        disable=not progress, leave=False):
-            prepare(it)()
+            prepare(it)
             if graph is not None:
                 graph.replay()
             else:
