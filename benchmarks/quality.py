@@ -45,15 +45,25 @@ CALIB_SEED = 1_000_000
 RESULTS = REPO / "benchmarks" / "results" / "quality.json"
 MARKDOWN = REPO / "benchmarks" / "results" / "quality.md"
 BITS_ORDER = ("fp", "W8A8", "W6A6", "W4A8", "W4A4")
+# Named option sets a job may add to its preset (`tcaq@shortcut-a8:W4A4:10000`); the row's preset keeps the
+# name, so a mixed-precision row never passes for the plain bit width.
+VARIANTS = {
+    # the 13 1×1 shortcut convs read 8-bit activations: where W4A4 loses most (calib/README.md)
+    "shortcut-a8": {"act_bits": {"*.conv_shortcut": 8}},
+}
 
 
 def parse_job(text: str) -> tuple[str, str, int]:
-    """`preset:bits:n_samples` → (preset, bits, n)."""
+    """`preset[@variant]:bits:n_samples` → (preset, bits, n)."""
     try:
         preset, bits, n = text.split(":")
-        return preset, bits, int(n)
+        job = preset, bits, int(n)
     except ValueError:
         raise argparse.ArgumentTypeError(f"job {text!r}: expected PRESET:BITS:N_SAMPLES, e.g. tcaq:W4A8:10000") from None
+    variant = preset.partition("@")[2]
+    if variant and variant not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"job {text!r}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    return job
 
 
 def is_float(preset: str) -> bool:
@@ -62,9 +72,11 @@ def is_float(preset: str) -> bool:
 
 
 def job_commands(preset: str, bits: str, n: int, a: argparse.Namespace, state: Path, eval_dir: Path) -> tuple[list, list]:
-    calib = [sys.executable, "-m", "tcaq_kernels", "calibrate", "--method", preset, "--bits", bits,
+    method, _, variant = preset.partition("@")
+    calib = [sys.executable, "-m", "tcaq_kernels", "calibrate", "--method", method, "--bits", bits,
              "--seed", str(CALIB_SEED), "--out", str(state)]
-    for opt in a.option:
+    options = [*a.option, *(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in VARIANTS.get(variant, {}).items())]
+    for opt in options:
         calib += ["--option", opt]
     ev = [sys.executable, "-m", "tcaq_kernels", "evaluate", *([] if is_float(preset) else ["--state", str(state), "--backend", a.backend]),
           "--n-samples", str(n), "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--out", str(eval_dir),
@@ -120,9 +132,16 @@ def summarize_state(path: Path) -> dict:
     }
 
 
-def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, lock: threading.Lock) -> dict:
+def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, lock: threading.Lock,
+            state_locks: dict | None = None) -> dict:
+    """Calibrate (unless the state exists and --reuse-states) and evaluate one job; upsert its row.
+
+    `state_locks` (state name → lock) keeps two jobs of one (preset, bits) — say the 10,000- and the 2,000-sample
+    rows, both running at once — from calibrating the same state twice: the second waits and reuses it."""
     preset, bits, n = job
-    name = f"{preset.replace('+', '_')}-{bits}"
+    name = f"{preset.replace('+', '_').replace('@', '_')}-{bits}"
+    with lock:
+        state_lock = (state_locks if state_locks is not None else {}).setdefault(name, threading.Lock())
     out = Path(a.out)
     # one state per (preset, bits): with --reuse-states a 2,000-sample row reuses the 10,000-sample row's state
     state, eval_dir, log_path = out / f"{name}.tcaq", out / f"{name}-{n}", out / f"{name}-{n}.log"
@@ -131,15 +150,19 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     seconds = {}
+    def step(what: str, cmd: list[str], log) -> None:
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        t = time.perf_counter()
+        subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=REPO)
+        seconds[what] = round(time.perf_counter() - t, 2)
+
     with open(log_path, "w") as log:
-        for name, cmd in (("calibrate", calib), ("evaluate", ev)):
-            if not cmd or (name == "calibrate" and state.exists() and a.reuse_states):
-                continue
-            log.write(f"$ {shlex.join(cmd)}\n")
-            log.flush()
-            t = time.perf_counter()
-            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=REPO)
-            seconds[name] = round(time.perf_counter() - t, 2)
+        if calib:
+            with state_lock:
+                if not (state.exists() and a.reuse_states):
+                    step("calibrate", calib, log)
+        step("evaluate", ev, log)
     report = json.loads((eval_dir / "report.json").read_text())
     row = {
         "preset": preset, "bits": bits, "n_samples": report["n_samples"], "steps": report["steps"],
@@ -150,6 +173,7 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
         "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],
         "torch": report["versions"]["torch"], "triton": report["versions"]["triton"],
+        "options": VARIANTS.get(preset.partition("@")[2]) or None,
         "command": portable(ev) if is_float(preset) else f"{portable(calib)} && {portable(ev)}",
     }
     if row.get("calib_seconds") is None and not is_float(preset):
@@ -164,7 +188,7 @@ def run_all(a: argparse.Namespace) -> list[dict]:
     for job in a.jobs:
         jobs.put(job)
     Path(a.out).mkdir(parents=True, exist_ok=True)
-    lock, done, failed = threading.Lock(), [], []
+    lock, state_locks, done, failed = threading.Lock(), {}, [], []
     start = time.perf_counter()
 
     def worker(gpu):
@@ -177,7 +201,7 @@ def run_all(a: argparse.Namespace) -> list[dict]:
                 failed.append((job, "not started: past --deadline"))
                 continue
             try:
-                row = run_job(job, gpu, a, lock)
+                row = run_job(job, gpu, a, lock, state_locks)
                 done.append(row)
                 print(f"[gpu {gpu}] {job}: FID-ResNet56 {row['fid_resnet56']:.3f}, PSNR {row['psnr_vs_fp']:.2f} dB, "
                       f"calib {row['calib_seconds']} s", flush=True)
@@ -207,7 +231,8 @@ def _fmt(v, spec: str) -> str:
 def render_markdown(rows: list[dict]) -> str:
     """The table of every quantized row beside the full-precision one, grouped by bit width."""
     fp = next((r for r in rows if r["preset"] == "fp"), None)
-    fp_tf32 = next((r for r in rows if r["preset"] == "fp-tf32" and r["n_samples"] == 10000), None)
+    fp_tf32 = {r["n_samples"]: r for r in rows if r["preset"] == "fp-tf32"}
+    fp_by_n = {r["n_samples"]: r for r in rows if r["preset"] == "fp"}
     quant = [r for r in rows if r["preset"] not in ("fp", "test-images-floor")]  # fp-tf32 is listed with them
     quant.sort(key=lambda r: (BITS_ORDER.index(r["bits"]) if r["bits"] in BITS_ORDER else 99, -r["n_samples"], r["preset"]))
     lines = [
@@ -226,23 +251,25 @@ def render_markdown(rows: list[dict]) -> str:
     if fp:
         lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | {fp['card']} | — |")
     for r in quant:
-        base = fp_tf32 if (r.get("allow_tf32") and fp_tf32) else fp
-        comparable = base and base is not r and base["n_samples"] == r["n_samples"]  # FID is biased by n
+        # the full-precision row of the same arithmetic and the same n (FID is biased by n)
+        base = (fp_tf32 if r.get("allow_tf32") and r["n_samples"] in fp_tf32 else fp_by_n).get(r["n_samples"])
+        comparable = base is not None and base is not r
         delta = 100 * (r["fid_resnet56"] / base["fid_resnet56"] - 1) if comparable else None
         lines.append(
             f"| {r['bits']} | {r['preset']} | {r['n_samples']} | {r['fid_resnet56']:.3f} | "
             f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
             f"{_fmt(r.get('calib_seconds'), '.0f')} | {r.get('card', '—')}{' (TF32)' if r.get('allow_tf32') else ''} | "
             f"`{(r.get('state_sha256') or '—')[:12]}` |")
-    if any(r.get("allow_tf32") for r in quant) and not fp_tf32:
-        lines += ["", "No `fp-tf32` row has been measured yet: Δ of the TF32 rows is against the fp32 `fp` row."]
+    if any(r.get("allow_tf32") and r["n_samples"] not in fp_tf32 for r in quant):
+        lines += ["", "Δ of a TF32 row without an `fp-tf32` row of its sample count is against the fp32 `fp` row of "
+                  "that count (— where there is none)."]
     grids = sorted(Path(MARKDOWN.parent / "quality-grids").glob("*.png"))
     if grids:
         lines += ["", "Same-seed grids (full precision left, quantized right, first 64 seeds): "
                   + ", ".join(f"[{g.stem}](quality-grids/{g.name})" for g in grids) + "."]
     lines += ["", "Commands (one per row):", ""]
     for r in quant:
-        lines.append(f"- {r['bits']} {r['preset']} (n={r['n_samples']}, backend {r.get('backend')}, torch "
+        lines.append(f"- {r['bits']} {r['preset']}{' ' + json.dumps(r['options']) if r.get('options') else ''} (n={r['n_samples']}, backend {r.get('backend')}, torch "
                      f"{r.get('torch')}, triton {r.get('triton')}, code {r.get('code_commit', '?')}): `{r['command']}`")
     return "\n".join(lines) + "\n"
 
@@ -250,7 +277,9 @@ def render_markdown(rows: list[dict]) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", nargs="*", type=parse_job, default=[], help="PRESET:BITS:N_SAMPLES …")
-    p.add_argument("--gpus", nargs="*", default=None, help="CUDA device indices, one job at a time on each")
+    p.add_argument("--gpus", nargs="*", default=None,
+                   help="CUDA device indices, one job at a time per entry (repeat an index to run two jobs on that GPU: "
+                        "calibration steps are launch-bound and leave room beside an evaluation)")
     p.add_argument("--out", default="out/quality", help="states, evaluation folders and logs")
     p.add_argument("--backend", default="simulate", choices=("reference", "simulate", "triton"))
     p.add_argument("--steps", type=int, default=100)

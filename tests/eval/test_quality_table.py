@@ -48,3 +48,25 @@ def test_markdown_compares_only_at_equal_sample_count(quality):
     assert "| W4A8 | qdiffusion+tcr | 2000 | 4.000 | — | — | — | H200 | `—` |" in md
     assert md.index("| W4A8 | tcaq | 10000") < md.index("| W4A8 | qdiffusion+tcr | 2000")
     assert "`c1`" in md and "`c2`" in md
+
+
+def test_variant_jobs_pass_their_options_and_keep_their_name(quality, tmp_path):
+    assert quality.parse_job("tcaq@shortcut-a8:W4A4:10000") == ("tcaq@shortcut-a8", "W4A4", 10000)
+    with pytest.raises(Exception, match="unknown variant"):
+        quality.parse_job("tcaq@nope:W4A4:10000")
+    a = quality.parse_args([])
+    calib, _ = quality.job_commands("tcaq@shortcut-a8", "W4A4", 10000, a, tmp_path / "s.tcaq", tmp_path / "d")
+    assert calib[calib.index("--method") + 1] == "tcaq"
+    assert 'act_bits={"*.conv_shortcut":8}' in calib
+
+
+def test_markdown_delta_uses_the_float_row_of_the_same_count_and_arithmetic(quality):
+    rows = [
+        {"preset": "fp", "bits": "fp", "n_samples": 10000, "fid_resnet56": 3.0, "card": "H100"},
+        {"preset": "fp-tf32", "bits": "fp", "n_samples": 2000, "fid_resnet56": 5.0, "card": "H200", "allow_tf32": True,
+         "command": "f"},
+        {"preset": "qdiffusion+par", "bits": "W4A8", "n_samples": 2000, "fid_resnet56": 5.5, "card": "H200",
+         "allow_tf32": True, "command": "c"},
+    ]
+    md = quality.render_markdown(rows)
+    assert "| W4A8 | qdiffusion+par | 2000 | 5.500 | +10.0 % |" in md
