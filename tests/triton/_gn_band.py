@@ -61,7 +61,8 @@ def assert_codes_within_band(codes, codes_ref, v_ref, tol, what: str):
         assert (step == 1).all(), f"{what}: a code differs by {int(step.max())} levels"
         v = v_ref[flips].double()
         dist = (v - (torch.floor(v) + 0.5)).abs()
-        off = dist > tol[flips].to(dist.device)
+        tol = tol.to(flips.device)  # the band is computed on the CPU; the codes may live on the GPU
+        off = dist > tol[flips]
         assert not off.any(), (f"{what}: code differs away from a rounding boundary "
                                f"(distance {dist[off].max():.3g} > band {tol[flips][off].max():.3g})")
     return flips
