@@ -50,6 +50,12 @@ BITS_ORDER = ("fp", "W8A8", "W6A6", "W4A8", "W4A4")
 VARIANTS = {
     # the 13 1×1 shortcut convs read 8-bit activations: where W4A4 loses most (calib/README.md)
     "shortcut-a8": {"act_bits": {"*.conv_shortcut": 8}},
+    # tcaq minus one part, to find which one costs FID where tcaq trails qdiffusion (W4A8, 26 Nov)
+    "no-tcr": {"tcr": False},
+    "no-daq": {"daq": False},
+    "no-par": {"par_rounds": 0},
+    "one-group": {"timestep_groups": 1},
+    "daq-llr": {"daq_rule": "llr"},  # the paper's DAQ test alone (ours adds a lower-MSE condition)
 }
 
 
@@ -173,7 +179,7 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
         "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],
         "torch": report["versions"]["torch"], "triton": report["versions"]["triton"],
-        "options": VARIANTS.get(preset.partition("@")[2]) or None,
+        "options": VARIANTS.get(preset.partition("@")[2]) or None, "code_commit": a.code_commit,
         "command": portable(ev) if is_float(preset) else f"{portable(calib)} && {portable(ev)}",
     }
     if row.get("calib_seconds") is None and not is_float(preset):
@@ -224,6 +230,14 @@ def run_all(a: argparse.Namespace) -> list[dict]:
     return done
 
 
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
 def _fmt(v, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -245,11 +259,12 @@ def render_markdown(rows: list[dict]) -> str:
         "arithmetic and sample count (`fp-tf32` for rows evaluated with TF32, whose integer products are exact in "
         "TF32; `fp` otherwise); FID is biased by the sample count, so rows compare only at equal n.",
         "",
-        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | calib (s) | card | state sha256 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | calib (s) | card | code | state sha256 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     if fp:
-        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | {fp['card']} | — |")
+        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | {fp['card']} | "
+                     f"{fp.get('code_commit') or '—'} | — |")
     for r in quant:
         # the full-precision row of the same arithmetic and the same n (FID is biased by n)
         base = (fp_tf32 if r.get("allow_tf32") and r["n_samples"] in fp_tf32 else fp_by_n).get(r["n_samples"])
@@ -258,7 +273,8 @@ def render_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['bits']} | {r['preset']} | {r['n_samples']} | {r['fid_resnet56']:.3f} | "
             f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
-            f"{_fmt(r.get('calib_seconds'), '.0f')} | {r.get('card', '—')}{' (TF32)' if r.get('allow_tf32') else ''} | "
+            f"{_fmt(r.get('calib_seconds'), '.0f')}{'*' if r.get('note') else ''} | {r.get('card', '—')}"
+            f"{' (TF32)' if r.get('allow_tf32') else ''} | {r.get('code_commit') or '—'} | "
             f"`{(r.get('state_sha256') or '—')[:12]}` |")
     if any(r.get("allow_tf32") and r["n_samples"] not in fp_tf32 for r in quant):
         lines += ["", "Δ of a TF32 row without an `fp-tf32` row of its sample count is against the fp32 `fp` row of "
@@ -267,6 +283,12 @@ def render_markdown(rows: list[dict]) -> str:
     if grids:
         lines += ["", "Same-seed grids (full precision left, quantized right, first 64 seeds): "
                   + ", ".join(f"[{g.stem}](quality-grids/{g.name})" for g in grids) + "."]
+    notes: dict[str, list[str]] = {}  # one line per distinct note, naming the rows it applies to
+    for r in quant:
+        if r.get("note"):
+            notes.setdefault(r["note"], []).append(f"{r['bits']} {r['preset']} (n={r['n_samples']})")
+    if notes:
+        lines += [""] + [f"\\* {', '.join(labels)}: {note}." for note, labels in notes.items()]
     lines += ["", "Commands (one per row):", ""]
     for r in quant:
         lines.append(f"- {r['bits']} {r['preset']}{' ' + json.dumps(r['options']) if r.get('options') else ''} (n={r['n_samples']}, backend {r.get('backend')}, torch "
@@ -278,8 +300,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--jobs", nargs="*", type=parse_job, default=[], help="PRESET:BITS:N_SAMPLES …")
     p.add_argument("--gpus", nargs="*", default=None,
-                   help="CUDA device indices, one job at a time per entry (repeat an index to run two jobs on that GPU: "
-                        "calibration steps are launch-bound and leave room beside an evaluation)")
+                   help="CUDA device indices, one job at a time per entry. An index may be repeated, but two jobs on one "
+                        "GPU time-slice it: measured on an H200, qdiffusion calibration took 3.5x and tcaq ~20x as long "
+                        "(many small synchronising steps), evaluation 2x")
     p.add_argument("--out", default="out/quality", help="states, evaluation folders and logs")
     p.add_argument("--backend", default="simulate", choices=("reference", "simulate", "triton"))
     p.add_argument("--steps", type=int, default=100)
@@ -292,6 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref-npz", default=None)
     p.add_argument("--resnet-weights", default=None)
     p.add_argument("--cache-dir", default=None)
+    p.add_argument("--code-commit", default=_git_commit(),
+                   help="commit recorded in each row (default: this checkout's HEAD; pass it when running from a copy without .git)")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--md", default=str(MARKDOWN))
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from the results file")

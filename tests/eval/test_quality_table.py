@@ -44,8 +44,8 @@ def test_markdown_compares_only_at_equal_sample_count(quality):
          "calib_seconds": None, "card": "H200", "state_sha256": None, "command": "c2"},
     ]
     md = quality.render_markdown(rows)
-    assert "| W4A8 | tcaq | 10000 | 3.300 | +10.0 % | 27.00 | 227 | H200 | `abababababab` |" in md
-    assert "| W4A8 | qdiffusion+tcr | 2000 | 4.000 | — | — | — | H200 | `—` |" in md
+    assert "| W4A8 | tcaq | 10000 | 3.300 | +10.0 % | 27.00 | 227 | H200 | — | `abababababab` |" in md
+    assert "| W4A8 | qdiffusion+tcr | 2000 | 4.000 | — | — | — | H200 | — | `—` |" in md
     assert md.index("| W4A8 | tcaq | 10000") < md.index("| W4A8 | qdiffusion+tcr | 2000")
     assert "`c1`" in md and "`c2`" in md
 
@@ -66,7 +66,39 @@ def test_markdown_delta_uses_the_float_row_of_the_same_count_and_arithmetic(qual
         {"preset": "fp-tf32", "bits": "fp", "n_samples": 2000, "fid_resnet56": 5.0, "card": "H200", "allow_tf32": True,
          "command": "f"},
         {"preset": "qdiffusion+par", "bits": "W4A8", "n_samples": 2000, "fid_resnet56": 5.5, "card": "H200",
-         "allow_tf32": True, "command": "c"},
+         "allow_tf32": True, "command": "c", "calib_seconds": 90.0, "code_commit": "abc1234", "note": "shared GPU"},
     ]
     md = quality.render_markdown(rows)
-    assert "| W4A8 | qdiffusion+par | 2000 | 5.500 | +10.0 % |" in md
+    assert "| W4A8 | qdiffusion+par | 2000 | 5.500 | +10.0 % | — | 90* | H200 (TF32) | abc1234 |" in md
+    assert "W4A8 qdiffusion+par (n=2000): shared GPU" in md
+
+
+def test_two_jobs_of_one_state_calibrate_it_once(quality, tmp_path, monkeypatch):
+    """The 10,000- and 2,000-sample rows of one (preset, bits), running at once: one calibration, both rows."""
+    import json
+    import threading
+    import time
+
+    calls, lock = [], threading.Lock()
+
+    def fake_run(cmd, **kwargs):
+        out = Path(cmd[cmd.index("--out") + 1])
+        with lock:
+            calls.append(cmd[3])
+        if cmd[3] == "calibrate":
+            time.sleep(0.3)  # long enough for the other job to arrive while this one calibrates
+            out.write_bytes(b"state")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            n = int(cmd[cmd.index("--n-samples") + 1])
+            (out / "report.json").write_text(json.dumps({
+                "n_samples": n, "steps": 100, "fid_resnet56": 4.0, "is_resnet56": 6.0, "psnr_vs_fp": 25.0,
+                "device": "test", "versions": {"torch": "t", "triton": "t"}}))
+
+    a = quality.parse_args(["--reuse-states", "--out", str(tmp_path), "--results", str(tmp_path / "q.json"),
+                            "--gpus", "0", "1", "--jobs", "qdiffusion:W4A8:10000", "qdiffusion:W4A8:2000"])
+    monkeypatch.setattr(quality.subprocess, "run", fake_run)
+    monkeypatch.setattr(quality, "summarize_state", lambda path: {"state_sha256": "x"})
+    rows = quality.run_all(a)
+    assert calls.count("calibrate") == 1 and calls.count("evaluate") == 2
+    assert sorted(r["n_samples"] for r in rows) == [2000, 10000]
