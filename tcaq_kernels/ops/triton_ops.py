@@ -29,7 +29,8 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         differ by one where the value lies within fp32 rounding of a rounding boundary.
 
     qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
-            residual=None, out_dtype=None, split_k=None) -> y [..., N]
+            residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None,
+            out_r_inv=None, out_bits=8) -> y [..., N]
         x [..., K]: float activations, quantized in the GEMM prologue (one kernel), or int8 codes
         from `quantize_act`. (w_q, w_sum) from `prepare_linear_weight(w_int, bits)`: int8 [N, K]
         or packed int4 uint8 [N, ⌈K/2⌉]; w_scale [N] fp32; bias [N] or None; residual [..., N] or
@@ -39,10 +40,15 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         output tiles cannot fill the GPU (small M) — only with TCAQ_AUTO_SPLIT_K=1 until the split
         kernels are measured on a GPU (triton/gemm.py AUTO_SPLIT_K) —; 1 never splits; n > 1 forces
         n splits. int32 partial sums are added exactly, so the result does not depend on it.
+        Quantized output: given the next layer's tables out_s_inv[G] / out_zero[G] (with its TCR
+        reciprocal out_r_inv[N], optional, and width out_bits ≤ 8; out_dtype then stays None), the
+        epilogue returns int8 codes [..., N] — `quantize_uniform` of the fp32 y, the int8 input of
+        that layer — instead of y.
 
     qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
-            a_bits=8, r_inv=None, residual=None, out_dtype=None, split_k=None)
-            -> y [B, N, OH, OW] channels_last
+            a_bits=8, r_inv=None, residual=None, out_dtype=None, split_k=None, out_s_inv=None,
+            out_zero=None, out_r_inv=None, out_bits=8)
+            -> y [B, N, OH, OW] channels_last, or int8 codes [B, OH, OW, N]
         x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
         kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)` or
         `groupnorm_silu_quantize` (no quantize pass; s_inv and r_inv are then unused).
@@ -52,7 +58,9 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         filled with the code z[g]. residual: NCHW-shaped [B, N, OH, OW], any memory format.
         split_k: like qlinear's, over the reduction taps × C (`triton/conv.conv_split_k`): None
         splits when the output tiles cannot fill the GPU (deep layers at small batch), 1 never,
-        n > 1 up to n ways; the result does not depend on it.
+        n > 1 up to n ways; the result does not depend on it. out_s_inv / out_zero / out_r_inv /
+        out_bits: the quantized output, as qlinear's; the codes come NHWC [B, OH, OW, N], the layout
+        qconv2d takes as int8 input.
 
     qattention(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero,
                v_s_inv, v_scale, v_zero, p_s_inv, p_scale, p_zero, p_kind_ids, group,
@@ -100,6 +108,29 @@ def _float_out(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype
     if out_dtype is not None:
         return out_dtype
     return x.dtype if x.is_floating_point() else torch.bfloat16
+
+
+def _output_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype], N: int, out_s_inv: Optional[torch.Tensor],
+              out_zero: Optional[torch.Tensor], out_r_inv: Optional[torch.Tensor], out_bits: int) -> torch.dtype:
+    """Output dtype of qlinear / qconv2d: int8 when the next layer's quantizer is given (its
+    arguments checked here, so that the real and the fake implementation refuse the same calls),
+    else the float one."""
+    if out_s_inv is None:
+        if out_zero is not None or out_r_inv is not None or out_bits != 8:
+            raise ValueError("out_zero, out_r_inv and out_bits belong to the quantized output, which needs out_s_inv")
+        return _float_out(x, out_dtype)
+    if out_zero is None:
+        raise ValueError("out_zero missing: the quantized output needs the next layer's zero-point table")
+    if out_dtype is not None:
+        raise ValueError(f"out_dtype={out_dtype} with out_s_inv: the quantized output is int8 codes")
+    if not 2 <= out_bits <= 8:
+        raise ValueError(f"out_bits must be in [2, 8] (the codes are int8), got {out_bits}")
+    if out_s_inv.dim() != 1 or out_zero.shape != out_s_inv.shape:
+        raise ValueError(f"out_s_inv and out_zero must be tables [G] of one length, got "
+                         f"{tuple(out_s_inv.shape)} and {tuple(out_zero.shape)}")
+    if out_r_inv is not None and tuple(out_r_inv.shape) != (N,):
+        raise ValueError(f"out_r_inv must have one entry per output channel [{N}], got {tuple(out_r_inv.shape)}")
+    return torch.int8
 
 
 # ------------------------------------------------------------------------------------ quantize_act
@@ -204,6 +235,10 @@ def qlinear(
     residual: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     split_k: Optional[int] = None,
+    out_s_inv: Optional[torch.Tensor] = None,
+    out_zero: Optional[torch.Tensor] = None,
+    out_r_inv: Optional[torch.Tensor] = None,
+    out_bits: int = 8,
 ) -> torch.Tensor:
     """Quantized linear layer, quantize fused into the GEMM prologue (see module doc)."""
     K = x.shape[-1]
@@ -213,17 +248,20 @@ def qlinear(
     batch, gstride = _group_layout(group, M)
     if M % batch:
         raise ValueError(f"{M} rows do not split into {batch} samples")
-    out = torch.empty((M, N), dtype=_float_out(x, out_dtype), device=x.device)
+    dtype = _output_dtype(x, out_dtype, N, out_s_inv, out_zero, out_r_inv, out_bits)
+    out = torch.empty((M, N), dtype=dtype, device=x.device)
     res2 = residual.reshape(M, N) if residual is not None else None
     qgemm(x2, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, gstride, max(M // batch, 1),
-          a_bits, r_inv, res2, out, split_k)
+          a_bits, r_inv, res2, out, split_k, out_s_inv, out_zero, out_r_inv, out_bits)
     return out.view(*x.shape[:-1], N)
 
 
 @qlinear.register_fake
 def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None, residual=None,
-      out_dtype=None, split_k=None):
-    return x.new_empty((*x.shape[:-1], w_q.shape[0]), dtype=_float_out(x, out_dtype))
+      out_dtype=None, split_k=None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits=8):
+    N = w_q.shape[0]
+    dtype = _output_dtype(x, out_dtype, N, out_s_inv, out_zero, out_r_inv, out_bits)
+    return x.new_empty((*x.shape[:-1], N), dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------ qconv2d
@@ -235,6 +273,16 @@ def _conv_out_shape(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Se
     N, KH, KW, _ = w_q.shape
     top, bottom, left, right = _pads(padding)
     return [B, N, (H + top + bottom - KH) // stride + 1, (W + left + right - KW) // stride + 1]
+
+
+def _conv_out(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Sequence[int],
+              dtype: torch.dtype) -> torch.Tensor:
+    """qconv2d's result: float y [B, N, OH, OW] channels_last, or int8 codes NHWC [B, OH, OW, N] (the
+    same memory order; the layout qconv2d takes as int8 input)."""
+    B, N, OH, OW = _conv_out_shape(x, w_q, stride, padding)
+    if dtype == torch.int8:
+        return torch.empty((B, OH, OW, N), dtype=dtype, device=x.device)
+    return torch.empty((B, N, OH, OW), dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("tcaq::triton_qconv2d", mutates_args=())
@@ -255,11 +303,17 @@ def qconv2d(
     residual: Optional[torch.Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     split_k: Optional[int] = None,
+    out_s_inv: Optional[torch.Tensor] = None,
+    out_zero: Optional[torch.Tensor] = None,
+    out_r_inv: Optional[torch.Tensor] = None,
+    out_bits: int = 8,
 ) -> torch.Tensor:
-    """Quantized conv2d (implicit GEMM on NHWC codes); returns a channels-last NCHW tensor."""
+    """Quantized conv2d (implicit GEMM on NHWC codes); returns a channels-last NCHW tensor, or NHWC
+    int8 codes for the next layer (see module doc)."""
     batch, gstride = _group_layout(group, x.shape[0])
     if batch != x.shape[0]:
         raise ValueError(f"group has {group.numel()} entries for a batch of {x.shape[0]}")
+    dtype = _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits)
     if x.dtype == torch.int8:
         codes = x
         c_w = w_q.shape[3] * (2 if w_q.dtype == torch.uint8 else 1)
@@ -271,17 +325,19 @@ def qconv2d(
         x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
         codes = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
         quantize_bsc(x3, s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C))
-    out = torch.empty(_conv_out_shape(x, w_q, stride, padding), dtype=_float_out(x, out_dtype),
-                      device=x.device, memory_format=torch.channels_last)
-    return qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
-                 residual, out, split_k)
+    result = _conv_out(x, w_q, stride, padding, dtype)
+    out = result.permute(0, 3, 1, 2) if dtype == torch.int8 else result  # qconv writes through NCHW indices
+    qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
+          residual, out, split_k, out_s_inv, out_zero, out_r_inv, out_bits)
+    return result
 
 
 @qconv2d.register_fake
 def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, a_bits=8,
-      r_inv=None, residual=None, out_dtype=None, split_k=None):
-    return torch.empty(_conv_out_shape(x, w_q, stride, padding), dtype=_float_out(x, out_dtype),
-                       device=x.device, memory_format=torch.channels_last)
+      r_inv=None, residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None, out_r_inv=None,
+      out_bits=8):
+    return _conv_out(x, w_q, stride, padding,
+                     _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits))
 
 
 # --------------------------------------------------------------------------------------- qattention

@@ -22,14 +22,19 @@ divided among `split_k` programs per tile, each writing its int32 partial sums t
 (`conv_epilogue`) as the unsplit kernel. Integer addition makes the result bit-exact whatever the
 split, the fixed order makes it deterministic, and no decision reads device data, so CUDA graphs
 capture it. The split count comes from the GEMM's `choose_split_k` over K = KH·KW·C.
+
+Quantized output (`OUT_Q`, as in gemm.py): instead of y, the epilogue can store the next layer's
+int8 activation codes of the fp32 y (bias and residual added), `quantize_uniform` with that layer's
+s_inv[g], z[g] and r_inv[n]. They come NHWC [B, OH, OW, N] — the input layout of the next conv —
+so a conv feeding a conv hands over one byte per value and skips the separate quantize pass.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
-from .gemm import AUTO_SPLIT_K, choose_split_k
-from .numerics import grouped_tile, interpreting, quick_tuning, tuning_bench, unpack_int4_rows
+from .gemm import AUTO_SPLIT_K, choose_split_k, output_quantizer
+from .numerics import grouped_tile, interpreting, quantize_output, quick_tuning, tuning_bench, unpack_int4_rows
 
 
 def _configs():
@@ -51,17 +56,19 @@ def _prune(configs, named_args, **kwargs):
     return fit or configs
 
 
-@triton.autotune(configs=_configs(), key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K"],
+@triton.autotune(configs=_configs(),
+                 key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "OUT_Q"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qconv_kernel(
     x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
-    scale_ptr, zero_ptr, group_ptr,
+    scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
     B, H, W, C, N, OH, OW, pad_h, pad_w, group_stride,
     stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
     W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr,
+    OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_C: tl.constexpr,
 ):
@@ -130,7 +137,8 @@ def _qconv_kernel(
     else:
         conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
                       w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                      stride_rb, stride_rc, stride_rh, stride_rw, KH, KW, HAS_BIAS, HAS_RES)
+                      out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
+                      KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
 
 
 @triton.jit
@@ -157,10 +165,12 @@ def _packed_weight_tile(w_rows, it, it_end, c_blocks, c_w, rkw, BLOCK_K: tl.cons
 @triton.jit
 def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
                   w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rb, stride_rc, stride_rh, stride_rw,
-                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+                  out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
+                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                  OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr):
     """Zero point and padding correction in int32, then acc·(s_w·s_a) + bias (+ residual) in fp32
-    (scale formed first), stored to out[rm, rn] (NHWC rows = output pixels).
+    (scale formed first), stored to out[rm, rn] (NHWC rows = output pixels) — or, with OUT_Q, its
+    int8 codes for the next layer (`quantize_output`).
 
     `acc` is Σ w·a with out-of-image taps read as 0; `ih0`/`iw0` are the rows' top-left input
     coordinates, `zero`/`g` their zero points and timestep groups. Shared by the unsplit kernel
@@ -186,6 +196,9 @@ def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
         r_off = b.to(tl.int64) * stride_rb + oh * stride_rh + ow * stride_rw
         res = tl.load(res_ptr + r_off[:, None] + rn[None, :].to(tl.int64) * stride_rc, mask=mask)
         y = y + res.to(tl.float32)
+    if OUT_Q:
+        y = quantize_output(y, rn, n_mask, g, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
+                            OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -193,9 +206,12 @@ def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
 @triton.jit
 def _splitk_conv_epilogue_kernel(
     part_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, zero_ptr, group_ptr,
+    out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
     H, W, N, OH, OW, M, pad_h, pad_w, group_stride, stride_rb, stride_rc, stride_rh, stride_rw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, SPLIT_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -208,7 +224,8 @@ def _splitk_conv_epilogue_kernel(
         part += M * N
     conv_epilogue(acc, rm, rn, b, oh, ow, oh * STRIDE - pad_h, ow * STRIDE - pad_w, zero, g, M, N, H, W,
                   w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                  stride_rb, stride_rc, stride_rh, stride_rw, KH, KW, HAS_BIAS, HAS_RES)
+                  out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
+                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
 
 
 def prepare_conv_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,13 +265,15 @@ def conv_split_k(split_k: int | None, M: int, N: int, C: int, taps: int, sms: in
 def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_scale: torch.Tensor, bias,
           scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
           stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor,
-          split_k: int | None = None) -> torch.Tensor:
+          split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8) -> torch.Tensor:
     """Launch on NHWC int8 codes [B, H, W, C] into `out`, an NCHW-shaped channels-last tensor.
 
     `padding` is (top, bottom, left, right); `residual` (optional) is NCHW-shaped, any strides.
     `split_k` (see `conv_split_k`): n > 1 divides the reduction among n programs per output tile,
     int32 partial sums to a [n, M, N] workspace, then a second kernel adds them in order and runs the
     epilogue: the result is the unsplit one bit for bit; no host sync, so CUDA graphs capture it.
+    `out_s_inv`, `out_zero` (and `out_r_inv`, `out_bits`): the next layer's quantizer; `out` is then
+    int8 (an NHWC tensor seen as NCHW) and receives its codes of y (`gemm.output_quantizer`).
     """
     B, H, W, C = x_nhwc.shape
     N, KH, KW, _ = w_op.shape
@@ -268,19 +287,20 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     res = residual if residual is not None else out
     bias_arg = bias if bias is not None else w_scale
     res_strides = (res.stride(0), res.stride(1), res.stride(2), res.stride(3))
+    out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
-                HAS_RES=residual is not None)
+                HAS_RES=residual is not None, **out_meta)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
     _qconv_kernel[grid](
         x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part,
-        scale, zero, group,
+        scale, zero, group, *out_tables,
         B, H, W, C, N, OH, OW, padding[0], padding[2], group_stride,
         w_op.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **tail,
     )
     if split_k > 1:
         block_m, block_n = 32, 64
         _splitk_conv_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-            part, w_tap_sum, w_scale, bias_arg, res, out, scale, zero, group,
+            part, w_tap_sum, w_scale, bias_arg, res, out, scale, zero, group, *out_tables,
             H, W, N, OH, OW, M, padding[0], padding[2], group_stride, *res_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **tail,
         )

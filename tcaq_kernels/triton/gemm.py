@@ -17,6 +17,13 @@ loop is then split (`choose_split_k`), each split writes int32 partial sums and 
 them in split order and runs the same epilogue (`linear_epilogue`) — integer addition, so the
 result is bit-exact and deterministic whatever the split, and nothing syncs with the host.
 
+Quantized output (`OUT_Q`): where the next layer is quantized too, the epilogue can store that
+layer's int8 activation codes [M, N] instead of y — `quantize_uniform` of the fp32 y (bias and
+residual added) with its tables s_inv[g(m)], z[g(m)] and its TCR reciprocal r_inv[n], (y·r_inv)·s_inv
+in that order. The codes are the host's `quantize_uniform` of the fp32 output bit for bit (a bf16
+output quantized afterwards can differ by one where its rounding crosses a boundary); one byte is
+written per output instead of two or four, and the next layer's quantize pass disappears.
+
 Performance limits (measured, benchmarks/results/kernels.md): Triton 3.6 issues an int8 wgmma
 synchronously — its MMAv3 pipeliner keeps a dot asynchronous only for fp32 accumulators — so the
 tensor cores idle while each k-step's MMA is waited on, and the int8 kernel runs at about bf16
@@ -29,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant.primitives import pack_int4
-from .numerics import grouped_tile, interpreting, quantize_uniform, quick_tuning, tuning_bench, unpack_int4_rows
+from ..quant.primitives import pack_int4, qrange
+from .numerics import (grouped_tile, interpreting, quantize_output, quantize_uniform, quick_tuning, tuning_bench,
+                       unpack_int4_rows)
 
 
 def _configs():
@@ -57,17 +65,18 @@ def _prune(configs, named_args, **kwargs):
     return fit or keep
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K"],
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "OUT_Q"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qgemm_kernel(
     a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
-    r_inv_ptr, s_inv_ptr, scale_ptr, zero_ptr, group_ptr,
+    r_inv_ptr, s_inv_ptr, scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
     M, N, K, k_per_split, rows_per_sample, group_stride,
     stride_am, stride_ak, stride_wn, stride_rm, stride_rn, stride_om,
     A_FLOAT: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
     W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr,
+    OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
@@ -138,14 +147,18 @@ def _qgemm_kernel(
         tl.store(part, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
     else:
         linear_epilogue(acc, rm, rn, M, N, zero, g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                        stride_rm, stride_rn, stride_om, HAS_BIAS, HAS_RES)
+                        out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rm, stride_rn, stride_om,
+                        HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
 
 
 @triton.jit
 def linear_epilogue(acc, rm, rn, M, N, zero, g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                    stride_rm, stride_rn, stride_om, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+                    out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rm, stride_rn, stride_om,
+                    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr,
+                    OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr):
     """Zero-point correction in int32, then acc·(s_w·s_a) + bias (+ residual) in fp32 (scale formed
-    first), stored to out[rm, rn]; `zero`/`g` are the rows' zero points and timestep groups."""
+    first), stored to out[rm, rn] — or, with OUT_Q, its int8 codes for the next layer
+    (`quantize_output`); `zero`/`g` are the rows' zero points and timestep groups."""
     n_mask = rn < N
     acc = acc - zero[:, None] * tl.load(w_sum_ptr + rn, mask=n_mask, other=0)[None, :]
     s_a = tl.load(scale_ptr + g)
@@ -156,6 +169,9 @@ def linear_epilogue(acc, rm, rn, M, N, zero, g, w_sum_ptr, w_scale_ptr, scale_pt
     if HAS_RES:
         res = tl.load(res_ptr + rm[:, None].to(tl.int64) * stride_rm + rn[None, :] * stride_rn, mask=mask)
         y = y + res.to(tl.float32)
+    if OUT_Q:
+        y = quantize_output(y, rn, n_mask, g, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
+                            OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * stride_om + rn[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -163,8 +179,10 @@ def linear_epilogue(acc, rm, rn, M, N, zero, g, w_sum_ptr, w_scale_ptr, scale_pt
 @triton.jit
 def _splitk_epilogue_kernel(
     part_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, zero_ptr, group_ptr,
+    out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
     M, N, rows_per_sample, group_stride, stride_rm, stride_rn, stride_om,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -177,7 +195,8 @@ def _splitk_epilogue_kernel(
         acc += tl.load(part, mask=mask, other=0)
         part += M * N
     linear_epilogue(acc, rm, rn, M, N, tl.load(zero_ptr + g), g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr,
-                    res_ptr, out_ptr, stride_rm, stride_rn, stride_om, HAS_BIAS, HAS_RES)
+                    res_ptr, out_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rm, stride_rn, stride_om,
+                    HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
 
 
 def prepare_linear_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,16 +243,34 @@ def k_range_per_split(K: int, split_k: int) -> tuple[int, int]:
     return per, triton.cdiv(K, per)
 
 
+def output_quantizer(out: torch.Tensor, out_s_inv, out_zero, out_r_inv, out_bits: int) -> tuple[tuple, dict]:
+    """Epilogue arguments (GEMM and conv) of the output: the next layer's quantizer tables
+    (s_inv[G], zero[G], r_inv[N]) as kernel pointers, and the OUT_* constexprs.
+
+    `out_s_inv` None stores the float y (the pointers are then `out`, never read); otherwise `out` is
+    int8 and receives `quantize_uniform` codes of y with `out_bits`.
+    """
+    quantized = out_s_inv is not None
+    if quantized != (out.dtype == torch.int8):
+        raise ValueError(f"a {out.dtype} output with out_s_inv={'given' if quantized else 'None'}: int8 codes "
+                         "need the next layer's tables, a float output takes none")
+    qmin, qmax = qrange(out_bits)
+    tables = (out_s_inv, out_zero, out_r_inv if out_r_inv is not None else out_s_inv) if quantized else (out,) * 3
+    return tables, dict(OUT_Q=quantized, OUT_HAS_RINV=quantized and out_r_inv is not None, OUT_QMIN=qmin, OUT_QMAX=qmax)
+
+
 def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
           bias, s_inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
           group_stride: int, rows_per_sample: int, a_bits: int, r_inv, residual2, out: torch.Tensor,
-          split_k: int | None = None) -> torch.Tensor:
+          split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8) -> torch.Tensor:
     """Launch on a2 [M, K] (int8 codes, or float when the prologue quantizes) into out [M, N].
 
     `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉] (then the kernel widens int4 to int8).
     `split_k`: None chooses (`choose_split_k`, CUDA only, with AUTO_SPLIT_K), 1 never splits, n > 1 splits K n ways
     (int32 partial sums, then a second kernel adds them in order and runs the epilogue: the
     integers are exact and the result deterministic; no host sync, so CUDA graphs capture it).
+    `out_s_inv`, `out_zero` (and `out_r_inv`, `out_bits`): the next layer's quantizer; `out` is then
+    int8 and receives its codes of y (`output_quantizer`).
     """
     M, K = a2.shape
     N = w_op.shape[0]
@@ -246,12 +283,13 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=a2.device) if split_k > 1 else out
     a_float = a2.dtype != torch.int8
     res = residual2 if residual2 is not None else out
-    tail = dict(HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, SPLIT_K=split_k)
+    out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
+    tail = dict(HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, SPLIT_K=split_k, **out_meta)
     bias_arg = bias if bias is not None else w_scale
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
     _qgemm_kernel[grid](
         a2, w_op, w_sum, w_scale, bias_arg, res, out, part,
-        r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group,
+        r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group, *out_tables,
         M, N, K, per_split, rows_per_sample, group_stride,
         a2.stride(0), a2.stride(1), w_op.stride(0), res.stride(0), res.stride(1), out.stride(0),
         A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None,
@@ -260,7 +298,7 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     if split_k > 1:
         block_m, block_n = 32, 64
         _splitk_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-            part, w_sum, w_scale, bias_arg, res, out, scale, zero, group,
+            part, w_sum, w_scale, bias_arg, res, out, scale, zero, group, *out_tables,
             M, N, rows_per_sample, group_stride, res.stride(0), res.stride(1), out.stride(0),
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **tail,
         )

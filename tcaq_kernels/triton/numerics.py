@@ -72,6 +72,17 @@ def quantize_uniform(u, s_inv, zero, QMIN: tl.constexpr, QMAX: tl.constexpr):
 
 
 @triton.jit
+def quantize_output(y, rn, n_mask, g, s_inv_ptr, zero_ptr, r_inv_ptr,
+                    HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """int8 codes of an fp32 epilogue tile y[rows, rn] for the next layer: `quantize_uniform` with
+    its tables s_inv[g], zero[g] (g the rows' timestep groups) and, optionally, its per-channel TCR
+    reciprocal r_inv[rn], multiplied first as on the host."""
+    if HAS_RINV:
+        y = y * tl.load(r_inv_ptr + rn, mask=n_mask, other=1.0)[None, :]
+    return quantize_uniform(y, tl.load(s_inv_ptr + g)[:, None], tl.load(zero_ptr + g)[:, None], QMIN, QMAX)
+
+
+@triton.jit
 def quantize_log2(x, s_inv, LEVEL_MAX: tl.constexpr, ZERO_CODE: tl.constexpr):
     """log2 codes (int32 values in [0, ZERO_CODE]) of `x` with scale 1/s_inv.
 
