@@ -110,6 +110,15 @@ def _float_out(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype
     return x.dtype if x.is_floating_point() else torch.bfloat16
 
 
+def _require_dense(op: str, **tensors: Optional[torch.Tensor]) -> None:
+    """Tables and per-channel vectors are read by raw index in the kernels, so a strided view (say
+    `s.expand(G)`, stride 0) would be read past its storage: refuse it by name instead."""
+    for name, t in tensors.items():
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (the kernel indexes it directly), got shape "
+                             f"{tuple(t.shape)} with strides {t.stride()}; pass {name}.contiguous()")
+
+
 def _output_dtype(x: torch.Tensor, out_dtype: Optional[torch.dtype], N: int, out_s_inv: Optional[torch.Tensor],
               out_zero: Optional[torch.Tensor], out_r_inv: Optional[torch.Tensor], out_bits: int) -> torch.dtype:
     """Output dtype of qlinear / qconv2d: int8 when the next layer's quantizer is given (its
@@ -248,6 +257,8 @@ def qlinear(
     batch, gstride = _group_layout(group, M)
     if M % batch:
         raise ValueError(f"{M} rows do not split into {batch} samples")
+    _require_dense("qlinear", w_sum=w_sum, w_scale=w_scale, bias=bias, s_inv=s_inv, scale=scale, zero=zero, r_inv=r_inv,
+                   out_s_inv=out_s_inv, out_zero=out_zero, out_r_inv=out_r_inv)
     dtype = _output_dtype(x, out_dtype, N, out_s_inv, out_zero, out_r_inv, out_bits)
     out = torch.empty((M, N), dtype=dtype, device=x.device)
     res2 = residual.reshape(M, N) if residual is not None else None
@@ -313,6 +324,8 @@ def qconv2d(
     batch, gstride = _group_layout(group, x.shape[0])
     if batch != x.shape[0]:
         raise ValueError(f"group has {group.numel()} entries for a batch of {x.shape[0]}")
+    _require_dense("qconv2d", w_sum=w_sum, w_scale=w_scale, bias=bias, s_inv=s_inv, scale=scale, zero=zero, r_inv=r_inv,
+                   out_s_inv=out_s_inv, out_zero=out_zero, out_r_inv=out_r_inv)
     dtype = _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits)
     if x.dtype == torch.int8:
         codes = x

@@ -179,3 +179,14 @@ def test_split_k_large_shapes(gen, w_bits, mnk):
             y = qlinear(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
                         out_dtype=torch.float32, split_k=split_k)
             assert torch.equal(y, acc), (split_k, a.dtype)
+
+
+def test_strided_tables_are_refused_by_name(gen):
+    """A stride-0 table (`expand`) would be read past its storage by the kernel's raw indexing."""
+    x = torch.randn(4, 40, generator=gen)
+    w = rand_int(gen, (24, 40), 8, "cpu")
+    t = Tables(gen, groups=3, batch=1, bits=8, device="cpu")
+    w_q, w_sum = prepare_linear_weight(w, 8)
+    one_scale = t.scale[:1].expand(3)
+    with pytest.raises(ValueError, match="scale must be contiguous"):
+        qlinear(x, w_q, w_sum, torch.ones(24), None, t.s_inv, one_scale, t.zero, t.group)
