@@ -191,8 +191,8 @@ def _assert_pv(out, expect, case, p_codes, v_codes, is_log2, extra=None):
 
 
 def _reference_run(case: Case):
-    """QAttnProcessor(backend="reference").attention, and the P codes it used (captured from its calls
-    of the quantizers: q, k, v, then P) — on the GPU, torch's softmax in the processor and in
+    """QAttnProcessor(backend="reference").attention, and the P and V codes it used (captured from its
+    calls of the quantizers: q, k, v, then P) — on the GPU, torch's softmax in the processor and in
     `Case.reference` need not agree to the last ulp, so the bound below uses the processor's own."""
     import tcaq_kernels.nn.qattention as QA
 
@@ -214,13 +214,13 @@ def _reference_run(case: Case):
     log = seen["log2"][0].int() if seen["log2"] else None
     is_log2 = case.per_sample(case.tabs.p.kind_ids) == 1
     codes = log if uni is None else uni if log is None else torch.where(is_log2, log, uni)
-    return y_ref, codes
+    return y_ref, codes, seen["uniform"][2].int()
 
 
 def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32):
     """The op through QAttnProcessor(backend="triton") against backend="reference"."""
     y_tri = case.procs["triton"].attention(case.q, case.k, case.v, case.scale, None)
-    y_ref, codes_proc = _reference_run(case)
+    y_ref, codes_proc, v_proc = _reference_run(case)
     assert y_tri.dtype == case.q.dtype and y_tri.shape == y_ref.shape
     out_dbg, _, codes_k = case.kernel(debug=True, out_dtype=case.q.dtype)
     assert torch.equal(y_tri, out_dbg), "the op and the debug launch disagree"
@@ -233,6 +233,13 @@ def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32)
     dlev = (case.levels(codes_k, is_log2) - case.levels(codes_proc, is_log2)).abs()
     s_out = (case.per_sample(case.tabs.p.scale) * case.per_sample(case.tabs.v.scale)).double()
     extra = torch.matmul(dlev, codes["v"].double().abs()) * s_out
+    # V is quantized from the same floats by the same primitive on both sides, so its codes must agree
+    # exactly (the first GPU runs found 5 of 2.6 M outputs off by a code's worth in rows whose P codes
+    # agreed; this says whether V is where they differ)
+    v_kernel = codes["v"].int()
+    v_diff = (v_proc.reshape(v_kernel.shape) - v_kernel).abs()
+    assert not v_diff.any(), (f"the reference processor's V codes differ from the kernel's in {int((v_diff > 0).sum())} "
+                              f"of {v_diff.numel()} places, by up to {int(v_diff.max())} levels")
     # rows with a flip: that bound, plus the fp32 rounding of the two outputs it is measured between
     extra = torch.where(extra > 0, extra + 4 * torch.finfo(torch.float32).eps * (y_ref.double().abs() + extra), extra)
     _assert_pv(y_tri, y_ref, case, codes_proc, codes["v"], is_log2, extra=extra)
