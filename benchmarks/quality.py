@@ -175,6 +175,7 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
         "fid_resnet56": report["fid_resnet56"], "is_resnet56": report["is_resnet56"],
         "psnr_vs_fp": report["psnr_vs_fp"], "eps_rel_error": (report.get("eps_rel_error") or {}).get("mean"),
         "fidelity_seeds": (report.get("fidelity") or {}).get("n_seeds"),
+        "fine_energy_ratio": ((report.get("fidelity") or {}).get("fine_energy") or {}).get("ratio"),
         **({} if is_float(preset) else summarize_state(state)),
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
         "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],
@@ -259,11 +260,11 @@ def render_markdown(rows: list[dict]) -> str:
         "arithmetic and sample count (`fp-tf32` for rows evaluated with TF32, whose integer products are exact in "
         "TF32; `fp` otherwise); FID is biased by the sample count, so rows compare only at equal n.",
         "",
-        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | calib (s) | card | code | state sha256 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | fine energy × fp | calib (s) | card | code | state sha256 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     if fp:
-        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | {fp['card']} | "
+        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | — | {fp['card']} | "
                      f"{fp.get('code_commit') or '—'} | — |")
     for r in quant:
         # the full-precision row of the same arithmetic and the same n (FID is biased by n)
@@ -273,6 +274,7 @@ def render_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['bits']} | {r['preset']} | {r['n_samples']} | {r['fid_resnet56']:.3f} | "
             f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
+            f"{_fmt(r.get('fine_energy_ratio'), '.3f')} | "
             f"{_fmt(r.get('calib_seconds'), '.0f')}{'*' if r.get('note') else ''} | {r.get('card', '—')}"
             f"{' (TF32)' if r.get('allow_tf32') else ''} | {r.get('code_commit') or '—'} | "
             f"`{(r.get('state_sha256') or '—')[:12]}` |")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tcaq_kernels.eval.fidelity import PSNR_CAP_DB, mse_psnr, relative_error, same_seed_fidelity
+from tcaq_kernels.eval.fidelity import PSNR_CAP_DB, fine_scale_energy, mse_psnr, relative_error, same_seed_fidelity
 from tcaq_kernels.sampling import ddim_sample, seeded_noise, to_uint8, unet_sample_shape
 
 STEPS = 3
@@ -76,6 +76,7 @@ def test_identical_models_give_zero_error(ref_unet, ref_scheduler):
     s = res.summary()
     assert s["psnr_db"] == PSNR_CAP_DB and s["eps_rel_error"]["max"] == 0.0
     assert s["seeds"] == {"first": 3, "last": 7, "count": 2}
+    assert s["fine_energy"]["ref"] == s["fine_energy"]["test"] > 0 and s["fine_energy"]["ratio"] == 1.0
 
 
 def test_perturbed_copy_is_measurably_worse_and_batch_invariant(ref_unet, ref_scheduler):
@@ -91,3 +92,17 @@ def test_perturbed_copy_is_measurably_worse_and_batch_invariant(ref_unet, ref_sc
     assert a.summary()["psnr_db"] < PSNR_CAP_DB
     # Noise is per seed: splitting the seeds into other batches changes nothing beyond float noise.
     np.testing.assert_allclose(a.eps_rel_error, b.eps_rel_error, rtol=1e-3, atol=1e-6)
+
+
+def test_fine_scale_energy_by_hand_and_noise_raises_it():
+    # a 2×2 grey image with one white pixel: vertical pairs differ once in 2, horizontal once in 2
+    img = np.zeros((1, 2, 2, 1), dtype=np.uint8)
+    img[0, 0, 0, 0] = 255
+    assert fine_scale_energy(img) == pytest.approx(0.5 + 0.5)
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(40, 200, 32)  # a smooth image: 5 levels a pixel
+    smooth = np.broadcast_to((ramp[:, None] + ramp[None, :])[None, :, :, None] / 2, (4, 32, 32, 3)).astype(np.uint8)
+    noisy = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+    assert fine_scale_energy(noisy) > 10 * fine_scale_energy(smooth) > 0
+    with pytest.raises(ValueError, match="at least 2×2"):
+        fine_scale_energy(np.zeros((3, 1, 5, 3), dtype=np.uint8))
