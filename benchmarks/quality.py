@@ -14,10 +14,13 @@ markdown table from the JSON without running anything.
 
     python benchmarks/quality.py --jobs tcaq:W4A8:10000 qdiffusion:W4A8:10000 --gpus 0 1 --out out/quality
 
-While jobs run, `OUT/RUNNING` exists (it holds the runner's pid); a script that waits for a runner started
-in the background should poll for that file: `pgrep -f benchmarks/quality.py` also matches the waiting
-shell's own command line. A background runner that must outlive the command that started it (the lent
-GPU machines re-send the checkout at every call) should run from a copy of the code outside the checkout.
+While jobs run, `OUT/RUNNING` exists (it holds the runner's pid). On machines that limit each command's
+time and re-send the checkout between commands (the lent GPU machines), start the run with `--detach` —
+it copies the code to a temporary folder, starts the runner there in a new session and returns; rows go
+to OUT/quality.json (seeded from --results) — and follow it with `--wait SECONDS` in each later command:
+
+    python benchmarks/quality.py --detach --out /tmp/q --gpus 0 1 2 3 --jobs …   # then, call after call:
+    python benchmarks/quality.py --wait 560 --out /tmp/q   # exit 0: finished, 3: still running
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ import json
 import os
 import queue
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,6 +43,7 @@ if importlib.util.find_spec("tcaq_kernels") is None:  # not installed: use this 
     sys.path.insert(0, str(REPO))
 
 from tcaq_kernels.atomic import atomic_write_text  # noqa: E402
+from tcaq_kernels.calib import METHODS  # noqa: E402
 from tcaq_kernels.eval.fid import sha256_file  # noqa: E402
 from tcaq_kernels.eval.results import read_rows, upsert_rows  # noqa: E402
 
@@ -66,7 +72,9 @@ def parse_job(text: str) -> tuple[str, str, int]:
         job = preset, bits, int(n)
     except ValueError:
         raise argparse.ArgumentTypeError(f"job {text!r}: expected PRESET:BITS:N_SAMPLES, e.g. tcaq:W4A8:10000") from None
-    variant = preset.partition("@")[2]
+    method, _, variant = preset.partition("@")
+    if not is_float(method) and method not in METHODS:
+        raise argparse.ArgumentTypeError(f"job {text!r}: unknown preset {method!r}; known: fp…, {', '.join(sorted(METHODS))}")
     if variant and variant not in VARIANTS:
         raise argparse.ArgumentTypeError(f"job {text!r}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     return job
@@ -231,6 +239,60 @@ def run_all(a: argparse.Namespace) -> list[dict]:
     return done
 
 
+def detached_argv(argv: list[str], a: argparse.Namespace, out: Path) -> list[str]:
+    """The runner's own arguments, minus --detach, with the results, markdown and code commit pinned to
+    paths and values that do not depend on the (copied) checkout it will run from."""
+    argv = [x for x in argv if x != "--detach"]
+    return [*argv, "--out", str(out), "--results", str(out / "quality.json"), "--md", str(out / "quality.md"),
+            *(["--code-commit", a.code_commit] if a.code_commit else [])]
+
+
+def detach(argv: list[str], a: argparse.Namespace) -> int:
+    """Start the runner from a copy of this checkout in a new session, and return once it runs.
+
+    The copy keeps it alive when the checkout is replaced under it; rows go to OUT/quality.json, seeded
+    with the rows of --results so the upserts keep them (copy that file back when the run ends)."""
+    out = Path(a.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "RUNNING").exists():
+        raise SystemExit(f"{out / 'RUNNING'} exists: a runner is already using --out {out}")
+    if not (out / "quality.json").exists() and Path(a.results).exists():
+        shutil.copyfile(a.results, out / "quality.json")
+    code = Path(tempfile.mkdtemp(prefix="tcaq-quality-")) / "repo"
+    shutil.copytree(REPO, code, ignore=shutil.ignore_patterns(".*", "out", "__pycache__", "*.tcaq"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(code), os.environ.get("PYTHONPATH")])))
+    with open(out / "runner.log", "a") as log:
+        proc = subprocess.Popen([sys.executable, str(code / "benchmarks" / "quality.py"), *detached_argv(argv, a, out)],
+                                cwd=code, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    for _ in range(600):  # the marker appears once the runner has parsed its jobs
+        if (out / "RUNNING").exists():
+            print(f"runner {proc.pid} started from {code}; log {out / 'runner.log'}; wait with --wait SECONDS --out {out}")
+            return 0
+        if proc.poll() is not None:
+            raise SystemExit(f"the runner exited at once (code {proc.returncode}); see {out / 'runner.log'}")
+        time.sleep(0.1)
+    raise SystemExit(f"the runner did not start within 60 s; see {out / 'runner.log'}")
+
+
+def wait_for_runner(out: Path, seconds: float, poll: float = 5.0) -> int:
+    """Follow a detached runner: echo its log as it grows; 0 once OUT/RUNNING is gone, 3 at the deadline."""
+    log, pos, end = out / "runner.log", 0, time.monotonic() + seconds
+    while True:
+        if log.exists():
+            with open(log) as f:
+                f.seek(pos)
+                sys.stdout.write(f.read())
+                pos = f.tell()
+            sys.stdout.flush()
+        if not (out / "RUNNING").exists():
+            return 0
+        if time.monotonic() >= end:
+            print(f"still running after {seconds:.0f} s (OUT/RUNNING exists)")
+            return 3
+        time.sleep(min(poll, max(end - time.monotonic(), 0.01)))
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
@@ -322,11 +384,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--md", default=str(MARKDOWN))
     p.add_argument("--render", action="store_true", help="only rewrite the markdown from the results file")
+    p.add_argument("--detach", action="store_true",
+                   help="run from a copy of the code in a new session and return at once (rows to OUT/quality.json)")
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="follow the runner of --out for at most SECONDS; exit 0 when it has finished, 3 if it still runs")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = parse_args(argv)
+    if a.wait is not None:
+        return wait_for_runner(Path(a.out), a.wait)
+    if a.detach:
+        if not a.jobs:
+            raise SystemExit("--detach needs --jobs")
+        return detach(argv, a)
     if not a.render:
         if not a.jobs:
             raise SystemExit("no --jobs given (or pass --render to rewrite the table only)")

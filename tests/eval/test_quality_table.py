@@ -21,6 +21,9 @@ def test_jobs_parse_and_bad_ones_are_refused(quality):
     assert quality.parse_job("qdiffusion+tcr:W4A8:2000") == ("qdiffusion+tcr", "W4A8", 2000)
     with pytest.raises(Exception, match="PRESET:BITS:N_SAMPLES"):
         quality.parse_job("tcaq:W4A8")
+    with pytest.raises(Exception, match="unknown preset 'nosuch'"):
+        quality.parse_job("nosuch:W4A8:16")
+    assert quality.parse_job("fp-tf32:fp:2000") == ("fp-tf32", "fp", 2000)
 
 
 def test_commands_are_portable_and_float_jobs_skip_calibration(quality, tmp_path):
@@ -103,3 +106,45 @@ def test_two_jobs_of_one_state_calibrate_it_once(quality, tmp_path, monkeypatch)
     rows = quality.run_all(a)
     assert calls.count("calibrate") == 1 and calls.count("evaluate") == 2
     assert sorted(r["n_samples"] for r in rows) == [2000, 10000]
+
+
+def test_detach_copies_the_code_seeds_the_results_and_pins_the_paths(quality, tmp_path, monkeypatch):
+    import json
+
+    out, results = tmp_path / "q", tmp_path / "old.json"
+    results.write_text('[{"preset": "fp", "bits": "fp", "n_samples": 10000, "fid_resnet56": 3.0}]')
+    argv = ["--detach", "--out", str(out), "--results", str(results), "--gpus", "0", "--jobs", "tcaq:W4A8:10000"]
+    a = quality.parse_args(argv)
+    started = {}
+
+    class FakeRunner:  # stands in for the detached process: records its command, sets the marker
+        def __init__(self, cmd, cwd, **kwargs):
+            started.update(cmd=cmd, cwd=Path(cwd), new_session=kwargs.get("start_new_session"))
+            (out / "RUNNING").write_text("1\n")
+            self.pid = 1
+
+        def poll(self):
+            return None
+
+    with monkeypatch.context() as m:
+        m.setattr(quality.subprocess, "Popen", FakeRunner)
+        assert quality.detach(argv, a) == 0
+    cmd = started["cmd"]
+    assert started["new_session"] and (started["cwd"] / "benchmarks" / "quality.py").exists()
+    assert not (started["cwd"] / ".git").exists() and Path(cmd[1]).is_relative_to(started["cwd"])
+    assert "--detach" not in cmd and cmd[cmd.index("--jobs") + 1] == "tcaq:W4A8:10000"
+    assert quality.parse_args(cmd[2:]).results == str(out.resolve() / "quality.json")
+    assert json.loads((out / "quality.json").read_text())[0]["fid_resnet56"] == 3.0  # earlier rows kept
+    with pytest.raises(SystemExit, match="already"):  # one runner per --out
+        quality.detach(argv, a)
+
+
+def test_wait_follows_the_log_until_the_marker_goes(quality, tmp_path, capsys):
+    import threading
+
+    (tmp_path / "RUNNING").write_text("1\n")
+    (tmp_path / "runner.log").write_text("[gpu 0] job 1 done\n")
+    assert quality.wait_for_runner(tmp_path, 0.2, poll=0.05) == 3  # still running at the deadline
+    threading.Timer(0.2, (tmp_path / "RUNNING").unlink).start()
+    assert quality.wait_for_runner(tmp_path, 10, poll=0.05) == 0
+    assert capsys.readouterr().out.count("job 1 done") == 2  # each call echoes the log from its start
