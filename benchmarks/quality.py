@@ -184,6 +184,7 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
         "psnr_vs_fp": report["psnr_vs_fp"], "eps_rel_error": (report.get("eps_rel_error") or {}).get("mean"),
         "fidelity_seeds": (report.get("fidelity") or {}).get("n_seeds"),
         "fine_energy_ratio": ((report.get("fidelity") or {}).get("fine_energy") or {}).get("ratio"),
+        "eps_error_shared": ((report.get("fidelity") or {}).get("eps_error_shared") or {}).get("mean"),
         **({} if is_float(preset) else summarize_state(state)),
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
         "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],

@@ -4,7 +4,10 @@ Two views, over a fixed seed set:
 
 - per step, the noise-prediction relative error ‖ε_test − ε_ref‖ / ‖ε_ref‖ with both models fed the
   SAME x_t, taken from the reference model's own trajectory. This isolates each step's error from the
-  drift that earlier steps cause, so it shows which timesteps a quantizer hurts;
+  drift that earlier steps cause, so it shows which timesteps a quantizer hurts. Beside it, the
+  shared part of that error: ‖mean over seeds of (ε_test − ε_ref)‖ / mean ‖ε_test − ε_ref‖, about
+  1/√n for errors that differ from seed to seed and 1 for an error every sample gets (a bias, say from
+  a zero point or a channel scale): the part that moves every image the same way;
 - at the end, each model runs its own trajectory from the same noise and the final images are
   compared (MSE and PSNR on the stored uint8 images scaled to [0, 1]). This is the error a user sees,
   accumulated over the whole sampling loop. Beside it, the fine-scale energy of each image set (mean
@@ -70,6 +73,7 @@ class FidelityResult:
     test_images: np.ndarray  # uint8 [n, H, W, C], the test model's own trajectory
     mse: np.ndarray  # [n]
     psnr: np.ndarray  # [n]
+    eps_error_shared: np.ndarray  # [steps]: ‖mean_n d‖ / mean_n ‖d‖ of d = ε_test − ε_ref (see module doc)
 
     def summary(self) -> dict:
         per_step = self.eps_rel_error.mean(axis=1)
@@ -82,6 +86,11 @@ class FidelityResult:
             "psnr_db_mean_per_sample": float(self.psnr.mean()),
             "mse": pooled_mse,
             "fine_energy": {"ref": fine_ref, "test": fine_test, "ratio": fine_test / fine_ref if fine_ref > 0 else None},
+            "eps_error_shared": {
+                "mean": float(self.eps_error_shared.mean()),
+                "independent_level": 1.0 / np.sqrt(len(self.seeds)),  # what errors unrelated across seeds give
+                "per_step": [float(v) for v in self.eps_error_shared],
+            },
             "eps_rel_error": {
                 "mean": float(per_step.mean()),
                 "max": float(per_step.max()),
@@ -120,6 +129,8 @@ def same_seed_fidelity(
     ref_dev, test_dev = _device_of(ref_unet), _device_of(test_unet)
     test_dtype = next(test_unet.parameters()).dtype
     errs, ref_imgs, test_imgs, timesteps = [], [], [], []
+    diff_sum = torch.zeros((num_steps, *shape), dtype=torch.float64)  # Σ_n (ε_test − ε_ref) per step
+    diff_norm_sum = torch.zeros(num_steps, dtype=torch.float64)  # Σ_n ‖ε_test − ε_ref‖ per step
     batches = range(0, len(seeds), batch_size)
     for lo in tqdm(batches, desc="fidelity", disable=not progress, leave=False):
         chunk = seeds[lo : lo + batch_size]
@@ -130,6 +141,9 @@ def same_seed_fidelity(
             eps_test = test_unet(x.to(device=test_dev, dtype=test_dtype), t.to(test_dev)).sample
             step_errs.append(relative_error(eps_test.to(ref_dev), eps_ref).cpu())
             step_ts.append(int(t))
+            d = (eps_test.to(ref_dev).double() - eps_ref.double()).cpu()
+            diff_sum[i] += d.sum(0)
+            diff_norm_sum[i] += d.flatten(1).norm(dim=1).sum()
 
         ref = ddim_sample(ref_unet, scheduler, seeded_noise(chunk, shape, ref_dev), num_steps, progress=False, callback=on_step)
         test = ddim_sample(test_unet, scheduler, seeded_noise(chunk, shape, test_dev), num_steps, progress=False)
@@ -139,4 +153,6 @@ def same_seed_fidelity(
         timesteps = step_ts
     ref_images, test_images = np.concatenate(ref_imgs), np.concatenate(test_imgs)
     mse, psnr = mse_psnr(test_images, ref_images)
-    return FidelityResult(seeds, timesteps, np.concatenate(errs, axis=1), ref_images, test_images, mse, psnr)
+    n = len(seeds)
+    shared = ((diff_sum / n).flatten(1).norm(dim=1) / (diff_norm_sum / n).clamp_min(1e-30)).numpy()
+    return FidelityResult(seeds, timesteps, np.concatenate(errs, axis=1), ref_images, test_images, mse, psnr, shared)

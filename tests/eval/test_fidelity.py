@@ -68,6 +68,8 @@ def test_per_step_error_uses_reference_trajectory(ref_unet, ref_scheduler):
     np.testing.assert_array_equal(res.ref_images, ref_imgs)
     assert res.eps_rel_error.shape == (STEPS, 2) and len(res.timesteps) == STEPS
     assert 0 < res.summary()["psnr_db"] < PSNR_CAP_DB  # own trajectory drifts: images differ
+    # the same offset for every sample: all of the error is shared
+    np.testing.assert_allclose(res.eps_error_shared, 1.0, rtol=1e-9)
 
 
 def test_identical_models_give_zero_error(ref_unet, ref_scheduler):
@@ -77,6 +79,7 @@ def test_identical_models_give_zero_error(ref_unet, ref_scheduler):
     assert s["psnr_db"] == PSNR_CAP_DB and s["eps_rel_error"]["max"] == 0.0
     assert s["seeds"] == {"first": 3, "last": 7, "count": 2}
     assert s["fine_energy"]["ref"] == s["fine_energy"]["test"] > 0 and s["fine_energy"]["ratio"] == 1.0
+    assert s["eps_error_shared"]["mean"] == 0.0 and s["eps_error_shared"]["independent_level"] == pytest.approx(2 ** -0.5)
 
 
 def test_perturbed_copy_is_measurably_worse_and_batch_invariant(ref_unet, ref_scheduler):
@@ -90,6 +93,8 @@ def test_perturbed_copy_is_measurably_worse_and_batch_invariant(ref_unet, ref_sc
     b = same_seed_fidelity(ref_unet, noisy, ref_scheduler, seeds, STEPS, batch_size=2, progress=False)
     assert (a.eps_rel_error > 0).all() and np.isfinite(a.eps_rel_error).all()
     assert a.summary()["psnr_db"] < PSNR_CAP_DB
+    # weight noise moves each sample's ε its own way: well below an error every sample shares
+    assert (a.eps_error_shared > 0).all() and (a.eps_error_shared < 0.99).all()
     # Noise is per seed: splitting the seeds into other batches changes nothing beyond float noise.
     np.testing.assert_allclose(a.eps_rel_error, b.eps_rel_error, rtol=1e-3, atol=1e-6)
 
