@@ -80,16 +80,20 @@ def parse_job(text: str) -> tuple[str, str, int]:
     return job
 
 
+def variant_options(preset: str) -> dict:
+    """The calibration options a job's `@variant` adds to its method ({} without one)."""
+    return VARIANTS.get(preset.partition("@")[2], {})
+
+
 def is_float(preset: str) -> bool:
     """Jobs named `fp…` evaluate the full-precision model in the same run (the baseline beside the rows)."""
     return preset.startswith("fp")
 
 
 def job_commands(preset: str, bits: str, n: int, a: argparse.Namespace, state: Path, eval_dir: Path) -> tuple[list, list]:
-    method, _, variant = preset.partition("@")
-    calib = [sys.executable, "-m", "tcaq_kernels", "calibrate", "--method", method, "--bits", bits,
+    calib = [sys.executable, "-m", "tcaq_kernels", "calibrate", "--method", preset.partition("@")[0], "--bits", bits,
              "--seed", str(CALIB_SEED), "--out", str(state)]
-    options = [*a.option, *(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in VARIANTS.get(variant, {}).items())]
+    options = [*a.option, *(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in variant_options(preset).items())]
     for opt in options:
         calib += ["--option", opt]
     ev = [sys.executable, "-m", "tcaq_kernels", "evaluate", *([] if is_float(preset) else ["--state", str(state), "--backend", a.backend]),
@@ -189,7 +193,7 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
         "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],
         "torch": report["versions"]["torch"], "triton": report["versions"]["triton"],
-        "options": VARIANTS.get(preset.partition("@")[2]) or None, "code_commit": a.code_commit,
+        "options": variant_options(preset) or None, "code_commit": a.code_commit,
         "command": portable(ev) if is_float(preset) else f"{portable(calib)} && {portable(ev)}",
     }
     if row.get("calib_seconds") is None and not is_float(preset):
