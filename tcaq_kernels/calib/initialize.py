@@ -37,6 +37,7 @@ class InitObserver:
         self.values: dict[tuple[str, str, int], list[torch.Tensor]] = defaultdict(list)
         self.range: dict[tuple[str, str, int], list[float]] = {}
         self.per_call = per_call
+        self.device = torch.device("cpu")  # where the values were recorded: the MSE searches run there
         self.gen = torch.Generator().manual_seed(seed)
 
     def record(self, layer, act: str, x: torch.Tensor) -> None:
@@ -62,6 +63,7 @@ class InitObserver:
 
     def _record_values(self, layer: str, act: str, x: torch.Tensor) -> None:
         """Fold `x` (batch first) into the per-group range and value sample of quantizer `act`."""
+        self.device = x.device
         groups = self.sim.index.group.to(x.device).expand(x.shape[0])
         for g in groups.unique().tolist():
             flat = x[groups == g].reshape(-1)
@@ -75,7 +77,9 @@ class InitObserver:
             self.values[key].append(flat.cpu())
 
     def sample(self, layer: str, act: str, groups: list[int], limit: int) -> tuple[torch.Tensor, float, float]:
-        """Pooled value sample (≤ limit, plus the exact extremes) and exact range over `groups`."""
+        """Pooled value sample (≤ limit, plus the exact extremes) and exact range over `groups`, on the
+        device the values were recorded on: the samples wait in host memory, but the MSE searches over
+        them (thousands per calibration) run on the GPU, where they take no host CPU time."""
         keys = [(layer, act, g) for g in groups if (layer, act, g) in self.range]
         if not keys:
             raise RuntimeError(
@@ -87,7 +91,7 @@ class InitObserver:
         values = torch.cat([v for k in keys for v in self.values[k]])
         if values.numel() > limit:
             values = values[torch.randperm(values.numel(), generator=self.gen)[:limit]]
-        return torch.cat([values, torch.tensor([lo, hi])]), lo, hi
+        return torch.cat([values, torch.tensor([lo, hi])]).to(self.device), lo, hi
 
 
 def replay(sim: QuantSim, block: Block, io: BlockIO, idx: torch.Tensor, batch_size: int, grad: bool = False):
@@ -183,7 +187,8 @@ def _group_qparams(u: torch.Tensor, rows: torch.Tensor, num_rows: int, bits: int
         lo, hi = flat.min().item(), flat.max().item()
         if flat.numel() > limit:
             flat = flat[torch.randint(0, flat.numel(), (limit,), generator=gen).to(flat.device)]
-        scale, zero = uniform_qparams(torch.cat([flat.cpu(), torch.tensor([lo, hi])]), lo, hi, bits, rule)
+        # on the values' device: the TCR strength search runs this per strength and group of every layer
+        scale, zero = uniform_qparams(torch.cat([flat, torch.tensor([lo, hi], device=flat.device)]), lo, hi, bits, rule)
         scales[row], zeros[row] = float(scale), int(zero)
     return scales.to(u.device), zeros.to(u.device)
 
