@@ -83,12 +83,13 @@ def test_two_jobs_of_one_state_calibrate_it_once(quality, tmp_path, monkeypatch)
     import threading
     import time
 
-    calls, lock = [], threading.Lock()
+    calls, threads, lock = [], set(), threading.Lock()
 
     def fake_run(cmd, **kwargs):
         out = Path(cmd[cmd.index("--out") + 1])
         with lock:
             calls.append(cmd[3])
+            threads.add(kwargs["env"]["OMP_NUM_THREADS"])
         if cmd[3] == "calibrate":
             time.sleep(0.3)  # long enough for the other job to arrive while this one calibrates
             out.write_bytes(b"state")
@@ -103,9 +104,16 @@ def test_two_jobs_of_one_state_calibrate_it_once(quality, tmp_path, monkeypatch)
                             "--gpus", "0", "1", "--jobs", "qdiffusion:W4A8:10000", "qdiffusion:W4A8:2000"])
     monkeypatch.setattr(quality.subprocess, "run", fake_run)
     monkeypatch.setattr(quality, "summarize_state", lambda path: {"state_sha256": "x"})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     rows = quality.run_all(a)
     assert calls.count("calibrate") == 1 and calls.count("evaluate") == 2
+    assert threads == {str(quality.job_threads(2))}  # the two workers share the host's cores
     assert sorted(r["n_samples"] for r in rows) == [2000, 10000]
+
+
+def test_jobs_share_the_host_cores(quality):
+    assert quality.job_threads(4, cores=64) == 16 and quality.job_threads(3, cores=64) == 21
+    assert quality.job_threads(8, cores=2) == 1 and quality.job_threads(1, cores=16) == 16
 
 
 def test_detach_copies_the_code_seeds_the_results_and_pins_the_paths(quality, tmp_path, monkeypatch):
