@@ -176,7 +176,7 @@ def check_stages(case: Case, out_dtype=torch.float32):
     return out, flips, codes, is_log2
 
 
-def _assert_pv(out, expect, case, p_codes, v_codes, is_log2, extra=None):
+def _assert_pv(out, expect, case, p_codes, v_codes, is_log2, extra=None, what="outputs"):
     """uniform rows bit-exact (fp32 out) / to the output dtype's rounding; log2 rows to fp32 sums."""
     s_out = (case.per_sample(case.tabs.p.scale) * case.per_sample(case.tabs.v.scale)).double()
     mag = torch.matmul(case.levels(p_codes, is_log2).abs(), v_codes.double().abs()) * s_out  # Σ|terms|
@@ -187,7 +187,7 @@ def _assert_pv(out, expect, case, p_codes, v_codes, is_log2, extra=None):
         tol = tol + extra
     err = (out.double() - expect.to(out.dtype).double()).abs()
     bad = err > tol
-    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} outputs off, worst {err.max():.3g}"
+    assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} off, worst {err.max():.3g}"
 
 
 def _reference_run(case: Case):
@@ -240,9 +240,15 @@ def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32)
     v_diff = (v_proc.reshape(v_kernel.shape) - v_kernel).abs()
     assert not v_diff.any(), (f"the reference processor's V codes differ from the kernel's in {int((v_diff > 0).sum())} "
                               f"of {v_diff.numel()} places, by up to {int(v_diff.max())} levels")
+    # Each side against the P·V of its own codes, so that a failure below names the side at fault
+    # (the GPU runs of 26–27 Nov found 3–5 of 2.6 M outputs off with every check above passing)
+    _assert_pv(y_tri, case.out_from_codes(codes_k, codes["v"], is_log2), case, codes_k, codes["v"], is_log2,
+               what="the op's output against the P·V of the P codes its debug launch stored")
+    _assert_pv(y_ref, case.out_from_codes(codes_proc, v_proc.reshape(v_kernel.shape), is_log2), case, codes_proc,
+               codes["v"], is_log2, what="the reference processor's output against the P·V of its own codes")
     # rows with a flip: that bound, plus the fp32 rounding of the two outputs it is measured between
     extra = torch.where(extra > 0, extra + 4 * torch.finfo(torch.float32).eps * (y_ref.double().abs() + extra), extra)
-    _assert_pv(y_tri, y_ref, case, codes_proc, codes["v"], is_log2, extra=extra)
+    _assert_pv(y_tri, y_ref, case, codes_proc, codes["v"], is_log2, extra=extra, what="the op against the reference processor")
 
 
 # ------------------------------------------------------------------------------------ CPU shapes
