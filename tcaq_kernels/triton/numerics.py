@@ -53,7 +53,16 @@ def tuning_bench(fn, quantiles):
     The kernels take microseconds, less than their Python launch path, so event timing of eager
     launches ranks configs by host overhead; graph replays time the GPU alone (and the UNet runs in
     a graph anyway). Triton's default of 100 ms per config would make a UNet's first call take minutes.
+
+    `do_bench_cudagraph` runs `fn` on a stream of its own that does not wait for the caller's, where
+    the inputs may still be in flight (a host copy, the kernel that wrote them): the configs would be
+    timed on stale memory, and a stale timestep-group index sends a table load anywhere. So the
+    device is drained first (a host sync, once per new autotune key). Found on an H100: "illegal
+    memory access" in the conv's autotuning, only when an earlier test's data sat in reused memory.
     """
+    import torch
+
+    torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=3, quantiles=quantiles)
 
 
