@@ -54,11 +54,13 @@ def tuning_bench(fn, quantiles):
     launches ranks configs by host overhead; graph replays time the GPU alone (and the UNet runs in
     a graph anyway). Triton's default of 100 ms per config would make a UNet's first call take minutes.
 
-    `do_bench_cudagraph` runs `fn` on a stream of its own that does not wait for the caller's, where
-    the inputs may still be in flight (a host copy, the kernel that wrote them): the configs would be
-    timed on stale memory, and a stale timestep-group index sends a table load anywhere. So the
-    device is drained first (a host sync, once per new autotune key). Found on an H100: "illegal
-    memory access" in the conv's autotuning, only when an earlier test's data sat in reused memory.
+    `do_bench_cudagraph` runs `fn` on a stream of its own that does not wait for the caller's. Work
+    still queued there races with the timed launches: they read inputs not yet written, and they
+    write the output, whose memory the caching allocator may have just recycled from a temporary
+    that queued kernels of the caller's stream still read (an index tensor, a workspace). So the
+    device is drained first (a host sync, once per new autotune key). Seen on an H100: "illegal
+    memory access" in the conv's autotuning, only after other tests had filled the allocator's pool
+    (the test alone passes, also under compute-sanitizer).
     """
     import torch
 
