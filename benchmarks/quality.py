@@ -339,13 +339,17 @@ def render_markdown(rows: list[dict]) -> str:
         "Inception FID). PSNR: final images against the full-precision model's on the same seeds (the first 64); "
         "calibration seeds start at 1,000,000. Δ: FID change against the full-precision row of the same "
         "arithmetic and sample count (`fp-tf32` for rows evaluated with TF32, whose integer products are exact in "
-        "TF32; `fp` otherwise); FID is biased by the sample count, so rows compare only at equal n.",
+        "TF32; `fp` otherwise); FID is biased by the sample count, so rows compare only at equal n. "
+        "ε error: mean per-step relative error of the noise prediction on the full-precision trajectory (same "
+        "64 seeds); ε shared: the part of it common to all seeds (‖mean over seeds‖ / mean ‖·‖; ≈ 1/8 for errors "
+        "unrelated across 64 seeds, 1 for a bias every sample gets); fine energy: mean squared neighbour "
+        "difference of the final images against full precision's (> 1: grain).",
         "",
-        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | fine energy × fp | calib (s) | card | code | state sha256 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | ε error | ε shared | fine energy × fp | calib (s) | card | code | state sha256 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     if fp:
-        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | — | {fp['card']} | "
+        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | — | — | — | {fp['card']} | "
                      f"{fp.get('code_commit') or '—'} | — |")
     for r in quant:
         # the full-precision row of the same arithmetic and the same n (FID is biased by n)
@@ -355,6 +359,7 @@ def render_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['bits']} | {r['preset']} | {r['n_samples']} | {r['fid_resnet56']:.3f} | "
             f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
+            f"{_fmt(r.get('eps_rel_error'), '.4f')} | {_fmt(r.get('eps_error_shared'), '.2f')} | "
             f"{_fmt(r.get('fine_energy_ratio'), '.3f')} | "
             f"{_fmt(r.get('calib_seconds'), '.0f')}{'*' if r.get('note') else ''} | {r.get('card', '—')}"
             f"{' (TF32)' if r.get('allow_tf32') else ''} | {r.get('code_commit') or '—'} | "
