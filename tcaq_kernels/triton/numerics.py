@@ -19,6 +19,7 @@ that) the CPU interpreter cannot call them. `(n + b - 1) // b` and `tl.full` do 
 """
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton import knobs
@@ -62,8 +63,6 @@ def tuning_bench(fn, quantiles):
     memory access" in the conv's autotuning, only after other tests had filled the allocator's pool
     (the test alone passes, also under compute-sanitizer).
     """
-    import torch
-
     torch.cuda.synchronize()
     return triton.testing.do_bench_cudagraph(fn, rep=3, quantiles=quantiles)
 

@@ -9,7 +9,7 @@ from tcaq_kernels.triton.numerics import tuning_bench
 def test_configs_are_timed_on_inputs_the_callers_stream_has_written():
     """`do_bench_cudagraph` times on a stream of its own: without the drain in `tuning_bench`, its
     first call of `fn` overtakes a write still queued behind ~30 ms of work on the caller's stream and
-    reads the old values (on an H100 a stale group index made the conv's autotuning fault)."""
+    reads the old values (on an H100 the conv's autotuning faulted, but only after other tests)."""
     src = torch.full((1 << 20,), -1.0, device="cuda")
     dst = torch.empty_like(src)
     torch.cuda.synchronize()
