@@ -138,12 +138,12 @@ def same_seed_fidelity(
         step_ts: list[int] = []
 
         def on_step(i, t, x, eps_ref):
-            eps_test = test_unet(x.to(device=test_dev, dtype=test_dtype), t.to(test_dev)).sample
-            step_errs.append(relative_error(eps_test.to(ref_dev), eps_ref).cpu())
+            eps_test = test_unet(x.to(device=test_dev, dtype=test_dtype), t.to(test_dev)).sample.to(ref_dev)
+            step_errs.append(relative_error(eps_test, eps_ref).cpu())
             step_ts.append(int(t))
-            d = (eps_test.to(ref_dev).double() - eps_ref.double()).cpu()
-            diff_sum[i] += d.sum(0)
-            diff_norm_sum[i] += d.flatten(1).norm(dim=1).sum()
+            d = eps_test.double() - eps_ref.double()  # reduced where it lives; only the sums leave the device
+            diff_sum[i] += d.sum(0).cpu()
+            diff_norm_sum[i] += d.flatten(1).norm(dim=1).sum().cpu()
 
         ref = ddim_sample(ref_unet, scheduler, seeded_noise(chunk, shape, ref_dev), num_steps, progress=False, callback=on_step)
         test = ddim_sample(test_unet, scheduler, seeded_noise(chunk, shape, test_dev), num_steps, progress=False)
