@@ -248,6 +248,11 @@ def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32)
                codes["v"], is_log2, what="the reference processor's output against the P·V of its own codes")
     # rows with a flip: that bound, plus the fp32 rounding of the two outputs it is measured between
     extra = torch.where(extra > 0, extra + 4 * torch.finfo(torch.float32).eps * (y_ref.double().abs() + extra), extra)
+    # Each side was allowed eps·|y| of output rounding against its own exact P·V above, so the two may be
+    # that far apart twice over: `_assert_pv` adds the reference's share, this is the op's. (The H100/H200
+    # runs of 26–27 Nov found 3–6 of 2.6 M bf16 outputs past the single allowance with both sides passing.)
+    if y_tri.dtype != torch.float32:
+        extra = extra + torch.finfo(y_tri.dtype).eps * y_tri.double().abs()
     _assert_pv(y_tri, y_ref, case, codes_proc, codes["v"], is_log2, extra=extra, what="the op against the reference processor")
 
 

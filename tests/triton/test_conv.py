@@ -184,12 +184,14 @@ def test_conv_split_k_choice():
         conv_split_k(0, 128, 1280, 1280, 9, 132)
 
 
-# SD-1.5 layers that the heuristic splits (B, C, H, W, N, k, stride, pad), on the GPU.
+# SD-1.5 layers that the heuristic splits (B, C, H, W, N, k, stride, pad), on the GPU (132 SMs: batch 2;
+# the 16×16 1920→1280 conv at batch 8 has 160 output tiles and is not split — the first H200 run caught
+# that case in this list).
 @pytest.mark.cuda
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("case", [
     (2, 1280, 8, 8, 1280, 3, 1, 1), (2, 2560, 8, 8, 1280, 1, 1, 0), (2, 2560, 16, 16, 1280, 3, 1, 1),
-    (2, 1280, 16, 16, 1280, 3, 2, 1), (2, 640, 32, 32, 640, 3, 2, 1), (8, 1920, 16, 16, 1280, 3, 1, 1),
+    (2, 1280, 16, 16, 1280, 3, 2, 1), (2, 640, 32, 32, 640, 3, 2, 1), (2, 1920, 16, 16, 1280, 3, 1, 1),
 ])
 def test_split_k_large_shapes(gen, w_bits, case):
     """The heuristic's split and forced ones, int8 codes and float input, bit for bit."""
