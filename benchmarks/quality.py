@@ -213,8 +213,55 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
     if row.get("calib_seconds") is None and not is_float(preset):
         row["calib_seconds"] = seconds.get("calibrate")  # the whole command, model loading included
     with lock:
-        upsert_rows(a.results, [row])
+        upsert_rows(a.results, [with_earlier(row, read_rows(a.results))])
     return row
+
+
+# What a replaced row keeps of the calibration it replaces (`with_earlier`).
+EARLIER_FIELDS = ("fid_resnet56", "psnr_vs_fp", "eps_error_shared", "card", "code_commit", "state_sha256")
+
+
+def with_earlier(row: dict, old_rows: list[dict]) -> dict:
+    """`row` carrying the calibrations it replaces (same preset, bits and n) under "earlier", oldest first.
+
+    One preset's FID moves between calibrations far more than between evaluations (W4A8 qdiffusion: 3.40,
+    4.33 and 5.75 from three calibrations, 27 Nov), so a replaced row is a measurement of that spread, not
+    clutter. Re-evaluating the same state (equal `state_sha256`) adds nothing."""
+    prev = next((r for r in old_rows if (r["preset"], r["bits"], r["n_samples"]) ==
+                 (row["preset"], row["bits"], row["n_samples"])), None)
+    if prev is None:
+        return row
+    earlier = list(prev.get("earlier") or [])
+    if prev.get("state_sha256") is None or prev.get("state_sha256") != row.get("state_sha256"):
+        earlier.append({k: prev.get(k) for k in EARLIER_FIELDS})
+    return {**row, "earlier": earlier} if earlier else row
+
+
+def spread_lines(rows: list[dict]) -> list[str]:
+    """Markdown table of every preset with more than one calibration (its row, the rows it replaced and its
+    `@seed-b` row): FID of each, mean and range."""
+    groups: dict[tuple, list[tuple[float, str]]] = {}
+    for r in rows:
+        base, _, variant = r["preset"].partition("@")
+        if variant not in ("", "seed-b"):
+            continue
+        runs = [(e["fid_resnet56"], e.get("code_commit") or "?") for e in r.get("earlier") or []]
+        runs.append((r["fid_resnet56"], (r.get("code_commit") or "?") + (" seed-b" if variant else "")))
+        groups.setdefault((r["bits"], base, r["n_samples"]), []).extend(runs)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if not multi:
+        return []
+    lines = ["", "Calibration spread: every calibration of one preset that was evaluated (the current row, the rows it "
+             "replaced, and the `@seed-b` row calibrated on other trajectories). A difference between two presets "
+             "smaller than these ranges is not a measured difference.", "",
+             "| bits | preset | n | FID-ResNet56 of each calibration (code) | mean | range |",
+             "| --- | --- | ---: | --- | ---: | ---: |"]
+    for (bits, preset, n), runs in sorted(multi.items(), key=lambda kv: (BITS_ORDER.index(kv[0][0])
+                                                                         if kv[0][0] in BITS_ORDER else 99, kv[0][1])):
+        fids = [f for f, _ in runs]
+        lines.append(f"| {bits} | {preset} | {n} | {', '.join(f'{f:.3f} ({c})' for f, c in runs)} | "
+                     f"{sum(fids) / len(fids):.3f} | {min(fids):.3f}–{max(fids):.3f} |")
+    return lines
 
 
 def run_all(a: argparse.Namespace) -> list[dict]:
@@ -367,6 +414,7 @@ def render_markdown(rows: list[dict]) -> str:
     if any(r.get("allow_tf32") and r["n_samples"] not in fp_tf32 for r in quant):
         lines += ["", "Δ of a TF32 row without an `fp-tf32` row of its sample count is against the fp32 `fp` row of "
                   "that count (— where there is none)."]
+    lines += spread_lines(rows)
     grids = sorted(Path(MARKDOWN.parent / "quality-grids").glob("*.png"))
     if grids:
         lines += ["", "Same-seed grids (full precision left, quantized right, first 64 seeds): "

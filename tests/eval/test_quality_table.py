@@ -77,6 +77,28 @@ def test_markdown_delta_uses_the_float_row_of_the_same_count_and_arithmetic(qual
     assert "W4A8 qdiffusion+par (n=2000): shared GPU" in md
 
 
+def test_a_replaced_calibration_is_kept_and_the_spread_is_tabled(quality):
+    row = lambda preset, fid, sha, commit: {"preset": preset, "bits": "W4A8", "n_samples": 10000, "fid_resnet56": fid,
+                                            "psnr_vs_fp": 25.0, "card": "H200", "state_sha256": sha,
+                                            "code_commit": commit, "command": "c"}
+    first = row("qdiffusion", 3.4, "a" * 64, "c1")
+    second = quality.with_earlier(row("qdiffusion", 5.8, "b" * 64, "c2"), [first])
+    assert [e["fid_resnet56"] for e in second["earlier"]] == [3.4] and second["earlier"][0]["code_commit"] == "c1"
+    third = quality.with_earlier(row("qdiffusion", 4.0, "c" * 64, "c3"), [second])
+    assert [e["fid_resnet56"] for e in third["earlier"]] == [3.4, 5.8]
+    # the same state evaluated again is not a second calibration
+    again = quality.with_earlier(row("qdiffusion", 4.1, "c" * 64, "c3"), [third])
+    assert [e["fid_resnet56"] for e in again["earlier"]] == [3.4, 5.8]
+    assert "earlier" not in quality.with_earlier(row("tcaq", 3.7, "d" * 64, "c2"), [first])
+
+    rows = [third, row("qdiffusion@seed-b", 4.3, "e" * 64, "c3"), row("qdiffusion@no-par", 9.0, "f" * 64, "c3"),
+            row("tcaq", 3.7, "d" * 64, "c3")]
+    md = quality.render_markdown(rows)
+    line = next(x for x in md.splitlines() if x.startswith("| W4A8 | qdiffusion | 10000 | 3.400"))
+    assert line == "| W4A8 | qdiffusion | 10000 | 3.400 (c1), 5.800 (c2), 4.000 (c3), 4.300 (c3 seed-b) | 4.375 | 3.400–5.800 |"
+    assert "9.000 (" not in md and "| W4A8 | tcaq | 10000 | 3.700 (" not in md  # other variants, single runs: no line
+
+
 def test_two_jobs_of_one_state_calibrate_it_once(quality, tmp_path, monkeypatch):
     """The 10,000- and 2,000-sample rows of one (preset, bits), running at once: one calibration, both rows."""
     import json
