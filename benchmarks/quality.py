@@ -78,14 +78,17 @@ def parse_job(text: str) -> tuple[str, str, int]:
     method, _, variant = preset.partition("@")
     if not is_float(method) and method not in METHODS:
         raise argparse.ArgumentTypeError(f"job {text!r}: unknown preset {method!r}; known: fp…, {', '.join(sorted(METHODS))}")
-    if variant and variant not in VARIANTS:
-        raise argparse.ArgumentTypeError(f"job {text!r}: unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    for name in variant.split(",") if variant else ():
+        if name not in VARIANTS:
+            raise argparse.ArgumentTypeError(f"job {text!r}: unknown variant {name!r}; known: {', '.join(VARIANTS)}")
     return job
 
 
 def variant_options(preset: str) -> dict:
-    """The calibration options a job's `@variant` adds to its method ({} without one)."""
-    return VARIANTS.get(preset.partition("@")[2], {})
+    """The calibration options a job's `@variant[,variant…]` adds to its method ({} without one), merged left
+    to right — `tcaq@no-par,seed-b` is the no-PAR ablation calibrated on the second trajectories."""
+    variant = preset.partition("@")[2]
+    return {k: v for name in variant.split(",") if variant for k, v in VARIANTS[name].items()}
 
 
 def is_float(preset: str) -> bool:
@@ -170,7 +173,7 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
     `state_locks` (state name → lock) keeps two jobs of one (preset, bits) — say the 10,000- and the 2,000-sample
     rows, both running at once — from calibrating the same state twice: the second waits and reuses it."""
     preset, bits, n = job
-    name = f"{preset.replace('+', '_').replace('@', '_')}-{bits}"
+    name = f"{preset.replace('+', '_').replace('@', '_').replace(',', '_')}-{bits}"
     with lock:
         state_lock = (state_locks if state_locks is not None else {}).setdefault(name, threading.Lock())
     out = Path(a.out)
@@ -243,8 +246,10 @@ def spread_lines(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list[tuple[float, str]]] = {}
     for r in rows:
         base, _, variant = r["preset"].partition("@")
-        if variant not in ("", "seed-b"):
-            continue
+        others = [v for v in variant.split(",") if v and v != "seed-b"]
+        if others:  # an ablation is its own preset: group its calibrations under it
+            base = f"{base}@{','.join(others)}"
+        variant = "seed-b" if "seed-b" in variant.split(",") else ""
         runs = [(e["fid_resnet56"], e.get("code_commit") or "?") for e in r.get("earlier") or []]
         runs.append((r["fid_resnet56"], (r.get("code_commit") or "?") + (" seed-b" if variant else "")))
         groups.setdefault((r["bits"], base, r["n_samples"]), []).extend(runs)

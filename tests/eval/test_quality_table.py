@@ -62,6 +62,10 @@ def test_variant_jobs_pass_their_options_and_keep_their_name(quality, tmp_path):
     calib, _ = quality.job_commands("tcaq@shortcut-a8", "W4A4", 10000, a, tmp_path / "s.tcaq", tmp_path / "d")
     assert calib[calib.index("--method") + 1] == "tcaq"
     assert 'act_bits={"*.conv_shortcut":8}' in calib
+    # variants combine left to right: an ablation calibrated on the second trajectories
+    assert quality.variant_options("tcaq@no-par,seed-b") == {"par_rounds": 0, "seed": 2_000_000}
+    with pytest.raises(Exception, match="unknown variant 'nope'"):
+        quality.parse_job("tcaq@no-par,nope:W4A8:10000")
 
 
 def test_markdown_delta_uses_the_float_row_of_the_same_count_and_arithmetic(quality):
@@ -97,6 +101,8 @@ def test_a_replaced_calibration_is_kept_and_the_spread_is_tabled(quality):
     line = next(x for x in md.splitlines() if x.startswith("| W4A8 | qdiffusion | 10000 | 3.400"))
     assert line == "| W4A8 | qdiffusion | 10000 | 3.400 (c1), 5.800 (c2), 4.000 (c3), 4.300 (c3 seed-b) | 4.375 | 3.400–5.800 |"
     assert "9.000 (" not in md and "| W4A8 | tcaq | 10000 | 3.700 (" not in md  # other variants, single runs: no line
+    md = quality.render_markdown(rows + [row("qdiffusion@no-par,seed-b", 8.0, "g" * 64, "c3")])
+    assert "| W4A8 | qdiffusion@no-par | 10000 | 9.000 (c3), 8.000 (c3 seed-b) | 8.500 | 8.000–9.000 |" in md
 
 
 def test_two_jobs_of_one_state_calibrate_it_once(quality, tmp_path, monkeypatch):
