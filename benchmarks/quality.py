@@ -206,6 +206,8 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
         "fidelity_seeds": (report.get("fidelity") or {}).get("n_seeds"),
         "fine_energy_ratio": ((report.get("fidelity") or {}).get("fine_energy") or {}).get("ratio"),
         "eps_error_shared": ((report.get("fidelity") or {}).get("eps_error_shared") or {}).get("mean"),
+        "eps_gain_k": ((report.get("fidelity") or {}).get("eps_gain") or {}).get("k_mean"),
+        "eps_rms_own_last": ((report.get("fidelity") or {}).get("eps_rms_ratio_own") or {}).get("last_step"),
         **({} if is_float(preset) else summarize_state(state)),
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
         "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],
@@ -394,14 +396,14 @@ def render_markdown(rows: list[dict]) -> str:
         "TF32; `fp` otherwise); FID is biased by the sample count, so rows compare only at equal n. "
         "ε error: mean per-step relative error of the noise prediction on the full-precision trajectory (same "
         "64 seeds); ε shared: the part of it common to all seeds (‖mean over seeds‖ / mean ‖·‖; ≈ 1/8 for errors "
-        "unrelated across 64 seeds, 1 for a bias every sample gets); fine energy: mean squared neighbour "
+        "unrelated across 64 seeds, 1 for a bias every sample gets); ε RMS own: RMS of the quantized model's ε at the last step of its own trajectory over full precision's on its own (> 1: it keeps removing 'noise' that is image — faded samples); fine energy: mean squared neighbour "
         "difference of the final images against full precision's (> 1: grain).",
         "",
-        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | ε error | ε shared | fine energy × fp | calib (s) | card | code | state sha256 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
+        "| bits | preset | n | FID-ResNet56 | Δ vs fp | PSNR vs fp (dB) | ε error | ε shared | ε RMS own | fine energy × fp | calib (s) | card | code | state sha256 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | --- |",
     ]
     if fp:
-        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | — | — | — | {fp['card']} | "
+        lines.append(f"| fp | fp | {fp['n_samples']} | {fp['fid_resnet56']:.3f} | — | — | — | — | — | — | — | {fp['card']} | "
                      f"{fp.get('code_commit') or '—'} | — |")
     for r in quant:
         # the full-precision row of the same arithmetic and the same n (FID is biased by n)
@@ -411,7 +413,7 @@ def render_markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['bits']} | {r['preset']} | {r['n_samples']} | {r['fid_resnet56']:.3f} | "
             f"{_fmt(delta, '+.1f')}{'' if delta is None else ' %'} | {_fmt(r.get('psnr_vs_fp'), '.2f')} | "
-            f"{_fmt(r.get('eps_rel_error'), '.4f')} | {_fmt(r.get('eps_error_shared'), '.2f')} | "
+            f"{_fmt(r.get('eps_rel_error'), '.4f')} | {_fmt(r.get('eps_error_shared'), '.2f')} | {_fmt(r.get('eps_rms_own_last'), '.2f')} | "
             f"{_fmt(r.get('fine_energy_ratio'), '.3f')} | "
             f"{_fmt(r.get('calib_seconds'), '.0f')}{'*' if r.get('note') else ''} | {r.get('card', '—')}"
             f"{' (TF32)' if r.get('allow_tf32') else ''} | {r.get('code_commit') or '—'} | "

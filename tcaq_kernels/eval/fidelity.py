@@ -7,10 +7,20 @@ Two views, over a fixed seed set:
   drift that earlier steps cause, so it shows which timesteps a quantizer hurts. Beside it, the
   shared part of that error: ‖mean over seeds of (ε_test − ε_ref)‖ / mean ‖ε_test − ε_ref‖, about
   1/√n for errors that differ from seed to seed and 1 for an error every sample gets (a bias, say from
-  a zero point or a channel scale): the part that moves every image the same way;
+  a zero point or a channel scale): the part that moves every image the same way. And the gain
+  1 + k of ε_test ≈ (1 + k)·ε_ref + r (least squares over seeds, k = Σ⟨d, ε_ref⟩ / Σ‖ε_ref‖²): the
+  error's component along the prediction itself. k > 0 removes more noise than full precision (at the
+  last steps: image detail with it — smooth, washed-out samples), k < 0 less (grain). PTQD (He et al.,
+  NeurIPS 2023) calls it the correlated part of the quantization noise; `explained` is the share of
+  ‖d‖² it accounts for;
 - at the end, each model runs its own trajectory from the same noise and the final images are
   compared (MSE and PSNR on the stored uint8 images scaled to [0, 1]). This is the error a user sees,
-  accumulated over the whole sampling loop. Beside it, the fine-scale energy of each image set (mean
+  accumulated over the whole sampling loop. Along the way, the RMS of each model's ε on its OWN
+  trajectory, step by step (test over reference): a quantized model that keeps predicting unit-size
+  noise where full precision's prediction shrinks (late steps) removes image with it, and its x_t
+  fades toward grey — a CPU tcaq W4A4 state ended at ε RMS 1.04 against full precision's 0.71 and at
+  a fifth of its image contrast, an error that the same-x_t view only shows at the last steps. Beside
+  it, the fine-scale energy of each image set (mean
   squared difference of neighbouring pixels): a quantized sampler that leaves noise in its images
   scores above 1× full precision, a blurring one below — PSNR cannot tell the two apart, FID can
   (the 26 Nov tcaq W4A8 row had better PSNR and worse FID than qdiffusion, and +14 % fine energy).
@@ -74,6 +84,9 @@ class FidelityResult:
     mse: np.ndarray  # [n]
     psnr: np.ndarray  # [n]
     eps_error_shared: np.ndarray  # [steps]: ‖mean_n d‖ / mean_n ‖d‖ of d = ε_test − ε_ref (see module doc)
+    eps_gain_k: np.ndarray  # [steps]: k of ε_test ≈ (1 + k)·ε_ref + r, pooled over seeds
+    eps_gain_explained: np.ndarray  # [steps]: share of Σ‖d‖² that k·ε_ref accounts for
+    eps_rms_ratio_own: np.ndarray  # [steps]: RMS of ε_test on its own trajectory / ε_ref's on the reference's
 
     def summary(self) -> dict:
         per_step = self.eps_rel_error.mean(axis=1)
@@ -90,6 +103,17 @@ class FidelityResult:
                 "mean": float(self.eps_error_shared.mean()),
                 "independent_level": 1.0 / np.sqrt(len(self.seeds)),  # what errors unrelated across seeds give
                 "per_step": [float(v) for v in self.eps_error_shared],
+            },
+            "eps_gain": {
+                "k_mean": float(self.eps_gain_k.mean()),
+                "explained_mean": float(self.eps_gain_explained.mean()),
+                "k_per_step": [float(v) for v in self.eps_gain_k],
+                "explained_per_step": [float(v) for v in self.eps_gain_explained],
+            },
+            "eps_rms_ratio_own": {
+                "mean": float(self.eps_rms_ratio_own.mean()),
+                "last_step": float(self.eps_rms_ratio_own[-1]),
+                "per_step": [float(v) for v in self.eps_rms_ratio_own],
             },
             "eps_rel_error": {
                 "mean": float(per_step.mean()),
@@ -131,6 +155,9 @@ def same_seed_fidelity(
     errs, ref_imgs, test_imgs, timesteps = [], [], [], []
     diff_sum = torch.zeros((num_steps, *shape), dtype=torch.float64)  # Σ_n (ε_test − ε_ref) per step
     diff_norm_sum = torch.zeros(num_steps, dtype=torch.float64)  # Σ_n ‖ε_test − ε_ref‖ per step
+    # Σ_n ⟨d, ε_ref⟩, Σ_n ‖ε_ref‖², Σ_n ‖d‖² per step: the gain regression's sufficient statistics
+    cross, ref_sq, diff_sq = (torch.zeros(num_steps, dtype=torch.float64) for _ in range(3))
+    ref_own_sq, test_own_sq = torch.zeros(num_steps, dtype=torch.float64), torch.zeros(num_steps, dtype=torch.float64)
     batches = range(0, len(seeds), batch_size)
     for lo in tqdm(batches, desc="fidelity", disable=not progress, leave=False):
         chunk = seeds[lo : lo + batch_size]
@@ -144,9 +171,18 @@ def same_seed_fidelity(
             d = eps_test.double() - eps_ref.double()  # reduced where it lives; only the sums leave the device
             diff_sum[i] += d.sum(0).cpu()
             diff_norm_sum[i] += d.flatten(1).norm(dim=1).sum().cpu()
+            e = eps_ref.double()
+            cross[i] += (d * e).sum().cpu()
+            ref_sq[i] += e.pow(2).sum().cpu()
+            diff_sq[i] += d.pow(2).sum().cpu()
+            ref_own_sq[i] += e.pow(2).sum().cpu()
+
+        def on_own_step(i, t, x, eps):
+            test_own_sq[i] += eps.double().pow(2).sum().cpu()
 
         ref = ddim_sample(ref_unet, scheduler, seeded_noise(chunk, shape, ref_dev), num_steps, progress=False, callback=on_step)
-        test = ddim_sample(test_unet, scheduler, seeded_noise(chunk, shape, test_dev), num_steps, progress=False)
+        test = ddim_sample(test_unet, scheduler, seeded_noise(chunk, shape, test_dev), num_steps, progress=False,
+                           callback=on_own_step)
         errs.append(torch.stack(step_errs).numpy())
         ref_imgs.append(to_uint8(ref).numpy())
         test_imgs.append(to_uint8(test).numpy())
@@ -155,4 +191,14 @@ def same_seed_fidelity(
     mse, psnr = mse_psnr(test_images, ref_images)
     n = len(seeds)
     shared = ((diff_sum / n).flatten(1).norm(dim=1) / (diff_norm_sum / n).clamp_min(1e-30)).numpy()
-    return FidelityResult(seeds, timesteps, np.concatenate(errs, axis=1), ref_images, test_images, mse, psnr, shared)
+    k, explained = eps_gain(cross, ref_sq, diff_sq)
+    return FidelityResult(seeds, timesteps, np.concatenate(errs, axis=1), ref_images, test_images, mse, psnr, shared,
+                          k.numpy(), explained.numpy(), (test_own_sq / ref_own_sq.clamp_min(1e-300)).sqrt().numpy())
+
+
+def eps_gain(cross: torch.Tensor, ref_sq: torch.Tensor, diff_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k, explained) per step from Σ⟨d, ε_ref⟩, Σ‖ε_ref‖², Σ‖d‖²: the least-squares k of d ≈ k·ε_ref and
+    the share k²·Σ‖ε_ref‖² / Σ‖d‖² of the error it accounts for (0 where there is no error)."""
+    k = cross / ref_sq.clamp_min(1e-300)
+    explained = torch.where(diff_sq > 0, k.pow(2) * ref_sq / diff_sq.clamp_min(1e-300), torch.zeros_like(k))
+    return k, explained

@@ -72,6 +72,42 @@ def test_per_step_error_uses_reference_trajectory(ref_unet, ref_scheduler):
     np.testing.assert_allclose(res.eps_error_shared, 1.0, rtol=1e-9)
 
 
+class GainUNet(torch.nn.Module):
+    """A test model whose eps is (1 + k)·the reference's: all of its error lies along the prediction."""
+
+    def __init__(self, unet, k: float):
+        super().__init__()
+        self.unet, self.k, self.config = unet, k, unet.config
+
+    @property
+    def dtype(self):
+        return self.unet.dtype
+
+    def forward(self, x, t):
+        return SimpleNamespace(sample=(1 + self.k) * self.unet(x, t).sample)
+
+
+def test_gain_is_found_and_explains_a_scaled_prediction(ref_unet, ref_scheduler):
+    k = float(np.random.default_rng().uniform(0.02, 0.2)) * float(np.random.default_rng().choice([-1, 1]))
+    res = same_seed_fidelity(ref_unet, GainUNet(ref_unet, k), ref_scheduler, [11, 12], STEPS, progress=False)
+    np.testing.assert_allclose(res.eps_gain_k, k, rtol=1e-4)
+    np.testing.assert_allclose(res.eps_gain_explained, 1.0, rtol=1e-4)
+    assert res.summary()["eps_gain"]["k_mean"] == pytest.approx(k, rel=1e-4)
+    # an offset independent of the prediction: (almost) none of the error is gain
+    off = same_seed_fidelity(ref_unet, OffsetUNet(ref_unet, 0.05 * torch.randn(unet_sample_shape(ref_unet))),
+                             ref_scheduler, [11, 12], STEPS, progress=False)
+    assert (off.eps_gain_explained < 0.05).all()
+
+
+def test_own_trajectory_eps_scale(ref_unet, ref_scheduler):
+    """A model predicting (1 + k)·ε on its own trajectory: the ratio is |1 + k| only at the first step (the
+    same noise); afterwards the trajectories part, so only its direction and finiteness are pinned."""
+    k = float(np.random.default_rng().uniform(0.05, 0.2))
+    res = same_seed_fidelity(ref_unet, GainUNet(ref_unet, k), ref_scheduler, [21, 22], STEPS, progress=False)
+    assert res.eps_rms_ratio_own[0] == pytest.approx(1 + k, rel=1e-4)
+    assert np.isfinite(res.eps_rms_ratio_own).all() and res.summary()["eps_rms_ratio_own"]["mean"] > 1
+
+
 def test_identical_models_give_zero_error(ref_unet, ref_scheduler):
     res = same_seed_fidelity(ref_unet, ref_unet, ref_scheduler, [3, 7], STEPS, progress=False)
     assert not res.eps_rel_error.any() and not res.mse.any()
@@ -80,6 +116,8 @@ def test_identical_models_give_zero_error(ref_unet, ref_scheduler):
     assert s["seeds"] == {"first": 3, "last": 7, "count": 2}
     assert s["fine_energy"]["ref"] == s["fine_energy"]["test"] > 0 and s["fine_energy"]["ratio"] == 1.0
     assert s["eps_error_shared"]["mean"] == 0.0 and s["eps_error_shared"]["independent_level"] == pytest.approx(2 ** -0.5)
+    assert s["eps_gain"]["k_mean"] == 0.0 and s["eps_gain"]["explained_mean"] == 0.0
+    assert s["eps_rms_ratio_own"]["mean"] == 1.0 and s["eps_rms_ratio_own"]["last_step"] == 1.0
 
 
 def test_perturbed_copy_is_measurably_worse_and_batch_invariant(ref_unet, ref_scheduler):

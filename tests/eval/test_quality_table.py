@@ -43,13 +43,13 @@ def test_markdown_compares_only_at_equal_sample_count(quality):
         fp,
         {"preset": "tcaq", "bits": "W4A8", "n_samples": 10000, "fid_resnet56": 3.3, "psnr_vs_fp": 27.0,
          "calib_seconds": 227.0, "card": "H200", "state_sha256": "ab" * 32, "command": "c1", "allow_tf32": False,
-         "fine_energy_ratio": 1.1, "eps_rel_error": 0.0191, "eps_error_shared": 0.3},
+         "fine_energy_ratio": 1.1, "eps_rel_error": 0.0191, "eps_error_shared": 0.3, "eps_rms_own_last": 1.46},
         {"preset": "qdiffusion+tcr", "bits": "W4A8", "n_samples": 2000, "fid_resnet56": 4.0, "psnr_vs_fp": None,
          "calib_seconds": None, "card": "H200", "state_sha256": None, "command": "c2"},
     ]
     md = quality.render_markdown(rows)
-    assert "| W4A8 | tcaq | 10000 | 3.300 | +10.0 % | 27.00 | 0.0191 | 0.30 | 1.100 | 227 | H200 | — | `abababababab` |" in md
-    assert "| W4A8 | qdiffusion+tcr | 2000 | 4.000 | — | — | — | — | — | — | H200 | — | `—` |" in md
+    assert "| W4A8 | tcaq | 10000 | 3.300 | +10.0 % | 27.00 | 0.0191 | 0.30 | 1.46 | 1.100 | 227 | H200 | — | `abababababab` |" in md
+    assert "| W4A8 | qdiffusion+tcr | 2000 | 4.000 | — | — | — | — | — | — | — | H200 | — | `—` |" in md
     assert md.index("| W4A8 | tcaq | 10000") < md.index("| W4A8 | qdiffusion+tcr | 2000")
     assert "`c1`" in md and "`c2`" in md
 
@@ -77,7 +77,7 @@ def test_markdown_delta_uses_the_float_row_of_the_same_count_and_arithmetic(qual
          "allow_tf32": True, "command": "c", "calib_seconds": 90.0, "code_commit": "abc1234", "note": "shared GPU"},
     ]
     md = quality.render_markdown(rows)
-    assert "| W4A8 | qdiffusion+par | 2000 | 5.500 | +10.0 % | — | — | — | — | 90* | H200 (TF32) | abc1234 |" in md
+    assert "| W4A8 | qdiffusion+par | 2000 | 5.500 | +10.0 % | — | — | — | — | — | 90* | H200 (TF32) | abc1234 |" in md
     assert "W4A8 qdiffusion+par (n=2000): shared GPU" in md
 
 
