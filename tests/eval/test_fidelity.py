@@ -36,19 +36,29 @@ def test_mse_psnr_by_hand():
         mse_psnr(a, b[:2])
 
 
-class OffsetUNet(torch.nn.Module):
-    """A test model whose eps is the reference's plus a fixed offset: its per-step error is known."""
+class MappedUNet(torch.nn.Module):
+    """A test model whose eps is `fn` of the reference's: its per-step error is known."""
 
-    def __init__(self, unet, offset: torch.Tensor):
+    def __init__(self, unet, fn):
         super().__init__()
-        self.unet, self.offset, self.config = unet, offset, unet.config
+        self.unet, self.fn, self.config = unet, fn, unet.config
 
     @property
     def dtype(self):
         return self.unet.dtype
 
     def forward(self, x, t):
-        return SimpleNamespace(sample=self.unet(x, t).sample + self.offset)
+        return SimpleNamespace(sample=self.fn(self.unet(x, t).sample))
+
+
+def offset_unet(unet, offset: torch.Tensor) -> MappedUNet:
+    """eps + a fixed offset."""
+    return MappedUNet(unet, lambda eps: eps + offset)
+
+
+def gain_unet(unet, k: float) -> MappedUNet:
+    """(1 + k)·eps: all of the error lies along the prediction."""
+    return MappedUNet(unet, lambda eps: (1 + k) * eps)
 
 
 def test_per_step_error_uses_reference_trajectory(ref_unet, ref_scheduler):
@@ -62,7 +72,7 @@ def test_per_step_error_uses_reference_trajectory(ref_unet, ref_scheduler):
 
     ref_imgs = to_uint8(ddim_sample(ref_unet, ref_scheduler, seeded_noise(seeds, unet_sample_shape(ref_unet)),
                                     STEPS, progress=False, callback=record)).numpy()
-    res = same_seed_fidelity(ref_unet, OffsetUNet(ref_unet, offset), ref_scheduler, seeds, STEPS, progress=False)
+    res = same_seed_fidelity(ref_unet, offset_unet(ref_unet, offset), ref_scheduler, seeds, STEPS, progress=False)
     expect = (offset.double().norm() / torch.stack(eps_norms)).numpy()
     np.testing.assert_allclose(res.eps_rel_error, expect, rtol=1e-4)
     np.testing.assert_array_equal(res.ref_images, ref_imgs)
@@ -72,29 +82,14 @@ def test_per_step_error_uses_reference_trajectory(ref_unet, ref_scheduler):
     np.testing.assert_allclose(res.eps_error_shared, 1.0, rtol=1e-9)
 
 
-class GainUNet(torch.nn.Module):
-    """A test model whose eps is (1 + k)·the reference's: all of its error lies along the prediction."""
-
-    def __init__(self, unet, k: float):
-        super().__init__()
-        self.unet, self.k, self.config = unet, k, unet.config
-
-    @property
-    def dtype(self):
-        return self.unet.dtype
-
-    def forward(self, x, t):
-        return SimpleNamespace(sample=(1 + self.k) * self.unet(x, t).sample)
-
-
 def test_gain_is_found_and_explains_a_scaled_prediction(ref_unet, ref_scheduler):
     k = float(np.random.default_rng().uniform(0.02, 0.2)) * float(np.random.default_rng().choice([-1, 1]))
-    res = same_seed_fidelity(ref_unet, GainUNet(ref_unet, k), ref_scheduler, [11, 12], STEPS, progress=False)
+    res = same_seed_fidelity(ref_unet, gain_unet(ref_unet, k), ref_scheduler, [11, 12], STEPS, progress=False)
     np.testing.assert_allclose(res.eps_gain_k, k, rtol=1e-4)
     np.testing.assert_allclose(res.eps_gain_explained, 1.0, rtol=1e-4)
     assert res.summary()["eps_gain"]["k_mean"] == pytest.approx(k, rel=1e-4)
     # an offset independent of the prediction: (almost) none of the error is gain
-    off = same_seed_fidelity(ref_unet, OffsetUNet(ref_unet, 0.05 * torch.randn(unet_sample_shape(ref_unet))),
+    off = same_seed_fidelity(ref_unet, offset_unet(ref_unet, 0.05 * torch.randn(unet_sample_shape(ref_unet))),
                              ref_scheduler, [11, 12], STEPS, progress=False)
     assert (off.eps_gain_explained < 0.05).all()
 
@@ -103,7 +98,7 @@ def test_own_trajectory_eps_scale(ref_unet, ref_scheduler):
     """A model predicting (1 + k)·ε on its own trajectory: the ratio is |1 + k| only at the first step (the
     same noise); afterwards the trajectories part, so only its direction and finiteness are pinned."""
     k = float(np.random.default_rng().uniform(0.05, 0.2))
-    res = same_seed_fidelity(ref_unet, GainUNet(ref_unet, k), ref_scheduler, [21, 22], STEPS, progress=False)
+    res = same_seed_fidelity(ref_unet, gain_unet(ref_unet, k), ref_scheduler, [21, 22], STEPS, progress=False)
     assert res.eps_rms_ratio_own[0] == pytest.approx(1 + k, rel=1e-4)
     assert np.isfinite(res.eps_rms_ratio_own).all() and res.summary()["eps_rms_ratio_own"]["mean"] > 1
 
