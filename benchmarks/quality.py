@@ -199,15 +199,16 @@ def run_job(job: tuple[str, str, int], gpu: str | None, a: argparse.Namespace, l
                     step("calibrate", calib, log)
         step("evaluate", ev, log)
     report = json.loads((eval_dir / "report.json").read_text())
+    fidelity = report.get("fidelity") or {}  # absent for float jobs and with --fidelity-samples 0
     row = {
         "preset": preset, "bits": bits, "n_samples": report["n_samples"], "steps": report["steps"],
         "fid_resnet56": report["fid_resnet56"], "is_resnet56": report["is_resnet56"],
         "psnr_vs_fp": report["psnr_vs_fp"], "eps_rel_error": (report.get("eps_rel_error") or {}).get("mean"),
-        "fidelity_seeds": (report.get("fidelity") or {}).get("n_seeds"),
-        "fine_energy_ratio": ((report.get("fidelity") or {}).get("fine_energy") or {}).get("ratio"),
-        "eps_error_shared": ((report.get("fidelity") or {}).get("eps_error_shared") or {}).get("mean"),
-        "eps_gain_k": ((report.get("fidelity") or {}).get("eps_gain") or {}).get("k_mean"),
-        "eps_rms_own_last": ((report.get("fidelity") or {}).get("eps_rms_ratio_own") or {}).get("last_step"),
+        "fidelity_seeds": fidelity.get("n_seeds"),
+        "fine_energy_ratio": (fidelity.get("fine_energy") or {}).get("ratio"),
+        "eps_error_shared": (fidelity.get("eps_error_shared") or {}).get("mean"),
+        "eps_gain_k": (fidelity.get("eps_gain") or {}).get("k_mean"),
+        "eps_rms_own_last": (fidelity.get("eps_rms_ratio_own") or {}).get("last_step"),
         **({} if is_float(preset) else summarize_state(state)),
         "calib_wall_seconds": seconds.get("calibrate"), "eval_seconds": seconds.get("evaluate"),
         "backend": None if is_float(preset) else a.backend, "allow_tf32": a.allow_tf32, "card": report["device"],

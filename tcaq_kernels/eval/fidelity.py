@@ -169,10 +169,10 @@ def same_seed_fidelity(
             eps_test = test_unet(x.to(device=test_dev, dtype=test_dtype), t.to(test_dev)).sample.to(ref_dev)
             step_errs.append(relative_error(eps_test, eps_ref).cpu())
             step_ts.append(int(t))
-            d = eps_test.double() - eps_ref.double()  # reduced where it lives; only the sums leave the device
+            e = eps_ref.double()
+            d = eps_test.double() - e  # reduced where it lives; only the sums leave the device
             diff_sum[i] += d.sum(0).cpu()
             diff_norm_sum[i] += d.flatten(1).norm(dim=1).sum().cpu()
-            e = eps_ref.double()
             cross[i] += (d * e).sum().cpu()
             ref_sq[i] += e.pow(2).sum().cpu()
             diff_sq[i] += d.pow(2).sum().cpu()
