@@ -272,6 +272,12 @@ def spread_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def row_summary(row: dict) -> str:
+    """One log line for a finished job; a float row has no PSNR and no calibration time."""
+    return (f"FID-ResNet56 {row['fid_resnet56']:.3f}, PSNR {_fmt(row.get('psnr_vs_fp'), '.2f')} dB, "
+            f"calib {_fmt(row.get('calib_seconds'), '.1f')} s")
+
+
 def run_all(a: argparse.Namespace) -> list[dict]:
     jobs: "queue.Queue[tuple]" = queue.Queue()
     for job in a.jobs:
@@ -292,8 +298,7 @@ def run_all(a: argparse.Namespace) -> list[dict]:
             try:
                 row = run_job(job, gpu, a, lock, state_locks)
                 done.append(row)
-                print(f"[gpu {gpu}] {job}: FID-ResNet56 {row['fid_resnet56']:.3f}, PSNR {row['psnr_vs_fp']:.2f} dB, "
-                      f"calib {row['calib_seconds']} s", flush=True)
+                print(f"[gpu {gpu}] {job}: {row_summary(row)}", flush=True)
             except Exception as e:  # one failed job must not stop the others; its log says why
                 failed.append((job, repr(e)))
                 print(f"[gpu {gpu}] {job}: FAILED {e!r}", flush=True)

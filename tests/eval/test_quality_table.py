@@ -184,3 +184,10 @@ def test_wait_follows_the_log_until_the_marker_goes(quality, tmp_path, capsys):
     threading.Timer(0.2, (tmp_path / "RUNNING").unlink).start()
     assert quality.wait_for_runner(tmp_path, 10, poll=0.05) == 0
     assert capsys.readouterr().out.count("job 1 done") == 2  # each call echoes the log from its start
+
+
+def test_a_float_row_summarises_without_psnr_or_calibration(quality):
+    # the fp-tf32 job of 27 Nov finished, but its log line raised on the missing PSNR and counted it failed
+    assert quality.row_summary({"fid_resnet56": 3.0021, "psnr_vs_fp": None}) == "FID-ResNet56 3.002, PSNR — dB, calib — s"
+    assert quality.row_summary({"fid_resnet56": 4.7352, "psnr_vs_fp": 20.537, "calib_seconds": 248.82}) == \
+        "FID-ResNet56 4.735, PSNR 20.54 dB, calib 248.8 s"
