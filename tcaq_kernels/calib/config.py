@@ -96,6 +96,12 @@ class MethodConfig:
     par_rounds: int = 0  # rounds of regenerate-from-quantized-model + reconstruct again
     par_iters_decay: float = 0.5  # round k runs iters · decay^k optimisation steps
     par_fresh_seeds: bool = False  # False: regenerate from the same seeds (same noise, the quantized trajectory)
+    # Share of each PAR round's points taken from the full-precision trajectories of round 0 instead of
+    # the regenerated ones. 0 is PAR as described (every point from the quantized model's own sampling).
+    # At W4A4 that loop fades the samples: with all points regenerated, `qdiffusion+par` turned every
+    # sample grey (calib/README.md, "At the full budget the picture changes"); full-precision points
+    # keep the model anchored to the trajectory its targets describe.
+    par_float_share: float = 0.0
     # --- execution ------------------------------------------------------------------------------
     device: Optional[str] = None  # None: the UNet's device
     # replay each block's reconstruction step as a CUDA graph (on CUDA devices): the same computation
@@ -129,6 +135,8 @@ class MethodConfig:
             raise ValueError(f"tcr_strengths={self.tcr_strengths}: need at least one strength, each in [0, 1]")
         if self.daq_pvalue is not None and not 0 < self.daq_pvalue <= 1:
             raise ValueError(f"daq_pvalue={self.daq_pvalue}: must be in (0, 1]")
+        if not 0 <= self.par_float_share <= 1:
+            raise ValueError(f"par_float_share={self.par_float_share}: must be in [0, 1]")
         if not 0 < self.par_iters_decay <= 1:
             raise ValueError(f"par_iters_decay={self.par_iters_decay}: must be in (0, 1]")
         if not 0 <= self.warmup < 1:

@@ -5,14 +5,19 @@ quantized model walks its own, drifting trajectory. Each PAR round lets the curr
 sample a new calibration set from the same noise (or fresh seeds), then reconstructs every block
 again on it: block inputs from the quantized model, targets from the full-precision model on the same
 x_t, quantizers warm-started from the previous round, fewer iterations each round.
+`par_float_share` keeps that share of each round's points from the full-precision trajectories
+(round 0's data) — an anchor against the feedback of a model calibrated on its own drift, which at
+W4A4 faded every sample (calib/README.md).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from .blocks import Block
 from .config import MethodConfig
-from .data import CalibData, collect_trajectories
+from .data import CalibData, CalibPoints, collect_trajectories
 from .qmodel import QuantSim
 from .reconstruct import reconstruct_round
 
@@ -35,12 +40,28 @@ def regenerate(sim: QuantSim, float_unet: torch.nn.Module, scheduler, cfg: Metho
     )
 
 
-def run_par(sim: QuantSim, float_unet: torch.nn.Module, scheduler, blocks: list[Block], cfg: MethodConfig) -> list[dict]:
-    """Rounds 1 … par_rounds; returns, per round, the data description and the block records."""
+def round_points(regenerated: CalibData, float_data: CalibData, num_points: Optional[int], float_share: float,
+                 seed: int) -> CalibPoints:
+    """The points of one PAR round: `float_share` of them from the full-precision trajectories, the rest
+    from the regenerated ones, each part spread evenly over the steps, merged time-major."""
+    total = num_points or regenerated.x.shape[0] * regenerated.x.shape[1]
+    n_float = round(float_share * total)
+    parts = [d.points(n, seed=seed) for d, n in ((float_data, n_float), (regenerated, total - n_float)) if n > 0]
+    if len(parts) == 1:
+        return parts[0]
+    steps = torch.cat([p.steps for p in parts])
+    order = torch.sort(steps, stable=True).indices
+    return CalibPoints(torch.cat([p.x for p in parts])[order], torch.cat([p.timesteps for p in parts])[order], steps[order])
+
+
+def run_par(sim: QuantSim, float_unet: torch.nn.Module, scheduler, blocks: list[Block], cfg: MethodConfig,
+            float_data: CalibData) -> list[dict]:
+    """Rounds 1 … par_rounds on regenerated data (`float_data`: round 0's, for `par_float_share`); returns,
+    per round, the data description and the block records."""
     rounds = []
     for k in range(1, cfg.par_rounds + 1):
         data = regenerate(sim, float_unet, scheduler, cfg, k)
-        points = data.points(cfg.num_points, seed=cfg.seed + k)
+        points = round_points(data, float_data, cfg.num_points, cfg.par_float_share, seed=cfg.seed + k)
         iters = round_iters(cfg, k)
         records = reconstruct_round(sim, float_unet, blocks, points, cfg, iters, initialize=False,
                                     num_steps=cfg.num_steps, desc=f"PAR round {k}/{cfg.par_rounds}")

@@ -68,7 +68,7 @@ def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: Meth
         base = reconstruct_round(sim, fp, blocks, points, cfg, cfg.iters, initialize=True,
                                  num_steps=cfg.num_steps, desc=f"{method} {bits}: blocks")
         phases["round0"] = time.perf_counter() - start - phases["data"]
-        par = run_par(sim, fp, scheduler, blocks, cfg)
+        par = run_par(sim, fp, scheduler, blocks, cfg, data)
         phases["par"] = time.perf_counter() - start - phases["data"] - phases["round0"]
     settings = {
         **cfg.as_settings(),

@@ -8,7 +8,8 @@ import tcaq_kernels
 from tcaq_kernels.calib.blocks import find_blocks
 from tcaq_kernels.calib.config import MethodConfig
 from tcaq_kernels.calib.data import collect_trajectories
-from tcaq_kernels.calib.par import regenerate, round_iters, round_seeds
+from tcaq_kernels.calib.data import CalibData
+from tcaq_kernels.calib.par import regenerate, round_iters, round_points, round_seeds
 from tcaq_kernels.calib.qmodel import QuantSim
 from tcaq_kernels.calib.reconstruct import reconstruct_round
 from tcaq_kernels.calib.settings import uniform_group_edges
@@ -57,3 +58,30 @@ def test_pipeline_records_every_round(tiny_unet, tiny_scheduler, tiny_budget):
     assert len(digests) == 3 and all(r["data"]["source"].startswith("quantized") for r in par)
     assert set(par[0]["blocks"]) == set(state.settings["round0_blocks"])
     state.validate(tiny_unet)
+
+
+def _data(steps: int, n: int, offset: float) -> CalibData:
+    """Trajectories whose values say where they come from: offset + step + trajectory/100."""
+    x = offset + torch.arange(steps).view(steps, 1, 1, 1, 1) + torch.arange(n).view(1, n, 1, 1, 1) / 100
+    return CalibData(x=x.expand(steps, n, 1, 2, 2).clone(), timesteps=torch.arange(steps - 1, -1, -1) * 10,
+                     seeds=list(range(n)), sampler="ddim", num_steps=steps, eta=0.0, model_fingerprint="f", source="test")
+
+
+@pytest.mark.parametrize("share,expected_float", [(0.0, 0), (0.25, 10), (1.0, 40)])
+def test_round_points_mix_float_trajectories_in_and_stay_time_major(share, expected_float):
+    regenerated, float_data = _data(10, 6, 0.0), _data(10, 6, 1000.0)
+    points = round_points(regenerated, float_data, 40, share, seed=3)
+    assert len(points) == 40
+    from_float = points.x[:, 0, 0, 0] >= 1000
+    assert int(from_float.sum()) == expected_float
+    assert torch.equal(points.steps, points.steps.sort().values)  # time-major, as every round's points
+    # every point's step index and timestep belong to the trajectory value it carries
+    assert torch.equal(points.steps, (points.x[:, 0, 0, 0] % 1000).floor().long())
+    assert torch.equal(points.timesteps, regenerated.timesteps[points.steps])
+    if 0 < share < 1:  # each part is spread over the steps, not bunched at the start
+        assert points.steps[from_float].unique().numel() == 10
+
+
+def test_float_share_is_checked():
+    with pytest.raises(ValueError, match="par_float_share=1.5"):
+        MethodConfig(par_float_share=1.5)
