@@ -62,7 +62,7 @@ VARIANTS = {
     "no-par": {"par_rounds": 0},
     "one-group": {"timestep_groups": 1},
     "daq-llr": {"daq_rule": "llr"},  # the paper's DAQ test alone (ours adds a lower-MSE condition)
-    # half of each PAR round's points from the full-precision trajectories (PAR alone fades W4A4)
+    # half of each PAR round's points from the full-precision trajectories (PAR fades W4A4; calib README)
     "par-anchor": {"par_float_share": 0.5},
     # the same method calibrated on other trajectories (seeds from 2,000,000): the spread between two
     # calibrations, which any difference between rows has to exceed before it means anything

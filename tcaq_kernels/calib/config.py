@@ -98,9 +98,9 @@ class MethodConfig:
     par_fresh_seeds: bool = False  # False: regenerate from the same seeds (same noise, the quantized trajectory)
     # Share of each PAR round's points taken from the full-precision trajectories of round 0 instead of
     # the regenerated ones. 0 is PAR as described (every point from the quantized model's own sampling).
-    # At W4A4 that loop fades the samples: with all points regenerated, `qdiffusion+par` turned every
-    # sample grey (calib/README.md, "At the full budget the picture changes"); full-precision points
-    # keep the model anchored to the trajectory its targets describe.
+    # At W4A4 PAR fades the samples (`qdiffusion+par` turned every sample grey); on the CPU, 0.5 and 1
+    # softened the fade but did not end it — the extra rounds fade even without regenerated data
+    # (calib/README.md, "Which part of PAR fades").
     par_float_share: float = 0.0
     # --- execution ------------------------------------------------------------------------------
     device: Optional[str] = None  # None: the UNet's device

@@ -6,8 +6,8 @@ sample a new calibration set from the same noise (or fresh seeds), then reconstr
 again on it: block inputs from the quantized model, targets from the full-precision model on the same
 x_t, quantizers warm-started from the previous round, fewer iterations each round.
 `par_float_share` keeps that share of each round's points from the full-precision trajectories
-(round 0's data) — an anchor against the feedback of a model calibrated on its own drift, which at
-W4A4 faded every sample (calib/README.md).
+(round 0's data), to separate what the regenerated data does from what the extra rounds do (at W4A4
+both fade the samples, the rounds more: calib/README.md, "Which part of PAR fades").
 """
 from __future__ import annotations
 
