@@ -7,8 +7,7 @@ import torch
 import tcaq_kernels
 from tcaq_kernels.calib.blocks import find_blocks
 from tcaq_kernels.calib.config import MethodConfig
-from tcaq_kernels.calib.data import collect_trajectories
-from tcaq_kernels.calib.data import CalibData
+from tcaq_kernels.calib.data import CalibData, collect_trajectories
 from tcaq_kernels.calib.par import regenerate, round_iters, round_points, round_seeds
 from tcaq_kernels.calib.qmodel import QuantSim
 from tcaq_kernels.calib.reconstruct import reconstruct_round
