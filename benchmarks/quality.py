@@ -64,6 +64,8 @@ VARIANTS = {
     "daq-llr": {"daq_rule": "llr"},  # the paper's DAQ test alone (ours adds a lower-MSE condition)
     # half of each PAR round's points from the full-precision trajectories (PAR fades W4A4; calib README)
     "par-anchor": {"par_float_share": 0.5},
+    # PAR without its guard (every round kept): the presets as measured before the guard (28 Nov)
+    "no-guard": {"par_guard_samples": 0},
     # the same method calibrated on other trajectories (seeds from 2,000,000): the spread between two
     # calibrations, which any difference between rows has to exceed before it means anything
     "seed-b": {"seed": 2_000_000},
@@ -153,6 +155,7 @@ def summarize_state(path: Path) -> dict:
         "timestep_groups": state.num_groups,
         "daq_log2_share": round(kinds.count("log2") / len(kinds), 4) if kinds else None,
         "tcr_strength_counts": _counts((s.get("tcr_strength") or {}).values()),
+        "par_rounds_kept": s.get("par_rounds_kept"),
         "state_sha256": sha256_file(path),
         "state_bytes": path.stat().st_size,
     }

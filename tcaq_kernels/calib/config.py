@@ -102,6 +102,13 @@ class MethodConfig:
     # softened the fade but did not end it — the extra rounds fade even without regenerated data
     # (calib/README.md, "Which part of PAR fades").
     par_float_share: float = 0.0
+    # [ours] PAR guard (guard.py): before and after each PAR round the quantized model samples this many
+    # held-out seeds; a round that lowers the PSNR against the full-precision samples or raises the fade
+    # (|log fine-energy ratio|) by more than the tolerances is undone and PAR stops. 0: no guard (PAR as
+    # described). At W4A4 PAR fades the samples while at W4A8 it helps (calib/README.md, "PAR guard").
+    par_guard_samples: int = 0
+    par_guard_psnr_tol_db: float = 0.0
+    par_guard_fade_tol: float = 0.0
     # --- execution ------------------------------------------------------------------------------
     device: Optional[str] = None  # None: the UNet's device
     # replay each block's reconstruction step as a CUDA graph (on CUDA devices): the same computation
@@ -141,6 +148,10 @@ class MethodConfig:
             raise ValueError(f"par_iters_decay={self.par_iters_decay}: must be in (0, 1]")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"warmup={self.warmup}: must be in [0, 1)")
+        if self.par_guard_samples < 0 or self.par_guard_psnr_tol_db < 0 or self.par_guard_fade_tol < 0:
+            raise ValueError(f"par_guard_samples={self.par_guard_samples}, par_guard_psnr_tol_db="
+                             f"{self.par_guard_psnr_tol_db}, par_guard_fade_tol={self.par_guard_fade_tol}: "
+                             "must not be negative")
         if self.par_rounds and not self.reconstruct:
             raise ValueError("par_rounds > 0 needs reconstruct=True: PAR repeats the reconstruction")
 

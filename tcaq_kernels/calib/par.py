@@ -8,6 +8,8 @@ x_t, quantizers warm-started from the previous round, fewer iterations each roun
 `par_float_share` keeps that share of each round's points from the full-precision trajectories
 (round 0's data), to separate what the regenerated data does from what the extra rounds do (at W4A4
 both fade the samples, the rounds more: calib/README.md, "Which part of PAR fades").
+`par_guard_samples` keeps a round only if the samples of held-out seeds did not move away from the
+full-precision ones (guard.py).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from .blocks import Block
 from .config import MethodConfig
 from .data import CalibData, CalibPoints, collect_trajectories
+from .guard import ParGuard, snapshot
 from .qmodel import QuantSim
 from .reconstruct import reconstruct_round
 
@@ -55,15 +58,29 @@ def round_points(regenerated: CalibData, float_data: CalibData, num_points: Opti
 
 
 def run_par(sim: QuantSim, float_unet: torch.nn.Module, scheduler, blocks: list[Block], cfg: MethodConfig,
-            float_data: CalibData) -> list[dict]:
-    """Rounds 1 … par_rounds on regenerated data (`float_data`: round 0's, for `par_float_share`); returns,
-    per round, the data description and the block records."""
-    rounds = []
+            float_data: CalibData) -> dict:
+    """Rounds 1 … par_rounds on regenerated data (`float_data`: round 0's, for `par_float_share`).
+
+    Returns {"rounds": per round the data description, the block records and, with the guard, its
+    verdict; "guard": the guard's seeds and round 0's check, or None}. A round the guard rejects is
+    undone (the model is left as before it) and ends PAR.
+    """
+    rounds: list[dict] = []
+    guard = ParGuard(float_unet, scheduler, cfg) if cfg.par_guard_samples and cfg.par_rounds else None
+    guard_record = guard.start(sim.model) if guard else None
     for k in range(1, cfg.par_rounds + 1):
+        before = snapshot(sim.model) if guard else None
         data = regenerate(sim, float_unet, scheduler, cfg, k)
         points = round_points(data, float_data, cfg.num_points, cfg.par_float_share, seed=cfg.seed + k)
         iters = round_iters(cfg, k)
         records = reconstruct_round(sim, float_unet, blocks, points, cfg, iters, initialize=False,
                                     num_steps=cfg.num_steps, desc=f"PAR round {k}/{cfg.par_rounds}")
-        rounds.append({"round": k, "iters": iters, "data": data.describe(), "blocks": records["blocks"]})
-    return rounds
+        entry = {"round": k, "iters": iters, "data": data.describe(), "blocks": records["blocks"]}
+        rounds.append(entry)
+        if guard:
+            kept, entry["guard"] = guard.judge(sim.model)
+            if not kept:
+                sim.model.load_state_dict(before)
+                break
+    return {"rounds": rounds, "guard": guard_record,
+            "rounds_kept": sum(1 for r in rounds if r.get("guard", {}).get("kept", True))}

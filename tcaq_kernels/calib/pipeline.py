@@ -4,7 +4,7 @@
 2. A fake-quant copy of the UNet (qmodel.py); blocks in execution order (blocks.py).
 3. Round 0, block by block: capture, initialise (TCR, DAQ, weight scales, activation qparams), and
    reconstruct (AdaRound + LSQ) unless the configuration says not to.
-4. PAR rounds (par.py), if any.
+4. PAR rounds (par.py), if any, each kept only if the PAR guard (guard.py) lets it.
 5. Export integers and scales into a CalibState whose settings record the configuration, the data
    each round was fitted on, per-block losses, the DAQ table, the wall time and the device.
 """
@@ -77,7 +77,9 @@ def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: Meth
         "num_points_used": len(points),
         "num_blocks": len(blocks),
         "round0_blocks": base["blocks"],
-        "par": par,
+        "par": par["rounds"],
+        "par_guard": par["guard"],
+        "par_rounds_kept": par["rounds_kept"],
         "daq_table": base["daq"],
         "tcr_strength": base["tcr"],
         "calib_seconds": round(time.perf_counter() - start, 2),

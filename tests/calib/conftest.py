@@ -12,7 +12,7 @@ def tiny_budget() -> dict:
     """Method options small enough that a whole calibration of `tiny_unet` takes about a second."""
     return dict(
         num_samples=2, num_steps=4, batch_size=8, num_points=8, init_points=8, init_values=2048,
-        daq_values=2048, iters=3, recon_batch_size=4, progress=False,
+        daq_values=2048, iters=3, recon_batch_size=4, par_guard_samples=4, progress=False,
     )
 
 

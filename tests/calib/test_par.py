@@ -50,12 +50,13 @@ def test_rounds_shrink_iterations_and_can_use_fresh_seeds():
 
 def test_pipeline_records_every_round(tiny_unet, tiny_scheduler, tiny_budget):
     state = tcaq_kernels.calibrate(tiny_unet, "W8A8", method="qdiffusion+par", scheduler=tiny_scheduler,
-                                   **{**tiny_budget, "iters": 4})
+                                   **{**tiny_budget, "iters": 4, "par_guard_samples": 0})
     par = state.settings["par"]
     assert [r["round"] for r in par] == [1, 2] and [r["iters"] for r in par] == [2, 1]
     digests = {state.settings["calib_data"]["digest"], *(r["data"]["digest"] for r in par)}
     assert len(digests) == 3 and all(r["data"]["source"].startswith("quantized") for r in par)
     assert set(par[0]["blocks"]) == set(state.settings["round0_blocks"])
+    assert state.settings["par_guard"] is None and state.settings["par_rounds_kept"] == 2
     state.validate(tiny_unet)
 
 
