@@ -64,8 +64,10 @@ VARIANTS = {
     "daq-llr": {"daq_rule": "llr"},  # the paper's DAQ test alone (ours adds a lower-MSE condition)
     # half of each PAR round's points from the full-precision trajectories (PAR fades W4A4; calib README)
     "par-anchor": {"par_float_share": 0.5},
-    # PAR without its guard (every round kept): the presets as measured before the guard (28 Nov)
+    # PAR without its guard (every round kept): the presets as measured before the guard (27 Nov, fifth session)
     "no-guard": {"par_guard_samples": 0},
+    # the first guard (439da3c): PSNR decisive too, both at tolerance 0 — it undid round 1 at every bit width
+    "guard-strict": {"par_guard_fade_tol": 0.0, "par_guard_psnr_tol_db": 0.0},
     # the same method calibrated on other trajectories (seeds from 2,000,000): the spread between two
     # calibrations, which any difference between rows has to exceed before it means anything
     "seed-b": {"seed": 2_000_000},

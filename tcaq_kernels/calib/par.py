@@ -16,11 +16,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 from .blocks import Block
 from .config import MethodConfig
 from .data import CalibData, CalibPoints, collect_trajectories
-from .guard import ParGuard, snapshot
+from .guard import ParGuard, snapshot, verdict_line
 from .qmodel import QuantSim
 from .reconstruct import reconstruct_round
 
@@ -79,6 +80,8 @@ def run_par(sim: QuantSim, float_unet: torch.nn.Module, scheduler, blocks: list[
         rounds.append(entry)
         if guard:
             kept, entry["guard"] = guard.judge(sim.model)
+            if cfg.progress:
+                tqdm.write(verdict_line(k, entry["guard"], len(guard.seeds)))
             if not kept:
                 sim.model.load_state_dict(before)
                 break
