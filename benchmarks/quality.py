@@ -158,6 +158,8 @@ def summarize_state(path: Path) -> dict:
         "daq_log2_share": round(kinds.count("log2") / len(kinds), 4) if kinds else None,
         "tcr_strength_counts": _counts((s.get("tcr_strength") or {}).values()),
         "par_rounds_kept": s.get("par_rounds_kept"),
+        # the guard's numbers per round (fine-energy ratio and PSNR before/after): the states stay on the machine
+        "par_guard": [{"round": r["round"], **r["guard"]} for r in s.get("par") or [] if r.get("guard")] or None,
         "state_sha256": sha256_file(path),
         "state_bytes": path.stat().st_size,
     }

@@ -191,3 +191,18 @@ def test_a_float_row_summarises_without_psnr_or_calibration(quality):
     assert quality.row_summary({"fid_resnet56": 3.0021, "psnr_vs_fp": None}) == "FID-ResNet56 3.002, PSNR — dB, calib — s"
     assert quality.row_summary({"fid_resnet56": 4.7352, "psnr_vs_fp": 20.537, "calib_seconds": 248.82}) == \
         "FID-ResNet56 4.735, PSNR 20.54 dB, calib 248.8 s"
+
+
+def test_a_row_carries_the_par_guard_verdicts(quality, ref_state_w8a8, tmp_path):
+    """The states stay on the GPU machine, so the row keeps what the guard saw in each round."""
+    import copy
+
+    state = copy.deepcopy(ref_state_w8a8)
+    verdict = {"before": {"psnr_db": 16.4, "fine_ratio": 0.39, "fade": 0.94},
+               "after": {"psnr_db": 15.0, "fine_ratio": 0.04, "fade": 3.2}, "kept": False}
+    state.settings = {**state.settings, "par": [{"round": 1, "iters": 500, "guard": verdict}], "par_rounds_kept": 0}
+    summary = quality.summarize_state(state.save(tmp_path / "s.tcaq"))
+    assert summary["par_rounds_kept"] == 0 and summary["par_guard"] == [{"round": 1, **verdict}]
+    unguarded = copy.deepcopy(ref_state_w8a8)
+    unguarded.settings = {**unguarded.settings, "par": [{"round": 1, "iters": 500}]}
+    assert quality.summarize_state(unguarded.save(tmp_path / "u.tcaq"))["par_guard"] is None
