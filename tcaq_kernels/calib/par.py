@@ -75,7 +75,8 @@ def run_par(sim: QuantSim, float_unet: torch.nn.Module, scheduler, blocks: list[
         points = round_points(data, float_data, cfg.num_points, cfg.par_float_share, seed=cfg.seed + k)
         iters = round_iters(cfg, k)
         records = reconstruct_round(sim, float_unet, blocks, points, cfg, iters, initialize=False,
-                                    num_steps=cfg.num_steps, desc=f"PAR round {k}/{cfg.par_rounds}")
+                                    num_steps=cfg.num_steps, desc=f"PAR round {k}/{cfg.par_rounds}",
+                                    learn_rounding=cfg.par_learn_rounding)
         entry = {"round": k, "iters": iters, "data": data.describe(), "blocks": records["blocks"]}
         rounds.append(entry)
         if guard:

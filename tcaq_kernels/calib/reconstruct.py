@@ -140,12 +140,14 @@ def _capture(stepper: _Stepper, warm: int, prepare) -> "torch.cuda.CUDAGraph":
     return graph
 
 
-def optimize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig, iters: int, progress: bool) -> dict:
-    """Learn the block's rounding and step sizes; leaves the block quantized with hard rounding."""
+def optimize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig, iters: int, progress: bool,
+                   learn_rounding: bool = True) -> dict:
+    """Learn the block's rounding (unless `learn_rounding` is off: the current rounding stays, hard) and
+    step sizes; leaves the block quantized with hard rounding."""
     layers = [sim.layers[n] for n in block.layers]
-    weights = [l.weight_q for l in layers if isinstance(l, FakeQuantLayer)]
+    weights = [l.weight_q for l in layers if isinstance(l, FakeQuantLayer)] if learn_rounding else []
     act_quantizers = [qz for l in layers for qz in l.quantizers().values()]
-    sim.set_mode(block.layers, weight="soft", act=True)
+    sim.set_mode(block.layers, weight="soft" if learn_rounding else "quant", act=True)
     for w in weights:
         w.alpha.requires_grad_(True)
         w.learned = True
@@ -195,6 +197,7 @@ def reconstruct_round(
     initialize: bool,
     num_steps: int,
     desc: str,
+    learn_rounding: bool = True,
 ) -> dict:
     """One pass over all blocks (initialise when asked, then reconstruct); returns per-block records."""
     groups = sim.index.groups_of(points.timesteps)
@@ -216,7 +219,7 @@ def reconstruct_round(
         if cfg.reconstruct and iters > 0:
             sim.set_mode(block.layers, weight="quant", act=True)
             entry["loss_before"] = block_error(sim, block, io, cfg.batch_size)
-            entry.update(optimize_block(sim, block, io, cfg, iters, cfg.progress))
+            entry.update(optimize_block(sim, block, io, cfg, iters, cfg.progress, learn_rounding))
             entry["loss_after"] = block_error(sim, block, io, cfg.batch_size)
         sim.set_mode(block.layers, weight="quant", act=True)
         records["blocks"][block.name] = {k: _round(v) if isinstance(v, float) else v for k, v in entry.items()}

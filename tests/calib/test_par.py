@@ -85,3 +85,23 @@ def test_round_points_mix_float_trajectories_in_and_stay_time_major(share, expec
 def test_float_share_is_checked():
     with pytest.raises(ValueError, match="par_float_share=1.5"):
         MethodConfig(par_float_share=1.5)
+
+
+@pytest.mark.parametrize("learn_rounding", [True, False])
+def test_par_can_keep_round0_rounding(calibrated, tiny_unet, tiny_scheduler, learn_rounding):
+    """par_learn_rounding=False: the PAR rounds move only activation step sizes; the integer weights
+    stay those of round 0 (the test of whether re-learned rounding is what fades W4A4)."""
+    from tcaq_kernels.calib.fakequant import FakeQuantLayer
+    from tcaq_kernels.calib.par import run_par
+
+    sim, cfg, data = calibrated
+    cfg = cfg.updated(par_rounds=1, iters=8, par_learn_rounding=learn_rounding, par_guard_samples=0)
+    layers = {n: l for n, l in sim.layers.items() if isinstance(l, FakeQuantLayer)}
+    ints0 = {n: l.weight_q.integers().clone() for n, l in layers.items()}
+    steps0 = {n: qz.log_scale.detach().clone() for n, l in sim.layers.items() for qz in l.quantizers().values()}
+    blocks = find_blocks(tiny_unet, sim.kinds, (data.x[0], data.timesteps[0]))
+    run_par(sim, tiny_unet, tiny_scheduler, blocks, cfg, data)
+    same_ints = all(torch.equal(l.weight_q.integers(), ints0[n]) for n, l in layers.items())
+    assert same_ints is not learn_rounding
+    steps = {n: qz.log_scale for n, l in sim.layers.items() for qz in l.quantizers().values()}
+    assert any(not torch.equal(steps[n], steps0[n]) for n in steps0)  # step sizes learned either way
