@@ -66,6 +66,9 @@ VARIANTS = {
     "par-anchor": {"par_float_share": 0.5},
     # PAR without its guard (every round kept): the presets as measured before the guard (27 Nov, fifth session)
     "no-guard": {"par_guard_samples": 0},
+    # PAR rounds keep round 0's weight rounding, learn step sizes only (re-learned rounding is most of
+    # the W4A4 fade on the CPU middle budget: fine energy 0.84 kept vs 0.15 re-learned; calib README)
+    "par-keep-rounding": {"par_learn_rounding": False},
     # the first guard (439da3c): PSNR decisive too, both at tolerance 0 — it undid round 1 at every bit width
     "guard-strict": {"par_guard_fade_tol": 0.0, "par_guard_psnr_tol_db": 0.0},
     # the same method calibrated on other trajectories (seeds from 2,000,000): the spread between two
