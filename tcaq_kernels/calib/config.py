@@ -102,8 +102,9 @@ class MethodConfig:
     # softened the fade but did not end it — the extra rounds fade even without regenerated data
     # (calib/README.md, "Which part of PAR fades").
     par_float_share: float = 0.0
-    # False: PAR rounds keep round 0's weight rounding and learn only the activation step sizes — to
-    # test whether re-learning the rounding is what fades W4A4 (calib/README.md, "Which part of PAR fades")
+    # False: PAR rounds keep round 0's weight rounding and learn only the activation step sizes. On the
+    # CPU middle budget that faded W4A4 far less (fine energy 0.84× vs 0.15× with the rounding learned
+    # again); not yet measured on the GPU (calib/README.md, "Which part of PAR fades")
     par_learn_rounding: bool = True
     # [ours] PAR guard (guard.py): before and after each PAR round the quantized model samples this many
     # held-out seeds; a round that raises the fade (−log fine-energy ratio against the full-precision

@@ -147,11 +147,14 @@ def optimize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig, 
     layers = [sim.layers[n] for n in block.layers]
     weights = [l.weight_q for l in layers if isinstance(l, FakeQuantLayer)] if learn_rounding else []
     act_quantizers = [qz for l in layers for qz in l.quantizers().values()]
+    scales = [qz.log_scale for qz in act_quantizers if cfg.learn_act_scale and "uniform" in qz.kinds]
+    if not weights and not scales:  # rounding kept and no step size to learn: nothing to optimise
+        sim.set_mode(block.layers, weight="quant", act=True)
+        return {"final_rec_loss": None, "final_round_loss": None, "cuda_graph": False}
     sim.set_mode(block.layers, weight="soft" if learn_rounding else "quant", act=True)
     for w in weights:
         w.alpha.requires_grad_(True)
         w.learned = True
-    scales = [qz.log_scale for qz in act_quantizers if cfg.learn_act_scale and "uniform" in qz.kinds]
     for s in scales:
         s.requires_grad_(True)
     graphed = _use_cuda_graph(cfg, io.groups.device)

@@ -105,3 +105,16 @@ def test_par_can_keep_round0_rounding(calibrated, tiny_unet, tiny_scheduler, lea
     assert same_ints is not learn_rounding
     steps = {n: qz.log_scale for n, l in sim.layers.items() for qz in l.quantizers().values()}
     assert any(not torch.equal(steps[n], steps0[n]) for n in steps0)  # step sizes learned either way
+
+
+def test_a_round_with_nothing_to_learn_leaves_the_model(calibrated, tiny_unet, tiny_scheduler):
+    """Rounding kept and step sizes fixed: every block is skipped, not a backward pass without gradients."""
+    from tcaq_kernels.calib.par import run_par
+
+    sim, cfg, data = calibrated
+    cfg = cfg.updated(par_rounds=1, iters=4, par_learn_rounding=False, learn_act_scale=False, par_guard_samples=0)
+    before = {k: v.clone() for k, v in sim.model.state_dict().items()}
+    blocks = find_blocks(tiny_unet, sim.kinds, (data.x[0], data.timesteps[0]))
+    par = run_par(sim, tiny_unet, tiny_scheduler, blocks, cfg, data)
+    assert all(r["final_rec_loss"] is None for r in par["rounds"][0]["blocks"].values())
+    assert all(torch.equal(v, before[k]) for k, v in sim.model.state_dict().items())
