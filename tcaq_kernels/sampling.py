@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
@@ -64,3 +65,16 @@ def ddim_sample(
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] NCHW floats → uint8 NHWC on the CPU (the form images are stored and scored in)."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def sample_uint8(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_size: int):
+    """uint8 NHWC numpy DDIM samples of `seeds`, `batch_size` at a time on the UNet's device (a seed's
+    noise does not depend on the batching, so batch sizes differ only in float summation order)."""
+    seeds = [int(s) for s in seeds]
+    device = next(unet.parameters()).device
+    shape = unet_sample_shape(unet)
+    return np.concatenate([
+        to_uint8(ddim_sample(unet, scheduler, seeded_noise(seeds[lo : lo + batch_size], shape, device), num_steps,
+                             progress=False)).numpy()
+        for lo in range(0, len(seeds), batch_size)
+    ])

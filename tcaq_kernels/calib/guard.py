@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..eval.fidelity import fine_scale_energy, mse_psnr, psnr_from_mse
-from ..sampling import ddim_sample, seeded_noise, to_uint8, unet_sample_shape
+from ..sampling import sample_uint8
 from .config import MethodConfig
 
 #: held-out seeds start this far above the calibration seed, clear of every PAR round's fresh seeds
@@ -75,29 +75,18 @@ def guard_seeds(cfg: MethodConfig) -> list[int]:
     return list(range(first, first + cfg.par_guard_samples))
 
 
-@torch.no_grad()
-def sample_images(unet: torch.nn.Module, scheduler, seeds: list[int], num_steps: int, batch_size: int) -> np.ndarray:
-    """uint8 NHWC DDIM samples of `seeds` (each seed's noise independent of the batching)."""
-    device = next(unet.parameters()).device
-    shape = unet_sample_shape(unet)
-    out = [to_uint8(ddim_sample(unet, scheduler, seeded_noise(seeds[lo : lo + batch_size], shape, device),
-                                num_steps, progress=False)).numpy()
-           for lo in range(0, len(seeds), batch_size)]
-    return np.concatenate(out)
-
-
 class ParGuard:
     """The full-precision samples of the guard seeds and the check of the state PAR would keep."""
 
     def __init__(self, float_unet: torch.nn.Module, scheduler, cfg: MethodConfig):
         self.scheduler, self.cfg = scheduler, cfg
         self.seeds = guard_seeds(cfg)
-        self.reference = sample_images(float_unet, scheduler, self.seeds, cfg.num_steps, cfg.batch_size)
+        self.reference = sample_uint8(float_unet, scheduler, self.seeds, cfg.num_steps, cfg.batch_size)
         self.current: Optional[SampleCheck] = None
 
     def check(self, quant_unet: torch.nn.Module) -> SampleCheck:
-        return compare(self.reference, sample_images(quant_unet, self.scheduler, self.seeds, self.cfg.num_steps,
-                                                     self.cfg.batch_size))
+        return compare(self.reference, sample_uint8(quant_unet, self.scheduler, self.seeds, self.cfg.num_steps,
+                                                    self.cfg.batch_size))
 
     def start(self, quant_unet: torch.nn.Module) -> dict:
         """Check the model PAR starts from (round 0's); returns the record."""

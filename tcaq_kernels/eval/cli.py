@@ -159,10 +159,9 @@ def evaluate(args: argparse.Namespace) -> dict | None:
         if len(res.ref_images) >= n_grid:
             fp_grid = res.ref_images[:n_grid]
     elif args.state:
-        from ..sampling import ddim_sample, seeded_noise, to_uint8, unet_sample_shape
+        from ..sampling import sample_uint8
 
-        noise = seeded_noise(seeds[:n_grid].tolist(), unet_sample_shape(fp_unet), device)
-        fp_grid = to_uint8(ddim_sample(fp_unet, sched, noise, args.steps, progress=False)).numpy()
+        fp_grid = sample_uint8(fp_unet, sched, seeds[:n_grid].tolist(), args.steps, batch_size=n_grid)
     grid_path = save_comparison_grid(
         out / "grid.png", fp_grid, images[:n_grid] if args.state else None,
         test_label=f"{Path(args.state).name} ({args.backend})" if args.state else "evaluated",

@@ -1,12 +1,13 @@
 """Calibration data: time-major trajectories with provenance, point selection, save/load."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tcaq_kernels.calib.data import CalibData, collect_trajectories
 from tcaq_kernels.quant.layers import model_fingerprint
-from tcaq_kernels.sampling import ddim_sample, seeded_noise
+from tcaq_kernels.sampling import ddim_sample, sample_uint8, seeded_noise, to_uint8, unet_sample_shape
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,14 @@ def test_save_load_round_trip_and_corruption(data, tmp_path):
 def test_empty_seed_list_is_refused(tiny_unet, tiny_scheduler):
     with pytest.raises(ValueError, match="seeds is empty"):
         collect_trajectories(tiny_unet, tiny_scheduler, seeds=[], num_steps=2, progress=False)
+
+
+def test_sample_uint8_is_the_samplers_images_whatever_the_batching(tiny_unet, tiny_scheduler):
+    seeds = [3, 11, 12, 40, 41]
+    one = sample_uint8(tiny_unet, tiny_scheduler, seeds, 3, batch_size=1)
+    two = sample_uint8(tiny_unet, tiny_scheduler, seeds, 3, batch_size=2)
+    direct = to_uint8(ddim_sample(tiny_unet, tiny_scheduler, seeded_noise(seeds, unet_sample_shape(tiny_unet)), 3,
+                                  progress=False)).numpy()
+    assert one.dtype == np.uint8 and one.shape == (5, 8, 8, 3)
+    for other in (two, direct):  # the same noise per seed; batching changes float summation order only
+        assert np.abs(one.astype(np.int16) - other).max() <= 1
