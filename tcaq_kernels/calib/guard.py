@@ -63,7 +63,7 @@ def compare(ref_images: np.ndarray, test_images: np.ndarray) -> SampleCheck:
     return SampleCheck(float(psnr_from_mse(mse.mean())), fine_scale_energy(test_images) / ref_fine if ref_fine > 0 else 1.0)
 
 
-def keeps(before: SampleCheck, after: SampleCheck, fade_tol: float = 0.1, psnr_tol_db: Optional[float] = None) -> bool:
+def keeps(before: SampleCheck, after: SampleCheck, fade_tol: float, psnr_tol_db: Optional[float] = None) -> bool:
     """A round is kept unless the fade grew by more than `fade_tol` or, with `psnr_tol_db` set, the
     PSNR fell by more than that."""
     psnr_ok = psnr_tol_db is None or after.psnr_db >= before.psnr_db - psnr_tol_db

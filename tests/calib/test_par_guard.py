@@ -39,18 +39,18 @@ def test_compare_sees_fading_and_noise():
     (SampleCheck(20.0, 0.9), True),    # unchanged
     (SampleCheck(21.0, 1.05), True),   # closer
     (SampleCheck(19.0, 0.9), True),    # PSNR fell: recorded, not decisive by default
-    (SampleCheck(22.0, 0.85), True),   # fade grew by 0.057, within the tolerance (0.1)
+    (SampleCheck(22.0, 0.85), True),   # fade grew by 0.057, within the default tolerance (0.1)
     (SampleCheck(22.0, 0.8), False),   # fade grew by 0.118 (−log 0.8 + log 0.9)
     (SampleCheck(22.0, 1.3), True),    # more fine energy than full precision is not a fade
 ])
 def test_keeps_unless_the_samples_fade(after, kept):
-    assert keeps(SampleCheck(20.0, 0.9), after) is kept
+    assert keeps(SampleCheck(20.0, 0.9), after, MethodConfig().par_guard_fade_tol) is kept
 
 
 def test_psnr_decides_only_when_given_a_tolerance():
     before = SampleCheck(20.0, 0.9)
-    assert keeps(before, SampleCheck(19.9, 0.9), psnr_tol_db=0.2)
-    assert not keeps(before, SampleCheck(19.7, 0.9), psnr_tol_db=0.2)
+    assert keeps(before, SampleCheck(19.9, 0.9), fade_tol=0.1, psnr_tol_db=0.2)
+    assert not keeps(before, SampleCheck(19.7, 0.9), fade_tol=0.1, psnr_tol_db=0.2)
     assert not keeps(before, SampleCheck(21.0, 0.89), fade_tol=0.0)  # the strict guard of 439da3c
 
 
