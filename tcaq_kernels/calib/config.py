@@ -125,6 +125,10 @@ class MethodConfig:
     # where a round's full-precision block outputs wait for their block (P × 3.6 MB for the
     # reference model); None: the compute device. "cpu" trades GPU memory for a copy per block.
     cache_device: Optional[str] = None
+    # torch's deterministic kernels only (determinism.py): two GPU calibrations of one seed give the same
+    # state. Off by default: GPU calibrations of one seed differ (W4A4 FID 12.1 vs 16.5, 27 Nov) but the
+    # cost and coverage of the deterministic kernels on the GPU are not measured yet.
+    deterministic: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -21,6 +21,7 @@ from ..sampling import seeded_noise, unet_sample_shape
 from .blocks import find_blocks
 from .config import MethodConfig
 from .data import collect_trajectories
+from .determinism import deterministic_algorithms
 from .par import run_par
 from .qmodel import QuantSim
 from .reconstruct import reconstruct_round
@@ -46,6 +47,11 @@ def device_name(device: torch.device) -> str:
 
 def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str) -> CalibState:
     """Run the pipeline with `cfg` and return the state, labelled `method`."""
+    with deterministic_algorithms(cfg.deterministic):
+        return _calibrate(unet, scheduler, bits, cfg, method)
+
+
+def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str) -> CalibState:
     start = time.perf_counter()
     parse_bits(bits)
     unknown = sorted(set(cfg.keep_float) - set(dict(unet.named_modules())))
