@@ -25,13 +25,13 @@ PSNR does not at W4A8 (27.03 dB with PAR, 27.86 without, FID 3.71 vs 4.30). cali
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
-from ..eval.fidelity import fine_scale_energy, mse_psnr, psnr_from_mse
+from ..eval.fidelity import fine_scale_energy_per_image, mse_psnr, psnr_from_mse
 from ..sampling import sample_uint8
 from .config import MethodConfig
 
@@ -45,6 +45,10 @@ class SampleCheck:
 
     psnr_db: float
     fine_ratio: float
+    # per held-out seed, [n]: the test and the reference images' fine-scale energy (None for a check built
+    # by hand); the bootstrap of `fade_change_se` resamples them
+    fine_test: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    fine_ref: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
 
     @property
     def fade(self) -> float:
@@ -59,8 +63,31 @@ class SampleCheck:
 def compare(ref_images: np.ndarray, test_images: np.ndarray) -> SampleCheck:
     """PSNR of the pooled MSE and fine-energy ratio of uint8 [n, H, W, C] image sets of the same seeds."""
     mse, _ = mse_psnr(ref_images, test_images)
-    ref_fine = fine_scale_energy(ref_images)
-    return SampleCheck(float(psnr_from_mse(mse.mean())), fine_scale_energy(test_images) / ref_fine if ref_fine > 0 else 1.0)
+    ref_fine, test_fine = fine_scale_energy_per_image(ref_images), fine_scale_energy_per_image(test_images)
+    ratio = test_fine.mean() / ref_fine.mean() if ref_fine.mean() > 0 else 1.0
+    return SampleCheck(float(psnr_from_mse(mse.mean())), float(ratio), test_fine, ref_fine)
+
+
+def fade_change_se(before: SampleCheck, after: SampleCheck, draws: int = 2000, seed: int = 0) -> Optional[float]:
+    """Bootstrap standard error of `after.fade − before.fade` over the held-out seeds.
+
+    Why: the guard's tolerance (0.1) has to be compared with how well 64 samples measure the fade. On the
+    GPU (27 Nov) W6A6's round 1 was undone for a change of 0.102 — noise or a real fade could not be
+    told. The seeds are resampled together for the two checks and the reference (same seeds, so the
+    change is measured paired). None when a check has no per-seed energies or every draw is degenerate."""
+    if before.fine_test is None or after.fine_test is None or before.fine_ref is None:
+        return None
+    n = len(before.fine_ref)
+    idx = np.random.default_rng(seed).integers(0, n, size=(draws, n))
+    ref = before.fine_ref[idx].mean(axis=1)
+
+    def fade(test: np.ndarray) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.maximum(0.0, -np.log(test[idx].mean(axis=1) / ref))
+
+    change = fade(after.fine_test) - fade(before.fine_test)
+    change = change[np.isfinite(change)]
+    return float(change.std(ddof=1)) if len(change) > 1 else None
 
 
 def keeps(before: SampleCheck, after: SampleCheck, fade_tol: float, psnr_tol_db: Optional[float] = None) -> bool:
@@ -98,6 +125,9 @@ class ParGuard:
         after = self.check(quant_unet)
         kept = keeps(self.current, after, self.cfg.par_guard_fade_tol, self.cfg.par_guard_psnr_tol_db)
         record = {"before": self.current.as_dict(), "after": after.as_dict(), "kept": kept}
+        se = fade_change_se(self.current, after)
+        if se is not None:
+            record["fade_change_se"] = round(se, 5)
         if kept:
             self.current = after
         return kept, record
@@ -106,9 +136,10 @@ class ParGuard:
 def verdict_line(k: int, record: dict, n: int) -> str:
     """The guard's decision on round k as one log line."""
     b, a = record["before"], record["after"]
+    se = f" ± {record['fade_change_se']:.3f}" if "fade_change_se" in record else ""
     return (f"PAR round {k}: {'kept' if record['kept'] else 'undone, PAR stops'} — on {n} held-out samples "
-            f"fine-energy ratio {b['fine_ratio']:.3f} → {a['fine_ratio']:.3f}, PSNR {b['psnr_db']:.2f} → "
-            f"{a['psnr_db']:.2f} dB")
+            f"fine-energy ratio {b['fine_ratio']:.3f} → {a['fine_ratio']:.3f} (fade change "
+            f"{a['fade'] - b['fade']:+.3f}{se}), PSNR {b['psnr_db']:.2f} → {a['psnr_db']:.2f} dB")
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

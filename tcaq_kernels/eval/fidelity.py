@@ -62,10 +62,18 @@ def mse_psnr(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def fine_scale_energy(images: np.ndarray) -> float:
     """Mean squared difference of vertically and horizontally adjacent pixels of uint8 images
     [n, H, W, C], scaled to [0, 1]: how much fine-scale structure (or leftover noise) they carry."""
+    return float(fine_scale_energy_per_image(images).mean())
+
+
+def fine_scale_energy_per_image(images: np.ndarray) -> np.ndarray:
+    """`fine_scale_energy` of each image, [n]: its mean is the set's (the images share one size), and
+    resampling it gives the set's statistic a standard error (the PAR guard's bootstrap)."""
     x = np.asarray(images, dtype=np.float64) / 255.0
     if x.ndim != 4 or x.shape[1] < 2 or x.shape[2] < 2:
         raise ValueError(f"expected uint8 images [n, H, W, C] of at least 2×2 pixels, got shape {x.shape}")
-    return float(np.mean((x[:, 1:] - x[:, :-1]) ** 2) + np.mean((x[:, :, 1:] - x[:, :, :-1]) ** 2))
+    n = len(x)
+    return (((x[:, 1:] - x[:, :-1]) ** 2).reshape(n, -1).mean(axis=1)
+            + ((x[:, :, 1:] - x[:, :, :-1]) ** 2).reshape(n, -1).mean(axis=1))
 
 
 def psnr_from_mse(mse) -> np.ndarray:

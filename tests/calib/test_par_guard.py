@@ -11,7 +11,7 @@ from tcaq_kernels.calib import guard as guard_mod
 from tcaq_kernels.calib.blocks import find_blocks
 from tcaq_kernels.calib.config import MethodConfig
 from tcaq_kernels.calib.data import collect_trajectories
-from tcaq_kernels.calib.guard import ParGuard, SampleCheck, compare, guard_seeds, keeps
+from tcaq_kernels.calib.guard import ParGuard, SampleCheck, compare, fade_change_se, guard_seeds, keeps
 from tcaq_kernels.calib.par import round_seeds, run_par
 from tcaq_kernels.calib.qmodel import QuantSim
 from tcaq_kernels.calib.reconstruct import reconstruct_round
@@ -33,6 +33,27 @@ def test_compare_sees_fading_and_noise():
     assert rougher.fine_ratio > 1 and rougher.fade == 0.0
     mse = ((ref / 255.0 - blurred / 255.0) ** 2).mean()
     assert math.isclose(soft.psnr_db, -10 * math.log10(mse), rel_tol=1e-12)
+
+
+def _blur(images: np.ndarray, amount: float) -> np.ndarray:
+    """Mix each image with its 1-pixel shifts: less fine-scale energy, more for a larger `amount`."""
+    x = images.astype(np.float64)
+    mixed = (1 - amount) * x + amount * (np.roll(x, 1, axis=1) + np.roll(x, 1, axis=2)) / 2
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def test_fade_change_se_is_a_paired_bootstrap_that_shrinks_with_more_seeds():
+    rng = np.random.default_rng(11)
+    ref = rng.integers(0, 256, size=(1024, 6, 6, 3), dtype=np.uint8)
+    ses = {}
+    for n in (64, 1024):
+        before, after = compare(ref[:n], _blur(ref[:n], 0.2)), compare(ref[:n], _blur(ref[:n], 0.4))
+        assert after.fade > before.fade > 0
+        ses[n] = fade_change_se(before, after)
+        assert 0 < ses[n] < after.fade - before.fade  # a real fade, measured to better than its size
+        assert fade_change_se(before, before) == 0.0  # the same check twice: every draw's change is 0
+    assert ses[64] / ses[1024] == pytest.approx(4.0, rel=0.35)  # ∝ 1/√n
+    assert fade_change_se(SampleCheck(20.0, 0.9), SampleCheck(20.0, 0.8)) is None  # no per-seed energies
 
 
 @pytest.mark.parametrize("after,kept", [
@@ -119,5 +140,6 @@ def test_guard_on_real_samples_leaves_the_model_it_last_kept(round0, tiny_unet, 
     kept = [par["guard"]["round0"]] + [r["guard"]["after"] for r in par["rounds"] if r["guard"]["kept"]]
     for r in par["rounds"]:
         assert all(math.isfinite(r["guard"]["after"][k]) for k in ("psnr_db", "fine_ratio"))
+        assert r["guard"]["fade_change_se"] >= 0 and math.isfinite(r["guard"]["fade_change_se"])
     final = ParGuard(tiny_unet, tiny_scheduler, cfg).check(sim.model).as_dict()
     assert final == kept[-1]
