@@ -24,6 +24,9 @@ the heuristic's split ("-splitk"; the split count is appended to `config`) — a
 the same for the conv shapes the heuristic splits (`conv_split_k`: SD's deep layers at small
 batch), cuDNN bf16 beside them.
 
+`--shapes` runs only the named shapes; `--profile` times nothing and writes nothing: it calls each impl once
+between cudaProfilerStart/Stop, for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
+
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
 "triton-w8a8+quant" conv rows take the bf16 NCHW (channels_last) activation: quantize kernel + conv.
@@ -355,7 +358,36 @@ def run_conv_splitk(model, shape, card, command):
                      command)
 
 
+# Set by --shapes and --profile (main): which shapes run, and whether they are profiled instead of timed.
+ONLY_SHAPES: set = set()
+PROFILE = False
+
+
+def _profile_all(op, model, shape, impls):
+    """Each impl called once more after its warm call (autotuning done), between cudaProfilerStart and
+    cudaProfilerStop and inside an NVTX range "<op> <model> <shape> <impl>": `ncu --profile-from-start off`
+    sees exactly these calls, in this order (printed), and nothing of the autotuning."""
+    for impl, (fn, *_) in impls.items():
+        try:
+            fn()
+            torch.cuda.synchronize()
+        except (RuntimeError, ValueError) as e:
+            print(f"  {op} {model} {shape} {impl}: not run ({str(e).splitlines()[0][:100]})")
+            continue
+        torch.cuda.profiler.start()
+        with torch.cuda.nvtx.range(f"{op} {model} {shape} {impl}"):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+        print(f"profiled: {op} {model} {shape} {impl}", flush=True)
+    return []
+
+
 def _time_all(op, model, shape, count, flops, impls, floors, base, card, command):
+    if ONLY_SHAPES and shape not in ONLY_SHAPES:
+        return []
+    if PROFILE:
+        return _profile_all(op, model, shape, impls)
     rows, base_ms = [], None
     for impl, (fn, kernel, *note) in impls.items():
         try:
@@ -436,7 +468,15 @@ def main():
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--ops", default="gemm,conv,groupnorm,gemm-splitk,conv-splitk")
     p.add_argument("--models", default=",".join(GEMM))
+    p.add_argument("--shapes", default="", help="only these shape labels, ';'-separated as the tables print them "
+                   "(e.g. '2x320x1280;B2 C320 64x64 N320 k3 s1 p1')")
+    p.add_argument("--profile", action="store_true",
+                   help="no timing and no results written: one call per impl between cudaProfilerStart/Stop, "
+                        "for e.g. ncu --clock-control none --profile-from-start off --section SpeedOfLight "
+                        "--section LaunchStats --section Occupancy --csv python benchmarks/kernels.py --profile …")
     args = p.parse_args()
+    global ONLY_SHAPES, PROFILE
+    ONLY_SHAPES, PROFILE = {x.strip() for x in args.shapes.split(";") if x.strip()}, args.profile
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
     command = "python " + " ".join(sys.argv)
@@ -458,7 +498,10 @@ def main():
                 continue
             for shape in shapes:
                 rows += run(model, shape, card, command)
-                path.write_text(json.dumps(rows, indent=1))
+                if not PROFILE:
+                    path.write_text(json.dumps(rows, indent=1))
+    if PROFILE:
+        return
     meta = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}; commands: "
             + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)))
