@@ -273,7 +273,7 @@ class FakeQuantLayer(torch.nn.Module):
         if self.observer is not None:
             self.observer.record(self, "input", x)
         r = self.tcr
-        if self.weight_q.mode == "float" and not self.act_q.enabled:
+        if self.weight_q.mode == "float" and not any(q.enabled for q in self.quantizers().values()):
             r = None  # the float layer itself: skip the (exactly cancelling) reparameterisation
             w = self.weight_q.weight
         else:
