@@ -74,6 +74,9 @@ VARIANTS = {
     # the same method calibrated on other trajectories (seeds from 2,000,000): the spread between two
     # calibrations, which any difference between rows has to exceed before it means anything
     "seed-b": {"seed": 2_000_000},
+    # the 13 1×1 shortcut convs kept in float: their inputs carry most of W8A8's error (CPU: 39.5 → 47.0 dB
+    # with them float; calib README "Where W8A8 loses")
+    "shortcut-float": {"keep_float": ["conv_in", "conv_out", "*.conv_shortcut"]},
     # torch's deterministic kernels (calib/determinism.py): GPU calibrations of one seed otherwise differ
     # (W4A4 FID 12.1 vs 16.5, 27 Nov); with it two runs of a job should give one state_sha256
     "deterministic": {"deterministic": True},

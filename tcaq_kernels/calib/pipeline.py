@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..quant.layers import quantizable_layers
 from ..quant.state import CalibState
 from ..sampling import seeded_noise, unet_sample_shape
 from .blocks import find_blocks
@@ -25,7 +26,7 @@ from .determinism import deterministic_algorithms
 from .par import run_par
 from .qmodel import QuantSim
 from .reconstruct import reconstruct_round
-from .settings import parse_bits, uniform_group_edges
+from .settings import float_layer_names, parse_bits, uniform_group_edges
 
 
 @contextmanager
@@ -54,9 +55,7 @@ def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: Meth
 def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str) -> CalibState:
     start = time.perf_counter()
     parse_bits(bits)
-    unknown = sorted(set(cfg.keep_float) - set(dict(unet.named_modules())))
-    if unknown:
-        raise ValueError(f"keep_float names layers that do not exist: {unknown}")
+    keep_float = float_layer_names(quantizable_layers(unet), dict(unet.named_modules()), cfg.keep_float)
     device = torch.device(cfg.device) if cfg.device else next(unet.parameters()).device
     fp = unet if next(unet.parameters()).device == device else copy.deepcopy(unet).to(device)
     edges = uniform_group_edges(scheduler.config.num_train_timesteps, cfg.timestep_groups)
@@ -64,7 +63,7 @@ def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, m
     with _eval_mode(fp), torch.no_grad():
         data = collect_trajectories(fp, scheduler, list(range(cfg.seed, cfg.seed + cfg.num_samples)),
                                     cfg.num_steps, cfg.batch_size, progress=cfg.progress)
-        sim = QuantSim(fp, bits, edges, cfg.keep_float, cfg.group_act_params, per_group_p=cfg.daq,
+        sim = QuantSim(fp, bits, edges, keep_float, cfg.group_act_params, per_group_p=cfg.daq,
                        act_bits=cfg.act_bits)
         example = seeded_noise([cfg.seed], unet_sample_shape(fp), device), data.timesteps[:1]
         blocks = find_blocks(fp, sim.kinds, example)

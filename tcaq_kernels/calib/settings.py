@@ -38,3 +38,19 @@ def layer_act_bits(layers: Iterable[str], default: int, overrides: Mapping[str, 
         if not any(fnmatchcase(name, pattern) for name in layers):
             raise ValueError(f"act_bits pattern {pattern!r} matches no quantized layer (e.g. {layers[:3]})")
     return {name: next((b for pat, b in overrides.items() if fnmatchcase(name, pat)), default) for name in layers}
+
+
+def float_layer_names(layers: Iterable[str], modules: Iterable[str], entries: Iterable[str]) -> list[str]:
+    """The layers `keep_float` keeps in float: each entry a module name, or an fnmatch pattern over the
+    quantizable `layers` (`"*.conv_shortcut"`, the 13 1×1 shortcut convs whose inputs carry most of W8A8's
+    error on the CPU, calib/README.md). An entry that names nothing is an error, not a no-op."""
+    layers, modules = list(layers), set(modules)
+    out: list[str] = []
+    for entry in entries:
+        hits = [entry] if entry in modules else [n for n in layers if fnmatchcase(n, entry)]
+        if not hits:
+            raise ValueError(f"keep_float entry {entry!r} names no layer (neither a module name nor a pattern "
+                             f"matching a quantizable layer, e.g. {layers[:3]})")
+        out += hits
+    return sorted(dict.fromkeys(out))
+

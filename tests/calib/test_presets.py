@@ -94,8 +94,22 @@ def test_options_are_checked_by_name(tiny_unet, tiny_scheduler):
         preset_config("tcaq", reconstruct=False)
     with pytest.raises(ValueError, match="available presets"):
         preset_config("brecq")
-    with pytest.raises(ValueError, match="keep_float names layers that do not exist"):
+    with pytest.raises(ValueError, match="keep_float entry 'conv_nope' names no layer"):
         tcaq_kernels.calibrate(tiny_unet, "W8A8", method="qdiffusion", scheduler=tiny_scheduler, keep_float=["conv_nope"])
+    with pytest.raises(ValueError, match=r"keep_float entry '\*.conv_nope' names no layer"):
+        tcaq_kernels.calibrate(tiny_unet, "W8A8", method="qdiffusion", scheduler=tiny_scheduler, keep_float=["*.conv_nope"])
+
+
+def test_keep_float_takes_patterns(tiny_unet, tiny_scheduler, tiny_budget):
+    """`"*.conv_shortcut"` keeps every shortcut conv in float: listed in the state's float layers, absent
+    from its quantized layers, and the state still validates against the model."""
+    shortcuts = sorted(n for n, _ in tiny_unet.named_modules() if n.endswith("conv_shortcut"))
+    assert len(shortcuts) >= 2
+    cfg = preset_config("qdiffusion", **tiny_budget, keep_float=["conv_in", "conv_out", "*.conv_shortcut"])
+    state = calibrate_with_config(tiny_unet, tiny_scheduler, "W8A8", cfg, "qdiffusion")
+    assert state.float_layers == sorted(["conv_in", "conv_out", *shortcuts])
+    assert not set(shortcuts) & set(state.layers) and any(n.endswith("conv1") for n in state.layers)
+    state.validate(tiny_unet)
 
 
 def test_tcaq_beats_minmax_on_same_seed_eps_error_at_w4a8(ref_unet, ref_scheduler):
