@@ -2,23 +2,15 @@
 blur removes it, both by amounts that grow with the parameter, and neither leaves uint8."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from tcaq_kernels.eval.fidelity import fine_scale_energy, mse_psnr
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("fid_sensitivity", REPO / "benchmarks" / "fid_sensitivity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("fid_sensitivity")
 
 
 def test_noise_raises_and_blur_lowers_fine_energy(bench):

@@ -1,20 +1,14 @@
 """benchmarks/quality.py: job parsing, the portable commands and the markdown table (no calibration run)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def quality():
-    spec = importlib.util.spec_from_file_location("quality_bench", REPO / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def quality(load_benchmark):
+    return load_benchmark("quality")
 
 
 def test_jobs_parse_and_bad_ones_are_refused(quality):
