@@ -104,7 +104,8 @@ class MethodConfig:
     par_float_share: float = 0.0
     # False: PAR rounds keep round 0's weight rounding and learn only the activation step sizes. On the
     # CPU middle budget that faded W4A4 far less (fine energy 0.84× vs 0.15× with the rounding learned
-    # again); not yet measured on the GPU (calib/README.md, "Which part of PAR fades")
+    # again); on the GPU (27 Nov) it did not hold: W4A4's round still faded, W4A8 lost PAR's gain (3.93 vs
+    # 3.42/3.75; calib/README.md, "The guard on the GPU")
     par_learn_rounding: bool = True
     # [ours] PAR guard (guard.py): before and after each PAR round the quantized model samples this many
     # held-out seeds; a round that raises the fade (−log fine-energy ratio against the full-precision

@@ -16,7 +16,7 @@ from ..quant.primitives import pack_int4, qparams_from_range, qparams_symmetric,
 from ..quant.state import SYMMETRIC_ACTS, ActQuant, CalibState, CalibStateError, LayerState, layer_acts
 from ..sampling import ddim_sample, seeded_noise, unet_sample_shape
 from .observe import RangeObserver
-from .settings import parse_bits, uniform_group_edges
+from .settings import float_layer_names, parse_bits, uniform_group_edges
 
 
 def calibrate_minmax(
@@ -38,10 +38,7 @@ def calibrate_minmax(
     (shortcut splitting; off for this baseline, see calib/presets.py).
     """
     parse_bits(bits)  # fail before sampling
-    keep = set(keep_float)
-    unknown = keep - set(dict(unet.named_modules()))
-    if unknown:
-        raise ValueError(f"keep_float names layers that do not exist: {sorted(unknown)}")
+    keep = set(float_layer_names(quantizable_layers(unet), dict(unet.named_modules()), keep_float))
     layers = {n: k for n, k in quantizable_layers(unet).items() if n not in keep}
     edges = uniform_group_edges(scheduler.config.num_train_timesteps, timestep_groups)
     device = next(unet.parameters()).device
