@@ -38,7 +38,7 @@ def calibrate_minmax(
     (shortcut splitting; off for this baseline, see calib/presets.py).
     """
     parse_bits(bits)  # fail before sampling
-    keep = set(float_layer_names(quantizable_layers(unet), dict(unet.named_modules()), keep_float))
+    keep = set(float_layer_names(unet, keep_float))
     layers = {n: k for n, k in quantizable_layers(unet).items() if n not in keep}
     edges = uniform_group_edges(scheduler.config.num_train_timesteps, timestep_groups)
     device = next(unet.parameters()).device

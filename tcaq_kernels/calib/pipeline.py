@@ -16,7 +16,6 @@ from contextlib import contextmanager
 
 import torch
 
-from ..quant.layers import quantizable_layers
 from ..quant.state import CalibState
 from ..sampling import seeded_noise, unet_sample_shape
 from .blocks import find_blocks
@@ -55,7 +54,7 @@ def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: Meth
 def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str) -> CalibState:
     start = time.perf_counter()
     parse_bits(bits)
-    keep_float = float_layer_names(quantizable_layers(unet), dict(unet.named_modules()), cfg.keep_float)
+    keep_float = float_layer_names(unet, cfg.keep_float)
     device = torch.device(cfg.device) if cfg.device else next(unet.parameters()).device
     fp = unet if next(unet.parameters()).device == device else copy.deepcopy(unet).to(device)
     edges = uniform_group_edges(scheduler.config.num_train_timesteps, cfg.timestep_groups)

@@ -5,6 +5,9 @@ import re
 from fnmatch import fnmatchcase
 from typing import Iterable, Mapping
 
+import torch
+
+from ..quant.layers import quantizable_layers
 from ..quant.primitives import ACT_BITS, WEIGHT_BITS
 
 SUPPORTED_BITS = ("W8A8", "W6A6", "W4A8", "W4A4")
@@ -40,11 +43,11 @@ def layer_act_bits(layers: Iterable[str], default: int, overrides: Mapping[str, 
     return {name: next((b for pat, b in overrides.items() if fnmatchcase(name, pat)), default) for name in layers}
 
 
-def float_layer_names(layers: Iterable[str], modules: Iterable[str], entries: Iterable[str]) -> list[str]:
-    """The layers `keep_float` keeps in float: each entry a module name, or an fnmatch pattern over the
-    quantizable `layers` (`"*.conv_shortcut"`, the 13 1×1 shortcut convs whose inputs carry most of W8A8's
+def float_layer_names(model: torch.nn.Module, entries: Iterable[str]) -> list[str]:
+    """The layers `keep_float` keeps in float: each entry a module name of `model`, or an fnmatch pattern over
+    its quantizable layers (`"*.conv_shortcut"`, the 13 1×1 shortcut convs whose inputs carry most of W8A8's
     error on the CPU, calib/README.md). An entry that names nothing is an error, not a no-op."""
-    layers, modules = list(layers), set(modules)
+    layers, modules = list(quantizable_layers(model)), set(dict(model.named_modules()))
     out: list[str] = []
     for entry in entries:
         hits = [entry] if entry in modules else [n for n in layers if fnmatchcase(n, entry)]
