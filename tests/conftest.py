@@ -1,7 +1,9 @@
 """Shared fixtures: the embedded reference model and a small min-max state calibrated on it."""
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +66,16 @@ def rng() -> torch.Generator:
     """Fresh random inputs every run (seed printed by pytest on failure via the repr)."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """`load(name)`: the script benchmarks/<name>.py as a module (benchmarks/ is not a package), for
+    testing its pure parts."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

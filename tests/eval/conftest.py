@@ -7,7 +7,6 @@ repository; a missing file fails the tests that need it with a message saying wh
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -72,17 +71,3 @@ def reference(cifar10_test_npz, resnet56_path, feature_cache):
         ref = reference_features(cifar10_test_npz, resnet56_path, feature_cache, device="cpu", progress=False)
     assert not ref.from_cache
     return ref
-
-
-@pytest.fixture(scope="session")
-def load_benchmark():
-    """`load(name)`: the script benchmarks/<name>.py as a module (benchmarks/ is not a package), for
-    testing its pure parts."""
-    def load(name: str):
-        path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-        spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    return load
-

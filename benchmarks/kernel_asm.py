@@ -1,0 +1,176 @@
+"""What the Triton GEMM compiles to on Hopper, without a GPU: MMA instruction, pipelining, registers, spills.
+
+Why: the Nsight profile (benchmarks/results/profiles/ncu.md) shows the W4A8 kernels at 255 registers
+with local-memory spills and every variant at 12 % theoretical occupancy, and device time is scarce.
+Triton cross-compiles for sm_90a on any machine and ptxas reports registers and spills, so a change to a
+kernel or a config can be checked here before it costs device minutes. For each variant and each
+autotune config the shape keeps (`_prune`), this compiles `_qgemm_kernel` as the JIT would (pointers and
+ints ≡ 0 mod 16 marked divisible, ints equal to 1 specialised) and reports:
+
+* the MMA: `wgmma` (Hopper's asynchronous warpgroup MMA) or `mma.sync` (the Ampere instruction);
+* the deepest `wgmma.wait_group` count (0 everywhere: each MMA is waited for before the next is issued);
+* whether operands arrive by `cp.async` (software pipeline) or only by plain loads;
+* registers per thread, spill stores/loads (bytes) and shared memory per block.
+
+`--probe` first compiles a bare K loop `acc = tl.dot(a, tl.trans(b), acc)` (operands straight from
+memory, nothing else) in int8, fp8 and bf16: the yardstick for what Triton's pipeliner does per dtype.
+
+    python benchmarks/kernel_asm.py --probe --shape 8192x2560x320 --shape 128x1280x5120
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.pop("TRITON_INTERPRET", None)  # the real compiler, not the interpreter's single config
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from tcaq_kernels.triton import gemm  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+VARIANTS = {  # name: (A operand, packed int4 weights)
+    "w8a8": ("*i8", False), "w4a8": ("*i8", True), "w8a8-fused": ("*bf16", False), "w4a8-fused": ("*bf16", True),
+}
+
+
+@triton.jit
+def _probe_kernel(a_ptr, b_ptr, c_ptr, K: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    r = tl.arange(0, BLOCK)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.full((BLOCK, BLOCK), 0, c_ptr.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + r[:, None] * K + (k0 + rk)[None, :])
+        b = tl.load(b_ptr + r[:, None] * K + (k0 + rk)[None, :])
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=c_ptr.dtype.element_ty)
+    tl.store(c_ptr + r[:, None] * BLOCK + r[None, :], acc)
+
+
+def compile_probe(in_type: str, out_type: str):
+    src = ASTSource(fn=_probe_kernel, signature={"a_ptr": in_type, "b_ptr": in_type, "c_ptr": out_type, "K": "constexpr",
+                                                 "BLOCK": "constexpr", "BLOCK_K": "constexpr"},
+                    constexprs={"K": 1024, "BLOCK": 128, "BLOCK_K": 64},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(3)})
+    return triton.compile(src, target=TARGET, options={"num_warps": 4, "num_stages": 3})
+
+
+def _jit_function(kernel):
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+def kernel_args(M: int, N: int, K: int, a_type: str, w4: bool) -> dict:
+    """The runtime arguments of `qgemm` for a bf16-output GEMM with bias (the benchmark's call): type and
+    value, values only where the JIT specialises on them (strides and sizes)."""
+    ptr = lambda t: (t, None)
+    return {
+        "a_ptr": ptr(a_type), "w_ptr": ptr("*u8" if w4 else "*i8"), "w_sum_ptr": ptr("*i32"), "w_scale_ptr": ptr("*fp32"),
+        "bias_ptr": ptr("*bf16"), "res_ptr": ptr("*bf16"), "out_ptr": ptr("*bf16"), "part_ptr": ptr("*bf16"),
+        "r_inv_ptr": ptr("*fp32"), "s_inv_ptr": ptr("*fp32"), "scale_ptr": ptr("*fp32"), "zero_ptr": ptr("*i32"),
+        "group_ptr": ptr("*i32"), "out_s_inv_ptr": ptr("*bf16"), "out_zero_ptr": ptr("*bf16"), "out_r_inv_ptr": ptr("*bf16"),
+        "M": ("i32", M), "N": ("i32", N), "K": ("i32", K), "k_per_split": ("i32", K), "rows_per_sample": ("i32", M // 2),
+        "group_stride": ("i32", 1), "stride_am": ("i32", K), "stride_ak": ("i32", 1),
+        "stride_wn": ("i32", (K + 1) // 2 if w4 else K), "stride_rm": ("i32", N), "stride_rn": ("i32", 1),
+        "stride_om": ("i32", N),
+    }
+
+
+def compile_variant(M, N, K, variant: str, config: triton.Config):
+    a_type, w4 = VARIANTS[variant]
+    fn = _jit_function(gemm._qgemm_kernel)
+    args = kernel_args(M, N, K, a_type, w4)
+    constexprs = dict(A_FLOAT=a_type != "*i8", HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, HAS_BIAS=True,
+                      HAS_RES=False, SPLIT_K=1, OUT_Q=False, OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127,
+                      **config.kwargs, EVEN_K=K % config.kwargs["BLOCK_K"] == 0)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        typ, value = args[name]
+        if value == 1:  # the JIT turns ints equal to 1 into constants
+            constexprs[name] = 1
+            signature[name] = "constexpr"
+            continue
+        signature[name] = typ
+        if typ.startswith("*") or value % 16 == 0:  # torch's allocations are 16-byte aligned
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
+    """Registers and spill bytes as ptxas reports them for `ptx` (Triton's own ptxas)."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "k.ptx"
+        src.write_text(ptx)
+        log = subprocess.run([str(ptxas), f"-arch={arch}", "-v", str(src), "-o", str(Path(d) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return {"registers": int(regs.group(1)) if regs else None,
+            "spill_store_bytes": int(spill.group(1)) if spill else 0, "spill_load_bytes": int(spill.group(2)) if spill else 0}
+
+
+def describe(compiled) -> dict:
+    ptx = compiled.asm["ptx"]
+    mma = re.findall(r"(wgmma\.mma_async\S*|mma\.sync\S*)", ptx)
+    waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
+    return {
+        "mma": sorted(set(mma)), "mma_count": len(mma), "max_wgmma_wait": max(waits) if waits else None,
+        "cp_async": "cp.async" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
+        "shared_bytes": compiled.metadata.shared, **ptxas_usage(ptx),
+    }
+
+
+def configs_for(M: int, K: int) -> list[triton.Config]:
+    return gemm._prune(gemm._configs(), {"M": M, "K": K, "k_per_split": K})
+
+
+def _print(r: dict) -> None:
+    mma = ",".join(m.split(".")[0] + "." + m.split(".")[-3] for m in r["mma"]) or "-"
+    print(f"{r['shape']:>22} {r['variant']:<11} {r['config']:<20} {mma:<18} wait≤{r['max_wgmma_wait']} "
+          f"cp.async={r['cp_async']:d} regs={r['registers']} spill={r['spill_store_bytes']}/{r['spill_load_bytes']} B "
+          f"smem={r['shared_bytes'] // 1024} KB", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", action="append", default=[], help="MxNxK (repeatable)")
+    p.add_argument("--probe", action="store_true", help="first the bare dot loop in int8, fp8 and bf16")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--json", type=Path, help="also write the rows here")
+    a = p.parse_args(argv)
+    rows = []
+    if a.probe:
+        for name, in_type, out_type in (("int8", "*i8", "*i32"), ("fp8", "*fp8e4nv", "*fp32"), ("bf16", "*bf16", "*fp32")):
+            info = describe(compile_probe(in_type, out_type))
+            rows.append({"shape": "probe 128x128, K 1024", "variant": name, "config": "128x128x64 w4 s3", **info})
+            _print(rows[-1])
+    for shape in a.shape:
+        M, N, K = (int(v) for v in shape.lower().split("x"))
+        for variant in a.variants.split(","):
+            for cfg in configs_for(M, K):
+                tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}"
+                info = describe(compile_variant(M, N, K, variant, cfg))
+                rows.append({"shape": shape, "variant": variant, "config": tile, **info})
+                _print(rows[-1])
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
