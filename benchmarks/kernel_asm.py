@@ -36,7 +36,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tcaq_kernels.triton import gemm  # noqa: E402
+from tcaq_kernels.triton import gemm, gemm_wgmma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 VARIANTS = {  # name: (A operand, packed int4 weights)
@@ -110,6 +110,32 @@ def compile_variant(M, N, K, variant: str, config: triton.Config):
     return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
+def compile_wgmma(M, N, K, config: tuple):
+    """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    bm, bn, bk, stages, warps = config
+    fn = gemm_wgmma._w8a8_wgmma_kernel
+    types = {"a_ptr": "*i8", "w_ptr": "*i8", "w_sum_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
+             "out_ptr": "*bf16", "scale_ptr": "*fp32", "zero_ptr": "*i32", "group_ptr": "*i32"}
+    values = {"M": M, "N": N, "K": K, "rows_per_sample": M // 2, "group_stride": 1, "stride_am": K, "stride_wn": K,
+              "stride_om": N}
+    constexprs = dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in types:
+            signature[name], attrs[(i,)] = types[name], [["tt.divisibility", 16]]
+        elif values[name] == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if values[name] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
+
+
 def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
     """Registers and spill bytes as ptxas reports them for `ptx` (Triton's own ptxas)."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -150,7 +176,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", default=[], help="MxNxK (repeatable)")
     p.add_argument("--probe", action="store_true", help="first the bare dot loop in int8, fp8 and bf16")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variants", default=",".join([*VARIANTS, "w8a8-wgmma"]),
+                   help="of the tl.dot kernel, and w8a8-wgmma (the Gluon kernel of gemm_wgmma.py)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     rows = []
@@ -162,6 +189,13 @@ def main(argv=None) -> int:
     for shape in a.shape:
         M, N, K = (int(v) for v in shape.lower().split("x"))
         for variant in a.variants.split(","):
+            if variant == "w8a8-wgmma":
+                for cfg in gemm_wgmma.CONFIGS:
+                    info = describe(compile_wgmma(M, N, K, cfg))
+                    rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
+                        *cfg[:3], w=cfg[4], s=cfg[3]), **info})
+                    _print(rows[-1])
+                continue
             for cfg in configs_for(M, K):
                 tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}"
                 info = describe(compile_variant(M, N, K, variant, cfg))

@@ -60,6 +60,7 @@ import triton
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
+from tcaq_kernels.triton import gemm_wgmma
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
@@ -178,7 +179,7 @@ def _best(kernel) -> str:
     if "BLOCK_M" not in c.kwargs:
         return " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps}"
     return "{}x{}x{} w{} s{}".format(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                     c.num_stages)
+                                     c.kwargs.get("STAGES", c.num_stages))
 
 
 def run_gemm(model, shape, card, command):
@@ -217,6 +218,13 @@ def run_gemm(model, shape, card, command):
         "triton-w8a8-fused": (lambda: qlinear(x, *ops8, w_scale, bias, *tab), _qgemm_kernel),
         "triton-w4a8-fused": (lambda: qlinear(x, *ops4, w_scale, bias, *tab), _qgemm_kernel),
     }
+    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    if gemm_wgmma.supported(a, ops8[0], None, out, None):  # the Gluon kernel: sm_90, M ≥ 64
+        floors["gluon-w8a8"] = floors["triton-w8a8"]
+        rows_per_sample = M // B if M % B == 0 else M
+        impls["gluon-w8a8"] = (lambda: gemm_wgmma.qgemm_wgmma(a, *ops8, w_scale, bias, t["scale"], t["zero"], t["group"],
+                                                               1 if M % B == 0 else 0, rows_per_sample, out),
+                               gemm_wgmma._tuned)
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
 
 

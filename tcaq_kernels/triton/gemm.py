@@ -221,6 +221,9 @@ _MAX_SPLIT_K = 16
 #: unsplit kernel measured on the H100. `TCAQ_AUTO_SPLIT_K=1` turns the heuristic on; an explicit
 #: `split_k=n` always splits.
 AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
+#: Whether int8×int8 GEMMs with a float output go to the Gluon kernel of `gemm_wgmma.py` (sm_90 only),
+#: which keeps one wgmma in flight where Triton's `tl.dot` waits on each. Off until it has run on a GPU.
+USE_WGMMA = os.environ.get("TCAQ_WGMMA", "0") == "1"
 
 
 def choose_split_k(M: int, N: int, K: int, sms: int) -> int:
@@ -276,6 +279,11 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     N = w_op.shape[0]
     if M == 0 or N == 0:
         return out
+    if USE_WGMMA and out_s_inv is None:
+        from . import gemm_wgmma
+        if gemm_wgmma.supported(a2, w_op, residual2, out, split_k):
+            return gemm_wgmma.qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, scale, zero, group, group_stride,
+                                          rows_per_sample, out)
     if split_k is None:
         auto = a2.is_cuda and AUTO_SPLIT_K
         split_k = choose_split_k(M, N, K, torch.cuda.get_device_properties(a2.device).multi_processor_count) if auto else 1
