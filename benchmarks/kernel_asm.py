@@ -1,14 +1,16 @@
-"""What the Triton GEMM compiles to on Hopper, without a GPU: MMA instruction, pipelining, registers, spills.
+"""What the Triton GEMMs compile to on Hopper, without a GPU: MMA instruction, pipelining, registers, spills.
 
 Why: the Nsight profile (benchmarks/results/profiles/ncu.md) shows the W4A8 kernels at 255 registers
-with local-memory spills and every variant at 12 % theoretical occupancy, and device time is scarce.
+with local-memory spills and the large-shape configs at 12 % theoretical occupancy, and device time is scarce.
 Triton cross-compiles for sm_90a on any machine and ptxas reports registers and spills, so a change to a
 kernel or a config can be checked here before it costs device minutes. For each variant and each
 autotune config the shape keeps (`_prune`), this compiles `_qgemm_kernel` as the JIT would (pointers and
 ints ≡ 0 mod 16 marked divisible, ints equal to 1 specialised) and reports:
 
 * the MMA: `wgmma` (Hopper's asynchronous warpgroup MMA) or `mma.sync` (the Ampere instruction);
-* the deepest `wgmma.wait_group` count (0 everywhere: each MMA is waited for before the next is issued);
+* the deepest `wgmma.wait_group` count (0: each MMA is waited for before the next is issued — what
+  Triton 3.6 does with every int8 `tl.dot`; 1: one MMA in flight — the variant `w8a8-wgmma`, the Gluon
+  kernel of `gemm_wgmma.py`);
 * whether operands arrive by `cp.async` (software pipeline) or only by plain loads;
 * registers per thread, spill stores/loads (bytes) and shared memory per block.
 
@@ -70,6 +72,25 @@ def _jit_function(kernel):
     return kernel
 
 
+def specialise(arg_names, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) for ASTSource as the JIT would build them from `args` (name → (type,
+    value); value None for pointers): ints equal to 1 become constants, pointers and ints ≡ 0 mod 16 are
+    marked divisible by 16 (torch's allocations are 16-byte aligned)."""
+    signature, constexprs, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        typ, value = args[name]
+        if value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+            continue
+        signature[name] = typ
+        if value is None or value % 16 == 0:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
 def kernel_args(M: int, N: int, K: int, a_type: str, w4: bool) -> dict:
     """The runtime arguments of `qgemm` for a bf16-output GEMM with bias (the benchmark's call): type and
     value, values only where the JIT specialises on them (strides and sizes)."""
@@ -89,23 +110,10 @@ def kernel_args(M: int, N: int, K: int, a_type: str, w4: bool) -> dict:
 def compile_variant(M, N, K, variant: str, config: triton.Config):
     a_type, w4 = VARIANTS[variant]
     fn = _jit_function(gemm._qgemm_kernel)
-    args = kernel_args(M, N, K, a_type, w4)
     constexprs = dict(A_FLOAT=a_type != "*i8", HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, HAS_BIAS=True,
                       HAS_RES=False, SPLIT_K=1, OUT_Q=False, OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127,
                       **config.kwargs, EVEN_K=K % config.kwargs["BLOCK_K"] == 0)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        typ, value = args[name]
-        if value == 1:  # the JIT turns ints equal to 1 into constants
-            constexprs[name] = 1
-            signature[name] = "constexpr"
-            continue
-        signature[name] = typ
-        if typ.startswith("*") or value % 16 == 0:  # torch's allocations are 16-byte aligned
-            attrs[(i,)] = [["tt.divisibility", 16]]
+    signature, constexprs, attrs = specialise(fn.arg_names, kernel_args(M, N, K, a_type, w4), constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
@@ -115,23 +123,9 @@ def compile_wgmma(M, N, K, config: tuple):
     from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, warps = config
     fn = gemm_wgmma._w8a8_wgmma_kernel
-    types = {"a_ptr": "*i8", "w_ptr": "*i8", "w_sum_ptr": "*i32", "w_scale_ptr": "*fp32", "bias_ptr": "*bf16",
-             "out_ptr": "*bf16", "scale_ptr": "*fp32", "zero_ptr": "*i32", "group_ptr": "*i32"}
-    values = {"M": M, "N": N, "K": K, "rows_per_sample": M // 2, "group_stride": 1, "stride_am": K, "stride_wn": K,
-              "stride_om": N}
-    constexprs = dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
-    signature, attrs = {}, {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in types:
-            signature[name], attrs[(i,)] = types[name], [["tt.divisibility", 16]]
-        elif values[name] == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32"
-            if values[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    args = kernel_args(M, N, K, "*i8", False)  # the same names where the two kernels share them
+    signature, constexprs, attrs = specialise(fn.arg_names, args, dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn,
+                                                                       BLOCK_K=bk, STAGES=stages))
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
