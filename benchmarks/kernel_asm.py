@@ -9,8 +9,8 @@ ints ≡ 0 mod 16 marked divisible, ints equal to 1 specialised) and reports:
 
 * the MMA: `wgmma` (Hopper's asynchronous warpgroup MMA) or `mma.sync` (the Ampere instruction);
 * the deepest `wgmma.wait_group` count (0: each MMA is waited for before the next is issued — what
-  Triton 3.6 does with every int8 `tl.dot`; 1: one MMA in flight — the variant `w8a8-wgmma`, the Gluon
-  kernel of `gemm_wgmma.py`);
+  Triton 3.6 does with every int8 `tl.dot`; 1: one MMA in flight — the variants `w8a8-wgmma` and
+  `w8a8-fused-wgmma`, the Gluon kernel of `gemm_wgmma.py` on int8 codes and on bf16 input);
 * whether operands arrive by `cp.async` (software pipeline) or only by plain loads;
 * registers per thread, spill stores/loads (bytes) and shared memory per block.
 
@@ -118,14 +118,16 @@ def compile_variant(M, N, K, variant: str, config: triton.Config):
     return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def compile_wgmma(M, N, K, config: tuple):
-    """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output)."""
+def compile_wgmma(M, N, K, config: tuple, a_float: bool = False):
+    """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output;
+    `a_float`: bf16 activations quantized in registers)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, warps = config
     fn = gemm_wgmma._w8a8_wgmma_kernel
-    args = kernel_args(M, N, K, "*i8", False)  # the same names where the two kernels share them
-    signature, constexprs, attrs = specialise(fn.arg_names, args, dict(HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn,
-                                                                       BLOCK_K=bk, STAGES=stages))
+    args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", False)  # the two kernels share these names
+    constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
+                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+    signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
@@ -170,8 +172,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", default=[], help="MxNxK (repeatable)")
     p.add_argument("--probe", action="store_true", help="first the bare dot loop in int8, fp8 and bf16")
-    p.add_argument("--variants", default=",".join([*VARIANTS, "w8a8-wgmma"]),
-                   help="of the tl.dot kernel, and w8a8-wgmma (the Gluon kernel of gemm_wgmma.py)")
+    p.add_argument("--variants", default=",".join([*VARIANTS, "w8a8-wgmma", "w8a8-fused-wgmma"]),
+                   help="of the tl.dot kernel, and w8a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     rows = []
@@ -183,9 +185,9 @@ def main(argv=None) -> int:
     for shape in a.shape:
         M, N, K = (int(v) for v in shape.lower().split("x"))
         for variant in a.variants.split(","):
-            if variant == "w8a8-wgmma":
+            if variant in ("w8a8-wgmma", "w8a8-fused-wgmma"):
                 for cfg in gemm_wgmma.CONFIGS:
-                    info = describe(compile_wgmma(M, N, K, cfg))
+                    info = describe(compile_wgmma(M, N, K, cfg, a_float=variant == "w8a8-fused-wgmma"))
                     rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
                         *cfg[:3], w=cfg[4], s=cfg[3]), **info})
                     _print(rows[-1])

@@ -61,7 +61,7 @@ from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_w
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
 from tcaq_kernels.triton import gemm_wgmma
-from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split
+from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
 # (M, N, K, count per UNet call)
@@ -218,13 +218,15 @@ def run_gemm(model, shape, card, command):
         "triton-w8a8-fused": (lambda: qlinear(x, *ops8, w_scale, bias, *tab), _qgemm_kernel),
         "triton-w4a8-fused": (lambda: qlinear(x, *ops4, w_scale, bias, *tab), _qgemm_kernel),
     }
-    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    if gemm_wgmma.supported(a, ops8[0], None, out, None):  # the Gluon kernel: sm_90, M ≥ 64
-        floors["gluon-w8a8"] = floors["triton-w8a8"]
-        rows_per_sample = M // B if M % B == 0 else M
-        impls["gluon-w8a8"] = (lambda: gemm_wgmma.qgemm_wgmma(a, *ops8, w_scale, bias, t["scale"], t["zero"], t["group"],
-                                                               1 if M % B == 0 else 0, rows_per_sample, out),
-                               gemm_wgmma._tuned)
+    if gemm_wgmma.supported(a, ops8[0], None):  # the Gluon kernel (sm_90, M ≥ 64), called as qgemm would
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        tables, meta = output_quantizer(out, None, None, None, 8)
+        layout = (1, M // B) if M % B == 0 else (0, M)  # (group stride, rows per sample)
+        for name, inp, floor in (("gluon-w8a8", a, "triton-w8a8"), ("gluon-w8a8-fused", x, "triton-w8a8-fused")):
+            floors[name] = floors[floor]
+            impls[name] = (lambda inp=inp: gemm_wgmma.qgemm_wgmma(
+                inp, *ops8, w_scale, bias, t["s_inv"], t["scale"], t["zero"], t["group"], *layout, 8, None, None, out,
+                tables, meta), gemm_wgmma._tuned)
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
 
 

@@ -221,8 +221,8 @@ _MAX_SPLIT_K = 16
 #: unsplit kernel measured on the H100. `TCAQ_AUTO_SPLIT_K=1` turns the heuristic on; an explicit
 #: `split_k=n` always splits.
 AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
-#: Whether int8×int8 GEMMs with a float output go to the Gluon kernel of `gemm_wgmma.py` (sm_90 only),
-#: which keeps one wgmma in flight where Triton's `tl.dot` waits on each. Off until it has run on a GPU.
+#: Whether GEMMs with int8 weights go to the Gluon kernel of `gemm_wgmma.py` (sm_90, M ≥ 64), which keeps
+#: one wgmma in flight where Triton's `tl.dot` waits on each. Off until it has run on a GPU.
 USE_WGMMA = os.environ.get("TCAQ_WGMMA", "0") == "1"
 
 
@@ -279,11 +279,12 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     N = w_op.shape[0]
     if M == 0 or N == 0:
         return out
-    if USE_WGMMA and out_s_inv is None:
+    out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
+    if USE_WGMMA:
         from . import gemm_wgmma
-        if gemm_wgmma.supported(a2, w_op, residual2, out, split_k):
-            return gemm_wgmma.qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, scale, zero, group, group_stride,
-                                          rows_per_sample, out)
+        if gemm_wgmma.supported(a2, w_op, split_k):
+            return gemm_wgmma.qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, s_inv, scale, zero, group, group_stride,
+                                          rows_per_sample, a_bits, r_inv, residual2, out, out_tables, out_meta)
     if split_k is None:
         auto = a2.is_cuda and AUTO_SPLIT_K
         split_k = choose_split_k(M, N, K, torch.cuda.get_device_properties(a2.device).multi_processor_count) if auto else 1
@@ -291,7 +292,6 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=a2.device) if split_k > 1 else out
     a_float = a2.dtype != torch.int8
     res = residual2 if residual2 is not None else out
-    out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, SPLIT_K=split_k, **out_meta)
     bias_arg = bias if bias is not None else w_scale
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)

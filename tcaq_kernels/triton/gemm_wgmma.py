@@ -7,10 +7,13 @@ exposes the instruction directly: here each K step issues its MMA asynchronously
 previous one (`warpgroup_mma_wait(1)`), and a ring of STAGES shared-memory buffers is filled by cp.async
 STAGES-1 steps ahead.
 
-Numerics are `gemm.linear_epilogue`'s: int32 accumulation of the codes, zero-point correction with Σw,
-acc·(s_w·s_a[g]) + bias in fp32, one rounding to the output dtype. Scope of this first version: int8
-activations and int8 weights, float output, optional bias — no residual, no quantized output, no int4
-(`qgemm` keeps those on the `tl.dot` kernel).
+Activations come as int8 codes or as floats: then each step loads the float tile from its buffer into
+registers, quantizes it with `numerics.quantize_uniform` (per-row timestep-group tables, optional TCR 1/r
+per column) and stores the codes to one of two shared buffers the MMA reads. (A from registers would skip
+that store, but Triton 3.6 cannot lower a wait that keeps int8 register operands alive: "Unexpected
+bitwidth in WGMMAWaitGroupOp: 8".)
+The epilogue is `gemm.linear_epilogue` itself (bias, residual, float or next-layer int8 output), so the
+numbers are the `tl.dot` kernel's. Not here: int4 weights and split-K (`qgemm` keeps those on `tl.dot`).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .numerics import tuning_bench
+from .gemm import linear_epilogue
+from .numerics import quantize_uniform, tuning_bench
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps). 128×256 is left out: its accumulator alone fills half of
 #: the 255 registers and ptxas spills (benchmarks/kernel_asm.py).
@@ -48,20 +52,31 @@ def _warps(BLOCK_M, num_warps):
     return [along_m, num_warps // along_m]
 
 
+@constexpr_function
+def _copy_layout(rows, cols, elem_bits, num_warps):
+    """Registers of a [rows, cols] tile for cp.async: 16 bytes per thread along the contiguous dim."""
+    vec = 128 // elem_bits
+    along_k = min(32, cols // vec)
+    return gl.BlockedLayout([1, vec], [32 // along_k, along_k], [num_warps, 1], [1, 0])
+
+
 @gluon.jit
-def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, rk, k_left):
-    k_ok = rk < k_left
-    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=m_ok[:, None] & k_ok[None, :])
-    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=n_ok[:, None] & k_ok[None, :])
+def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left):
+    """cp.async of one K step of both operands (zeros past M, N and K), as one commit group."""
+    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=m_ok[:, None] & (ka < k_left)[None, :])
+    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=n_ok[:, None] & (kw < k_left)[None, :])
     async_copy.commit_group()
 
 
 @gluon.jit
 def _w8a8_wgmma_kernel(
-    a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, out_ptr, scale_ptr, zero_ptr, group_ptr,
-    M, N, K, rows_per_sample, group_stride, stride_am, stride_wn, stride_om,
-    HAS_BIAS: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr,
+    a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    r_inv_ptr, s_inv_ptr, scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
+    M, N, K, rows_per_sample, group_stride, stride_am, stride_wn, stride_rm, stride_rn, stride_om,
+    A_FLOAT: gl.constexpr, HAS_RINV: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
+    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+    OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
     num_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -69,28 +84,35 @@ def _w8a8_wgmma_kernel(
     off_m = (pid % num_m) * BLOCK_M  # neighbouring programs share a weight tile while it is in L2
     off_n = (pid // num_m) * BLOCK_N
 
-    # cp.async of 16 bytes per thread along K
-    TK: gl.constexpr = BLOCK_K // 16
-    load_layout: gl.constexpr = gl.BlockedLayout([1, 16], [32 // TK, TK], [num_warps, 1], [1, 0])
-    rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, load_layout))
-    rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, load_layout))
-    rk = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, load_layout))
-    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + rk[None, :]
-    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + rk[None, :]
+    a_ty: gl.constexpr = a_ptr.dtype.element_ty
+    a_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, a_ty.primitive_bitwidth, num_warps)
+    w_copy: gl.constexpr = _copy_layout(BLOCK_N, BLOCK_K, 8, num_warps)
+    rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
+    ka = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_copy))
+    rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
+    kw = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, w_copy))
+    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + ka[None, :]
+    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :]
     m_ok = rm < M
     n_ok = rn < N
 
-    a_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8)
-    w_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8)
-    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K], a_layout)
-    w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K], w_layout)
-
+    a_smem = gl.allocate_shared_memory(a_ty, [STAGES, BLOCK_M, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], a_ty))
+    w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
     for p in gl.static_range(STAGES - 1):  # prologue: steps 0 … STAGES-2 in flight (empty masks past K)
         _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + p * BLOCK_K, w_ptrs + p * BLOCK_K,
-                    m_ok, n_ok, rk, K - p * BLOCK_K)
+                    m_ok, n_ok, ka, kw, K - p * BLOCK_K)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
+    if A_FLOAT:  # the quantizer's per-row tables, once, and two buffers for the codes
+        qg = gl.load(group_ptr + ((rm % M) // rows_per_sample) * group_stride)
+        q_s_inv = gl.load(s_inv_ptr + qg)[:, None]
+        q_zero = gl.load(zero_ptr + qg)[:, None]
+        q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_K],
+                                           gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
+
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
     num_k = (K + BLOCK_K - 1) // BLOCK_K
     for i in range(num_k):
@@ -98,56 +120,68 @@ def _w8a8_wgmma_kernel(
         async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed …
         gl.thread_barrier()  # … and everyone else's
         fence_async_shared()  # generic-proxy writes before the MMA's async-proxy reads
-        acc = warpgroup_mma(a_smem.index(s), w_smem.index(s).permute((1, 0)), acc, is_async=True)
-        # step i-1's MMA is done: its buffers take step i+STAGES-1 (every warpgroup past the wait first)
+        w_op = w_smem.index(s).permute((1, 0))
+        if A_FLOAT:
+            u = a_smem.index(s).load(a_copy).to(gl.float32)
+            if HAS_RINV:
+                u = u * gl.load(r_inv_ptr + i * BLOCK_K + ka, mask=ka < K - i * BLOCK_K, other=1.0)[None, :]
+            # lanes past K become the code z here, but meet zero weights. Buffer i % 2 was last read by
+            # MMA i-2, which the previous step's wait retired.
+            codes = q_smem.index(i % 2)
+            codes.store(quantize_uniform(u, q_s_inv, q_zero, QMIN, QMAX))
+            fence_async_shared()
+            gl.thread_barrier()
+            a_op = codes
+        else:
+            a_op = a_smem.index(s)
+        acc = warpgroup_mma(a_op, w_op, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        # step i-1's MMA is done: its buffers take step i+STAGES-1 (every warpgroup past the wait first)
         gl.thread_barrier()
         j = i + STAGES - 1
         _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + j * BLOCK_K, w_ptrs + j * BLOCK_K,
-                    m_ok, n_ok, rk, K - j * BLOCK_K)
+                    m_ok, n_ok, ka, kw, K - j * BLOCK_K)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    # epilogue, in the accumulator's own layout: `gemm.linear_epilogue`'s arithmetic, in its order
     em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
     en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
-    en_ok = en < N
     g = gl.load(group_ptr + ((em % M) // rows_per_sample) * group_stride)
-    zero = gl.load(zero_ptr + g)
-    acc = acc - zero[:, None] * gl.load(w_sum_ptr + en, mask=en_ok, other=0)[None, :]
-    s_a = gl.load(scale_ptr + g)
-    y = acc.to(gl.float32) * (gl.load(w_scale_ptr + en, mask=en_ok, other=0.0)[None, :] * s_a[:, None])
-    if HAS_BIAS:
-        y = y + gl.load(bias_ptr + en, mask=en_ok, other=0.0).to(gl.float32)[None, :]
-    mask = (em < M)[:, None] & en_ok[None, :]
-    gl.store(out_ptr + em.to(gl.int64)[:, None] * stride_om + en[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    linear_epilogue(acc, em, en, M, N, gl.load(zero_ptr + g), g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr,
+                    out_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rm, stride_rn, stride_om,
+                    HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
 
 
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["M", "N", "K", "HAS_BIAS"], do_bench=tuning_bench,
+    key=["M", "N", "K", "A_FLOAT", "HAS_RES", "OUT_Q"], do_bench=tuning_bench,
 )(_w8a8_wgmma_kernel)
 
 
-def supported(a2: torch.Tensor, w_op: torch.Tensor, residual2, out: torch.Tensor, split_k) -> bool:
-    """Whether `qgemm` may hand this call to the wgmma kernel: sm_90, int8 codes times int8 weights into a
-    float output without residual, no split requested, at least one 64-row tile, and rows whose byte
-    strides are 16-byte multiples (cp.async moves 16 bytes per thread)."""
-    return (a2.is_cuda and torch.cuda.get_device_capability(a2.device) == (9, 0)
-            and a2.dtype == torch.int8 and w_op.dtype == torch.int8 and residual2 is None
-            and out.dtype in (torch.float32, torch.bfloat16, torch.float16) and (split_k or 1) == 1
-            and a2.shape[0] >= 64 and a2.stride(1) == 1 and w_op.stride(1) == 1
-            and a2.stride(0) % 16 == 0 and w_op.stride(0) % 16 == 0)
+def supported(a2: torch.Tensor, w_op: torch.Tensor, split_k) -> bool:
+    """Whether `qgemm` may hand this call to the wgmma kernel: sm_90, int8 weights (not packed int4), no
+    split requested, at least one 64-row tile, and operand rows whose byte strides are 16-byte multiples
+    (cp.async moves 16 bytes per thread)."""
+    return (a2.is_cuda and torch.cuda.get_device_capability(a2.device) == (9, 0) and w_op.dtype == torch.int8
+            and (split_k or 1) == 1 and a2.shape[0] >= 64 and a2.stride(1) == 1 and w_op.stride(1) == 1
+            and (a2.stride(0) * a2.element_size()) % 16 == 0 and w_op.stride(0) % 16 == 0)
 
 
-def qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, scale, zero, group, group_stride: int, rows_per_sample: int,
-                out: torch.Tensor) -> torch.Tensor:
-    """`qgemm` for the calls `supported` accepts (same arguments, same result bit for bit)."""
+def qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, s_inv, scale, zero, group, group_stride: int, rows_per_sample: int,
+                a_bits: int, r_inv, residual2, out: torch.Tensor, out_tables: tuple, out_meta: dict) -> torch.Tensor:
+    """`qgemm` for the calls `supported` accepts: same arguments (the output quantizer already unpacked by
+    `gemm.output_quantizer`), same result bit for bit."""
     M, K = a2.shape
     N = w_op.shape[0]
+    a_float = a2.dtype != torch.int8
+    res = residual2 if residual2 is not None else out
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _tuned[grid](a2, w_op, w_sum, w_scale, bias if bias is not None else w_scale, out, scale, zero, group,
-                 M, N, K, rows_per_sample, group_stride, a2.stride(0), w_op.stride(0), out.stride(0),
-                 HAS_BIAS=bias is not None)
+    _tuned[grid](
+        a2, w_op, w_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group, *out_tables,
+        M, N, K, rows_per_sample, group_stride, a2.stride(0), w_op.stride(0), res.stride(0), res.stride(1), out.stride(0),
+        A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None, QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
+        HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, **out_meta,
+    )
     return out

@@ -1,12 +1,15 @@
-"""The Gluon wgmma W8A8 GEMM (sm_90 only) against `ops/reference.py`, every config forced in turn.
+"""The Gluon wgmma GEMM (sm_90 only, `TCAQ_WGMMA=1`) against `ops/reference.py`, every config forced in turn.
 
-GPU-only: Gluon kernels do not run in Triton's interpreter. On the CPU, tests/triton/test_profile_tools.py
-checks what the kernel compiles to for sm_90 (one wgmma in flight, no spills)."""
+Through `qlinear` with the routing switched on, so the launcher's plumbing is under test too; a spy
+asserts each call really went to the wgmma kernel. GPU-only: Gluon kernels do not run in Triton's
+interpreter. On the CPU, tests/triton/test_profile_tools.py checks what the kernel compiles to for sm_90
+(one wgmma in flight, no spills)."""
 import pytest
 import torch
 
 from tcaq_kernels.ops import reference as R
-from tcaq_kernels.ops.triton_ops import prepare_linear_weight
+from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
+from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import gemm as G
 from tcaq_kernels.triton import gemm_wgmma as W
 
@@ -20,59 +23,91 @@ SHAPES = [(2, 37, 272, 45), (1, 200, 1280, 320), (4, 33, 80, 200), (2, 512, 5120
 
 
 @pytest.fixture(params=range(len(W.CONFIGS)), ids=lambda i: "x".join(map(str, W.CONFIGS[i])))
-def config(request, monkeypatch):
-    """The wgmma module with one config of its kernel forced (the autotuner's list and cache restored afterwards)."""
+def wgmma(request, monkeypatch):
+    """Routing on, one config of the kernel forced (list and cache restored afterwards); yields the list
+    the spy appends to on every call that reached the kernel."""
+    monkeypatch.setattr(G, "USE_WGMMA", True)
     monkeypatch.setattr(W._tuned, "configs", [W._tuned.configs[request.param]])
     monkeypatch.setattr(W._tuned, "cache", {})
-    return W
+    calls, real = [], W.qgemm_wgmma
+    monkeypatch.setattr(W, "qgemm_wgmma", lambda *a: calls.append(1) or real(*a))
+    return calls
 
 
-def _run(W, a, w, t, w_scale, bias, out):
-    B, L, K = a.shape
-    w_q, w_sum = prepare_linear_weight(w, 8)
-    a2 = a.reshape(B * L, K)
-    assert W.supported(a2, w_q, None, out, None)
-    return W.qgemm_wgmma(a2, w_q, w_sum, w_scale, bias, t.scale, t.zero, t.group, 1, L, out)
+def _acc_ref(codes, w_int, t):
+    return R.int_linear(codes, w_int, t.per_sample(t.zero, codes.dim()))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_accumulator_exact(gen, config, shape):
-    """Unit scales, fp32 output: float(int32 accumulator − z·Σw), compared exactly; NaN-poisoned output."""
+def test_int8_codes_exact_accumulator(gen, wgmma, shape):
+    """Unit scales, fp32 output: float(int32 accumulator − z·Σw), compared exactly."""
     B, L, K, N = shape
     a, w = rand_int(gen, (B, L, K), 8, "cuda"), rand_int(gen, (N, K), 8, "cuda")
     t = Tables(gen, groups=4, batch=B, bits=8, device="cuda", unit_scale=True)
-    out = torch.full((B * L, N), float("nan"), device="cuda")
-    y = _run(config, a, w, t, torch.ones(N, device="cuda"), None, out)
-    ref = R.int_linear(a, w, t.per_sample(t.zero, 3)).float().reshape(B * L, N)
-    assert torch.equal(y, ref)
+    w_q, w_sum = prepare_linear_weight(w, 8)
+    y = qlinear(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                out_dtype=torch.float32)
+    assert wgmma == [1]
+    assert torch.equal(y, _acc_ref(a, w, t).float())
 
 
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_scaled_bias_output(gen, config, out_dtype):
+@pytest.mark.parametrize("a_bits", [8, 6])
+@pytest.mark.parametrize("tcr", [False, True])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_float_input_quantized_in_the_kernel_exact(gen, wgmma, a_bits, tcr, shape):
+    """bf16 input: the codes made in the kernel must be quantize_uniform's (TCR 1/r first)."""
+    B, L, K, N = shape
+    x = (torch.randn(B, L, K, generator=gen) * 3).to(torch.bfloat16).cuda()
+    w = rand_int(gen, (N, K), 8, "cuda")
+    t = Tables(gen, groups=3, batch=B, bits=a_bits, device="cuda", unit_scale=True)
+    r_inv = (torch.rand(K, generator=gen) + 0.5).cuda() if tcr else None
+    w_q, w_sum = prepare_linear_weight(w, 8)
+    y = qlinear(x, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group, a_bits, r_inv,
+                out_dtype=torch.float32)
+    assert wgmma == [1]
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), a_bits, r_inv, -1)
+    assert torch.equal(y, _acc_ref(codes, w, t).float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_epilogue_scale_bias_residual(gen, wgmma, out_dtype):
     B, L, K, N = 3, 70, 640, 136
-    a, w = rand_int(gen, (B, L, K), 8, "cuda"), rand_int(gen, (N, K), 8, "cuda")
-    t = Tables(gen, groups=5, batch=B, bits=8, device="cuda")
+    x = torch.randn(B, L, K, generator=gen).cuda()
+    w = rand_int(gen, (N, K), 8, "cuda")
     w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).cuda()
-    bias = torch.randn(N, generator=gen).to(out_dtype).cuda()
-    out = torch.full((B * L, N), float("nan"), device="cuda", dtype=out_dtype)
-    y = _run(config, a, w, t, w_scale, bias, out)
-    acc = R.int_linear(a, w, t.per_sample(t.zero, 3))
-    ref = R.epilogue(acc, w_scale, t.per_sample(t.scale, 3), bias.float(), -1).reshape(B * L, N)
-    assert_float_close(y, ref, "wgmma qgemm")
+    bias = torch.randn(N, generator=gen).cuda()
+    residual = torch.randn(B, L, N, generator=gen).to(out_dtype).cuda()
+    t = Tables(gen, groups=5, batch=B, bits=8, device="cuda")
+    w_q, w_sum = prepare_linear_weight(w, 8)
+    y = qlinear(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, residual=residual, out_dtype=out_dtype)
+    assert wgmma == [1]
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
+    ref = R.epilogue(_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual.float()
+    assert y.dtype == out_dtype
+    assert_float_close(y, ref, "wgmma qlinear")
 
 
-def test_qgemm_routes_supported_calls_when_enabled(gen, monkeypatch):
-    """With USE_WGMMA, `qgemm` hands int8×int8 float-output calls to the wgmma kernel and the rest not."""
-    calls = []
-    real = W.qgemm_wgmma
-    monkeypatch.setattr(W, "qgemm_wgmma", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(G, "USE_WGMMA", True)
-    M, K, N = 96, 256, 64
-    a, w = rand_int(gen, (M, K), 8, "cuda"), rand_int(gen, (N, K), 8, "cuda")
+def test_quantized_output_is_the_hosts_quantize_of_its_float_output(gen, wgmma):
+    """Next-layer int8 codes from the epilogue equal quantize_uniform of the same kernel's fp32 output."""
+    B, L, K, N = 2, 96, 320, 200
+    x = torch.randn(B, L, K, generator=gen).to(torch.bfloat16).cuda()
+    w_q, w_sum = prepare_linear_weight(rand_int(gen, (N, K), 8, "cuda"), 8)
+    w_scale = (torch.rand(N, generator=gen) * 1e-3 + 1e-4).cuda()
+    bias = torch.randn(N, generator=gen).cuda()
+    t, nxt = (Tables(gen, groups=4, batch=B, bits=8, device="cuda") for _ in range(2))
+    out_r_inv = (torch.rand(N, generator=gen) + 0.5).cuda()
+    args = (x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group)
+    y = qlinear(*args, out_dtype=torch.float32)
+    codes = qlinear(*args, out_s_inv=nxt.s_inv, out_zero=nxt.zero, out_r_inv=out_r_inv)
+    assert wgmma == [1, 1] and codes.dtype == torch.int8
+    expect = P.quantize_uniform(y, t.per_sample(nxt.s_inv, 3), t.per_sample(nxt.zero, 3), 8, out_r_inv, -1)
+    assert torch.equal(codes, expect)
+
+
+def test_int4_weights_and_small_m_stay_on_the_tl_dot_kernel(gen, wgmma):
     t = Tables(gen, groups=2, batch=1, bits=8, device="cuda", unit_scale=True)
-    for bits, expect in ((8, 1), (4, 1)):  # int4 weights stay on the tl.dot kernel
-        w_q, w_sum = prepare_linear_weight(w if bits == 8 else rand_int(gen, (N, K), 4, "cuda"), bits)
-        out = torch.empty(M, N, device="cuda")
-        G.qgemm(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group, 0, M, 8,
-                None, None, out)
-        assert len(calls) == expect
+    for M, bits in ((96, 4), (32, 8)):
+        w_q, w_sum = prepare_linear_weight(rand_int(gen, (64, 256), bits, "cuda"), bits)
+        qlinear(rand_int(gen, (M, 256), 8, "cuda"), w_q, w_sum, torch.ones(64, device="cuda"), None,
+                t.s_inv, t.scale, t.zero, t.group, out_dtype=torch.float32)
+    assert wgmma == []
