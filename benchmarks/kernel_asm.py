@@ -9,8 +9,8 @@ ints ≡ 0 mod 16 marked divisible, ints equal to 1 specialised) and reports:
 
 * the MMA: `wgmma` (Hopper's asynchronous warpgroup MMA) or `mma.sync` (the Ampere instruction);
 * the deepest `wgmma.wait_group` count (0: each MMA is waited for before the next is issued — what
-  Triton 3.6 does with every int8 `tl.dot`; 1: one MMA in flight — the variants `w8a8-wgmma` and
-  `w8a8-fused-wgmma`, the Gluon kernel of `gemm_wgmma.py` on int8 codes and on bf16 input);
+  Triton 3.6 does with every int8 `tl.dot`; 1: one MMA in flight — the `…-wgmma` variants, the Gluon
+  kernel of `gemm_wgmma.py` on int8 codes or bf16 input, int8 or packed int4 weights);
 * whether operands arrive by `cp.async` (software pipeline) or only by plain loads;
 * registers per thread, spill stores/loads (bytes) and shared memory per block.
 
@@ -41,6 +41,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tcaq_kernels.triton import gemm, gemm_wgmma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+WGMMA_VARIANTS = ("w8a8-wgmma", "w4a8-wgmma", "w8a8-fused-wgmma", "w4a8-fused-wgmma")
 VARIANTS = {  # name: (A operand, packed int4 weights)
     "w8a8": ("*i8", False), "w4a8": ("*i8", True), "w8a8-fused": ("*bf16", False), "w4a8-fused": ("*bf16", True),
 }
@@ -100,7 +101,7 @@ def kernel_args(M: int, N: int, K: int, a_type: str, w4: bool) -> dict:
         "bias_ptr": ptr("*bf16"), "res_ptr": ptr("*bf16"), "out_ptr": ptr("*bf16"), "part_ptr": ptr("*bf16"),
         "r_inv_ptr": ptr("*fp32"), "s_inv_ptr": ptr("*fp32"), "scale_ptr": ptr("*fp32"), "zero_ptr": ptr("*i32"),
         "group_ptr": ptr("*i32"), "out_s_inv_ptr": ptr("*bf16"), "out_zero_ptr": ptr("*bf16"), "out_r_inv_ptr": ptr("*bf16"),
-        "M": ("i32", M), "N": ("i32", N), "K": ("i32", K), "k_per_split": ("i32", K), "rows_per_sample": ("i32", M // 2),
+        "M": ("i32", M), "N": ("i32", N), "K": ("i32", K), "KW": ("i32", (K + 1) // 2 if w4 else K), "k_per_split": ("i32", K), "rows_per_sample": ("i32", M // 2),
         "group_stride": ("i32", 1), "stride_am": ("i32", K), "stride_ak": ("i32", 1),
         "stride_wn": ("i32", (K + 1) // 2 if w4 else K), "stride_rm": ("i32", N), "stride_rn": ("i32", 1),
         "stride_om": ("i32", N),
@@ -118,14 +119,14 @@ def compile_variant(M, N, K, variant: str, config: triton.Config):
     return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def compile_wgmma(M, N, K, config: tuple, a_float: bool = False):
+def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False):
     """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output;
-    `a_float`: bf16 activations quantized in registers)."""
+    `a_float`: bf16 activations quantized in registers; `w4`: packed int4 weights)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, warps = config
     fn = gemm_wgmma._w8a8_wgmma_kernel
-    args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", False)  # the two kernels share these names
-    constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
+    args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", w4)  # the two kernels share these names
+    constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
                       OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -172,8 +173,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", default=[], help="MxNxK (repeatable)")
     p.add_argument("--probe", action="store_true", help="first the bare dot loop in int8, fp8 and bf16")
-    p.add_argument("--variants", default=",".join([*VARIANTS, "w8a8-wgmma", "w8a8-fused-wgmma"]),
-                   help="of the tl.dot kernel, and w8a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
+    p.add_argument("--variants", default=",".join([*VARIANTS, *WGMMA_VARIANTS]),
+                   help="of the tl.dot kernel, and w{8,4}a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     rows = []
@@ -185,9 +186,9 @@ def main(argv=None) -> int:
     for shape in a.shape:
         M, N, K = (int(v) for v in shape.lower().split("x"))
         for variant in a.variants.split(","):
-            if variant in ("w8a8-wgmma", "w8a8-fused-wgmma"):
+            if variant.endswith("-wgmma"):
                 for cfg in gemm_wgmma.CONFIGS:
-                    info = describe(compile_wgmma(M, N, K, cfg, a_float=variant == "w8a8-fused-wgmma"))
+                    info = describe(compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=variant.startswith("w4")))
                     rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
                         *cfg[:3], w=cfg[4], s=cfg[3]), **info})
                     _print(rows[-1])

@@ -13,7 +13,9 @@ per column) and stores the codes to one of two shared buffers the MMA reads. (A 
 that store, but Triton 3.6 cannot lower a wait that keeps int8 register operands alive: "Unexpected
 bitwidth in WGMMAWaitGroupOp: 8".)
 The epilogue is `gemm.linear_epilogue` itself (bias, residual, float or next-layer int8 output), so the
-numbers are the `tl.dot` kernel's. Not here: int4 weights and split-K (`qgemm` keeps those on `tl.dot`).
+numbers are the `tl.dot` kernel's. Packed int4 weights arrive as half the bytes and are widened to int8
+in registers (`numerics.unpack_int4_rows`), then stored to a double buffer the MMA reads, like the float
+path's codes. Not here: split-K (`qgemm` keeps it on `tl.dot`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .gemm import linear_epilogue
-from .numerics import quantize_uniform, tuning_bench
+from .numerics import quantize_uniform, tuning_bench, unpack_int4_rows
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps). 128×256 is left out: its accumulator alone fills half of
 #: the 255 registers and ptxas spills (benchmarks/kernel_asm.py).
@@ -61,10 +63,11 @@ def _copy_layout(rows, cols, elem_bits, num_warps):
 
 
 @gluon.jit
-def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left):
-    """cp.async of one K step of both operands (zeros past M, N and K), as one commit group."""
+def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left):
+    """cp.async of one K step of both operands (zeros past M, N and K), as one commit group. `w_left`
+    counts the weight row's remaining bytes (half of `k_left`, rounded up, for packed int4)."""
     async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=m_ok[:, None] & (ka < k_left)[None, :])
-    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=n_ok[:, None] & (kw < k_left)[None, :])
+    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=n_ok[:, None] & (kw < w_left)[None, :])
     async_copy.commit_group()
 
 
@@ -72,8 +75,8 @@ def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left):
 def _w8a8_wgmma_kernel(
     a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
     r_inv_ptr, s_inv_ptr, scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
-    M, N, K, rows_per_sample, group_stride, stride_am, stride_wn, stride_rm, stride_rn, stride_om,
-    A_FLOAT: gl.constexpr, HAS_RINV: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr,
+    M, N, K, KW, rows_per_sample, group_stride, stride_am, stride_wn, stride_rm, stride_rn, stride_om,
+    A_FLOAT: gl.constexpr, HAS_RINV: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr, W4: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
@@ -85,12 +88,14 @@ def _w8a8_wgmma_kernel(
     off_n = (pid // num_m) * BLOCK_N
 
     a_ty: gl.constexpr = a_ptr.dtype.element_ty
+    WK: gl.constexpr = BLOCK_K // 2 if W4 else BLOCK_K  # weight bytes per row and step (KW: per whole row;
+    # an argument, not (K + 1) // 2, so the JIT knows when it is a multiple of 16 and cp.async can move 16 bytes)
     a_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, a_ty.primitive_bitwidth, num_warps)
-    w_copy: gl.constexpr = _copy_layout(BLOCK_N, BLOCK_K, 8, num_warps)
+    w_copy: gl.constexpr = _copy_layout(BLOCK_N, WK, 8, num_warps)
     rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
     ka = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_copy))
     rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
-    kw = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, w_copy))
+    kw = gl.arange(0, WK, layout=gl.SliceLayout(0, w_copy))
     a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + ka[None, :]
     w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :]
     m_ok = rm < M
@@ -98,11 +103,11 @@ def _w8a8_wgmma_kernel(
 
     a_smem = gl.allocate_shared_memory(a_ty, [STAGES, BLOCK_M, BLOCK_K],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], a_ty))
-    w_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_N, BLOCK_K],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+    w_ty: gl.constexpr = w_ptr.dtype.element_ty
+    w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
     for p in gl.static_range(STAGES - 1):  # prologue: steps 0 … STAGES-2 in flight (empty masks past K)
-        _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + p * BLOCK_K, w_ptrs + p * BLOCK_K,
-                    m_ok, n_ok, ka, kw, K - p * BLOCK_K)
+        _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + p * BLOCK_K, w_ptrs + p * WK,
+                    m_ok, n_ok, ka, kw, K - p * BLOCK_K, KW - p * WK)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
@@ -112,6 +117,9 @@ def _w8a8_wgmma_kernel(
         q_zero = gl.load(zero_ptr + qg)[:, None]
         q_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_M, BLOCK_K],
                                            gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
+    if W4:  # two buffers for the widened weights
+        w8_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
 
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
     num_k = (K + BLOCK_K - 1) // BLOCK_K
@@ -120,7 +128,15 @@ def _w8a8_wgmma_kernel(
         async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed …
         gl.thread_barrier()  # … and everyone else's
         fence_async_shared()  # generic-proxy writes before the MMA's async-proxy reads
-        w_op = w_smem.index(s).permute((1, 0))
+        if W4:  # int4 widened to int8 in registers (Hopper has no 4-bit MMA), into buffer i % 2 as below
+            w8 = w8_smem.index(i % 2)
+            w8.store(unpack_int4_rows(w_smem.index(s).load(w_copy), BLOCK_N, BLOCK_K))
+            if not A_FLOAT:
+                fence_async_shared()
+                gl.thread_barrier()
+            w_op = w8.permute((1, 0))
+        else:
+            w_op = w_smem.index(s).permute((1, 0))
         if A_FLOAT:
             u = a_smem.index(s).load(a_copy).to(gl.float32)
             if HAS_RINV:
@@ -139,8 +155,8 @@ def _w8a8_wgmma_kernel(
         # step i-1's MMA is done: its buffers take step i+STAGES-1 (every warpgroup past the wait first)
         gl.thread_barrier()
         j = i + STAGES - 1
-        _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + j * BLOCK_K, w_ptrs + j * BLOCK_K,
-                    m_ok, n_ok, ka, kw, K - j * BLOCK_K)
+        _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + j * BLOCK_K, w_ptrs + j * WK,
+                    m_ok, n_ok, ka, kw, K - j * BLOCK_K, KW - j * WK)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
@@ -155,15 +171,16 @@ def _w8a8_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["M", "N", "K", "A_FLOAT", "HAS_RES", "OUT_Q"], do_bench=tuning_bench,
+    key=["M", "N", "K", "A_FLOAT", "W4", "HAS_RES", "OUT_Q"], do_bench=tuning_bench,
 )(_w8a8_wgmma_kernel)
 
 
 def supported(a2: torch.Tensor, w_op: torch.Tensor, split_k) -> bool:
-    """Whether `qgemm` may hand this call to the wgmma kernel: sm_90, int8 weights (not packed int4), no
-    split requested, at least one 64-row tile, and operand rows whose byte strides are 16-byte multiples
-    (cp.async moves 16 bytes per thread)."""
-    return (a2.is_cuda and torch.cuda.get_device_capability(a2.device) == (9, 0) and w_op.dtype == torch.int8
+    """Whether `qgemm` may hand this call to the wgmma kernel: sm_90, no split requested, at least one
+    64-row tile, and operand rows whose byte strides are 16-byte multiples (cp.async moves 16 bytes per
+    thread; packed int4 rows are ⌈K/2⌉ bytes)."""
+    return (a2.is_cuda and torch.cuda.get_device_capability(a2.device) == (9, 0)
+            and w_op.dtype in (torch.int8, torch.uint8)
             and (split_k or 1) == 1 and a2.shape[0] >= 64 and a2.stride(1) == 1 and w_op.stride(1) == 1
             and (a2.stride(0) * a2.element_size()) % 16 == 0 and w_op.stride(0) % 16 == 0)
 
@@ -180,8 +197,9 @@ def qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, s_inv, scale, zero, group, group
     _tuned[grid](
         a2, w_op, w_sum, w_scale, bias if bias is not None else w_scale, res, out,
         r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group, *out_tables,
-        M, N, K, rows_per_sample, group_stride, a2.stride(0), w_op.stride(0), res.stride(0), res.stride(1), out.stride(0),
+        M, N, K, w_op.shape[1], rows_per_sample, group_stride, a2.stride(0), w_op.stride(0), res.stride(0), res.stride(1),
+        out.stride(0),
         A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None, QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
-        HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, **out_meta,
+        W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, **out_meta,
     )
     return out

@@ -38,30 +38,32 @@ def _acc_ref(codes, w_int, t):
     return R.int_linear(codes, w_int, t.per_sample(t.zero, codes.dim()))
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_int8_codes_exact_accumulator(gen, wgmma, shape):
+def test_int8_codes_exact_accumulator(gen, wgmma, shape, w_bits):
     """Unit scales, fp32 output: float(int32 accumulator − z·Σw), compared exactly."""
     B, L, K, N = shape
-    a, w = rand_int(gen, (B, L, K), 8, "cuda"), rand_int(gen, (N, K), 8, "cuda")
+    a, w = rand_int(gen, (B, L, K), 8, "cuda"), rand_int(gen, (N, K), w_bits, "cuda")
     t = Tables(gen, groups=4, batch=B, bits=8, device="cuda", unit_scale=True)
-    w_q, w_sum = prepare_linear_weight(w, 8)
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
     y = qlinear(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
                 out_dtype=torch.float32)
     assert wgmma == [1]
     assert torch.equal(y, _acc_ref(a, w, t).float())
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("a_bits", [8, 6])
 @pytest.mark.parametrize("tcr", [False, True])
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_float_input_quantized_in_the_kernel_exact(gen, wgmma, a_bits, tcr, shape):
+def test_float_input_quantized_in_the_kernel_exact(gen, wgmma, a_bits, tcr, shape, w_bits):
     """bf16 input: the codes made in the kernel must be quantize_uniform's (TCR 1/r first)."""
     B, L, K, N = shape
     x = (torch.randn(B, L, K, generator=gen) * 3).to(torch.bfloat16).cuda()
-    w = rand_int(gen, (N, K), 8, "cuda")
+    w = rand_int(gen, (N, K), w_bits, "cuda")
     t = Tables(gen, groups=3, batch=B, bits=a_bits, device="cuda", unit_scale=True)
     r_inv = (torch.rand(K, generator=gen) + 0.5).cuda() if tcr else None
-    w_q, w_sum = prepare_linear_weight(w, 8)
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
     y = qlinear(x, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group, a_bits, r_inv,
                 out_dtype=torch.float32)
     assert wgmma == [1]
@@ -104,10 +106,10 @@ def test_quantized_output_is_the_hosts_quantize_of_its_float_output(gen, wgmma):
     assert torch.equal(codes, expect)
 
 
-def test_int4_weights_and_small_m_stay_on_the_tl_dot_kernel(gen, wgmma):
+def test_small_m_split_k_and_unaligned_rows_stay_on_the_tl_dot_kernel(gen, wgmma):
     t = Tables(gen, groups=2, batch=1, bits=8, device="cuda", unit_scale=True)
-    for M, bits in ((96, 4), (32, 8)):
-        w_q, w_sum = prepare_linear_weight(rand_int(gen, (64, 256), bits, "cuda"), bits)
-        qlinear(rand_int(gen, (M, 256), 8, "cuda"), w_q, w_sum, torch.ones(64, device="cuda"), None,
-                t.s_inv, t.scale, t.zero, t.group, out_dtype=torch.float32)
+    for M, K, bits, split_k in ((32, 256, 8, None), (96, 256, 8, 2), (96, 200, 4, None)):  # 200 → 100-byte int4 rows
+        w_q, w_sum = prepare_linear_weight(rand_int(gen, (64, K), bits, "cuda"), bits)
+        qlinear(rand_int(gen, (M, K), 8, "cuda"), w_q, w_sum, torch.ones(64, device="cuda"), None,
+                t.s_inv, t.scale, t.zero, t.group, out_dtype=torch.float32, split_k=split_k)
     assert wgmma == []
