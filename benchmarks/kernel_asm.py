@@ -38,7 +38,7 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tcaq_kernels.triton import gemm, gemm_wgmma  # noqa: E402
+from tcaq_kernels.triton import conv_wgmma, gemm, gemm_wgmma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 WGMMA_VARIANTS = ("w8a8-wgmma", "w4a8-wgmma", "w8a8-fused-wgmma", "w4a8-fused-wgmma")
@@ -133,6 +133,28 @@ def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = Fals
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
 
+def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False):
+    """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
+    with bias, int8 or packed int4 weights."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    B, C, H, W, N, k, stride = shape
+    bm, bn, bk, stages, warps = config
+    OH, OW = (H + 2 * (k // 2) - k) // stride + 1, (W + 2 * (k // 2) - k) // stride + 1
+    cw = (C + 1) // 2 if w4 else C
+    ptrs = dict(x_ptr="*i8", w_ptr="*u8" if w4 else "*i8", w_tap_sum_ptr="*i32", w_scale_ptr="*fp32", bias_ptr="*bf16",
+                res_ptr="*bf16", out_ptr="*bf16", scale_ptr="*fp32", zero_ptr="*i32", group_ptr="*i32",
+                out_s_inv_ptr="*bf16", out_zero_ptr="*bf16", out_r_inv_ptr="*bf16")
+    ints = dict(B=B, H=H, W=W, C=C, CW=cw, N=N, OH=OH, OW=OW, pad_h=k // 2, pad_w=k // 2, group_stride=1,
+                stride_wn=k * k * cw, stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
+    args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
+    constexprs = dict(KH=k, KW=k, STRIDE=stride, W4=w4, HAS_BIAS=True, HAS_RES=False, OUT_Q=False, OUT_HAS_RINV=False,
+                      OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+    fn = conv_wgmma._qconv_wgmma_kernel
+    signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
+    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
+
+
 def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
     """Registers and spill bytes as ptxas reports them for `ptx` (Triton's own ptxas)."""
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
@@ -173,6 +195,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", action="append", default=[], help="MxNxK (repeatable)")
     p.add_argument("--probe", action="store_true", help="first the bare dot loop in int8, fp8 and bf16")
+    p.add_argument("--conv", action="append", default=[], metavar="B,C,H,W,N,k,stride",
+                   help="also the Gluon conv (int8 and int4 weights, every config) on this NHWC shape (repeatable)")
     p.add_argument("--variants", default=",".join([*VARIANTS, *WGMMA_VARIANTS]),
                    help="of the tl.dot kernel, and w{8,4}a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -197,6 +221,14 @@ def main(argv=None) -> int:
                 tile = "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**cfg.kwargs) + f" w{cfg.num_warps} s{cfg.num_stages}"
                 info = describe(compile_variant(M, N, K, variant, cfg))
                 rows.append({"shape": shape, "variant": variant, "config": tile, **info})
+                _print(rows[-1])
+    for text in a.conv:
+        shape = tuple(int(v) for v in text.split(","))
+        for w4 in (False, True):
+            for cfg in conv_wgmma.CONFIGS:
+                info = describe(compile_conv_wgmma(shape, cfg, w4))
+                rows.append({"shape": "conv " + text, "variant": "w4a8-conv-wgmma" if w4 else "w8a8-conv-wgmma",
+                             "config": "{}x{}x{} w{w} s{s}".format(*cfg[:3], w=cfg[4], s=cfg[3]), **info})
                 _print(rows[-1])
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")

@@ -60,7 +60,7 @@ import triton
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
-from tcaq_kernels.triton import gemm_wgmma
+from tcaq_kernels.triton import conv_wgmma, gemm_wgmma
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
@@ -338,6 +338,16 @@ def run_conv(model, shape, card, command):
         "triton-w4a8": (lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
         "triton-w8a8+quant": (lambda: qconv2d(v.x, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
     }
+    if conv_wgmma.supported(v.codes, v.ops[4][0], M, 1):  # the Gluon conv (sm_90), called as qconv would
+        OH, OW = (H + pads[0] + pads[1] - k) // stride + 1, (W + pads[2] + pads[3] - k) // stride + 1
+        out = torch.empty(B, N, OH, OW, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        tables, meta = output_quantizer(out, None, None, None, 8)
+        s_inv, scale, zero, group = v.tab
+        for bits in (8, 4):
+            floors[f"gluon-w{bits}a8"] = floors[f"triton-w{bits}a8"]
+            impls[f"gluon-w{bits}a8"] = (lambda bits=bits: conv_wgmma.qconv_wgmma(
+                v.codes, *v.ops[bits], v.w_scale, v.bias, scale, zero, group, 1, stride, pads, None, out, tables, meta),
+                conv_wgmma._tuned)
     return _time_all("conv", model, label, count, ops, impls, floors, "cudnn-bf16", card, command)
 
 

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4
+from . import gemm
 from .gemm import AUTO_SPLIT_K, choose_split_k, output_quantizer
 from .numerics import grouped_tile, interpreting, quantize_output, quick_tuning, tuning_bench, unpack_int4_rows
 
@@ -288,6 +289,11 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     bias_arg = bias if bias is not None else w_scale
     res_strides = (res.stride(0), res.stride(1), res.stride(2), res.stride(3))
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
+    if gemm.USE_WGMMA:
+        from . import conv_wgmma
+        if conv_wgmma.supported(x_nhwc, w_op, M, split_k):
+            return conv_wgmma.qconv_wgmma(x_nhwc, w_op, w_tap_sum, w_scale, bias, scale, zero, group, group_stride,
+                                          stride, padding, residual, out, out_tables, out_meta)
     tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)

@@ -221,8 +221,9 @@ _MAX_SPLIT_K = 16
 #: unsplit kernel measured on the H100. `TCAQ_AUTO_SPLIT_K=1` turns the heuristic on; an explicit
 #: `split_k=n` always splits.
 AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
-#: Whether GEMMs with int8 weights go to the Gluon kernel of `gemm_wgmma.py` (sm_90, M ≥ 64), which keeps
-#: one wgmma in flight where Triton's `tl.dot` waits on each. Off until it has run on a GPU.
+#: Whether GEMMs and convs go to the Gluon kernels of `gemm_wgmma.py` / `conv_wgmma.py` where they can
+#: (sm_90, M ≥ 64, no split-K), which keep one wgmma in flight where Triton's `tl.dot` waits on each.
+#: Off until they have run on a GPU.
 USE_WGMMA = os.environ.get("TCAQ_WGMMA", "0") == "1"
 
 

@@ -1,5 +1,6 @@
 """The two tools behind the README's explanation of the kernel speeds: the Nsight Compute summary
-(benchmarks/ncu_summary.py) and the sm_90 cross-compile report (benchmarks/kernel_asm.py)."""
+(benchmarks/ncu_summary.py) and the sm_90 cross-compile report (benchmarks/kernel_asm.py), which is also
+the CPU's only check of the Gluon kernels (gemm_wgmma.py, conv_wgmma.py)."""
 from __future__ import annotations
 
 import json
@@ -75,7 +76,8 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     the tool switches Triton's interpreter off, which this test process needs on."""
     out = tmp_path / "asm.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_asm.py"), "--probe", "--shape", "64x96x256",
-                    "--variants", "w8a8,w4a8,w8a8-wgmma,w4a8-fused-wgmma", "--json", str(out)], check=True, capture_output=True, text=True,
+                    "--variants", "w8a8,w4a8,w8a8-wgmma,w4a8-fused-wgmma", "--conv", "2,64,9,7,40,3,1",
+                    "--json", str(out)], check=True, capture_output=True, text=True,
                    timeout=600)
     rows = json.loads(out.read_text())
     probe = {r["variant"]: r for r in rows if r["shape"].startswith("probe")}
@@ -86,7 +88,9 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     assert (probe["bf16"]["max_wgmma_wait"], probe["fp8"]["max_wgmma_wait"], probe["int8"]["max_wgmma_wait"]) == (1, 1, 0)
     ours = [r for r in rows if r["shape"] == "64x96x256"]
     assert {r["variant"] for r in ours} == {"w8a8", "w4a8", "w8a8-wgmma", "w4a8-fused-wgmma"} and len(ours) >= 12
-    for r in (r for r in ours if r["variant"].endswith("-wgmma")):  # the point of the Gluon kernel
+    convs = [r for r in rows if r["shape"].startswith("conv")]
+    assert {r["variant"] for r in convs} == {"w8a8-conv-wgmma", "w4a8-conv-wgmma"}
+    for r in [*convs, *(r for r in ours if r["variant"].endswith("-wgmma"))]:  # the point of the Gluon kernels
         assert r["max_wgmma_wait"] == 1 and r["cp_async"] and r["spill_store_bytes"] == 0, r
     for r in ours:
         assert any(m.startswith("wgmma") for m in r["mma"]), r  # 64-row tiles and up use Hopper's MMA

@@ -1,0 +1,171 @@
+"""Implicit-GEMM conv2d for Hopper in Gluon: `conv._qconv_kernel`'s algorithm with int8 wgmma kept in flight.
+
+Why: the conv's `tl.dot` waits on every int8 wgmma like the GEMM's (see `gemm_wgmma.py`). This is the
+same pipeline as that GEMM — a cp.async ring of STAGES buffers filled STAGES-1 reduction steps ahead,
+each MMA issued asynchronously and only the previous one waited for — over `conv.py`'s reduction: steps
+(filter tap, channel block) with channels fastest, the A tile gathered straight from NHWC codes (out-of-
+image taps zero-filled by the masked copy), packed int4 weights widened in registers through a double
+buffer. The epilogue is `conv.conv_epilogue` itself (padding read as z via the per-tap weight sums,
+scales, bias, residual, float or next-layer codes), so the result is `_qconv_kernel`'s bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+from .conv import conv_epilogue, output_pixels
+from .gemm_wgmma import _copy_layout, _instr_n, _warps
+from .numerics import tuning_bench, unpack_int4_rows
+
+#: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps); BLOCK_K 64 divides every SD/DDPM channel count
+CONFIGS = [(128, 128, 64, 4, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
+           (128, 128, 128, 4, 8), (64, 128, 128, 4, 4)]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Channel blocks that tile C exactly where one does (a 128 block over C = 320 would load half-empty
+    tiles), else the smallest."""
+    C = named_args["C"]
+    exact = [c for c in configs if C % c.kwargs["BLOCK_K"] == 0]
+    return exact or [c for c in configs if c.kwargs["BLOCK_K"] == 64]
+
+
+@gluon.jit
+def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, n_iter, c_blocks, H, W, C, CW,
+                 a_dst, w_dst, KW: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
+    """cp.async of reduction step `it` (tap, channel block) of both operands, as one commit group; zeros
+    for out-of-image taps, channels past C and steps past the last (the ring's tail)."""
+    tap = it // c_blocks
+    c0 = (it - tap * c_blocks) * BLOCK_K
+    ih = ih0 + tap // KW
+    iw = iw0 + tap % KW
+    live = it < n_iter
+    inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & live
+    a_ptrs = x_rows + ((ih * W + iw) * C + c0)[:, None] + ka[None, :]
+    async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
+    w_ptrs = w_rows + tap * CW + c0 * WK // BLOCK_K
+    async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & (kw < CW - c0 * WK // BLOCK_K)[None, :])
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _qconv_wgmma_kernel(
+    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
+    B, H, W, C, CW, N, OH, OW, pad_h, pad_w, group_stride,
+    stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
+    KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, W4: gl.constexpr,
+    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+    OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+):
+    num_warps: gl.constexpr = gl.num_warps()
+    M = B * OH * OW
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    pid = gl.program_id(0)
+    off_m = (pid % num_m) * BLOCK_M  # neighbouring programs share a weight tile while it is in L2
+    off_n = (pid // num_m) * BLOCK_N
+
+    WK: gl.constexpr = BLOCK_K // 2 if W4 else BLOCK_K  # weight bytes per row and step (CW: per tap row)
+    a_copy: gl.constexpr = _copy_layout(BLOCK_M, BLOCK_K, 8, num_warps)
+    w_copy: gl.constexpr = _copy_layout(BLOCK_N, WK, 8, num_warps)
+    rm = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_copy))
+    ka = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_copy))
+    rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
+    kw = gl.arange(0, WK, layout=gl.SliceLayout(0, w_copy))
+    b, oh, ow, g, zero = output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr)
+    ih0 = oh * STRIDE - pad_h
+    iw0 = ow * STRIDE - pad_w
+    x_rows = x_ptr + (b.to(gl.int64) * H * W * C)[:, None]
+    w_rows = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :]
+    m_ok = rm < M
+    n_ok = rn < N
+    c_blocks = (C + BLOCK_K - 1) // BLOCK_K
+    n_iter = KH * KW * c_blocks
+
+    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
+    w_ty: gl.constexpr = w_ptr.dtype.element_ty
+    w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
+    if W4:
+        w8_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+    for p in gl.static_range(STAGES - 1):
+        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, p, n_iter, c_blocks, H, W, C, CW,
+                     a_smem.index(p), w_smem.index(p), KW, BLOCK_K, WK)
+
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
+    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
+    for i in range(n_iter):
+        s = i % STAGES
+        async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed …
+        gl.thread_barrier()  # … and everyone else's
+        fence_async_shared()
+        if W4:  # widened into buffer i % 2, last read by MMA i-2, which the previous step's wait retired
+            w8 = w8_smem.index(i % 2)
+            w8.store(unpack_int4_rows(w_smem.index(s).load(w_copy), BLOCK_N, BLOCK_K))
+            fence_async_shared()
+            gl.thread_barrier()
+            w_op = w8.permute((1, 0))
+        else:
+            w_op = w_smem.index(s).permute((1, 0))
+        acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
+        j = i + STAGES - 1
+        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, j, n_iter, c_blocks, H, W, C, CW,
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, BLOCK_K, WK)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+
+    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
+    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    eb, eoh, eow, eg, ezero = output_pixels(em, M, OH, OW, group_ptr, group_stride, zero_ptr)
+    conv_epilogue(acc, em, en, eb, eoh, eow, eoh * STRIDE - pad_h, eow * STRIDE - pad_w, ezero, eg, M, N, H, W,
+                  w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
+                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
+
+
+_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
+             for bm, bn, bk, st, w in CONFIGS],
+    key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "HAS_RES", "OUT_Q"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
+)(_qconv_wgmma_kernel)
+
+
+def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int, split_k: int) -> bool:
+    """Whether `qconv` may hand this call to the wgmma kernel: sm_90, no split, at least one 64-pixel tile,
+    contiguous NHWC codes and weight rows whose 16-byte copies stay aligned (C and the packed ⌈C/2⌉ bytes
+    multiples of 16)."""
+    C = x_nhwc.shape[3]
+    return (x_nhwc.is_cuda and torch.cuda.get_device_capability(x_nhwc.device) == (9, 0) and split_k == 1
+            and M >= 64 and x_nhwc.is_contiguous() and w_op.is_contiguous() and C % 16 == 0
+            and w_op.shape[3] % 16 == 0)
+
+
+def qconv_wgmma(x_nhwc, w_op, w_tap_sum, w_scale, bias, scale, zero, group, group_stride: int, stride: int,
+                padding, residual, out: torch.Tensor, out_tables: tuple, out_meta: dict) -> torch.Tensor:
+    """`conv.qconv` for the calls `supported` accepts (same arguments, the output quantizer already
+    unpacked by `gemm.output_quantizer`), same result bit for bit."""
+    B, H, W, C = x_nhwc.shape
+    N, KH, KW, CW = w_op.shape
+    OH, OW = out.shape[2], out.shape[3]
+    M = B * OH * OW
+    res = residual if residual is not None else out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _tuned[grid](
+        x_nhwc, w_op, w_tap_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        scale, zero, group, *out_tables,
+        B, H, W, C, CW, N, OH, OW, padding[0], padding[2], group_stride,
+        w_op.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        KH=KH, KW=KW, STRIDE=stride, W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None, **out_meta,
+    )
+    return out

@@ -1,0 +1,92 @@
+"""The Gluon wgmma implicit-GEMM conv (sm_90 only, `TCAQ_WGMMA=1`) against `ops/reference.int_conv2d`.
+
+Through `qconv2d` with the routing on and every config forced in turn; a spy asserts each call reached
+the wgmma kernel. GPU-only (Gluon does not run in Triton's interpreter); the CPU checks what it compiles to
+(tests/triton/test_profile_tools.py)."""
+import pytest
+import torch
+
+from tcaq_kernels.ops import reference as R
+from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d
+from tcaq_kernels.quant import primitives as P
+from tcaq_kernels.triton import conv_wgmma as CW
+from tcaq_kernels.triton import gemm as G
+
+from _tables import Tables, assert_float_close, rand_int
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
+
+# (B, C, H, W, N, k, stride, pads): 3×3 with padding, stride 2 with DDPM's asymmetric pad, 1×1, N not a
+# tile multiple, C a multiple of 64 and of 128, pixels not a tile multiple
+CASES = [
+    (2, 64, 9, 7, 40, 3, 1, (1, 1, 1, 1)),
+    (2, 128, 8, 8, 72, 3, 2, (0, 1, 0, 1)),
+    (1, 320, 12, 10, 320, 3, 1, (1, 1, 1, 1)),
+    (2, 256, 6, 11, 136, 1, 1, (0, 0, 0, 0)),
+]
+
+
+@pytest.fixture(params=range(len(CW.CONFIGS)), ids=lambda i: "x".join(map(str, CW.CONFIGS[i])))
+def wgmma(request, monkeypatch):
+    """Routing on, one config forced (kept by the prune only where it tiles C), the spy's call list."""
+    monkeypatch.setattr(G, "USE_WGMMA", True)
+    monkeypatch.setattr(CW._tuned, "configs", [CW._tuned.configs[request.param]])
+    monkeypatch.setattr(CW._tuned, "cache", {})
+    monkeypatch.setattr(CW._tuned, "early_config_prune", None)
+    calls, real = [], CW.qconv_wgmma
+    monkeypatch.setattr(CW, "qconv_wgmma", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _ref_acc(codes_nchw, w_int, t, stride, pads):
+    """Reference accumulator with the padding read as the code z (asymmetric pads done by hand)."""
+    top, bottom, left, right = pads
+    z = t.per_sample(t.zero, 4)
+    padded = torch.nn.functional.pad(codes_nchw.double() - z.double(), (left, right, top, bottom)) + z.double()
+    return R.int_conv2d(padded, w_int, z, (stride, stride), (0, 0))
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", CASES)
+def test_int8_codes_exact_accumulator(gen, wgmma, w_bits, case):
+    B, C, H, W, N, k, stride, pads = case
+    codes = rand_int(gen, (B, C, H, W), 8, "cuda")
+    w = rand_int(gen, (N, C, k, k), w_bits, "cuda")
+    t = Tables(gen, groups=4, batch=B, bits=8, device="cuda", unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device="cuda"), None,
+                t.s_inv, t.scale, t.zero, t.group, stride, list(pads), out_dtype=torch.float32)
+    assert wgmma == [1]
+    assert torch.equal(y, _ref_acc(codes, w, t, stride, pads).float())
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_scales_bias_residual_and_next_layer_codes(gen, wgmma, out_dtype):
+    B, C, H, W, N = 2, 128, 10, 9, 96
+    codes = rand_int(gen, (B, C, H, W), 8, "cuda")
+    w = rand_int(gen, (N, C, 3, 3), 8, "cuda")
+    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).cuda()
+    bias = torch.randn(N, generator=gen).cuda()
+    residual = torch.randn(B, N, H, W, generator=gen).cuda()
+    t, nxt = (Tables(gen, groups=5, batch=B, bits=8, device="cuda") for _ in range(2))
+    w_q, w_sum = prepare_conv_weight(w, 8)
+    x = codes.permute(0, 2, 3, 1).contiguous()
+    args = (x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, None, residual)
+    y = qconv2d(*args, out_dtype)
+    ref = R.epilogue(_ref_acc(codes, w, t, 1, (1,) * 4), w_scale, t.per_sample(t.scale, 4), bias, 1) + residual
+    assert_float_close(y, ref, "wgmma qconv2d")
+    y32 = qconv2d(*args, torch.float32)
+    q = qconv2d(*args, out_s_inv=nxt.s_inv, out_zero=nxt.zero)
+    assert wgmma == [1, 1, 1] and q.dtype == torch.int8
+    expect = P.quantize_uniform(y32, t.per_sample(nxt.s_inv, 4), t.per_sample(nxt.zero, 4), 8, None, 1)
+    assert torch.equal(q.permute(0, 3, 1, 2), expect)
+
+
+def test_unaligned_channels_and_small_outputs_stay_on_tl_dot(gen, wgmma):
+    t = Tables(gen, groups=2, batch=1, bits=8, device="cuda", unit_scale=True)
+    for C, H in ((40, 16), (64, 4)):  # C not a multiple of 16; 16 output pixels
+        w_q, w_sum = prepare_conv_weight(rand_int(gen, (32, C, 3, 3), 8, "cuda"), 8)
+        qconv2d(rand_int(gen, (1, H, H, C), 8, "cuda"), w_q, w_sum, torch.ones(32, device="cuda"), None,
+                t.s_inv, t.scale, t.zero, t.group, 1, [1], out_dtype=torch.float32)
+    assert wgmma == []
