@@ -1,6 +1,8 @@
 """Random timestep-group tables and references for the kernel tests (fresh draws every run)."""
 import torch
+import torch.nn.functional as F
 
+from tcaq_kernels.ops import reference as R
 from tcaq_kernels.quant import primitives as P
 
 
@@ -37,3 +39,19 @@ def assert_float_close(out: torch.Tensor, ref: torch.Tensor, what: str):
     tol = 2 * eps * ref.abs() + 4 * torch.finfo(torch.float32).eps * ref.abs().max().clamp(min=1)
     bad = (out.float() - ref_o).abs() > tol
     assert not bad.any(), f"{what}: {int(bad.sum())} of {bad.numel()} outputs off, e.g. {out.float()[bad][:4]} vs {ref_o[bad][:4]}"
+
+
+def linear_acc_ref(codes: torch.Tensor, w_int: torch.Tensor, t: Tables) -> torch.Tensor:
+    """Reference GEMM accumulator Σ (a − z[g])·w of codes [B, …, K] with the tables' per-sample zero points."""
+    return R.int_linear(codes, w_int, t.per_sample(t.zero, codes.dim()))
+
+
+def conv_acc_ref(codes_nchw: torch.Tensor, w_int: torch.Tensor, t: Tables, stride: int, pads) -> torch.Tensor:
+    """Reference conv accumulator, the padding read as the code z (asymmetric padding done in the quantized
+    domain with z first; pads = (top, bottom, left, right))."""
+    top, bottom, left, right = pads
+    z = t.per_sample(t.zero, 4)
+    if (top, left) == (bottom, right):
+        return R.int_conv2d(codes_nchw, w_int, z, (stride, stride), (top, left))
+    padded = F.pad(codes_nchw.double() - z.double(), (left, right, top, bottom)) + z.double()
+    return R.int_conv2d(padded, w_int, z, (stride, stride), (0, 0))

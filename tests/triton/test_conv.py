@@ -1,14 +1,13 @@
 """Implicit-GEMM conv against `ops/reference.int_conv2d`: int32 accumulators bit for bit."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d, quantize_act
 from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton.conv import conv_split_k, qconv
 
-from _tables import Tables, assert_float_close, rand_int
+from _tables import Tables, assert_float_close, conv_acc_ref, rand_int
 
 # (B, C, H, W, N, k, stride, padding): C_in = 3 and 4 (image / latent input), odd C, stride 2,
 # 1×1, non-square images, a spatial size that is not a multiple of the stride.
@@ -22,16 +21,6 @@ CASES = [
 ]
 
 
-def _ref_acc(codes_nchw, w_int, t, stride, pads):
-    """Reference accumulator; asymmetric padding is done in the quantized domain with z first."""
-    top, bottom, left, right = pads
-    z = t.per_sample(t.zero, 4)
-    if (top, left) == (bottom, right):
-        return R.int_conv2d(codes_nchw, w_int, z, (stride, stride), (top, left))
-    padded = F.pad(codes_nchw.double() - z.double(), (left, right, top, bottom)) + z.double()
-    return R.int_conv2d(padded, w_int, z, (stride, stride), (0, 0))
-
-
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("case", CASES)
 def test_int8_codes_exact_accumulator(gen, device, w_bits, case):
@@ -42,7 +31,7 @@ def test_int8_codes_exact_accumulator(gen, device, w_bits, case):
     w_q, w_sum = prepare_conv_weight(w, w_bits)
     y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
                 t.s_inv, t.scale, t.zero, t.group, stride, [pad], out_dtype=torch.float32)
-    ref = _ref_acc(codes, w, t, stride, (pad,) * 4)
+    ref = conv_acc_ref(codes, w, t, stride, (pad,) * 4)
     assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(y, ref.float())
 
@@ -57,7 +46,7 @@ def test_asymmetric_padding_stride2(gen, device, w_bits):
     w_q, w_sum = prepare_conv_weight(w, w_bits)
     y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
                 t.s_inv, t.scale, t.zero, t.group, 2, [0, 1, 0, 1], out_dtype=torch.float32)
-    assert torch.equal(y, _ref_acc(codes, w, t, 2, (0, 1, 0, 1)).float())
+    assert torch.equal(y, conv_acc_ref(codes, w, t, 2, (0, 1, 0, 1)).float())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -78,7 +67,7 @@ def test_float_input_epilogue_residual(gen, device, out_dtype, tcr, split_k):
     args = (x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, r_inv, residual, out_dtype)
     y = qconv2d(*args, split_k=split_k)
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 4), t.per_sample(t.zero, 4), 8, r_inv, 1)
-    ref = R.epilogue(_ref_acc(codes, w, t, 1, (1,) * 4), w_scale, t.per_sample(t.scale, 4), bias, 1) + residual
+    ref = R.epilogue(conv_acc_ref(codes, w, t, 1, (1,) * 4), w_scale, t.per_sample(t.scale, 4), bias, 1) + residual
     assert_float_close(y, ref, f"qconv2d split_k={split_k}")
     if split_k > 1:
         assert torch.equal(y, qconv2d(*args, split_k=1))
@@ -93,7 +82,7 @@ def test_poisoned_output(gen, device):
     w_q, w_sum = prepare_conv_weight(w, 4)
     out = torch.full((B, N, H, W), float("nan"), device=device).to(memory_format=torch.channels_last)
     qconv(codes, w_q, w_sum, w_scale, None, t.scale, t.zero, t.group, 1, 1, (1, 1, 1, 1), None, out)
-    acc = _ref_acc(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4)
+    acc = conv_acc_ref(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4)
     assert_float_close(out, R.epilogue(acc, w_scale, t.per_sample(t.scale, 4), None, 1), "qconv")
 
 
@@ -124,7 +113,7 @@ def test_large_shapes(gen, w_bits, case):
     bias = torch.randn(N, generator=gen).cuda()
     w_q, w_sum = prepare_conv_weight(w, w_bits)
     codes = quantize_act(x, t.s_inv, t.zero, t.group, 8, channel_dim=1)
-    acc = _ref_acc(codes.permute(0, 3, 1, 2), w, t, stride, (pad,) * 4)
+    acc = conv_acc_ref(codes.permute(0, 3, 1, 2), w, t, stride, (pad,) * 4)
     y = qconv2d(codes, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, torch.ones_like(t.scale),
                 t.zero, t.group, stride, [pad], out_dtype=torch.float32)
     assert torch.equal(y, acc.float())
@@ -163,7 +152,7 @@ def test_split_k_exact_accumulator(gen, device, w_bits, case):
     w = rand_int(gen, (N, C, k, k), w_bits, device)
     t = Tables(gen, groups=4, batch=B, bits=8, device=device, unit_scale=True)
     w_q, w_sum = prepare_conv_weight(w, w_bits)
-    ref = _ref_acc(codes.permute(0, 3, 1, 2), w, t, stride, pads).float()
+    ref = conv_acc_ref(codes.permute(0, 3, 1, 2), w, t, stride, pads).float()
     for split_k in splits:
         out = torch.full(ref.shape, float("nan"), device=device).to(memory_format=torch.channels_last)
         qconv(codes, w_q, w_sum, torch.ones(N, device=device), None, t.scale, t.zero, t.group, 0 if B == 1 else 1,
@@ -201,7 +190,7 @@ def test_split_k_large_shapes(gen, w_bits, case):
     t = Tables(gen, groups=10, batch=B, bits=8, device="cuda", unit_scale=True)
     w_q, w_sum = prepare_conv_weight(w, w_bits)
     codes = quantize_act(x, t.s_inv, t.zero, t.group, 8, channel_dim=1)
-    acc = _ref_acc(codes.permute(0, 3, 1, 2), w, t, stride, (pad,) * 4).float()
+    acc = conv_acc_ref(codes.permute(0, 3, 1, 2), w, t, stride, (pad,) * 4).float()
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     chosen = conv_split_k(None, B * acc.shape[2] * acc.shape[3], N, C, k * k, sms)
     assert chosen > 1
@@ -229,4 +218,4 @@ def test_split_k_in_cuda_graph(gen):
     for _ in range(2):
         t.group.copy_(torch.randint(0, 10, (B,), generator=gen, dtype=torch.int32))
         graph.replay()
-        assert torch.equal(y, _ref_acc(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4).float())
+        assert torch.equal(y, conv_acc_ref(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4).float())

@@ -12,7 +12,7 @@ from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import conv_wgmma as CW
 from tcaq_kernels.triton import gemm as G
 
-from _tables import Tables, assert_float_close, rand_int
+from _tables import Tables, assert_float_close, conv_acc_ref, rand_int
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
@@ -39,14 +39,6 @@ def wgmma(request, monkeypatch):
     return calls
 
 
-def _ref_acc(codes_nchw, w_int, t, stride, pads):
-    """Reference accumulator with the padding read as the code z (asymmetric pads done by hand)."""
-    top, bottom, left, right = pads
-    z = t.per_sample(t.zero, 4)
-    padded = torch.nn.functional.pad(codes_nchw.double() - z.double(), (left, right, top, bottom)) + z.double()
-    return R.int_conv2d(padded, w_int, z, (stride, stride), (0, 0))
-
-
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("case", CASES)
 def test_int8_codes_exact_accumulator(gen, wgmma, w_bits, case):
@@ -58,7 +50,7 @@ def test_int8_codes_exact_accumulator(gen, wgmma, w_bits, case):
     y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device="cuda"), None,
                 t.s_inv, t.scale, t.zero, t.group, stride, list(pads), out_dtype=torch.float32)
     assert wgmma == [1]
-    assert torch.equal(y, _ref_acc(codes, w, t, stride, pads).float())
+    assert torch.equal(y, conv_acc_ref(codes, w, t, stride, pads).float())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -74,7 +66,7 @@ def test_scales_bias_residual_and_next_layer_codes(gen, wgmma, out_dtype):
     x = codes.permute(0, 2, 3, 1).contiguous()
     args = (x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, None, residual)
     y = qconv2d(*args, out_dtype)
-    ref = R.epilogue(_ref_acc(codes, w, t, 1, (1,) * 4), w_scale, t.per_sample(t.scale, 4), bias, 1) + residual
+    ref = R.epilogue(conv_acc_ref(codes, w, t, 1, (1,) * 4), w_scale, t.per_sample(t.scale, 4), bias, 1) + residual
     assert_float_close(y, ref, "wgmma qconv2d")
     y32 = qconv2d(*args, torch.float32)
     q = qconv2d(*args, out_s_inv=nxt.s_inv, out_zero=nxt.zero)

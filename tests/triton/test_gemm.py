@@ -7,14 +7,10 @@ from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton.gemm import choose_split_k, k_range_per_split, qgemm
 
-from _tables import Tables, assert_float_close, rand_int
+from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
 
 # (B, rows per sample, K, N): M not a tile multiple, odd K, a single row per sample, K < one tile.
 SHAPES = [(2, 37, 70, 45), (3, 1, 64, 96), (2, 20, 33, 17), (1, 64, 128, 64)]
-
-
-def _acc_ref(a_codes, w_int, t):
-    return R.int_linear(a_codes, w_int, t.per_sample(t.zero, a_codes.dim()))
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
@@ -28,7 +24,7 @@ def test_int8_codes_exact_accumulator(gen, device, w_bits, shape):
     w_q, w_sum = prepare_linear_weight(w, w_bits)
     y = qlinear(a, w_q, w_sum, torch.ones(N, device=device), None, t.s_inv, t.scale, t.zero, t.group,
                 out_dtype=torch.float32)
-    assert torch.equal(y, _acc_ref(a, w, t).float())
+    assert torch.equal(y, linear_acc_ref(a, w, t).float())
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
@@ -45,7 +41,7 @@ def test_fused_quantize_prologue_exact(gen, device, w_bits, a_bits, tcr):
     y = qlinear(x, w_q, w_sum, torch.ones(N, device=device), None, t.s_inv, t.scale, t.zero, t.group,
                 a_bits, r_inv, out_dtype=torch.float32)
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), a_bits, r_inv, -1)
-    assert torch.equal(y, _acc_ref(codes, w, t).float())
+    assert torch.equal(y, linear_acc_ref(codes, w, t).float())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -61,7 +57,7 @@ def test_epilogue_scale_bias_residual(gen, device, out_dtype):
     y = qlinear(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, residual=residual,
                 out_dtype=out_dtype)
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
-    ref = R.epilogue(_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual.float()
+    ref = R.epilogue(linear_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual.float()
     assert y.dtype == out_dtype
     assert_float_close(y, ref, "qlinear")
 
@@ -105,7 +101,7 @@ def test_large_shapes(gen, w_bits, mnk):
     bias = torch.randn(N, generator=gen).cuda()
     w_q, w_sum = prepare_linear_weight(w, w_bits)
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
-    acc = _acc_ref(codes, w, t)
+    acc = linear_acc_ref(codes, w, t)
     y = qlinear(codes, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, torch.ones_like(t.scale),
                 t.zero, t.group, out_dtype=torch.float32)
     assert torch.equal(y, acc.float())
@@ -128,7 +124,7 @@ def test_split_k_exact(gen, device, w_bits, split_k, a_float):
     w_q, w_sum = prepare_linear_weight(w, w_bits)
     y = qlinear(x if a_float else codes, w_q, w_sum, torch.ones(N, device=device), None, t.s_inv, t.scale, t.zero,
                 t.group, 8, r_inv, out_dtype=torch.float32, split_k=split_k)
-    assert torch.equal(y, _acc_ref(codes, w, t).float())
+    assert torch.equal(y, linear_acc_ref(codes, w, t).float())
 
 
 def test_split_k_epilogue_bias_residual(gen, device):
@@ -145,7 +141,7 @@ def test_split_k_epilogue_bias_residual(gen, device):
     y_split = qlinear(*args, residual=residual, split_k=3)
     assert torch.equal(y_split, qlinear(*args, residual=residual, split_k=1))
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
-    ref = R.epilogue(_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual
+    ref = R.epilogue(linear_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual
     assert_float_close(y_split, ref, "qlinear split-K")
 
 

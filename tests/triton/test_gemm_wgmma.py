@@ -13,7 +13,7 @@ from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import gemm as G
 from tcaq_kernels.triton import gemm_wgmma as W
 
-from _tables import Tables, assert_float_close, rand_int
+from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
@@ -34,10 +34,6 @@ def wgmma(request, monkeypatch):
     return calls
 
 
-def _acc_ref(codes, w_int, t):
-    return R.int_linear(codes, w_int, t.per_sample(t.zero, codes.dim()))
-
-
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_codes_exact_accumulator(gen, wgmma, shape, w_bits):
@@ -49,7 +45,7 @@ def test_int8_codes_exact_accumulator(gen, wgmma, shape, w_bits):
     y = qlinear(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
                 out_dtype=torch.float32)
     assert wgmma == [1]
-    assert torch.equal(y, _acc_ref(a, w, t).float())
+    assert torch.equal(y, linear_acc_ref(a, w, t).float())
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
@@ -68,7 +64,7 @@ def test_float_input_quantized_in_the_kernel_exact(gen, wgmma, a_bits, tcr, shap
                 out_dtype=torch.float32)
     assert wgmma == [1]
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), a_bits, r_inv, -1)
-    assert torch.equal(y, _acc_ref(codes, w, t).float())
+    assert torch.equal(y, linear_acc_ref(codes, w, t).float())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -84,7 +80,7 @@ def test_epilogue_scale_bias_residual(gen, wgmma, out_dtype):
     y = qlinear(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, residual=residual, out_dtype=out_dtype)
     assert wgmma == [1]
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
-    ref = R.epilogue(_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual.float()
+    ref = R.epilogue(linear_acc_ref(codes, w, t), w_scale, t.per_sample(t.scale, 3), bias, -1) + residual.float()
     assert y.dtype == out_dtype
     assert_float_close(y, ref, "wgmma qlinear")
 
