@@ -128,7 +128,7 @@ def render_markdown(fp: dict, floor: dict, report: dict, det: dict | None) -> st
         f"- same as: `{portable_command(report['command'])} --out DIR` (shared files at their default place)",
     ]
     if det is not None:
-        lines.append(f"- determinism: shard 0 regenerated in a fresh folder on the same card was "
+        lines.append("- determinism: shard 0 regenerated in a fresh folder on the same card was "
                      + ("bit-identical" if det["first_shard_identical"] else f"NOT identical ({det['images_differing']} images differ)"))
     lines.append("")
     return "\n".join(lines)
