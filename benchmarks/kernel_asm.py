@@ -41,7 +41,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from tcaq_kernels.triton import conv_wgmma, gemm, gemm_wgmma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-WGMMA_VARIANTS = ("w8a8-wgmma", "w4a8-wgmma", "w8a8-fused-wgmma", "w4a8-fused-wgmma")
+WGMMA_VARIANTS = ("w8a8-wgmma", "w4a8-wgmma", "w8a8-fused-wgmma", "w4a8-fused-wgmma", "w4a8-fused-split-wgmma")
 VARIANTS = {  # name: (A operand, packed int4 weights)
     "w8a8": ("*i8", False), "w4a8": ("*i8", True), "w8a8-fused": ("*bf16", False), "w4a8-fused": ("*bf16", True),
 }
@@ -119,14 +119,15 @@ def compile_variant(M, N, K, variant: str, config: triton.Config):
     return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False):
+def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False, split_k: int = 1):
     """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output;
-    `a_float`: bf16 activations quantized in registers; `w4`: packed int4 weights)."""
+    `a_float`: bf16 activations quantized in registers; `w4`: packed int4 weights; `split_k` > 1: the
+    program writing int32 partial sums)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, warps = config
     fn = gemm_wgmma._w8a8_wgmma_kernel
     args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", w4)  # the two kernels share these names
-    constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
+    constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
                       OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -212,7 +213,8 @@ def main(argv=None) -> int:
         for variant in a.variants.split(","):
             if variant.endswith("-wgmma"):
                 for cfg in gemm_wgmma.CONFIGS:
-                    info = describe(compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=variant.startswith("w4")))
+                    info = describe(compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=variant.startswith("w4"),
+                                                  split_k=2 if "-split" in variant else 1))
                     rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
                         *cfg[:3], w=cfg[4], s=cfg[3]), **info})
                     _print(rows[-1])

@@ -218,17 +218,18 @@ def run_gemm(model, shape, card, command):
         "triton-w8a8-fused": (lambda: qlinear(x, *ops8, w_scale, bias, *tab), _qgemm_kernel),
         "triton-w4a8-fused": (lambda: qlinear(x, *ops4, w_scale, bias, *tab), _qgemm_kernel),
     }
-    if gemm_wgmma.supported(a, ops4[0], None):  # the Gluon kernel (sm_90, M ≥ 64), called as qgemm would
+    if gemm_wgmma.supported(a, ops4[0]):  # the Gluon kernel (sm_90, M ≥ 64), launched as qgemm would, unsplit
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         tables, meta = output_quantizer(out, None, None, None, 8)
-        layout = (1, M // B) if M % B == 0 else (0, M)  # (group stride, rows per sample)
-        for bits, ops_w in ((8, ops8), (4, ops4)):
+        tail = dict(HAS_BIAS=True, HAS_RES=False, SPLIT_K=1, **meta)
+        layout = (M // B, 1) if M % B == 0 else (M, 0)  # (rows per sample, group stride)
+        for bits, (w_op, w_sum) in ((8, ops8), (4, ops4)):
             for suffix, inp in (("", a), ("-fused", x)):
                 name = f"gluon-w{bits}a8{suffix}"
                 floors[name] = floors[f"triton-w{bits}a8{suffix}"]
-                impls[name] = (lambda inp=inp, ops_w=ops_w: gemm_wgmma.qgemm_wgmma(
-                    inp, *ops_w, w_scale, bias, t["s_inv"], t["scale"], t["zero"], t["group"], *layout, 8, None, None,
-                    out, tables, meta), gemm_wgmma._tuned)
+                impls[name] = (lambda inp=inp, w_op=w_op, w_sum=w_sum: gemm_wgmma.launch(
+                    inp, w_op, w_sum, w_scale, bias, out, out, out, None, t["s_inv"], t["scale"], t["zero"], t["group"],
+                    tables, K, 1, *layout, 8, tail), gemm_wgmma._tuned)
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
 
 

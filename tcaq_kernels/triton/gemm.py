@@ -222,8 +222,8 @@ _MAX_SPLIT_K = 16
 #: `split_k=n` always splits.
 AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
 #: Whether GEMMs and convs go to the Gluon kernels of `gemm_wgmma.py` / `conv_wgmma.py` where they can
-#: (sm_90, M ≥ 64, no split-K), which keep one wgmma in flight where Triton's `tl.dot` waits on each.
-#: Off until they have run on a GPU.
+#: (sm_90, M ≥ 64; the conv also without split-K), which keep one wgmma in flight where Triton's `tl.dot`
+#: waits on each. Off until they have run on a GPU.
 USE_WGMMA = os.environ.get("TCAQ_WGMMA", "0") == "1"
 
 
@@ -263,6 +263,12 @@ def output_quantizer(out: torch.Tensor, out_s_inv, out_zero, out_r_inv, out_bits
     return tables, dict(OUT_Q=quantized, OUT_HAS_RINV=quantized and out_r_inv is not None, OUT_QMIN=qmin, OUT_QMAX=qmax)
 
 
+def _wgmma():
+    """`gemm_wgmma` (imported on first use: it imports this module, and Gluon only matters on a GPU)."""
+    from . import gemm_wgmma
+    return gemm_wgmma
+
+
 def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
           bias, s_inv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
           group_stride: int, rows_per_sample: int, a_bits: int, r_inv, residual2, out: torch.Tensor,
@@ -280,12 +286,6 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     N = w_op.shape[0]
     if M == 0 or N == 0:
         return out
-    out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
-    if USE_WGMMA:
-        from . import gemm_wgmma
-        if gemm_wgmma.supported(a2, w_op, split_k):
-            return gemm_wgmma.qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, s_inv, scale, zero, group, group_stride,
-                                          rows_per_sample, a_bits, r_inv, residual2, out, out_tables, out_meta)
     if split_k is None:
         auto = a2.is_cuda and AUTO_SPLIT_K
         split_k = choose_split_k(M, N, K, torch.cuda.get_device_properties(a2.device).multi_processor_count) if auto else 1
@@ -293,17 +293,22 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=a2.device) if split_k > 1 else out
     a_float = a2.dtype != torch.int8
     res = residual2 if residual2 is not None else out
+    out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, SPLIT_K=split_k, **out_meta)
     bias_arg = bias if bias is not None else w_scale
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-    _qgemm_kernel[grid](
-        a2, w_op, w_sum, w_scale, bias_arg, res, out, part,
-        r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group, *out_tables,
-        M, N, K, per_split, rows_per_sample, group_stride,
-        a2.stride(0), a2.stride(1), w_op.stride(0), res.stride(0), res.stride(1), out.stride(0),
-        A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None,
-        QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1, W4=w_op.dtype == torch.uint8, **tail,
-    )
+    if USE_WGMMA and _wgmma().supported(a2, w_op):
+        _wgmma().launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, part, r_inv, s_inv, scale, zero, group,
+                        out_tables, per_split, split_k, rows_per_sample, group_stride, a_bits, tail)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+        _qgemm_kernel[grid](
+            a2, w_op, w_sum, w_scale, bias_arg, res, out, part,
+            r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group, *out_tables,
+            M, N, K, per_split, rows_per_sample, group_stride,
+            a2.stride(0), a2.stride(1), w_op.stride(0), res.stride(0), res.stride(1), out.stride(0),
+            A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None,
+            QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1, W4=w_op.dtype == torch.uint8, **tail,
+        )
     if split_k > 1:
         block_m, block_n = 32, 64
         _splitk_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](

@@ -15,7 +15,8 @@ bitwidth in WGMMAWaitGroupOp: 8".)
 The epilogue is `gemm.linear_epilogue` itself (bias, residual, float or next-layer int8 output), so the
 numbers are the `tl.dot` kernel's. Packed int4 weights arrive as half the bytes and are widened to int8
 in registers (`numerics.unpack_int4_rows`), then stored to a double buffer the MMA reads, like the float
-path's codes. Not here: split-K (`qgemm` keeps it on `tl.dot`).
+path's codes. Split-K as in `gemm.py`: each program of a split reduces its K range into int32 partial
+sums, and `qgemm` finishes with the same split-K epilogue kernel.
 """
 from __future__ import annotations
 
@@ -63,21 +64,22 @@ def _copy_layout(rows, cols, elem_bits, num_warps):
 
 
 @gluon.jit
-def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left):
-    """cp.async of one K step of both operands (zeros past M, N and K), as one commit group. `w_left`
-    counts the weight row's remaining bytes (half of `k_left`, rounded up, for packed int4)."""
-    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=m_ok[:, None] & (ka < k_left)[None, :])
-    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=n_ok[:, None] & (kw < w_left)[None, :])
+def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live):
+    """cp.async of one K step of both operands (zeros past M, N and K, and for steps past this program's
+    range: `live` false), as one commit group. `w_left` counts the weight row's remaining bytes (half of
+    `k_left`, rounded up, for packed int4)."""
+    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=(m_ok & live)[:, None] & (ka < k_left)[None, :])
+    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=(n_ok & live)[:, None] & (kw < w_left)[None, :])
     async_copy.commit_group()
 
 
 @gluon.jit
 def _w8a8_wgmma_kernel(
-    a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    a_ptr, w_ptr, w_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     r_inv_ptr, s_inv_ptr, scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
-    M, N, K, KW, rows_per_sample, group_stride, stride_am, stride_wn, stride_rm, stride_rn, stride_om,
+    M, N, K, KW, k_per_split, rows_per_sample, group_stride, stride_am, stride_wn, stride_rm, stride_rn, stride_om,
     A_FLOAT: gl.constexpr, HAS_RINV: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr, W4: gl.constexpr,
-    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+    SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
@@ -96,8 +98,17 @@ def _w8a8_wgmma_kernel(
     ka = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_copy))
     rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     kw = gl.arange(0, WK, layout=gl.SliceLayout(0, w_copy))
-    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + ka[None, :]
-    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :]
+    if SPLIT_K > 1:  # this program reduces k in [k_lo, k_hi); k_per_split is a multiple of BLOCK_K
+        k_lo = gl.program_id(1) * k_per_split
+        k_hi = gl.minimum(k_lo + k_per_split, K)
+    else:
+        k_lo = 0
+        k_hi = K
+    num_k = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
+    K_rest = K - k_lo  # masks count from the split's first column
+    KW_rest = KW - k_lo * WK // BLOCK_K
+    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + (k_lo + ka)[None, :]
+    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + (k_lo * WK // BLOCK_K + kw)[None, :]
     m_ok = rm < M
     n_ok = rn < N
 
@@ -107,7 +118,7 @@ def _w8a8_wgmma_kernel(
     w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
     for p in gl.static_range(STAGES - 1):  # prologue: steps 0 … STAGES-2 in flight (empty masks past K)
         _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + p * BLOCK_K, w_ptrs + p * WK,
-                    m_ok, n_ok, ka, kw, K - p * BLOCK_K, KW - p * WK)
+                    m_ok, n_ok, ka, kw, K_rest - p * BLOCK_K, KW_rest - p * WK, p < num_k)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
@@ -122,7 +133,6 @@ def _w8a8_wgmma_kernel(
                                             gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
 
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
-    num_k = (K + BLOCK_K - 1) // BLOCK_K
     for i in range(num_k):
         s = i % STAGES
         async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed …
@@ -140,7 +150,7 @@ def _w8a8_wgmma_kernel(
         if A_FLOAT:
             u = a_smem.index(s).load(a_copy).to(gl.float32)
             if HAS_RINV:
-                u = u * gl.load(r_inv_ptr + i * BLOCK_K + ka, mask=ka < K - i * BLOCK_K, other=1.0)[None, :]
+                u = u * gl.load(r_inv_ptr + k_lo + i * BLOCK_K + ka, mask=ka < K_rest - i * BLOCK_K, other=1.0)[None, :]
             # lanes past K become the code z here, but meet zero weights. Buffer i % 2 was last read by
             # MMA i-2, which the previous step's wait retired.
             codes = q_smem.index(i % 2)
@@ -156,12 +166,16 @@ def _w8a8_wgmma_kernel(
         gl.thread_barrier()
         j = i + STAGES - 1
         _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + j * BLOCK_K, w_ptrs + j * WK,
-                    m_ok, n_ok, ka, kw, K - j * BLOCK_K, KW - j * WK)
+                    m_ok, n_ok, ka, kw, K_rest - j * BLOCK_K, KW_rest - j * WK, j < num_k)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
     em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
     en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    if SPLIT_K > 1:  # int32 partial sums; `gemm._splitk_epilogue_kernel` adds them in split order and finishes
+        part = part_ptr + gl.program_id(1).to(gl.int64) * M * N + em.to(gl.int64)[:, None] * N + en[None, :]
+        gl.store(part, acc, mask=(em < M)[:, None] & (en < N)[None, :])
+        return
     g = gl.load(group_ptr + ((em % M) // rows_per_sample) * group_stride)
     linear_epilogue(acc, em, en, M, N, gl.load(zero_ptr + g), g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr,
                     out_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rm, stride_rn, stride_om,
@@ -171,35 +185,34 @@ def _w8a8_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["M", "N", "K", "A_FLOAT", "W4", "HAS_RES", "OUT_Q"], do_bench=tuning_bench,
+    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"], do_bench=tuning_bench,
 )(_w8a8_wgmma_kernel)
 
 
-def supported(a2: torch.Tensor, w_op: torch.Tensor, split_k) -> bool:
-    """Whether `qgemm` may hand this call to the wgmma kernel: sm_90, no split requested, at least one
-    64-row tile, and operand rows whose byte strides are 16-byte multiples (cp.async moves 16 bytes per
-    thread; packed int4 rows are ⌈K/2⌉ bytes)."""
+def supported(a2: torch.Tensor, w_op: torch.Tensor) -> bool:
+    """Whether `qgemm` may hand this call to the wgmma kernel: sm_90, at least one 64-row tile, and operand
+    rows whose byte strides are 16-byte multiples (cp.async moves 16 bytes per thread; packed int4 rows
+    are ⌈K/2⌉ bytes)."""
     return (a2.is_cuda and torch.cuda.get_device_capability(a2.device) == (9, 0)
-            and w_op.dtype in (torch.int8, torch.uint8)
-            and (split_k or 1) == 1 and a2.shape[0] >= 64 and a2.stride(1) == 1 and w_op.stride(1) == 1
-            and (a2.stride(0) * a2.element_size()) % 16 == 0 and w_op.stride(0) % 16 == 0)
+            and w_op.dtype in (torch.int8, torch.uint8) and a2.shape[0] >= 64 and a2.stride(1) == 1
+            and w_op.stride(1) == 1 and (a2.stride(0) * a2.element_size()) % 16 == 0 and w_op.stride(0) % 16 == 0)
 
 
-def qgemm_wgmma(a2, w_op, w_sum, w_scale, bias, s_inv, scale, zero, group, group_stride: int, rows_per_sample: int,
-                a_bits: int, r_inv, residual2, out: torch.Tensor, out_tables: tuple, out_meta: dict) -> torch.Tensor:
-    """`qgemm` for the calls `supported` accepts: same arguments (the output quantizer already unpacked by
-    `gemm.output_quantizer`), same result bit for bit."""
+def launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, part, r_inv, s_inv, scale, zero, group,
+           out_tables: tuple, k_per_split: int, split_k: int, rows_per_sample: int, group_stride: int, a_bits: int,
+           tail: dict) -> None:
+    """The wgmma kernel in `qgemm`'s place, same arguments (`tail`: qgemm's HAS_BIAS, HAS_RES, SPLIT_K and
+    output-quantizer constexprs); with split_k > 1 it writes int32 partial sums to `part` and `qgemm` runs
+    the split-K epilogue kernel after it, as for its own kernel."""
     M, K = a2.shape
     N = w_op.shape[0]
     a_float = a2.dtype != torch.int8
-    res = residual2 if residual2 is not None else out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
     _tuned[grid](
-        a2, w_op, w_sum, w_scale, bias if bias is not None else w_scale, res, out,
+        a2, w_op, w_sum, w_scale, bias_arg, res, out, part,
         r_inv if r_inv is not None else s_inv, s_inv, scale, zero, group, *out_tables,
-        M, N, K, w_op.shape[1], rows_per_sample, group_stride, a2.stride(0), w_op.stride(0), res.stride(0), res.stride(1),
-        out.stride(0),
+        M, N, K, w_op.shape[1], k_per_split, rows_per_sample, group_stride, a2.stride(0), w_op.stride(0),
+        res.stride(0), res.stride(1), out.stride(0),
         A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None, QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
-        W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, **out_meta,
+        W4=w_op.dtype == torch.uint8, **tail,
     )
-    return out

@@ -29,8 +29,8 @@ def wgmma(request, monkeypatch):
     monkeypatch.setattr(G, "USE_WGMMA", True)
     monkeypatch.setattr(W._tuned, "configs", [W._tuned.configs[request.param]])
     monkeypatch.setattr(W._tuned, "cache", {})
-    calls, real = [], W.qgemm_wgmma
-    monkeypatch.setattr(W, "qgemm_wgmma", lambda *a: calls.append(1) or real(*a))
+    calls, real = [], W.launch
+    monkeypatch.setattr(W, "launch", lambda *a: calls.append(1) or real(*a))
     return calls
 
 
@@ -102,10 +102,29 @@ def test_quantized_output_is_the_hosts_quantize_of_its_float_output(gen, wgmma):
     assert torch.equal(codes, expect)
 
 
-def test_small_m_split_k_and_unaligned_rows_stay_on_the_tl_dot_kernel(gen, wgmma):
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("a_float", [False, True])
+@pytest.mark.parametrize("K, split_k", [(1280, 3), (272, 2)])  # splits of 512/512/256 and 256/16 columns
+def test_split_k_exact(gen, wgmma, w_bits, a_float, K, split_k):
+    """Each split reduces its own K range into int32 partial sums; qgemm's split-K epilogue adds them."""
+    B, L, N = 2, 64, 200
+    a = rand_int(gen, (B, L, K), 8, "cuda")
+    x = (torch.randn(B, L, K, generator=gen) * 3).to(torch.bfloat16).cuda()
+    w = rand_int(gen, (N, K), w_bits, "cuda")
+    t = Tables(gen, groups=3, batch=B, bits=8, device="cuda", unit_scale=True)
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
+    inp = x if a_float else a
+    y = qlinear(inp, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                out_dtype=torch.float32, split_k=split_k)
+    assert wgmma == [1]
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1) if a_float else a
+    assert torch.equal(y, linear_acc_ref(codes, w, t).float())
+
+
+def test_small_m_and_unaligned_rows_stay_on_the_tl_dot_kernel(gen, wgmma):
     t = Tables(gen, groups=2, batch=1, bits=8, device="cuda", unit_scale=True)
-    for M, K, bits, split_k in ((32, 256, 8, None), (96, 256, 8, 2), (96, 200, 4, None)):  # 200 → 100-byte int4 rows
+    for M, K, bits in ((32, 256, 8), (96, 200, 4)):  # 200 → 200-byte codes and 100-byte int4 rows
         w_q, w_sum = prepare_linear_weight(rand_int(gen, (64, K), bits, "cuda"), bits)
         qlinear(rand_int(gen, (M, K), 8, "cuda"), w_q, w_sum, torch.ones(64, device="cuda"), None,
-                t.s_inv, t.scale, t.zero, t.group, out_dtype=torch.float32, split_k=split_k)
+                t.s_inv, t.scale, t.zero, t.group, out_dtype=torch.float32)
     assert wgmma == []

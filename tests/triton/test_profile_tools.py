@@ -76,7 +76,7 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     the tool switches Triton's interpreter off, which this test process needs on."""
     out = tmp_path / "asm.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_asm.py"), "--probe", "--shape", "64x96x256",
-                    "--variants", "w8a8,w4a8,w8a8-wgmma,w4a8-fused-wgmma", "--conv", "2,64,9,7,40,3,1",
+                    "--variants", "w8a8,w4a8,w8a8-wgmma,w4a8-fused-split-wgmma", "--conv", "2,64,9,7,40,3,1",
                     "--json", str(out)], check=True, capture_output=True, text=True,
                    timeout=600)
     rows = json.loads(out.read_text())
@@ -87,7 +87,7 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     # on every int8 one. If this changes with a Triton upgrade, that explanation is out of date.
     assert (probe["bf16"]["max_wgmma_wait"], probe["fp8"]["max_wgmma_wait"], probe["int8"]["max_wgmma_wait"]) == (1, 1, 0)
     ours = [r for r in rows if r["shape"] == "64x96x256"]
-    assert {r["variant"] for r in ours} == {"w8a8", "w4a8", "w8a8-wgmma", "w4a8-fused-wgmma"} and len(ours) >= 12
+    assert {r["variant"] for r in ours} == {"w8a8", "w4a8", "w8a8-wgmma", "w4a8-fused-split-wgmma"} and len(ours) >= 12
     convs = [r for r in rows if r["shape"].startswith("conv")]
     assert {r["variant"] for r in convs} == {"w8a8-conv-wgmma", "w4a8-conv-wgmma"}
     for r in [*convs, *(r for r in ours if r["variant"].endswith("-wgmma"))]:  # the point of the Gluon kernels
