@@ -1,4 +1,4 @@
-"""W8A8 GEMM for Hopper in Gluon: int8 wgmma kept in flight while the next tiles load.
+"""W8A8 and W4A8 GEMM for Hopper in Gluon: int8 wgmma kept in flight while the next tiles load.
 
 Why a second GEMM: Triton 3.6 compiles `tl.dot` on int8 to `wgmma … s32.s8.s8` but waits for each one
 before issuing the next (`wgmma.wait_group 0`; bf16 and fp8 loops keep one in flight — see
