@@ -10,12 +10,11 @@ from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d
 from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import conv_wgmma as CW
-from tcaq_kernels.triton import gemm as G
 
 from _tables import Tables, assert_float_close, conv_acc_ref, rand_int
+from _wgmma import NEEDS_SM90, route_to_wgmma
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
+pytestmark = NEEDS_SM90
 
 # (B, C, H, W, N, k, stride, pads): 3×3 with padding, stride 2 with DDPM's asymmetric pad, 1×1, N not a
 # tile multiple, C a multiple of 64 and of 128, pixels not a tile multiple
@@ -29,14 +28,8 @@ CASES = [
 
 @pytest.fixture(params=range(len(CW.CONFIGS)), ids=lambda i: "x".join(map(str, CW.CONFIGS[i])))
 def wgmma(request, monkeypatch):
-    """Routing on, one config forced (kept by the prune only where it tiles C), the spy's call list."""
-    monkeypatch.setattr(G, "USE_WGMMA", True)
-    monkeypatch.setattr(CW._tuned, "configs", [CW._tuned.configs[request.param]])
-    monkeypatch.setattr(CW._tuned, "cache", {})
-    monkeypatch.setattr(CW._tuned, "early_config_prune", None)
-    calls, real = [], CW.qconv_wgmma
-    monkeypatch.setattr(CW, "qconv_wgmma", lambda *a: calls.append(1) or real(*a))
-    return calls
+    """Routing on, one config forced; the list of the calls that reached the kernel."""
+    return route_to_wgmma(monkeypatch, CW, "qconv_wgmma", request.param)
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])

@@ -10,13 +10,12 @@ import torch
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 from tcaq_kernels.quant import primitives as P
-from tcaq_kernels.triton import gemm as G
 from tcaq_kernels.triton import gemm_wgmma as W
 
 from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
+from _wgmma import NEEDS_SM90, route_to_wgmma
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
+pytestmark = NEEDS_SM90
 
 # (B, rows per sample, K, N): M from one tile to several, K not a BLOCK_K multiple, N not a tile multiple
 SHAPES = [(2, 37, 272, 45), (1, 200, 1280, 320), (4, 33, 80, 200), (2, 512, 5120, 1280)]
@@ -24,14 +23,8 @@ SHAPES = [(2, 37, 272, 45), (1, 200, 1280, 320), (4, 33, 80, 200), (2, 512, 5120
 
 @pytest.fixture(params=range(len(W.CONFIGS)), ids=lambda i: "x".join(map(str, W.CONFIGS[i])))
 def wgmma(request, monkeypatch):
-    """Routing on, one config of the kernel forced (list and cache restored afterwards); yields the list
-    the spy appends to on every call that reached the kernel."""
-    monkeypatch.setattr(G, "USE_WGMMA", True)
-    monkeypatch.setattr(W._tuned, "configs", [W._tuned.configs[request.param]])
-    monkeypatch.setattr(W._tuned, "cache", {})
-    calls, real = [], W.launch
-    monkeypatch.setattr(W, "launch", lambda *a: calls.append(1) or real(*a))
-    return calls
+    """Routing on, one config forced; the list of the calls that reached the kernel."""
+    return route_to_wgmma(monkeypatch, W, "launch", request.param)
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
