@@ -343,7 +343,7 @@ def run_conv(model, shape, card, command):
         OH, OW = (H + pads[0] + pads[1] - k) // stride + 1, (W + pads[2] + pads[3] - k) // stride + 1
         out = torch.empty(B, N, OH, OW, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
         tables, meta = output_quantizer(out, None, None, None, 8)
-        s_inv, scale, zero, group = v.tab
+        _, scale, zero, group = v.tab  # the conv takes codes: no s_inv
         for bits in (8, 4):
             floors[f"gluon-w{bits}a8"] = floors[f"triton-w{bits}a8"]
             impls[f"gluon-w{bits}a8"] = (lambda bits=bits: conv_wgmma.qconv_wgmma(

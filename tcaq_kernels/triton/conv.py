@@ -143,13 +143,17 @@ def _qconv_kernel(
 
 
 @triton.jit
-def output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr):
-    """(b, oh, ow, g, z) of output rows `rm`: pixel coordinates, timestep group and zero point.
-    Rows are wrapped into [0, M), so every load they index stays in bounds; stores are masked."""
+def pixel_coords(rm, M, OH, OW):
+    """(b, oh, ow) of output rows `rm`, wrapped into [0, M) so every load they index stays in bounds
+    (stores are masked)."""
     rm_in = rm % M
-    ow = rm_in % OW
-    oh = (rm_in // OW) % OH
-    b = rm_in // (OW * OH)
+    return rm_in // (OW * OH), (rm_in // OW) % OH, rm_in % OW
+
+
+@triton.jit
+def output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr):
+    """(b, oh, ow, g, z) of output rows `rm`: `pixel_coords`, timestep group and zero point."""
+    b, oh, ow = pixel_coords(rm, M, OH, OW)
     g = tl.load(group_ptr + b * group_stride)
     return b, oh, ow, g, tl.load(zero_ptr + g)
 

@@ -17,7 +17,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-from .conv import conv_epilogue, output_pixels
+from .conv import conv_epilogue, output_pixels, pixel_coords
 from .gemm_wgmma import _copy_layout, _instr_n, _warps
 from .numerics import tuning_bench, unpack_int4_rows
 
@@ -77,7 +77,7 @@ def _qconv_wgmma_kernel(
     ka = gl.arange(0, BLOCK_K, layout=gl.SliceLayout(0, a_copy))
     rn = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, w_copy))
     kw = gl.arange(0, WK, layout=gl.SliceLayout(0, w_copy))
-    b, oh, ow, g, zero = output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr)
+    b, oh, ow = pixel_coords(rm, M, OH, OW)  # the gather needs coordinates; groups only the epilogue
     ih0 = oh * STRIDE - pad_h
     iw0 = ow * STRIDE - pad_w
     x_rows = x_ptr + (b.to(gl.int64) * H * W * C)[:, None]
