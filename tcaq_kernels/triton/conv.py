@@ -293,7 +293,7 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     bias_arg = bias if bias is not None else w_scale
     res_strides = (res.stride(0), res.stride(1), res.stride(2), res.stride(3))
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
-    if gemm.USE_WGMMA:
+    if gemm.use_wgmma(x_nhwc):
         from . import conv_wgmma
         if conv_wgmma.supported(x_nhwc, w_op, M, split_k):
             return conv_wgmma.qconv_wgmma(x_nhwc, w_op, w_tap_sum, w_scale, bias, scale, zero, group, group_stride,

@@ -18,7 +18,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from .conv import conv_epilogue, output_pixels, pixel_coords
-from .gemm_wgmma import _copy_layout, _instr_n, _warps
+from .gemm_wgmma import _copy_layout, _epilogue_layout, _instr_n, _warps
 from .numerics import tuning_bench, unpack_int4_rows
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps); BLOCK_K 64 divides every SD/DDPM channel count
@@ -123,8 +123,10 @@ def _qconv_wgmma_kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    epi: gl.constexpr = _epilogue_layout(BLOCK_N, num_warps)  # channels_last output: rows of N contiguous
+    acc = gl.convert_layout(acc, epi)
+    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
+    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
     eb, eoh, eow, eg, ezero = output_pixels(em, M, OH, OW, group_ptr, group_stride, zero_ptr)
     conv_epilogue(acc, em, en, eb, eoh, eow, eoh * STRIDE - pad_h, eow * STRIDE - pad_w, ezero, eg, M, N, H, W,
                   w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,

@@ -221,10 +221,20 @@ _MAX_SPLIT_K = 16
 #: unsplit kernel measured on the H100. `TCAQ_AUTO_SPLIT_K=1` turns the heuristic on; an explicit
 #: `split_k=n` always splits.
 AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
-#: Whether GEMMs and convs go to the Gluon kernels of `gemm_wgmma.py` / `conv_wgmma.py` where they can
-#: (sm_90, M ≥ 64; the conv also without split-K), which keep one wgmma in flight where Triton's `tl.dot`
-#: waits on each. Off until they have run on a GPU.
-USE_WGMMA = os.environ.get("TCAQ_WGMMA", "0") == "1"
+#: Which calls go to the Gluon kernels of `gemm_wgmma.py` / `conv_wgmma.py` where they can (sm_90,
+#: M ≥ 64, 16-byte-aligned rows; the conv also without split-K), which keep one int8 wgmma in flight
+#: where Triton's `tl.dot` waits on each. "codes" (default): calls whose activations arrive as int8
+#: codes — on an H100 they matched `tl.dot` at W8A8 and beat it at W4A8 (GEMM median 0.67× vs 0.52×
+#: cuBLAS bf16, conv 1.07×/0.56× vs 0.98×/0.45× cuDNN, benchmarks/results/gluon-h100/); float inputs
+#: stay on `tl.dot`, whose fused quantize was faster (0.62× vs 0.47×: Gluon stores the codes through
+#: shared memory). `TCAQ_WGMMA=1`: "all" supported calls; `TCAQ_WGMMA=0`: "off".
+WGMMA = {"1": "all", "0": "off"}.get(os.environ.get("TCAQ_WGMMA", ""), "codes")
+
+
+def use_wgmma(a: torch.Tensor) -> bool:
+    """Whether the routing policy (`WGMMA`) sends a call with activations `a` to a Gluon kernel (which then
+    still checks it can take the shapes)."""
+    return WGMMA == "all" or (WGMMA == "codes" and a.dtype == torch.int8)
 
 
 def choose_split_k(M: int, N: int, K: int, sms: int) -> int:
@@ -296,7 +306,7 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, SPLIT_K=split_k, **out_meta)
     bias_arg = bias if bias is not None else w_scale
-    if USE_WGMMA and _wgmma().supported(a2, w_op):
+    if use_wgmma(a2) and _wgmma().supported(a2, w_op):
         _wgmma().launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, part, r_inv, s_inv, scale, zero, group,
                         out_tables, per_split, split_k, rows_per_sample, group_stride, a_bits, tail)
     else:

@@ -32,8 +32,10 @@ from .gemm import linear_epilogue
 from .numerics import quantize_uniform, tuning_bench, unpack_int4_rows
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps). 128×256 is left out: its accumulator alone fills half of
-#: the 255 registers and ptxas spills (benchmarks/kernel_asm.py).
-CONFIGS = [(128, 128, 128, 4, 8), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4)]
+#: the 255 registers and ptxas spills (benchmarks/kernel_asm.py). BLOCK_K 64 for short K (K = 320 is 2.5
+#: steps of 128).
+CONFIGS = [(128, 128, 128, 4, 8), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4),
+           (128, 128, 64, 6, 8), (128, 64, 64, 6, 4)]
 
 
 @constexpr_function
@@ -61,6 +63,31 @@ def _copy_layout(rows, cols, elem_bits, num_warps):
     vec = 128 // elem_bits
     along_k = min(32, cols // vec)
     return gl.BlockedLayout([1, vec], [32 // along_k, along_k], [num_warps, 1], [1, 0])
+
+
+@constexpr_function
+def _epilogue_layout(BLOCK_N, num_warps):
+    """Registers of the output tile for the epilogue: 8 consecutive columns per thread, a warp's threads
+    along N first, so each row's stores are whole 16-byte pieces of contiguous memory (the wgmma layout
+    gives a thread 2 columns of 8 rows apart, a quarter of each 32-byte sector per store)."""
+    along_n = min(32, BLOCK_N // 8)
+    return gl.BlockedLayout([1, 8], [32 // along_n, along_n], [num_warps, 1], [1, 0])
+
+
+def smem_bytes(config: triton.Config, a_bytes: int, w4: bool, a_float: bool) -> int:
+    """Shared memory the kernel allocates with this config: the STAGES ring of both operands, plus the two
+    code buffers of a float input and the two widened-weight buffers of int4 weights."""
+    bm, bn, bk, st = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "STAGES"))
+    return st * (bm * bk * a_bytes + bn * (bk // 2 if w4 else bk)) + 2 * bm * bk * a_float + 2 * bn * bk * w4
+
+
+def _prune(configs, named_args, **kwargs):
+    """The configs whose buffers fit the card's shared memory (an fp32 input quadruples the A ring)."""
+    a, limit = named_args["a_ptr"], torch.cuda.get_device_properties(named_args["a_ptr"].device).shared_memory_per_block_optin
+    fits = [c for c in configs if smem_bytes(c, a.element_size(), kwargs["W4"], kwargs["A_FLOAT"]) <= limit]
+    if not fits:
+        raise ValueError(f"gemm_wgmma: no config fits {limit} bytes of shared memory for {a.dtype} input")
+    return fits
 
 
 @gluon.jit
@@ -170,8 +197,10 @@ def _w8a8_wgmma_kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, mma_layout))
-    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout))
+    epi: gl.constexpr = _epilogue_layout(BLOCK_N, num_warps)
+    acc = gl.convert_layout(acc, epi)
+    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
+    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
     if SPLIT_K > 1:  # int32 partial sums; `gemm._splitk_epilogue_kernel` adds them in split order and finishes
         part = part_ptr + gl.program_id(1).to(gl.int64) * M * N + em.to(gl.int64)[:, None] * N + en[None, :]
         gl.store(part, acc, mask=(em < M)[:, None] & (en < N)[None, :])
@@ -185,7 +214,8 @@ def _w8a8_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"], do_bench=tuning_bench,
+    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_w8a8_wgmma_kernel)
 
 

@@ -20,7 +20,7 @@ pytestmark = NEEDS_SM90
 # tile multiple, C a multiple of 64 and of 128, pixels not a tile multiple
 CASES = [
     (2, 64, 9, 7, 40, 3, 1, (1, 1, 1, 1)),
-    (2, 128, 8, 8, 72, 3, 2, (0, 1, 0, 1)),
+    (2, 128, 16, 16, 72, 3, 2, (0, 1, 0, 1)),  # 2·8·8 = 128 output pixels: ≥ 64 routes
     (1, 320, 12, 10, 320, 3, 1, (1, 1, 1, 1)),
     (2, 256, 6, 11, 136, 1, 1, (0, 0, 0, 0)),
 ]

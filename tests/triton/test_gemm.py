@@ -5,6 +5,7 @@ import torch
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 from tcaq_kernels.quant import primitives as P
+from tcaq_kernels.triton import gemm as G
 from tcaq_kernels.triton.gemm import choose_split_k, k_range_per_split, qgemm
 
 from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
@@ -87,6 +88,14 @@ def test_fake_impl_matches(device):
 
 
 # SD-1.5 (batch 2) and DDPM shapes on the GPU: M×N×K.
+@pytest.mark.parametrize("policy, codes, floats", [("codes", True, False), ("all", True, True), ("off", False, False)])
+def test_wgmma_routing_policy(monkeypatch, policy, codes, floats):
+    """By default only int8-code activations go to the Gluon kernels (the measured split: see gemm.WGMMA)."""
+    monkeypatch.setattr(G, "WGMMA", policy)
+    assert G.use_wgmma(torch.empty(4, 8, dtype=torch.int8)) == codes
+    assert [G.use_wgmma(torch.empty(4, 8, dtype=d)) for d in (torch.bfloat16, torch.float16, torch.float32)] == [floats] * 3
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("mnk", [(8192, 320, 320), (2048, 5120, 640), (154, 1280, 768), (2, 1280, 320),

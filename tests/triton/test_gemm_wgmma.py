@@ -10,21 +10,23 @@ import torch
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 from tcaq_kernels.quant import primitives as P
-from tcaq_kernels.triton import gemm_wgmma as W
+from tcaq_kernels.triton import gemm as G, gemm_wgmma as W
 
 from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
 from _wgmma import NEEDS_SM90, route_to_wgmma
 
 pytestmark = NEEDS_SM90
 
-# (B, rows per sample, K, N): M from one tile to several, K not a BLOCK_K multiple, N not a tile multiple
-SHAPES = [(2, 37, 272, 45), (1, 200, 1280, 320), (4, 33, 80, 200), (2, 512, 5120, 1280)]
+# (B, rows per sample, K, N): M from one tile to several, K not a BLOCK_K multiple (but K % 32 == 0, so
+# packed int4 rows stay 16-byte aligned and route), N not a tile multiple
+SHAPES = [(2, 37, 288, 45), (1, 200, 1280, 320), (4, 33, 96, 200), (2, 512, 5120, 1280)]
 
 
 @pytest.fixture(params=range(len(W.CONFIGS)), ids=lambda i: "x".join(map(str, W.CONFIGS[i])))
 def wgmma(request, monkeypatch):
-    """Routing on, one config forced; the list of the calls that reached the kernel."""
-    return route_to_wgmma(monkeypatch, W, "launch", request.param)
+    """Routing on, one config forced (the shared-memory prune kept: it only drops what cannot launch); the
+    list of the calls that reached the kernel."""
+    return route_to_wgmma(monkeypatch, W, "launch", request.param, keep_prune=True)
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
@@ -63,7 +65,7 @@ def test_float_input_quantized_in_the_kernel_exact(gen, wgmma, a_bits, tcr, shap
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_epilogue_scale_bias_residual(gen, wgmma, out_dtype):
     B, L, K, N = 3, 70, 640, 136
-    x = torch.randn(B, L, K, generator=gen).cuda()
+    x = torch.randn(B, L, K, generator=gen).to(torch.bfloat16).cuda()
     w = rand_int(gen, (N, K), 8, "cuda")
     w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).cuda()
     bias = torch.randn(N, generator=gen).cuda()
@@ -97,7 +99,7 @@ def test_quantized_output_is_the_hosts_quantize_of_its_float_output(gen, wgmma):
 
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("a_float", [False, True])
-@pytest.mark.parametrize("K, split_k", [(1280, 3), (272, 2)])  # splits of 512/512/256 and 256/16 columns
+@pytest.mark.parametrize("K, split_k", [(1280, 3), (288, 2)])  # splits of 512/512/256 and 256/32 columns
 def test_split_k_exact(gen, wgmma, w_bits, a_float, K, split_k):
     """Each split reduces its own K range into int32 partial sums; qgemm's split-K epilogue adds them."""
     B, L, N = 2, 64, 200
@@ -112,6 +114,45 @@ def test_split_k_exact(gen, wgmma, w_bits, a_float, K, split_k):
     assert wgmma == [1]
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1) if a_float else a
     assert torch.equal(y, linear_acc_ref(codes, w, t).float())
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_fp32_input_autotunes_over_the_configs_that_fit(gen, monkeypatch, w_bits):
+    """An fp32 UNet's activations: four times the bytes of codes in the A ring, so the prune keeps only
+    the configs that fit shared memory and the autotuner picks among those (a forced 128-row config would
+    not launch)."""
+    monkeypatch.setattr(G, "WGMMA", "all")
+    monkeypatch.setattr(W._tuned, "cache", {})
+    B, L, K, N = 2, 100, 640, 192
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    fits = W._prune(W._tuned.configs, {"a_ptr": torch.empty(1, device="cuda")}, W4=w_bits == 4, A_FLOAT=True)
+    assert 0 < len(fits) < len(W._tuned.configs)
+    assert all(W.smem_bytes(c, 4, w_bits == 4, True) <= limit for c in fits)
+    x = torch.randn(B, L, K, generator=gen).cuda()
+    w = rand_int(gen, (N, K), w_bits, "cuda")
+    t = Tables(gen, groups=3, batch=B, bits=8, device="cuda", unit_scale=True)
+    w_q, w_sum = prepare_linear_weight(w, w_bits)
+    y = qlinear(x, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                out_dtype=torch.float32)
+    assert W._tuned.best_config in fits
+    codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), 8, None, -1)
+    assert torch.equal(y, linear_acc_ref(codes, w, t).float())
+
+
+def test_default_policy_sends_codes_and_keeps_floats_on_tl_dot(gen, monkeypatch):
+    monkeypatch.setattr(G, "WGMMA", "codes")
+    calls, real = [], W.launch
+    monkeypatch.setattr(W, "launch", lambda *a: calls.append(a[0].dtype) or real(*a))
+    t = Tables(gen, groups=2, batch=1, bits=8, device="cuda", unit_scale=True)
+    w = rand_int(gen, (64, 256), 8, "cuda")
+    w_q, w_sum = prepare_linear_weight(w, 8)
+    a = rand_int(gen, (96, 256), 8, "cuda")
+    for inp in (a, torch.randn(96, 256, generator=gen).to(torch.bfloat16).cuda()):
+        qlinear(inp, w_q, w_sum, torch.ones(64, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                out_dtype=torch.float32)
+    assert calls == [torch.int8]
+    assert torch.equal(qlinear(a, w_q, w_sum, torch.ones(64, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
+                               out_dtype=torch.float32), linear_acc_ref(a, w, t).float())
 
 
 def test_small_m_and_unaligned_rows_stay_on_the_tl_dot_kernel(gen, wgmma):

@@ -4,11 +4,15 @@ the CPU's only check of the Gluon kernels (gemm_wgmma.py, conv_wgmma.py)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import triton
+
+from tcaq_kernels.triton.gemm_wgmma import smem_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 HEADER = ('"ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit","Metric Value",'
@@ -92,6 +96,11 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     assert {r["variant"] for r in convs} == {"w8a8-conv-wgmma", "w4a8-conv-wgmma"}
     for r in [*convs, *(r for r in ours if r["variant"].endswith("-wgmma"))]:  # the point of the Gluon kernels
         assert r["max_wgmma_wait"] == 1 and r["cp_async"] and r["spill_store_bytes"] == 0, r
+    for r in (r for r in ours if r["variant"].endswith("-wgmma")):  # the prune's arithmetic is the compiler's
+        bm, bn, bk, warps, stages = (int(v) for v in re.findall(r"\d+", r["config"]))
+        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}, num_warps=warps)
+        a_float = "-fused" in r["variant"]
+        assert r["shared_bytes"] == smem_bytes(config, 2 if a_float else 1, r["variant"].startswith("w4"), a_float), r
     for r in ours:
         assert any(m.startswith("wgmma") for m in r["mma"]), r  # 64-row tiles and up use Hopper's MMA
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
