@@ -60,7 +60,7 @@ import triton
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
-from tcaq_kernels.triton import conv_wgmma, gemm_wgmma
+from tcaq_kernels.triton import conv_wgmma, gemm_wgmma, gemm_wgmma_persistent
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
@@ -230,6 +230,12 @@ def run_gemm(model, shape, card, command):
                 impls[name] = (lambda inp=inp, w_op=w_op, w_sum=w_sum: gemm_wgmma.launch(
                     inp, w_op, w_sum, w_scale, bias, out, out, out, None, t["s_inv"], t["scale"], t["zero"], t["group"],
                     tables, K, 1, *layout, 8, tail), gemm_wgmma._tuned)
+        for bits, (w_op, w_sum) in ((8, ops8), (4, ops4)):  # the persistent variant (int8 codes only)
+            name = f"gluon-w{bits}a8-persistent"
+            floors[name] = floors[f"triton-w{bits}a8"]
+            impls[name] = (lambda w_op=w_op, w_sum=w_sum: gemm_wgmma_persistent.launch(
+                a, w_op, w_sum, w_scale, bias, out, out, t["scale"], t["zero"], t["group"], tables, *layout, tail),
+                gemm_wgmma_persistent._tuned)
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
 
 

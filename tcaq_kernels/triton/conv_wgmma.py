@@ -15,11 +15,11 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from .conv import conv_epilogue, output_pixels, pixel_coords
-from .gemm_wgmma import _copy_layout, _epilogue_layout, _instr_n, _warps
-from .numerics import tuning_bench, unpack_int4_rows
+from .gemm_wgmma import _copy_layout, _epilogue_layout, _instr_n, _int8_ring, _ready_w_operand, _warps
+from .numerics import tuning_bench
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps); BLOCK_K 64 divides every SD/DDPM channel count
 CONFIGS = [(128, 128, 64, 4, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
@@ -87,13 +87,7 @@ def _qconv_wgmma_kernel(
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
 
-    a_smem = gl.allocate_shared_memory(gl.int8, [STAGES, BLOCK_M, BLOCK_K],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gl.int8))
-    w_ty: gl.constexpr = w_ptr.dtype.element_ty
-    w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
-    if W4:
-        w8_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+    a_smem, w_smem, w8_smem = _int8_ring(gl.int8, w_ptr.dtype.element_ty, W4, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, WK)
     for p in gl.static_range(STAGES - 1):
         _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, p, n_iter, c_blocks, H, W, C, CW,
                      a_smem.index(p), w_smem.index(p), KW, BLOCK_K, WK)
@@ -103,17 +97,7 @@ def _qconv_wgmma_kernel(
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
     for i in range(n_iter):
         s = i % STAGES
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed …
-        gl.thread_barrier()  # … and everyone else's
-        fence_async_shared()
-        if W4:  # widened into buffer i % 2, last read by MMA i-2, which the previous step's wait retired
-            w8 = w8_smem.index(i % 2)
-            w8.store(unpack_int4_rows(w_smem.index(s).load(w_copy), BLOCK_N, BLOCK_K))
-            fence_async_shared()
-            gl.thread_barrier()
-            w_op = w8.permute((1, 0))
-        else:
-            w_op = w_smem.index(s).permute((1, 0))
+        w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
         acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         gl.thread_barrier()  # step i-1's buffers are free in every warpgroup

@@ -91,6 +91,46 @@ def _prune(configs, named_args, **kwargs):
 
 
 @gluon.jit
+def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, STAGES: gl.constexpr,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
+    """Shared memory of the int8-code kernels (conv, persistent GEMM): the STAGES ring of A tiles and of
+    weight tiles (WK bytes a row: packed int4 is half), and for int4 the two widened-weight buffers
+    (for int8 weights the ring itself stands in, never read as such)."""
+    a_smem = gl.allocate_shared_memory(a_smem_ty, [STAGES, BLOCK_M, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], a_smem_ty))
+    w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
+    if W4:
+        w8_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+    else:
+        w8_smem = w_smem
+    return a_smem, w_smem, w8_smem
+
+
+@gluon.jit
+def _ready_w_operand(w_smem, w8_smem, s, i, w_copy: gl.constexpr, W4: gl.constexpr, SYNC_W4: gl.constexpr,
+                     STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """The head of ring step i (slot s), shared by the Gluon kernels: wait for the step's cp.async copies
+    (this thread's, then everyone's), fence them for the MMA's async proxy, and return the weight operand
+    — the slot itself, or for packed int4 its int8 widening in registers (Hopper has no 4-bit MMA) stored
+    to buffer i % 2, which MMA i-2 last read and the previous step's wait retired. `SYNC_W4` false leaves
+    the widened buffer's fence and barrier to the caller (the float-input GEMM does both after its codes)."""
+    async_copy.wait_group(STAGES - 2)
+    gl.thread_barrier()
+    fence_async_shared()
+    if W4:
+        w8 = w8_smem.index(i % 2)
+        w8.store(unpack_int4_rows(w_smem.index(s).load(w_copy), BLOCK_N, BLOCK_K))
+        if SYNC_W4:
+            fence_async_shared()
+            gl.thread_barrier()
+        w_op = w8.permute((1, 0))
+    else:
+        w_op = w_smem.index(s).permute((1, 0))
+    return w_op
+
+
+@gluon.jit
 def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live):
     """cp.async of one K step of both operands (zeros past M, N and K, and for steps past this program's
     range: `live` false), as one commit group. `w_left` counts the weight row's remaining bytes (half of
@@ -158,22 +198,13 @@ def _w8a8_wgmma_kernel(
     if W4:  # two buffers for the widened weights
         w8_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K],
                                             gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+    else:
+        w8_smem = w_smem  # not read: the int8 slots are the operand
 
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
     for i in range(num_k):
         s = i % STAGES
-        async_copy.wait_group(STAGES - 2)  # this thread's copies of step i have landed …
-        gl.thread_barrier()  # … and everyone else's
-        fence_async_shared()  # generic-proxy writes before the MMA's async-proxy reads
-        if W4:  # int4 widened to int8 in registers (Hopper has no 4-bit MMA), into buffer i % 2 as below
-            w8 = w8_smem.index(i % 2)
-            w8.store(unpack_int4_rows(w_smem.index(s).load(w_copy), BLOCK_N, BLOCK_K))
-            if not A_FLOAT:
-                fence_async_shared()
-                gl.thread_barrier()
-            w_op = w8.permute((1, 0))
-        else:
-            w_op = w_smem.index(s).permute((1, 0))
+        w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, not A_FLOAT, STAGES, BLOCK_N, BLOCK_K)
         if A_FLOAT:
             u = a_smem.index(s).load(a_copy).to(gl.float32)
             if HAS_RINV:

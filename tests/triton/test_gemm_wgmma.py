@@ -13,7 +13,7 @@ from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import gemm as G, gemm_wgmma as W
 
 from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
-from _wgmma import NEEDS_SM90, route_to_wgmma
+from _wgmma import NEEDS_SM90, check_codes_accumulator, route_to_wgmma
 
 pytestmark = NEEDS_SM90
 
@@ -33,14 +33,7 @@ def wgmma(request, monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_int8_codes_exact_accumulator(gen, wgmma, shape, w_bits):
     """Unit scales, fp32 output: float(int32 accumulator − z·Σw), compared exactly."""
-    B, L, K, N = shape
-    a, w = rand_int(gen, (B, L, K), 8, "cuda"), rand_int(gen, (N, K), w_bits, "cuda")
-    t = Tables(gen, groups=4, batch=B, bits=8, device="cuda", unit_scale=True)
-    w_q, w_sum = prepare_linear_weight(w, w_bits)
-    y = qlinear(a, w_q, w_sum, torch.ones(N, device="cuda"), None, t.s_inv, t.scale, t.zero, t.group,
-                out_dtype=torch.float32)
-    assert wgmma == [1]
-    assert torch.equal(y, linear_acc_ref(a, w, t).float())
+    check_codes_accumulator(gen, wgmma, shape, w_bits)
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
