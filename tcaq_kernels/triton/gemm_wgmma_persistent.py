@@ -21,7 +21,7 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warp
 
 from .gemm import linear_epilogue
 from .gemm_wgmma import (CONFIGS, _copy_layout, _epilogue_layout, _instr_n, _int8_ring, _prune, _ready_w_operand,
-                          _warps, smem_bytes)
+                          _warps, smem_bytes, supported as wgmma_supported)
 from .numerics import tuning_bench
 
 
@@ -113,7 +113,6 @@ _tuned = triton.autotune(
 
 def supported(a2: torch.Tensor, w_op: torch.Tensor, split_k: int) -> bool:
     """`gemm_wgmma.supported`, for int8 codes and no split only."""
-    from .gemm_wgmma import supported as wgmma_supported
     return a2.dtype == torch.int8 and split_k == 1 and wgmma_supported(a2, w_op)
 
 
