@@ -148,21 +148,21 @@ def compile_persistent(M, N, K, config: tuple, w4: bool = False):
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
 
-def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False):
+def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1):
     """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
-    with bias, int8 or packed int4 weights."""
+    with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
     OH, OW = (H + 2 * (k // 2) - k) // stride + 1, (W + 2 * (k // 2) - k) // stride + 1
     cw = (C + 1) // 2 if w4 else C
     ptrs = dict(x_ptr="*i8", w_ptr="*u8" if w4 else "*i8", w_tap_sum_ptr="*i32", w_scale_ptr="*fp32", bias_ptr="*bf16",
-                res_ptr="*bf16", out_ptr="*bf16", scale_ptr="*fp32", zero_ptr="*i32", group_ptr="*i32",
+                res_ptr="*bf16", out_ptr="*bf16", part_ptr="*i32" if split_k > 1 else "*bf16", scale_ptr="*fp32", zero_ptr="*i32", group_ptr="*i32",
                 out_s_inv_ptr="*bf16", out_zero_ptr="*bf16", out_r_inv_ptr="*bf16")
     ints = dict(B=B, H=H, W=W, C=C, CW=cw, N=N, OH=OH, OW=OW, pad_h=k // 2, pad_w=k // 2, group_stride=1,
                 stride_wn=k * k * cw, stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
-    constexprs = dict(KH=k, KW=k, STRIDE=stride, W4=w4, HAS_BIAS=True, HAS_RES=False, OUT_Q=False, OUT_HAS_RINV=False,
+    constexprs = dict(KH=k, KW=k, STRIDE=stride, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False, OUT_Q=False, OUT_HAS_RINV=False,
                       OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
@@ -242,10 +242,11 @@ def main(argv=None) -> int:
                 _print(rows[-1])
     for text in a.conv:
         shape = tuple(int(v) for v in text.split(","))
-        for w4 in (False, True):
+        for w4, split_k in ((False, 1), (True, 1), (True, 2)):
             for cfg in conv_wgmma.CONFIGS:
-                info = describe(compile_conv_wgmma(shape, cfg, w4))
-                rows.append({"shape": "conv " + text, "variant": "w4a8-conv-wgmma" if w4 else "w8a8-conv-wgmma",
+                info = describe(compile_conv_wgmma(shape, cfg, w4, split_k))
+                variant = ("w4a8" if w4 else "w8a8") + ("-conv-split-wgmma" if split_k > 1 else "-conv-wgmma")
+                rows.append({"shape": "conv " + text, "variant": variant,
                              "config": "{}x{}x{} w{w} s{s}".format(*cfg[:3], w=cfg[4], s=cfg[3]), **info})
                 _print(rows[-1])
     if a.json:

@@ -345,15 +345,16 @@ def run_conv(model, shape, card, command):
         "triton-w4a8": (lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
         "triton-w8a8+quant": (lambda: qconv2d(v.x, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
     }
-    if conv_wgmma.supported(v.codes, v.ops[4][0], M, 1):  # the Gluon conv (sm_90), called as qconv would
+    if conv_wgmma.supported(v.codes, v.ops[4][0], M):  # the Gluon conv (sm_90), launched as qconv would, unsplit
         OH, OW = (H + pads[0] + pads[1] - k) // stride + 1, (W + pads[2] + pads[3] - k) // stride + 1
         out = torch.empty(B, N, OH, OW, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
         tables, meta = output_quantizer(out, None, None, None, 8)
         _, scale, zero, group = v.tab  # the conv takes codes: no s_inv
+        tail = dict(KH=k, KW=k, STRIDE=stride, SPLIT_K=1, HAS_BIAS=True, HAS_RES=False, **meta)
         for bits in (8, 4):
             floors[f"gluon-w{bits}a8"] = floors[f"triton-w{bits}a8"]
-            impls[f"gluon-w{bits}a8"] = (lambda bits=bits: conv_wgmma.qconv_wgmma(
-                v.codes, *v.ops[bits], v.w_scale, v.bias, scale, zero, group, 1, stride, pads, None, out, tables, meta),
+            impls[f"gluon-w{bits}a8"] = (lambda bits=bits: conv_wgmma.launch(
+                v.codes, *v.ops[bits], v.w_scale, v.bias, out, out, out, scale, zero, group, tables, 1, pads, tail),
                 conv_wgmma._tuned)
     return _time_all("conv", model, label, count, ops, impls, floors, "cudnn-bf16", card, command)
 

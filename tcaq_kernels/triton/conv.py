@@ -267,6 +267,12 @@ def conv_split_k(split_k: int | None, M: int, N: int, C: int, taps: int, sms: in
     return min(split_k, taps * triton.cdiv(C, _MAX_BLOCK_K))
 
 
+def _conv_wgmma():
+    """`conv_wgmma` (imported on first use: it imports this module)."""
+    from . import conv_wgmma
+    return conv_wgmma
+
+
 def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_scale: torch.Tensor, bias,
           scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
           stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor,
@@ -293,20 +299,21 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     bias_arg = bias if bias is not None else w_scale
     res_strides = (res.stride(0), res.stride(1), res.stride(2), res.stride(3))
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
-    if gemm.use_wgmma(x_nhwc):
-        from . import conv_wgmma
-        if conv_wgmma.supported(x_nhwc, w_op, M, split_k):
-            return conv_wgmma.qconv_wgmma(x_nhwc, w_op, w_tap_sum, w_scale, bias, scale, zero, group, group_stride,
-                                          stride, padding, residual, out, out_tables, out_meta)
     tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-    _qconv_kernel[grid](
-        x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part,
-        scale, zero, group, *out_tables,
-        B, H, W, C, N, OH, OW, padding[0], padding[2], group_stride,
-        w_op.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **tail,
-    )
+    # split convs go to the Gluon kernel only under TCAQ_WGMMA=1 ("all") until its split-K has run on a GPU
+    if (gemm.use_wgmma(x_nhwc) and (split_k == 1 or gemm.WGMMA == "all")
+            and _conv_wgmma().supported(x_nhwc, w_op, M)):
+        _conv_wgmma().launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables,
+                             group_stride, padding, tail)
+    else:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
+        _qconv_kernel[grid](
+            x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part,
+            scale, zero, group, *out_tables,
+            B, H, W, C, N, OH, OW, padding[0], padding[2], group_stride,
+            w_op.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **tail,
+        )
     if split_k > 1:
         block_m, block_n = 32, 64
         _splitk_conv_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](

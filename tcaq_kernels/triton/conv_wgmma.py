@@ -7,6 +7,8 @@ each MMA issued asynchronously and only the previous one waited for — over `co
 image taps zero-filled by the masked copy), packed int4 weights widened in registers through a double
 buffer. The epilogue is `conv.conv_epilogue` itself (padding read as z via the per-tap weight sums,
 scales, bias, residual, float or next-layer codes), so the result is `_qconv_kernel`'s bit for bit.
+Split-K as `conv.py` splits: each program of a split reduces its share of the steps into int32 partial
+sums and `conv.qconv` finishes with the same split-K epilogue kernel.
 """
 from __future__ import annotations
 
@@ -35,15 +37,15 @@ def _prune(configs, named_args, **kwargs):
 
 
 @gluon.jit
-def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, n_iter, c_blocks, H, W, C, CW,
+def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blocks, H, W, C, CW,
                  a_dst, w_dst, KW: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
     """cp.async of reduction step `it` (tap, channel block) of both operands, as one commit group; zeros
-    for out-of-image taps, channels past C and steps past the last (the ring's tail)."""
+    for out-of-image taps, channels past C and steps from `it_end` on (the ring's tail)."""
     tap = it // c_blocks
     c0 = (it - tap * c_blocks) * BLOCK_K
     ih = ih0 + tap // KW
     iw = iw0 + tap % KW
-    live = it < n_iter
+    live = it < it_end
     inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & live
     a_ptrs = x_rows + ((ih * W + iw) * C + c0)[:, None] + ka[None, :]
     async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
@@ -54,11 +56,11 @@ def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, n_iter, c_blo
 
 @gluon.jit
 def _qconv_wgmma_kernel(
-    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr,
+    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
     B, H, W, C, CW, N, OH, OW, pad_h, pad_w, group_stride,
     stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
-    KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, W4: gl.constexpr,
+    KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, W4: gl.constexpr, SPLIT_K: gl.constexpr,
     HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
@@ -86,23 +88,29 @@ def _qconv_wgmma_kernel(
     n_ok = rn < N
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
+    if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S), as `conv._qconv_kernel`'s splits do
+        it_lo = gl.program_id(1) * n_iter // SPLIT_K
+        it_hi = (gl.program_id(1) + 1) * n_iter // SPLIT_K
+    else:
+        it_lo = 0
+        it_hi = n_iter
 
     a_smem, w_smem, w8_smem = _int8_ring(gl.int8, w_ptr.dtype.element_ty, W4, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, WK)
     for p in gl.static_range(STAGES - 1):
-        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, p, n_iter, c_blocks, H, W, C, CW,
+        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + p, it_hi, c_blocks, H, W, C, CW,
                      a_smem.index(p), w_smem.index(p), KW, BLOCK_K, WK)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
-    for i in range(n_iter):
+    for i in range(it_hi - it_lo):
         s = i % STAGES
         w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
         acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
         j = i + STAGES - 1
-        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, j, n_iter, c_blocks, H, W, C, CW,
+        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + j, it_hi, c_blocks, H, W, C, CW,
                      a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, BLOCK_K, WK)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
@@ -111,6 +119,10 @@ def _qconv_wgmma_kernel(
     acc = gl.convert_layout(acc, epi)
     em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
     en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
+    if SPLIT_K > 1:  # int32 partial sums; `conv._splitk_conv_epilogue_kernel` adds them in split order and finishes
+        part = part_ptr + gl.program_id(1).to(gl.int64) * M * N + em.to(gl.int64)[:, None] * N + en[None, :]
+        gl.store(part, acc, mask=(em < M)[:, None] & (en < N)[None, :])
+        return
     eb, eoh, eow, eg, ezero = output_pixels(em, M, OH, OW, group_ptr, group_stride, zero_ptr)
     conv_epilogue(acc, em, en, eb, eoh, eow, eoh * STRIDE - pad_h, eow * STRIDE - pad_w, ezero, eg, M, N, H, W,
                   w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
@@ -121,37 +133,34 @@ def _qconv_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "HAS_RES", "OUT_Q"],
+    key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_qconv_wgmma_kernel)
 
 
-def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int, split_k: int) -> bool:
-    """Whether `qconv` may hand this call to the wgmma kernel: sm_90, no split, at least one 64-pixel tile,
+def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int) -> bool:
+    """Whether `qconv` may hand this call to the wgmma kernel: sm_90, at least one 64-pixel tile,
     contiguous NHWC codes and weight rows whose 16-byte copies stay aligned (C and the packed ⌈C/2⌉ bytes
     multiples of 16)."""
     C = x_nhwc.shape[3]
-    return (x_nhwc.is_cuda and torch.cuda.get_device_capability(x_nhwc.device) == (9, 0) and split_k == 1
+    return (x_nhwc.is_cuda and torch.cuda.get_device_capability(x_nhwc.device) == (9, 0)
             and M >= 64 and x_nhwc.is_contiguous() and w_op.is_contiguous() and C % 16 == 0
             and w_op.shape[3] % 16 == 0)
 
 
-def qconv_wgmma(x_nhwc, w_op, w_tap_sum, w_scale, bias, scale, zero, group, group_stride: int, stride: int,
-                padding, residual, out: torch.Tensor, out_tables: tuple, out_meta: dict) -> torch.Tensor:
-    """`conv.qconv` for the calls `supported` accepts (same arguments, the output quantizer already
-    unpacked by `gemm.output_quantizer`), same result bit for bit."""
+def launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables: tuple,
+           group_stride: int, padding, tail: dict) -> None:
+    """The wgmma kernel in `conv.qconv`'s place, same arguments (`tail`: qconv's KH, KW, STRIDE, SPLIT_K,
+    HAS_BIAS, HAS_RES and output-quantizer constexprs). With SPLIT_K > 1 it writes int32 partial sums to
+    `part` and `qconv` runs its split-K epilogue kernel after it, as for its own kernel."""
     B, H, W, C = x_nhwc.shape
-    N, KH, KW, CW = w_op.shape
+    N, CW = w_op.shape[0], w_op.shape[3]
     OH, OW = out.shape[2], out.shape[3]
     M = B * OH * OW
-    res = residual if residual is not None else out
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), tail["SPLIT_K"])
     _tuned[grid](
-        x_nhwc, w_op, w_tap_sum, w_scale, bias if bias is not None else w_scale, res, out,
-        scale, zero, group, *out_tables,
+        x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, *out_tables,
         B, H, W, C, CW, N, OH, OW, padding[0], padding[2], group_stride,
         w_op.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        KH=KH, KW=KW, STRIDE=stride, W4=w_op.dtype == torch.uint8, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, **out_meta,
+        W4=w_op.dtype == torch.uint8, **tail,
     )
-    return out

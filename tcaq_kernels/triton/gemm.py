@@ -222,12 +222,13 @@ _MAX_SPLIT_K = 16
 #: `split_k=n` always splits.
 AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
 #: Which calls go to the Gluon kernels of `gemm_wgmma.py` / `conv_wgmma.py` where they can (sm_90,
-#: M ≥ 64, 16-byte-aligned rows; the conv also without split-K), which keep one int8 wgmma in flight
+#: M ≥ 64, 16-byte-aligned rows), which keep one int8 wgmma in flight
 #: where Triton's `tl.dot` waits on each. "codes" (default): calls whose activations arrive as int8
 #: codes — on an H100 (SD-1.5 b2+b8 medians, benchmarks/results/gluon-h100/) they matched `tl.dot` at
 #: W8A8 (GEMM 0.99× cuBLAS bf16 both; conv 1.09× vs 1.07× cuDNN) and beat it at W4A8 (GEMM 0.62× vs
 #: 0.55×, conv 0.59× vs 0.54×; the gain is at batch 2); float inputs stay on `tl.dot`, whose fused
-#: quantize was faster (0.58× vs 0.45×: Gluon stores the codes through shared memory). `TCAQ_WGMMA=1`: "all" supported calls; `TCAQ_WGMMA=0`: "off".
+#: quantize was faster (0.58× vs 0.45×: Gluon stores the codes through shared memory).
+#: `TCAQ_WGMMA=1`: "all" supported calls; `TCAQ_WGMMA=0`: "off".
 #: Experimental: "persistent" (`TCAQ_WGMMA=persistent`) sends the int8-code GEMMs to
 #: `gemm_wgmma_persistent.py` instead (not yet run on a GPU).
 WGMMA = {"1": "all", "0": "off", "persistent": "persistent"}.get(os.environ.get("TCAQ_WGMMA", ""), "codes")

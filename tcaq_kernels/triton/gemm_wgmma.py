@@ -83,7 +83,8 @@ def smem_bytes(config: triton.Config, a_bytes: int, w4: bool, a_float: bool) -> 
 
 def _prune(configs, named_args, **kwargs):
     """The configs whose buffers fit the card's shared memory (an fp32 input quadruples the A ring)."""
-    a, limit = named_args["a_ptr"], torch.cuda.get_device_properties(named_args["a_ptr"].device).shared_memory_per_block_optin
+    a = named_args["a_ptr"]
+    limit = torch.cuda.get_device_properties(a.device).shared_memory_per_block_optin
     fits = [c for c in configs if smem_bytes(c, a.element_size(), kwargs["W4"], kwargs["A_FLOAT"]) <= limit]
     if not fits:
         raise ValueError(f"gemm_wgmma: no config fits {limit} bytes of shared memory for {a.dtype} input")

@@ -38,7 +38,8 @@ def _load_step(a_smem, w_smem, a_ptr, w_ptr, rm0, ka, rn0, kw, j, total, num_k, 
     live = j < total
     a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + (kk * BLOCK_K + ka)[None, :]
     w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + (kk * WK + kw)[None, :]
-    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=((rm < M) & live)[:, None] & (ka < K - kk * BLOCK_K)[None, :])
+    a_mask = ((rm < M) & live)[:, None] & (ka < K - kk * BLOCK_K)[None, :]
+    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=a_mask)
     async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=((rn < N) & live)[:, None] & (kw < KW - kk * WK)[None, :])
     async_copy.commit_group()
 

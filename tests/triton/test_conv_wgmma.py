@@ -29,21 +29,27 @@ CASES = [
 @pytest.fixture(params=range(len(CW.CONFIGS)), ids=lambda i: "x".join(map(str, CW.CONFIGS[i])))
 def wgmma(request, monkeypatch):
     """Routing on, one config forced; the list of the calls that reached the kernel."""
-    return route_to_wgmma(monkeypatch, CW, "qconv_wgmma", request.param)
+    return route_to_wgmma(monkeypatch, CW, "launch", request.param)
 
 
-@pytest.mark.parametrize("w_bits", [8, 4])
-@pytest.mark.parametrize("case", CASES)
-def test_int8_codes_exact_accumulator(gen, wgmma, w_bits, case):
+def _check_exact(gen, calls, case, w_bits, split_k=None):
+    """Unit scales, fp32 output: the conv of fresh random codes equals the reference accumulator exactly
+    (padding read as z), and the call reached the Gluon kernel."""
     B, C, H, W, N, k, stride, pads = case
     codes = rand_int(gen, (B, C, H, W), 8, "cuda")
     w = rand_int(gen, (N, C, k, k), w_bits, "cuda")
     t = Tables(gen, groups=4, batch=B, bits=8, device="cuda", unit_scale=True)
     w_q, w_sum = prepare_conv_weight(w, w_bits)
     y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device="cuda"), None,
-                t.s_inv, t.scale, t.zero, t.group, stride, list(pads), out_dtype=torch.float32)
-    assert wgmma == [1]
+                t.s_inv, t.scale, t.zero, t.group, stride, list(pads), out_dtype=torch.float32, split_k=split_k)
+    assert calls == [1]
     assert torch.equal(y, conv_acc_ref(codes, w, t, stride, pads).float())
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", CASES)
+def test_int8_codes_exact_accumulator(gen, wgmma, w_bits, case):
+    _check_exact(gen, wgmma, case, w_bits)
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -66,6 +72,14 @@ def test_scales_bias_residual_and_next_layer_codes(gen, wgmma, out_dtype):
     assert wgmma == [1, 1, 1] and q.dtype == torch.int8
     expect = P.quantize_uniform(y32, t.per_sample(nxt.s_inv, 4), t.per_sample(nxt.zero, 4), 8, None, 1)
     assert torch.equal(q.permute(0, 3, 1, 2), expect)
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case, split_k", [(CASES[0], 2), (CASES[1], 3), (CASES[2], 5)])
+def test_split_k_exact_accumulator(gen, wgmma, w_bits, case, split_k):
+    """Each split reduces its own (tap, channel block) steps into int32 partial sums; qconv's split-K
+    epilogue kernel adds them and turns out-of-image taps into the padding code, as for the tl.dot conv."""
+    _check_exact(gen, wgmma, case, w_bits, split_k)
 
 
 def test_unaligned_channels_and_small_outputs_stay_on_tl_dot(gen, wgmma):

@@ -94,7 +94,7 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     assert {r["variant"] for r in ours} == {"w8a8", "w4a8", "w8a8-wgmma", "w4a8-fused-split-wgmma",
                                             "w4a8-persistent-wgmma"} and len(ours) >= 12
     convs = [r for r in rows if r["shape"].startswith("conv")]
-    assert {r["variant"] for r in convs} == {"w8a8-conv-wgmma", "w4a8-conv-wgmma"}
+    assert {r["variant"] for r in convs} == {"w8a8-conv-wgmma", "w4a8-conv-wgmma", "w4a8-conv-split-wgmma"}
     for r in [*convs, *(r for r in ours if r["variant"].endswith("-wgmma"))]:  # the point of the Gluon kernels
         assert r["max_wgmma_wait"] == 1 and r["cp_async"] and r["spill_store_bytes"] == 0, r
     for r in (r for r in ours if r["variant"].endswith("-wgmma")):  # the prune's arithmetic is the compiler's
