@@ -24,8 +24,9 @@ the heuristic's split ("-splitk"; the split count is appended to `config`) — a
 the same for the conv shapes the heuristic splits (`conv_split_k`: SD's deep layers at small
 batch), cuDNN bf16 beside them.
 
-`--shapes` runs only the named shapes; `--profile` times nothing and writes nothing: it calls each impl once
-between cudaProfilerStart/Stop, for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
+`--shapes` runs only the named shapes, `--impls` only the named columns (and each table's baseline);
+`--profile` times nothing and writes nothing: it calls each impl once between cudaProfilerStart/Stop,
+for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
 
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
@@ -388,9 +389,18 @@ def run_conv_splitk(model, shape, card, command):
                      command)
 
 
-# Set by --shapes and --profile (main): which shapes run, and whether they are profiled instead of timed.
+# Set by --shapes, --impls and --profile (main): which shapes and impls run, and whether they are profiled
+# instead of timed.
 ONLY_SHAPES: set = set()
+ONLY_IMPLS: set = set()
 PROFILE = False
+SEEN_IMPLS: set = set()  # every impl a table offered, to name the --impls entries that matched none
+
+
+def selected(impls: dict, base: str, only: set) -> dict:
+    """The impls a run times: all, or those named in `only` — and always the baseline, which every ratio
+    in the tables needs. A name in `only` that no table offers is a typo: `main` names it at the end."""
+    return {k: v for k, v in impls.items() if not only or k in only or k == base}
 
 
 def _profile_all(op, model, shape, impls):
@@ -416,6 +426,8 @@ def _profile_all(op, model, shape, impls):
 def _time_all(op, model, shape, count, flops, impls, floors, base, card, command):
     if ONLY_SHAPES and shape not in ONLY_SHAPES:
         return []
+    SEEN_IMPLS.update(impls)
+    impls = selected(impls, base, ONLY_IMPLS)
     if PROFILE:
         return _profile_all(op, model, shape, impls)
     rows, base_ms = [], None
@@ -500,13 +512,16 @@ def main():
     p.add_argument("--models", default=",".join(GEMM))
     p.add_argument("--shapes", default="", help="only these shape labels, ';'-separated as the tables print them "
                    "(e.g. '2x320x1280;B2 C320 64x64 N320 k3 s1 p1')")
+    p.add_argument("--impls", default="", help="only these columns (','-separated, e.g. "
+                   "'triton-w8a8,gluon-w8a8-persistent'); each table's baseline always runs")
     p.add_argument("--profile", action="store_true",
                    help="no timing and no results written: one call per impl between cudaProfilerStart/Stop, "
                         "for e.g. ncu --clock-control none --profile-from-start off --section SpeedOfLight "
                         "--section LaunchStats --section Occupancy --csv python benchmarks/kernels.py --profile …")
     args = p.parse_args()
-    global ONLY_SHAPES, PROFILE
+    global ONLY_SHAPES, ONLY_IMPLS, PROFILE
     ONLY_SHAPES, PROFILE = {x.strip() for x in args.shapes.split(";") if x.strip()}, args.profile
+    ONLY_IMPLS = {x.strip() for x in args.impls.split(",") if x.strip()}
     torch.manual_seed(0)
     card = torch.cuda.get_device_name()
     command = "python " + " ".join(sys.argv)
@@ -531,13 +546,21 @@ def main():
                 if not PROFILE:
                     path.write_text(json.dumps(rows, indent=1))
     if PROFILE:
-        return
+        return _check_impls()
     meta = (f"card: {card}; torch {torch.__version__}, triton {triton.__version__}, CUDA {torch.version.cuda}, "
             f"cuDNN {torch.backends.cudnn.version()}; commands: "
             + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)))
     md = summarize(rows, meta)
     (args.out / "kernels.md").write_text(md)
     print(md[md.index("## Summary"):])
+    _check_impls()
+
+
+def _check_impls() -> None:
+    """After the run (its results written): the --impls entries no table offered, as an error."""
+    unknown = ONLY_IMPLS - SEEN_IMPLS
+    if unknown:
+        raise SystemExit(f"--impls: no table offered {sorted(unknown)} (offered: {', '.join(sorted(SEEN_IMPLS))})")
 
 
 if __name__ == "__main__":
