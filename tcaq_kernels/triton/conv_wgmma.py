@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from .conv import conv_epilogue, output_pixels, pixel_coords
-from .gemm_wgmma import _copy_layout, _epilogue_layout, _instr_n, _int8_ring, _ready_w_operand, _warps
+from .gemm_wgmma import _copy_layout, _epilogue_tile, _instr_n, _int8_ring, _ready_w_operand, _store_partials, _warps
 from .numerics import tuning_bench
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps); BLOCK_K 64 divides every SD/DDPM channel count
@@ -115,13 +115,9 @@ def _qconv_wgmma_kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    epi: gl.constexpr = _epilogue_layout(BLOCK_N, num_warps)  # channels_last output: rows of N contiguous
-    acc = gl.convert_layout(acc, epi)
-    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
-    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
-    if SPLIT_K > 1:  # int32 partial sums; `conv._splitk_conv_epilogue_kernel` adds them in split order and finishes
-        part = part_ptr + gl.program_id(1).to(gl.int64) * M * N + em.to(gl.int64)[:, None] * N + en[None, :]
-        gl.store(part, acc, mask=(em < M)[:, None] & (en < N)[None, :])
+    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)  # channels_last output: rows of N contiguous
+    if SPLIT_K > 1:
+        _store_partials(part_ptr, acc, em, en, M, N)
         return
     eb, eoh, eow, eg, ezero = output_pixels(em, M, OH, OW, group_ptr, group_stride, zero_ptr)
     conv_epilogue(acc, em, en, eb, eoh, eow, eoh * STRIDE - pad_h, eow * STRIDE - pad_w, ezero, eg, M, N, H, W,

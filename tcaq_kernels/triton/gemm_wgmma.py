@@ -132,6 +132,24 @@ def _ready_w_operand(w_smem, w8_smem, s, i, w_copy: gl.constexpr, W4: gl.constex
 
 
 @gluon.jit
+def _epilogue_tile(acc, off_m, off_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The accumulator in the epilogue's layout (`_epilogue_layout`) with its global rows and columns."""
+    epi: gl.constexpr = _epilogue_layout(BLOCK_N, gl.num_warps())
+    acc = gl.convert_layout(acc, epi)
+    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
+    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
+    return acc, em, en
+
+
+@gluon.jit
+def _store_partials(part_ptr, acc, em, en, M, N):
+    """A split program's int32 partial sums into its [M, N] slice of the workspace; `gemm.py`'s and `conv.py`'s
+    split-K epilogue kernels add the slices in split order and finish."""
+    part = part_ptr + gl.program_id(1).to(gl.int64) * M * N + em.to(gl.int64)[:, None] * N + en[None, :]
+    gl.store(part, acc, mask=(em < M)[:, None] & (en < N)[None, :])
+
+
+@gluon.jit
 def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live):
     """cp.async of one K step of both operands (zeros past M, N and K, and for steps past this program's
     range: `live` false), as one commit group. `w_left` counts the weight row's remaining bytes (half of
@@ -229,13 +247,9 @@ def _w8a8_wgmma_kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    epi: gl.constexpr = _epilogue_layout(BLOCK_N, num_warps)
-    acc = gl.convert_layout(acc, epi)
-    em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
-    en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
-    if SPLIT_K > 1:  # int32 partial sums; `gemm._splitk_epilogue_kernel` adds them in split order and finishes
-        part = part_ptr + gl.program_id(1).to(gl.int64) * M * N + em.to(gl.int64)[:, None] * N + en[None, :]
-        gl.store(part, acc, mask=(em < M)[:, None] & (en < N)[None, :])
+    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)
+    if SPLIT_K > 1:
+        _store_partials(part_ptr, acc, em, en, M, N)
         return
     g = gl.load(group_ptr + ((em % M) // rows_per_sample) * group_stride)
     linear_epilogue(acc, em, en, M, N, gl.load(zero_ptr + g), g, w_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr,

@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from .gemm import linear_epilogue
-from .gemm_wgmma import (CONFIGS, _copy_layout, _epilogue_layout, _instr_n, _int8_ring, _prune, _ready_w_operand,
+from .gemm_wgmma import (CONFIGS, _copy_layout, _epilogue_tile, _instr_n, _int8_ring, _prune, _ready_w_operand,
                           _warps, smem_bytes, supported as wgmma_supported)
 from .numerics import tuning_bench
 
@@ -75,7 +75,6 @@ def _persistent_kernel(
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
-    epi: gl.constexpr = _epilogue_layout(BLOCK_N, num_warps)
     acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
     for i in range(total):
         s = i % STAGES
@@ -90,10 +89,9 @@ def _persistent_kernel(
         if kk == num_k - 1:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
             tile = pid + (i // num_k) * n_prog
-            em = (tile % num_m) * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
-            en = (tile // num_m) * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
+            y, em, en = _epilogue_tile(acc, (tile % num_m) * BLOCK_M, (tile // num_m) * BLOCK_N, BLOCK_M, BLOCK_N)
             g = gl.load(group_ptr + ((em % M) // rows_per_sample) * group_stride)
-            linear_epilogue(gl.convert_layout(acc, epi), em, en, M, N, gl.load(zero_ptr + g), g, w_sum_ptr, w_scale_ptr,
+            linear_epilogue(y, em, en, M, N, gl.load(zero_ptr + g), g, w_sum_ptr, w_scale_ptr,
                             scale_ptr, bias_ptr, res_ptr, out_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
                             stride_rm, stride_rn, stride_om, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
     async_copy.wait_group(0)
