@@ -318,12 +318,17 @@ def _conv_inputs(shape):
     )
 
 
+def _conv_out_hw(shape) -> tuple[int, int]:
+    """(OH, OW) of a conv shape (pads: top, bottom, left, right)."""
+    B, C, H, W, N, k, stride, (top, bottom, left, right), count = shape
+    return (H + top + bottom - k) // stride + 1, (W + left + right - k) // stride + 1
+
+
 def _conv_geometry(shape):
     """(output pixels M = B·OH·OW, the row label) of a conv shape."""
     B, C, H, W, N, k, stride, pads, count = shape
-    top, bottom, left, right = pads
-    OH, OW = (H + top + bottom - k) // stride + 1, (W + left + right - k) // stride + 1
-    pad_s = "".join(map(str, pads)) if len(set(pads)) > 1 else top
+    OH, OW = _conv_out_hw(shape)
+    pad_s = "".join(map(str, pads)) if len(set(pads)) > 1 else pads[0]
     return B * OH * OW, f"B{B} C{C} {H}x{W} N{N} k{k} s{stride} p{pad_s}"
 
 
@@ -347,8 +352,7 @@ def run_conv(model, shape, card, command):
         "triton-w8a8+quant": (lambda: qconv2d(v.x, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
     }
     if conv_wgmma.supported(v.codes, v.ops[4][0], M):  # the Gluon conv (sm_90), launched as qconv would, unsplit
-        OH, OW = (H + pads[0] + pads[1] - k) // stride + 1, (W + pads[2] + pads[3] - k) // stride + 1
-        out = torch.empty(B, N, OH, OW, device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
+        out = torch.empty(B, N, *_conv_out_hw(shape), device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
         tables, meta = output_quantizer(out, None, None, None, 8)
         _, scale, zero, group = v.tab  # the conv takes codes: no s_inv
         tail = dict(KH=k, KW=k, STRIDE=stride, SPLIT_K=1, HAS_BIAS=True, HAS_RES=False, **meta)
