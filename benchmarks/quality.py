@@ -170,6 +170,8 @@ def summarize_state(path: Path) -> dict:
         # the guard's numbers per round (fine-energy ratio and PSNR before/after): the states stay on the machine
         "par_guard": [{"round": r["round"], **r["guard"]} for r in s.get("par") or [] if r.get("guard")] or None,
         "state_sha256": sha256_file(path),
+        # the tensors alone: equal for two runs that decided the same (the file hash also covers wall times)
+        "state_tensors_sha256": state.tensor_digest(),
         "state_bytes": path.stat().st_size,
     }
 

@@ -159,6 +159,11 @@ class CalibState:
         except KeyError as exc:
             raise CalibStateError(f"{path}: CalibState is missing tensor or field {exc}") from exc
 
+    def tensor_digest(self) -> str:
+        """sha256 of the state's tensors alone (the checksum `save` stores). Two calibrations that decided the
+        same thing share it even where their files differ: the manifest records each run's wall times."""
+        return _digest(self._flatten()[0])
+
     def _flatten(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors: dict[str, torch.Tensor] = {}
         layers: dict[str, Any] = {}

@@ -200,3 +200,19 @@ def test_a_row_carries_the_par_guard_verdicts(quality, ref_state_w8a8, tmp_path)
     unguarded = copy.deepcopy(ref_state_w8a8)
     unguarded.settings = {**unguarded.settings, "par": [{"round": 1, "iters": 500}]}
     assert quality.summarize_state(unguarded.save(tmp_path / "u.tcaq"))["par_guard"] is None
+
+
+def test_two_runs_of_one_decision_share_the_tensor_digest_not_the_file_hash(quality, ref_state_w8a8, tmp_path):
+    """Two full `@deterministic` W4A4 calibrations of 27 Nov (ninth session) gave one FID to 16 digits but two
+    file hashes: the manifest records each run's calibration time."""
+    import copy
+
+    later = copy.deepcopy(ref_state_w8a8)
+    later.settings = {**later.settings, "calib_seconds": 304.0}
+    a = quality.summarize_state(ref_state_w8a8.save(tmp_path / "a.tcaq"))
+    b = quality.summarize_state(later.save(tmp_path / "b.tcaq"))
+    assert a["state_sha256"] != b["state_sha256"] and a["state_tensors_sha256"] == b["state_tensors_sha256"]
+    moved = copy.deepcopy(ref_state_w8a8)
+    name, layer = next((n, l) for n, l in moved.layers.items() if l.kind != "attention")
+    layer.weight_scale = layer.weight_scale * 1.5  # one decision changed: the digest follows
+    assert quality.summarize_state(moved.save(tmp_path / "c.tcaq"))["state_tensors_sha256"] != a["state_tensors_sha256"], name
