@@ -38,11 +38,10 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tcaq_kernels.triton import conv_wgmma, gemm, gemm_wgmma, gemm_wgmma_persistent  # noqa: E402
+from tcaq_kernels.triton import conv_wgmma, gemm, gemm_wgmma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-WGMMA_VARIANTS = ("w8a8-wgmma", "w4a8-wgmma", "w8a8-fused-wgmma", "w4a8-fused-wgmma", "w4a8-fused-split-wgmma",
-                  "w8a8-persistent-wgmma", "w4a8-persistent-wgmma")
+WGMMA_VARIANTS = ("w8a8-wgmma", "w4a8-wgmma", "w8a8-fused-wgmma", "w4a8-fused-wgmma", "w4a8-fused-split-wgmma")
 VARIANTS = {  # name: (A operand, packed int4 weights)
     "w8a8": ("*i8", False), "w4a8": ("*i8", True), "w8a8-fused": ("*bf16", False), "w4a8-fused": ("*bf16", True),
 }
@@ -135,19 +134,6 @@ def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = Fals
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
 
-def compile_persistent(M, N, K, config: tuple, w4: bool = False):
-    """`gemm_wgmma_persistent`'s kernel with one of the CONFIGS (int8 codes, bias, bf16 output)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
-    bm, bn, bk, stages, warps = config
-    fn = gemm_wgmma_persistent._persistent_kernel
-    args = kernel_args(M, N, K, "*i8", w4)
-    constexprs = dict(W4=w4, HAS_BIAS=True, HAS_RES=False, OUT_Q=False, OUT_HAS_RINV=False, OUT_QMIN=-128,
-                      OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
-    signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
-    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
-
-
 def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1):
     """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
     with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums)."""
@@ -228,8 +214,7 @@ def main(argv=None) -> int:
             if variant.endswith("-wgmma"):
                 for cfg in gemm_wgmma.CONFIGS:
                     w4 = variant.startswith("w4")
-                    info = describe(compile_persistent(M, N, K, cfg, w4) if "-persistent" in variant else
-                                    compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=w4,
+                    info = describe(compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=w4,
                                                   split_k=2 if "-split" in variant else 1))
                     rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
                         *cfg[:3], w=cfg[4], s=cfg[3]), **info})

@@ -61,7 +61,7 @@ import triton
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
-from tcaq_kernels.triton import conv_wgmma, gemm_wgmma, gemm_wgmma_persistent
+from tcaq_kernels.triton import conv_wgmma, gemm_wgmma
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
@@ -231,12 +231,6 @@ def run_gemm(model, shape, card, command):
                 impls[name] = (lambda inp=inp, w_op=w_op, w_sum=w_sum: gemm_wgmma.launch(
                     inp, w_op, w_sum, w_scale, bias, out, out, out, None, t["s_inv"], t["scale"], t["zero"], t["group"],
                     tables, K, 1, *layout, 8, tail), gemm_wgmma._tuned)
-        for bits, (w_op, w_sum) in ((8, ops8), (4, ops4)):  # the persistent variant (int8 codes only)
-            name = f"gluon-w{bits}a8-persistent"
-            floors[name] = floors[f"triton-w{bits}a8"]
-            impls[name] = (lambda w_op=w_op, w_sum=w_sum: gemm_wgmma_persistent.launch(
-                a, w_op, w_sum, w_scale, bias, out, out, t["scale"], t["zero"], t["group"], tables, *layout, tail),
-                gemm_wgmma_persistent._tuned)
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
 
 
@@ -517,7 +511,7 @@ def main():
     p.add_argument("--shapes", default="", help="only these shape labels, ';'-separated as the tables print them "
                    "(e.g. '2x320x1280;B2 C320 64x64 N320 k3 s1 p1')")
     p.add_argument("--impls", default="", help="only these columns (','-separated, e.g. "
-                   "'triton-w8a8,gluon-w8a8-persistent'); each table's baseline always runs")
+                   "'triton-w8a8,gluon-w8a8'); each table's baseline always runs")
     p.add_argument("--profile", action="store_true",
                    help="no timing and no results written: one call per impl between cudaProfilerStart/Stop, "
                         "for e.g. ncu --clock-control none --profile-from-start off --section SpeedOfLight "

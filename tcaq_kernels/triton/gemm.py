@@ -229,15 +229,13 @@ AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
 #: 0.55×, conv 0.59× vs 0.54×; the gain is at batch 2); float inputs stay on `tl.dot`, whose fused
 #: quantize was faster (0.58× vs 0.45×: Gluon stores the codes through shared memory).
 #: `TCAQ_WGMMA=1`: "all" supported calls; `TCAQ_WGMMA=0`: "off".
-#: Experimental: "persistent" (`TCAQ_WGMMA=persistent`) sends the int8-code GEMMs to
-#: `gemm_wgmma_persistent.py` instead (not yet run on a GPU).
-WGMMA = {"1": "all", "0": "off", "persistent": "persistent"}.get(os.environ.get("TCAQ_WGMMA", ""), "codes")
+WGMMA = {"1": "all", "0": "off"}.get(os.environ.get("TCAQ_WGMMA", ""), "codes")
 
 
 def use_wgmma(a: torch.Tensor) -> bool:
     """Whether the routing policy (`WGMMA`) sends a call with activations `a` to a Gluon kernel (which then
     still checks it can take the shapes)."""
-    return WGMMA == "all" or (WGMMA in ("codes", "persistent") and a.dtype == torch.int8)
+    return WGMMA == "all" or (WGMMA == "codes" and a.dtype == torch.int8)
 
 
 def choose_split_k(M: int, N: int, K: int, sms: int) -> int:
@@ -276,12 +274,6 @@ def output_quantizer(out: torch.Tensor, out_s_inv, out_zero, out_r_inv, out_bits
     return tables, dict(OUT_Q=quantized, OUT_HAS_RINV=quantized and out_r_inv is not None, OUT_QMIN=qmin, OUT_QMAX=qmax)
 
 
-def _persistent():
-    """`gemm_wgmma_persistent` (imported on first use, as `_wgmma`)."""
-    from . import gemm_wgmma_persistent
-    return gemm_wgmma_persistent
-
-
 def _wgmma():
     """`gemm_wgmma` (imported on first use: it imports this module, and Gluon only matters on a GPU)."""
     from . import gemm_wgmma
@@ -315,10 +307,7 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(HAS_BIAS=bias is not None, HAS_RES=residual2 is not None, SPLIT_K=split_k, **out_meta)
     bias_arg = bias if bias is not None else w_scale
-    if WGMMA == "persistent" and _persistent().supported(a2, w_op, split_k):
-        _persistent().launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, scale, zero, group, out_tables,
-                             rows_per_sample, group_stride, tail)
-    elif use_wgmma(a2) and _wgmma().supported(a2, w_op):
+    if use_wgmma(a2) and _wgmma().supported(a2, w_op):
         _wgmma().launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, part, r_inv, s_inv, scale, zero, group,
                         out_tables, per_split, split_k, rows_per_sample, group_stride, a_bits, tail)
     else:

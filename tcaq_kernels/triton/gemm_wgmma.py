@@ -94,7 +94,7 @@ def _prune(configs, named_args, **kwargs):
 @gluon.jit
 def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, STAGES: gl.constexpr,
                BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
-    """Shared memory of the int8-code kernels (conv, persistent GEMM): the STAGES ring of A tiles and of
+    """Shared memory of the int8-code conv (`conv_wgmma.py`): the STAGES ring of A tiles and of
     weight tiles (WK bytes a row: packed int4 is half), and for int4 the two widened-weight buffers
     (for int8 weights the ring itself stands in, never read as such)."""
     a_smem = gl.allocate_shared_memory(a_smem_ty, [STAGES, BLOCK_M, BLOCK_K],

@@ -8,9 +8,9 @@ def kb(load_benchmark):
 
 
 def test_impls_filter_keeps_the_baseline(kb):
-    impls = {"cublas-bf16": 1, "triton-w8a8": 2, "gluon-w8a8": 3, "gluon-w8a8-persistent": 4}
+    impls = {"cublas-bf16": 1, "triton-w8a8": 2, "gluon-w8a8": 3, "gluon-w4a8": 4}
     assert kb.selected(impls, "cublas-bf16", set()) == impls
-    assert list(kb.selected(impls, "cublas-bf16", {"gluon-w8a8-persistent"})) == ["cublas-bf16", "gluon-w8a8-persistent"]
+    assert list(kb.selected(impls, "cublas-bf16", {"gluon-w4a8"})) == ["cublas-bf16", "gluon-w4a8"]
     assert list(kb.selected(impls, "cublas-bf16", {"triton-w8a8", "cudnn-bf16"})) == ["cublas-bf16", "triton-w8a8"]
 
 
