@@ -195,3 +195,16 @@ def test_strided_tables_are_refused_by_name(gen):
     one_scale = t.scale[:1].expand(3)
     with pytest.raises(ValueError, match="scale must be contiguous"):
         qlinear(x, w_q, w_sum, torch.ones(24), None, t.s_inv, one_scale, t.zero, t.group)
+
+
+def test_an_unknown_routing_switch_is_an_error_not_the_default():
+    """`TCAQ_WGMMA=persistent` named a kernel that was removed (27 Nov): importing must say so."""
+    import os
+    import subprocess
+    import sys
+
+    run = lambda value: subprocess.run([sys.executable, "-c", "import tcaq_kernels.triton.gemm as g; print(g.WGMMA)"],  # noqa: E731
+                                       env={**os.environ, "TCAQ_WGMMA": value}, capture_output=True, text=True)
+    bad = run("persistent")
+    assert bad.returncode != 0 and "TCAQ_WGMMA='persistent'" in bad.stderr
+    assert run("0").stdout.strip() == "off" and run("1").stdout.strip() == "all"
