@@ -80,6 +80,8 @@ VARIANTS = {
     # torch's deterministic kernels (calib/determinism.py): GPU calibrations of one seed otherwise differ
     # (W4A4 FID 12.1 vs 16.5, 27 Nov); with it two runs of a job should give one state_sha256
     "deterministic": {"deterministic": True},
+    # DAQ's log2 post-softmax sets learn their scale in reconstruction as the uniform ones do (config.py)
+    "log2-learned": {"learn_log2_scale": True},
 }
 
 

@@ -88,6 +88,12 @@ class MethodConfig:
     weight_lr: float = 1e-3  # Adam on the AdaRound variables
     act_lr: float = 1e-3  # Adam on log(step size): a relative change per step, the same for every layer
     learn_act_scale: bool = True  # LSQ: learn activation step sizes jointly with the rounding
+    # Also learn the scale of DAQ's log2 post-softmax sets (codes held fixed: a gain on the map). Off:
+    # they keep the MSE-searched scale while uniform P sets learn theirs, and the 27 Nov (ninth session)
+    # ablations found DAQ alone hurting at 6 and 4 activation bits (W6A6 FID 6.07 against qdiffusion's
+    # 5.17, faded samples) although its per-map choice lowers the P·V error (daq_output_error.md): the
+    # learned uniform step is a correction the log2 maps never get. Whether this closes it: not measured.
+    learn_log2_scale: bool = False
     round_weight: float = 0.01  # weight of AdaRound's rounding regulariser
     beta_start: float = 20.0  # AdaRound regulariser temperature, annealed linearly …
     beta_end: float = 2.0  # … to this

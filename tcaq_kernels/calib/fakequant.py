@@ -69,7 +69,9 @@ class ActQuantizer(torch.nn.Module):
 
     The step size is learned as log(scale) so that one Adam learning rate means the same relative
     change for every layer, whatever its range. Zero points stay fixed (as in LSQ/Q-Diffusion).
-    log2 sets use their scale as a searched constant (their rounding passes no gradient to it).
+    log2 sets use their scale as a searched constant: through the straight-through rounding of log2(x/s)
+    the output does not depend on s at all. With `learn_log2_scale` they learn it with the codes held
+    fixed (∂x̂/∂s = x̂/s: a gain on the whole map, which is what moves a row's mass).
     """
 
     def __init__(self, bits: int, num_sets: int, symmetric: bool, index: GroupIndex):
@@ -81,6 +83,7 @@ class ActQuantizer(torch.nn.Module):
         self.kinds = ["uniform"] * num_sets
         self.initialized = [False] * num_sets
         self.enabled = False
+        self.learn_log2_scale = False  # set per block by reconstruction (MethodConfig.learn_log2_scale)
 
     @property
     def num_sets(self) -> int:
@@ -120,6 +123,8 @@ class ActQuantizer(torch.nn.Module):
             if r is not None:
                 raise ValueError("log2 quantizers are for post-softmax maps, which have no TCR factor")
             log2 = fake_quant_log2(x, scale.detach(), self.bits)
+            if self.learn_log2_scale:  # value ×1 exactly; the gradient of a fixed-code gain
+                log2 = log2 * (scale / scale.detach())
         if log2 is None:
             return uniform
         if uniform is None:

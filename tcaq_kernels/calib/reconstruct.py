@@ -147,7 +147,10 @@ def optimize_block(sim: QuantSim, block: Block, io: BlockIO, cfg: MethodConfig, 
     layers = [sim.layers[n] for n in block.layers]
     weights = [l.weight_q for l in layers if isinstance(l, FakeQuantLayer)] if learn_rounding else []
     act_quantizers = [qz for l in layers for qz in l.quantizers().values()]
-    scales = [qz.log_scale for qz in act_quantizers if cfg.learn_act_scale and "uniform" in qz.kinds]
+    for qz in act_quantizers:
+        qz.learn_log2_scale = cfg.learn_log2_scale
+    learnable = ("uniform", "log2") if cfg.learn_log2_scale else ("uniform",)
+    scales = [qz.log_scale for qz in act_quantizers if cfg.learn_act_scale and any(k in qz.kinds for k in learnable)]
     if not weights and not scales:  # rounding kept and no step size to learn: nothing to optimise
         sim.set_mode(block.layers, weight="quant", act=True)
         return {"final_rec_loss": None, "final_round_loss": None, "cuda_graph": False}

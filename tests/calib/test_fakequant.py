@@ -60,6 +60,57 @@ def test_act_quantizer_rounds_exactly_like_the_integer_path(rng):
     assert torch.equal(out, dequantize_uniform(codes, s, z))
 
 
+def test_a_log2_set_learns_its_scale_only_when_asked_and_as_a_gain(rng):
+    """Straight through log2(x/s)'s rounding the output does not depend on s: no gradient, so by default the
+    scale stays the searched one. `learn_log2_scale` holds the codes and lets s act as a gain: the same
+    forward values, gradient Σ upstream·x̂ per set (∂x̂/∂log s = x̂)."""
+    index = GroupIndex([500.0])
+    qz = ActQuantizer(6, 2, symmetric=False, index=index)
+    qz.set_params(0, 0.7, 0, "log2")
+    qz.set_params(1, 1.0 / 60, 3, "uniform")
+    qz.enabled = True
+    x = torch.rand(4, 3, 16, 16, generator=rng).softmax(-1)
+    index.set(torch.tensor([0, 1, 0, 1]))
+    upstream = torch.randn(x.shape, generator=rng)
+    outs, grads = [], []
+    for learn in (False, True):
+        qz.learn_log2_scale = learn
+        qz.log_scale.grad = None
+        qz.log_scale.requires_grad_(True)
+        out = qz(x)
+        (out * upstream).sum().backward()
+        outs.append(out.detach())
+        grads.append(qz.log_scale.grad.clone())
+    assert torch.equal(outs[0], outs[1])  # the gain is ×1 exactly
+    assert grads[0][0] == 0 and grads[0][1] != 0  # the uniform set learns either way
+    log2_rows = index.group == 0
+    expected = (upstream[log2_rows] * outs[1][log2_rows]).sum()
+    assert torch.allclose(grads[1][0], expected, rtol=1e-5) and grads[1][0] != 0
+    assert torch.equal(grads[1][1], grads[0][1])
+
+
+def test_reconstruction_moves_log2_scales_only_with_the_option(tiny_unet, tiny_scheduler, tiny_budget):
+    """qdiffusion+daq with the paper's rule (log2 for most maps): the exported log2 scales are DAQ's searched
+    ones unless `learn_log2_scale` is on, and then reconstruction moves them."""
+    from tcaq_kernels.calib import preset_config
+    from tcaq_kernels.calib.pipeline import calibrate_with_config
+
+    def log2_scales(learn: bool) -> list[tuple[float, float]]:
+        cfg = preset_config("qdiffusion+daq", **{**tiny_budget, "timestep_groups": 2, "daq_rule": "llr",
+                                                 "learn_log2_scale": learn})
+        state = calibrate_with_config(tiny_unet, tiny_scheduler, "W8A8", cfg, "qdiffusion+daq")
+        pairs = []
+        for name, records in state.settings["daq_table"].items():
+            p = state.layers[name].acts["p"]
+            pairs += [(float(p.scale[g]), rec["log2_scale"]) for g, rec in enumerate(records) if rec["kind"] == "log2"]
+        return pairs
+
+    fixed, learned = log2_scales(False), log2_scales(True)
+    assert fixed and len(fixed) == len(learned)
+    assert all(s == pytest.approx(searched, rel=1e-6) for s, searched in fixed)
+    assert any(s != pytest.approx(searched, rel=1e-3) for s, searched in learned)
+
+
 def _randomised_sim(unet, bits, edges, gen, daq_kinds=True):
     """A QuantSim with arbitrary (but valid) quantizer parameters and learned roundings everywhere."""
     sim = QuantSim(unet, bits, edges, keep_float=("conv_in", "conv_out"), group_act_params=True, per_group_p=True)
