@@ -6,8 +6,9 @@ entries are tiny: a uniform grid rounds many of them to 0 (or up), so each row's
 from 1 and the output shrinks or grows as a whole — an error the entry MSE barely sees. This script
 captures P and V of every attention layer on full-precision DDIM trajectories and reports, per layer,
 timestep third and bit width, for each candidate (uniform and log2, each with its MSE-searched scale):
-the entry MSE, the relative P·V error ‖(P̂−P)V‖/‖PV‖ and the mean row-mass error |Σ_j p̂_ij − 1|, plus
-which candidate DAQ's rule picks and which one has the lower output error.
+the entry MSE, the relative P·V error ‖(P̂−P)V‖/‖PV‖, the mean row-mass error |Σ_j p̂_ij − 1| and its
+signed mean (a bias every row shares scales the attention output), plus which candidate DAQ's rule picks
+and which one has the lower output error.
 
     python benchmarks/daq_output_error.py --out benchmarks/results
 """
@@ -100,17 +101,24 @@ def measure(caps: dict[str, list], steps: int, values: int, seed: int) -> list[d
                     ph = fq(P)
                     row[kind] = {"entry_mse": float((ph - P).pow(2).mean()),
                                  "pv_rel_error": float((torch.bmm(ph, V) - ref).norm() / ref.norm()),
-                                 "row_mass_error": float((ph.sum(-1) - 1).abs().mean())}
+                                 "row_mass_error": float((ph.sum(-1) - 1).abs().mean()),
+                                 "row_mass_bias": float((ph.sum(-1) - 1).mean())}
                 row["daq_pick"] = decide(sample, bits, rule="llr+mse").kind
                 row["lower_pv_error"] = min(("uniform", "log2"), key=lambda k: row[k]["pv_rel_error"])
                 rows.append(row)
     return rows
 
 
+def _spread(rows: list[dict], kind: str) -> str:
+    bias = [r[kind]["row_mass_bias"] for r in rows]
+    return f"{sum(bias) / len(bias):+.4f} ({min(bias):+.4f}…{max(bias):+.4f})"
+
+
 def summary_lines(rows: list[dict]) -> list[str]:
     lines = ["| bits | maps | DAQ picks log2 | lower P·V error: log2 | P·V error, DAQ's pick (mean) | P·V error, lower of the two (mean) | "
-             "P·V error, uniform always | row-mass error, DAQ's pick | row-mass error, uniform always |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "P·V error, uniform always | row-mass error, DAQ's pick | row-mass error, uniform always | "
+             "row-mass bias, log2 (mean, min…max) | row-mass bias, uniform (mean, min…max) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for bits in (8, 6, 4):
         sel = [r for r in rows if r["bits"] == bits]
         mean = lambda f: sum(f(r) for r in sel) / len(sel)  # noqa: E731
@@ -118,7 +126,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
             f"| {bits} | {len(sel)} | {sum(r['daq_pick'] == 'log2' for r in sel)} | {sum(r['lower_pv_error'] == 'log2' for r in sel)} | "
             f"{mean(lambda r: r[r['daq_pick']]['pv_rel_error']):.4f} | {mean(lambda r: min(r['uniform']['pv_rel_error'], r['log2']['pv_rel_error'])):.4f} | "
             f"{mean(lambda r: r['uniform']['pv_rel_error']):.4f} | {mean(lambda r: r[r['daq_pick']]['row_mass_error']):.4f} | "
-            f"{mean(lambda r: r['uniform']['row_mass_error']):.4f} |")
+            f"{mean(lambda r: r['uniform']['row_mass_error']):.4f} | {_spread(sel, 'log2')} | {_spread(sel, 'uniform')} |")
     return lines
 
 

@@ -92,7 +92,9 @@ class MethodConfig:
     # they keep the MSE-searched scale while uniform P sets learn theirs, and the 27 Nov (ninth session)
     # ablations found DAQ alone hurting at 6 and 4 activation bits (W6A6 FID 6.07 against qdiffusion's
     # 5.17, faded samples) although its per-map choice lowers the P·V error (daq_output_error.md): the
-    # learned uniform step is a correction the log2 maps never get. Whether this closes it: not measured.
+    # learned uniform step is a correction the log2 maps never get. Measured (ninth session, W6A6 2k, one
+    # calibration each): qdiffusion+daq 6.07 → 6.19 with it, fine-energy ratio 0.745 → 0.713: no gain,
+    # so it stays off; the option remains for the next hypothesis about DAQ's fade.
     learn_log2_scale: bool = False
     round_weight: float = 0.01  # weight of AdaRound's rounding regulariser
     beta_start: float = 20.0  # AdaRound regulariser temperature, annealed linearly …

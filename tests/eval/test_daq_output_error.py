@@ -25,6 +25,10 @@ def test_a_coarse_uniform_grid_loses_row_mass_and_log2_does_not(bench):
     # 4-bit uniform steps (~max/15) exceed most entries: the tail rounds to 0 and the rows lose mass
     assert all(r["uniform"]["row_mass_error"] > 2 * r["log2"]["row_mass_error"] for r in by_bits[4])
     assert all(r["lower_pv_error"] == "log2" for r in by_bits[4])
+    # the tail rounds down to 0 on the uniform grid (mass lost); log2's √2-midpoint rounding inflates each
+    # value by 2^-u on average over u ∈ [-½, ½] (≈ +2 % for values spread evenly in log2)
+    assert all(r["uniform"]["row_mass_bias"] < -0.1 for r in by_bits[4])
+    assert all(0.0 < r["log2"]["row_mass_bias"] < 0.05 for r in rows)
     assert all(r["lower_pv_error"] == "uniform" for r in by_bits[8])  # log2's 2^k rounding costs more there
     for r in rows:
         assert r["daq_pick"] in ("uniform", "log2")
