@@ -30,6 +30,9 @@ from diffusers import DDIMScheduler, UNet2DModel  # noqa: E402
 from diffusers.models.attention_processor import Attention  # noqa: E402
 
 from tcaq_kernels.atomic import atomic_write_text  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script's attention helper
+from attention_row_mass import stock_self_attention  # noqa: E402
 from tcaq_kernels.calib.daq import decide  # noqa: E402
 from tcaq_kernels.models import default_model_dir  # noqa: E402
 from tcaq_kernels.quant.primitives import (  # noqa: E402
@@ -37,24 +40,14 @@ from tcaq_kernels.quant.primitives import (  # noqa: E402
 
 
 class CaptureProcessor:
-    """The stock attention computation (self-attention of a UNet2DModel block), keeping P (every
-    `row_stride`-th query row) and V of each call."""
+    """Stock self-attention keeping P (every `row_stride`-th query row) and V of each call."""
 
     def __init__(self, store: list, step: list, row_stride: int = 8):
         self.store, self.step, self.row_stride = store, step, row_stride
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **_):
-        residual = hidden_states
-        b, c, h, w = hidden_states.shape
-        hs = hidden_states.view(b, c, h * w).transpose(1, 2)
-        if attn.group_norm is not None:
-            hs = attn.group_norm(hs.transpose(1, 2)).transpose(1, 2)
-        q, k, v = (attn.head_to_batch_dim(f(hs)) for f in (attn.to_q, attn.to_k, attn.to_v))
-        p = attn.get_attention_scores(q, k, None)
-        self.store.append((self.step[0], p[:, :: self.row_stride].clone(), v.clone()))
-        out = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(p, v))))
-        out = out.transpose(-1, -2).reshape(b, c, h, w)
-        return (out + residual if attn.residual_connection else out) / attn.rescale_output_factor
+        return stock_self_attention(
+            attn, hidden_states, lambda p, v: self.store.append((self.step[0], p[:, :: self.row_stride].clone(), v.clone())))
 
 
 def capture(samples: int, steps: int, seed: int) -> dict[str, list]:
