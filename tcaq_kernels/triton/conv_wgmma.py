@@ -20,7 +20,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from .conv import conv_epilogue, output_pixels, pixel_coords
-from .gemm_wgmma import _copy_layout, _epilogue_tile, _instr_n, _int8_ring, _ready_w_operand, _store_partials, _warps
+from .gemm_wgmma import _copy_layout, _epilogue_tile, _instr_n, _ready_w_operand, _store_partials, _warps
 from .numerics import tuning_bench
 
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps); BLOCK_K 64 divides every SD/DDPM channel count
@@ -34,6 +34,23 @@ def _prune(configs, named_args, **kwargs):
     C = named_args["C"]
     exact = [c for c in configs if C % c.kwargs["BLOCK_K"] == 0]
     return exact or [c for c in configs if c.kwargs["BLOCK_K"] == 64]
+
+
+@gluon.jit
+def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, STAGES: gl.constexpr,
+               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
+    """The kernel's shared memory: the STAGES ring of A tiles and of weight tiles (WK bytes a row: packed
+    int4 is half), and for int4 the two widened-weight buffers (for int8 weights the ring itself stands
+    in, never read as such)."""
+    a_smem = gl.allocate_shared_memory(a_smem_ty, [STAGES, BLOCK_M, BLOCK_K],
+                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], a_smem_ty))
+    w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
+    if W4:
+        w8_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K],
+                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
+    else:
+        w8_smem = w_smem
+    return a_smem, w_smem, w8_smem
 
 
 @gluon.jit

@@ -92,23 +92,6 @@ def _prune(configs, named_args, **kwargs):
 
 
 @gluon.jit
-def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, STAGES: gl.constexpr,
-               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
-    """Shared memory of the int8-code conv (`conv_wgmma.py`): the STAGES ring of A tiles and of
-    weight tiles (WK bytes a row: packed int4 is half), and for int4 the two widened-weight buffers
-    (for int8 weights the ring itself stands in, never read as such)."""
-    a_smem = gl.allocate_shared_memory(a_smem_ty, [STAGES, BLOCK_M, BLOCK_K],
-                                       gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], a_smem_ty))
-    w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
-    if W4:
-        w8_smem = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N, BLOCK_K],
-                                            gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gl.int8))
-    else:
-        w8_smem = w_smem
-    return a_smem, w_smem, w8_smem
-
-
-@gluon.jit
 def _ready_w_operand(w_smem, w8_smem, s, i, w_copy: gl.constexpr, W4: gl.constexpr, SYNC_W4: gl.constexpr,
                      STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
     """The head of ring step i (slot s), shared by the Gluon kernels: wait for the step's cp.async copies
