@@ -82,6 +82,8 @@ VARIANTS = {
     "deterministic": {"deterministic": True},
     # DAQ's log2 post-softmax sets learn their scale in reconstruction as the uniform ones do (config.py)
     "log2-learned": {"learn_log2_scale": True},
+    # each row of the quantized post-softmax map divided by its own quantized mass (CalibState v3; config.py)
+    "rownorm": {"p_row_norm": True},
 }
 
 
@@ -166,6 +168,7 @@ def summarize_state(path: Path) -> dict:
         "calib_phase_seconds": s.get("phase_seconds"),
         "calib_device": s.get("device"),
         "timestep_groups": state.num_groups,
+        "p_row_norm_layers": sum(l.p_row_norm for l in state.layers.values()),
         "daq_log2_share": round(kinds.count("log2") / len(kinds), 4) if kinds else None,
         "tcr_strength_counts": _counts((s.get("tcr_strength") or {}).values()),
         "par_rounds_kept": s.get("par_rounds_kept"),

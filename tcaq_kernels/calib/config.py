@@ -76,6 +76,15 @@ class MethodConfig:
     # in every layer and timestep we measured, while the test chose log2 for ~92 % of (layer, group)
     # pairs of the tcaq W8A8 state (calib/README.md, "DAQ rule").
     daq_rule: str = "llr+mse"
+    # [ours] Divide each row of the quantized post-softmax map by its own quantized mass (CalibState v3
+    # `p_row_norm`; quant/primitives.py `attention_row_scale`), for every attention layer and kind. A
+    # coarse quantizer drops much of a long row's mass (small probabilities round to 0), every attention
+    # output shrinks with it and the samples fade; normalising restores a convex combination of V and
+    # makes s_p cancel. Free in the fused kernel (Σ p̂ accumulates beside P·V). On the CPU with only the
+    # maps quantized (benchmarks/results/attention_row_mass.md, 16 samples): log2 41.9 → 50.7 dB PSNR,
+    # 6-bit uniform 24.2 → 30.4 dB and no fade. The quantizer searches (initialisation, DAQ's MSE
+    # comparison) still measure the unnormalised map's error.
+    p_row_norm: bool = False
     # --- block reconstruction (reconstruct.py) --------------------------------------------------
     reconstruct: bool = True
     # optimisation steps per block in the first round (BRECQ/Q-Diffusion use 20k; 1000 keeps the full

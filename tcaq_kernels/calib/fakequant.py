@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from ..nn.qattention import ExplicitAttnProcessor
 from ..quant.primitives import (
+    attention_row_scale,
     fake_quant_log2,
     fake_quant_uniform,
     pack_int4,
@@ -317,11 +318,13 @@ class FakeQuantLayer(torch.nn.Module):
 
 
 class FakeQuantAttnProcessor(ExplicitAttnProcessor):
-    """Attention with fake-quantized q, k, v (symmetric) and post-softmax P (uniform or log2 per set)."""
+    """Attention with fake-quantized q, k, v (symmetric) and post-softmax P (uniform or log2 per set);
+    with `p_row_norm` the quantized P is divided by its row mass (`attention_row_scale`, in value units:
+    s_p(c − z) / Σ s_p(c − z) is the integer model's (c − z) / Σ(c − z) up to float rounding)."""
 
-    def __init__(self, name: str, a_bits: int, qkv_sets: int, p_sets: int, index: GroupIndex):
+    def __init__(self, name: str, a_bits: int, qkv_sets: int, p_sets: int, index: GroupIndex, p_row_norm: bool = False):
         super().__init__()
-        self.name = name
+        self.name, self.p_row_norm = name, p_row_norm
         self.q, self.k, self.v = (ActQuantizer(a_bits, qkv_sets, True, index) for _ in range(3))
         self.p = ActQuantizer(a_bits, p_sets, False, index)
         self.observer = None
@@ -340,8 +343,12 @@ class FakeQuantAttnProcessor(ExplicitAttnProcessor):
         probs = scores.softmax(dim=-1)
         if self.observer is not None:
             self.observer.record(self, "p", probs)
-        return torch.matmul(self.p(probs), v)
+        p_hat = self.p(probs)
+        if self.p_row_norm and self.p.enabled:
+            one = torch.ones((), device=p_hat.device)
+            p_hat = p_hat * attention_row_scale(p_hat.sum(-1, keepdim=True), one, one)
+        return torch.matmul(p_hat, v)
 
     def export(self, num_groups: int) -> LayerState:
         acts = {a: qz.export(num_groups, f"layer '{self.name}' {a}") for a, qz in self.quantizers().items()}
-        return LayerState(kind="attention", acts=acts)
+        return LayerState(kind="attention", acts=acts, p_row_norm=self.p_row_norm)

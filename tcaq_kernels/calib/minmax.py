@@ -31,11 +31,13 @@ def calibrate_minmax(
     keep_float: Sequence[str] = DEFAULT_FLOAT_LAYERS,
     progress: bool = True,
     split_skip: bool = False,
+    p_row_norm: bool = False,
 ) -> CalibState:
     """Sample `num_samples` DDIM trajectories with the float `unet` and quantize from their ranges.
 
     `split_skip`: give the skip half of every up-block concatenation its own input quantizer
-    (shortcut splitting; off for this baseline, see calib/presets.py).
+    (shortcut splitting; off for this baseline, see calib/presets.py). `p_row_norm`: attention layers
+    divide P·V by each row's quantized P mass (calib/config.py, `p_row_norm`).
     """
     parse_bits(bits)  # fail before sampling
     keep = set(float_layer_names(unet, keep_float))
@@ -56,11 +58,13 @@ def calibrate_minmax(
         "sampler": "ddim",
         "act_qparams": "minmax",
         "split_skip": split_skip,
+        "p_row_norm": p_row_norm,
     }
-    return state_from_ranges(unet, observer, bits, sorted(keep), settings)
+    return state_from_ranges(unet, observer, bits, sorted(keep), settings, p_row_norm)
 
 
-def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str, float_layers, settings: dict) -> CalibState:
+def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str, float_layers, settings: dict,
+                      p_row_norm: bool = False) -> CalibState:
     """Min-max CalibState from an observer that watched `unet` (any way of driving it will do)."""
     w_bits, a_bits = parse_bits(bits)
     modules = dict(unet.named_modules())
@@ -69,7 +73,7 @@ def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str,
         split = observer.splits.get(name)
         acts = {act: _act_quant(name, act, observer.stats[(name, act)].cpu(), a_bits) for act in layer_acts(kind, split)}
         if kind == "attention":
-            state_layers[name] = LayerState(kind=kind, acts=acts)
+            state_layers[name] = LayerState(kind=kind, acts=acts, p_row_norm=p_row_norm)
         else:
             state_layers[name] = weight_layer_state(kind, modules[name].weight, w_bits, acts, input_split=split)
     return CalibState(

@@ -2,7 +2,9 @@
 
 It replaces a diffusers `Attention` block's processor; the projections (`to_q`, `to_k`, `to_v`,
 `to_out.0`) are already `QLinear`s after `convert`. q, k, v are quantized symmetrically; the
-post-softmax map P with the quantizer kind (uniform or log2) its timestep group selects.
+post-softmax map P with the quantizer kind (uniform or log2) its timestep group selects. With the
+layer's `p_row_norm`, each row of P·V is divided by the row's quantized P mass (quant/primitives.py
+`attention_row_scale`) instead of being scaled by s_p.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import torch
 
 from ..ops import reference as ref
 from ..quant.primitives import (
+    attention_row_scale,
     dequantize_log2,
     quantize_log2,
     quantize_uniform,
@@ -78,6 +81,7 @@ class QAttnProcessor(ExplicitAttnProcessor):
         if backend not in BACKENDS:
             raise ValueError(f"layer '{name}': unknown backend '{backend}', expected one of {BACKENDS}")
         self.name, self.backend = name, backend
+        self.row_norm = layer.p_row_norm
         self.__dict__["groups"] = groups
         self.q, self.k, self.v, self.p = (ActTables(layer.acts[a], device) for a in ("q", "k", "v", "p"))
 
@@ -97,7 +101,7 @@ class QAttnProcessor(ExplicitAttnProcessor):
                 q, k, v, float(softmax_scale), *qkv_tables,
                 self.p.s_inv, self.p.scale, self.p.zero, self.p.kind_ids, self.groups.group,
                 q_bits=self.q.bits, k_bits=self.k.bits, v_bits=self.v.bits, p_bits=self.p.bits,
-                out_dtype=q.dtype if q.is_floating_point() else torch.float32)
+                p_row_norm=self.row_norm, out_dtype=q.dtype if q.is_floating_point() else torch.float32)
         exact = self.backend == "reference"
         g = self.groups.group
         codes = {}
@@ -121,6 +125,8 @@ class QAttnProcessor(ExplicitAttnProcessor):
         return self._pv(probs, codes["v"], scales["v"], g, exact)
 
     def _pv(self, probs, v_codes, s_v, g, exact: bool) -> torch.Tensor:
+        """P·V per kind: the accumulator Σ_j p̂_j·v_j with p̂ in units of s_p (c − z, or 2^-c), then
+        ×(s_p·s_v), or with `row_norm` ×`attention_row_scale(Σ_j p̂_j, s_p, s_v)`."""
         p = self.p
         s, s_inv, z = p.lookup(g, probs, self.name)
         outs = {}
@@ -128,18 +134,29 @@ class QAttnProcessor(ExplicitAttnProcessor):
             c = quantize_uniform(probs, s_inv, z, p.bits)
             if exact:
                 acc = ref.int_pv_uniform(c, z, v_codes).float()
+                mass = ref.p_row_mass_uniform(c, z) if self.row_norm else None
             else:
-                acc = torch.matmul(ste(c.float(), probs * s_inv) - z.float(), v_codes)
-            outs["uniform"] = acc * (s * s_v)
+                levels = ste(c.float(), probs * s_inv) - z.float()
+                acc = torch.matmul(levels, v_codes)
+                mass = levels.sum(-1, keepdim=True) if self.row_norm else None  # exact: integers < 2^24
+            outs["uniform"] = self._scale(acc, mass, s, s_v)
         if "log2" in p.kinds:
             c = quantize_log2(probs, s_inv, p.bits)
             if exact:
                 acc = ref.pv_log2(c, p.bits, v_codes).float()
+                mass = ref.p_row_mass_log2(c, p.bits) if self.row_norm else None
             else:
-                levels = dequantize_log2(c, torch.ones((), device=c.device), p.bits)
-                acc = torch.matmul(ste(levels, probs * s_inv), v_codes)
-            outs["log2"] = acc * (s * s_v)
+                levels = ste(dequantize_log2(c, torch.ones((), device=c.device), p.bits), probs * s_inv)
+                acc = torch.matmul(levels, v_codes)
+                mass = levels.sum(-1, keepdim=True) if self.row_norm else None
+            outs["log2"] = self._scale(acc, mass, s, s_v)
         if len(outs) == 1:
             return next(iter(outs.values()))
         is_log2 = per_sample(p.kind_ids, g, probs, self.name) == _LOG2
         return torch.where(is_log2, outs["log2"], outs["uniform"])
+
+    @staticmethod
+    def _scale(acc, mass, s_p, s_v) -> torch.Tensor:
+        if mass is None:
+            return acc * (s_p * s_v)
+        return acc * attention_row_scale(mass, s_p, s_v)

@@ -91,3 +91,14 @@ def pv_log2(p_code: torch.Tensor, bits: int, v_q: torch.Tensor) -> torch.Tensor:
     """`Σ_j 2^-code[i,j]·v[j,d]` (zero code → 0) in float64: exact, since every level ≥ 2^-24."""
     levels = dequantize_log2(p_code, torch.ones((), device=p_code.device), bits).double()
     return torch.matmul(levels, v_q.double())
+
+
+def p_row_mass_uniform(p_q: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """`Σ_j (p[i,j] − z)` per row (keepdim), int64: the quantized mass a row-normalised P divides by."""
+    return (p_q.long() - zero.long()).sum(-1, keepdim=True)
+
+
+def p_row_mass_log2(p_code: torch.Tensor, bits: int) -> torch.Tensor:
+    """`Σ_j 2^-code[i,j]` per row (keepdim) in float64: exact (multiples of 2^-24 summing below 2^29)."""
+    levels = dequantize_log2(p_code, torch.ones((), device=p_code.device), bits).double()
+    return levels.sum(-1, keepdim=True)

@@ -16,6 +16,10 @@ Every backend (simulate, reference, Triton, CUDA) computes exactly what these fu
   L ≤ 24 keeps every level an exact fp16 number (2^-24 is its smallest subnormal), so P·V can run on
   fp16 tensor cores exactly. The rounding is computed from the fp32 bit pattern (exponent, and
   mantissa against √2), so no backend's log2 approximation can move a code.
+* Attention output with row-normalised P (`p_row_norm`, CalibState v3): each row of the quantized
+  map is divided by its own quantized mass, `O = s_v·Σ_j p̂_j·v_j / Σ_j p̂_j` with p̂ in units of s_p
+  (c − z, or 2^-c), so s_p cancels; a row whose mass is ≤ 0 keeps the plain factor s_p·s_v
+  (`attention_row_scale`).
 """
 from __future__ import annotations
 
@@ -228,6 +232,22 @@ def dequantize_log2(code: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
 def fake_quant_log2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """log2 fake quant with a straight-through gradient for `x` (scale is a searched constant)."""
     return ste(dequantize_log2(quantize_log2(x.detach(), 1.0 / scale.float(), bits), scale, bits), x)
+
+
+def attention_row_scale(row_mass: torch.Tensor, s_p: torch.Tensor, s_v: torch.Tensor) -> torch.Tensor:
+    """The fp32 factor that turns a row's P·V accumulator (P in units of s_p) into the output when P
+    is row-normalised: `s_v / mass` (one correctly rounded fp32 division), or `s_p·s_v` where the row's
+    quantized mass is not positive (every code at the zero point / the zero code: the accumulator is
+    then 0 for log2 and for z = 0, the output what the unnormalised map gives).
+
+    Why normalise: a quantized map's rows no longer sum to 1 — rounding the many small probabilities of
+    a long row down (6- or 4-bit uniform, or log2's coarse steps) removes mass, and every attention
+    output shrinks towards 0 with it; the samples fade. Dividing by the quantized mass restores the
+    convex combination at no cost in a fused kernel (benchmarks/results/attention_row_mass.md).
+    """
+    mass = row_mass.float()
+    safe = torch.where(mass > 0, mass, torch.ones_like(mass))
+    return torch.where(mass > 0, s_v.float() / safe, s_p.float() * s_v.float())
 
 
 # --------------------------------------------------------------------------------- choose qparams

@@ -9,6 +9,8 @@ device (nothing syncs with the host; CUDA-graph safe):
     P   = exp(S − rowmax S) / rowsum                                    over all Lk keys
     uniform group: c = quantize_uniform(P, s_inv_p, z_p);  O = (Σ_j c·v_c − z_p·Σ_j v_c)·(s_p·s_v)
     log2 group:    c = quantize_log2(P, s_inv_p);          O = (Σ_j 2^-c·v_c)·(s_p·s_v)
+    p_row_norm:    the factor s_p·s_v becomes attention_row_scale(mass, s_p, s_v) = s_v / mass per
+                   row (s_p·s_v where mass ≤ 0), mass = Σ_j (c − z) (int32) or Σ_j 2^-c (fp32)
 
 Like the reference, the products use the q/k/v codes as they are (their zero points are 0 in every
 state `calibrate` writes; the quantize step still adds z, so the codes are the reference's).
@@ -33,7 +35,9 @@ Two launches:
                     code is 0) · v codes as fp16 (exact integers), fp32 accumulation.
    The group's kind is read from `p_kind_ids` on the device and picks the branch at run time, so
    a batch may mix kinds. Epilogue: acc·(s_p·s_v) in fp32 (the scale product formed first, as
-   the reference does), stored as the output dtype into [B, heads, Lq, d].
+   the reference does) — or, row-normalised, acc·(s_v/mass) with the mass summed beside the MMA in
+   the same pass (one row reduction per tile, an IEEE division per row) — stored as the output
+   dtype into [B, heads, Lq, d].
 
 Cost per score (MUFU is the limit: two exponentials, one per pass): the exponentials are
 `ex2.approx.ftz` on the scores in log2 units, one FFMA + one MUFU each; pass 2 folds log2(s_inv/sum)
@@ -206,22 +210,25 @@ def _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP: tl.constexpr, MASK: t
 
 
 @triton.jit
-def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z, acc, dbg_ptrs,
-                     DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr):
+def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z, p_zero, acc, mass,
+                     dbg_ptrs, DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr,
+                     ROW_NORM: tl.constexpr):
     y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
     # quantize_uniform for y ≥ 0: clamp(rint(y) + z, QMIN, QMAX) = rint(min(y, QMAX − z)) + z, the
     # rint read off the bits of min(·) + 1.5·2^23 (exact below 2^22), z folded into the subtrahend
     c = (tl.minimum(y, k_max) + 12582912.0).to(tl.int32, bitcast=True) - magic_z
     if DEBUG:
         tl.store(dbg_ptrs + n0, c, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+    if ROW_NORM:  # Σ_j (c − z): masked keys have y = 0, code z, and add nothing
+        mass += tl.sum(c - p_zero, axis=1)
     vt = tl.load(vt_base + rd[:, None] * LK_PAD + (n0 + rn)[None, :])  # [DP, BLOCK_N], keys contiguous
-    return tl.dot(c.to(tl.int8), tl.trans(vt), acc, out_dtype=tl.int32)
+    return tl.dot(c.to(tl.int8), tl.trans(vt), acc, out_dtype=tl.int32), mass
 
 
 @triton.jit
-def _pv_log2_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc, dbg_ptrs,
+def _pv_log2_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc, mass, dbg_ptrs,
                   LEVEL_MIN: tl.constexpr, ZERO_CODE: tl.constexpr, DP: tl.constexpr,
-                  MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr):
+                  MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, ROW_NORM: tl.constexpr):
     y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
     # quantize_log2 + dequantize as one bit trick: y = 1.m·2^e rounds to 2^(e + [m > √2 mantissa]),
     # i.e. the exponent field after adding 0x800000 − 0x3504F4 (the carry is the rounding); code ≥ 0
@@ -232,11 +239,22 @@ def _pv_log2_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, 
     if DEBUG:
         code = tl.where(level == 0.0, ZERO_CODE, 127 - (level.to(tl.int32, bitcast=True) >> 23))
         tl.store(dbg_ptrs + n0, code, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+    if ROW_NORM:
+        mass += tl.sum(level, axis=1)
     vt = tl.load(vt_base + rd[:, None] * LK_PAD + (n0 + rn)[None, :])  # fp16 v codes
-    return tl.dot(level.to(tl.float16), tl.trans(vt), acc, out_dtype=tl.float32)
+    return tl.dot(level.to(tl.float16), tl.trans(vt), acc, out_dtype=tl.float32), mass
 
 
-@triton.autotune(configs=_configs(), key=["Lq", "Lk", "DP", "DEBUG"],
+@triton.jit
+def _row_scale(mass, s_p, s_v):
+    """attention_row_scale per row: s_v / mass (IEEE division, as torch's) where the quantized mass is
+    positive, else s_p·s_v."""
+    m = mass.to(tl.float32)
+    pos = m > 0
+    return tl.where(pos, tl.math.div_rn(tl.zeros_like(m) + s_v, tl.where(pos, m, 1.0)), s_p * s_v)
+
+
+@triton.autotune(configs=_configs(), key=["Lq", "Lk", "DP", "DEBUG", "ROW_NORM"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.jit
 def _qattn_kernel(
@@ -245,7 +263,8 @@ def _qattn_kernel(
     softmax_scale, H, Lq, Lk, LQ_PAD, LK_PAD, D, group_stride, stride_ob, stride_oh, stride_ol, stride_od,
     P_QMAX: tl.constexpr,
     LEVEL_MIN: tl.constexpr, ZERO_CODE: tl.constexpr,
-    DP: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DP: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, ROW_NORM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -279,31 +298,44 @@ def _qattn_kernel(
 
     # pass 2: P·s_inv with the final max and sum, quantized per the group's kind, times V
     b2 = tl.math.log2(tl.load(p_s_inv_ptr + g) / l) - m_i.to(tl.float32) * c2
-    s_out = tl.load(p_scale_ptr + g) * tl.load(v_scale_ptr + g)
+    s_p = tl.load(p_scale_ptr + g)
+    s_v = tl.load(v_scale_ptr + g)
     if tl.load(p_kind_ptr + g) == 1:  # log2
         v16_base = vt16_ptr + bh * DP * LK_PAD
         acc_f = tl.full((BLOCK_M, DP), 0.0, tl.float32)
+        mass_f = tl.full((BLOCK_M,), 0.0, tl.float32)
         for n0 in range(0, n_full, BLOCK_N):
-            acc_f = _pv_log2_step(qc, kc_base, v16_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f,
-                                  dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, False, DEBUG, FAST)
+            acc_f, mass_f = _pv_log2_step(qc, kc_base, v16_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f, mass_f,
+                                          dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, False, DEBUG, FAST, ROW_NORM)
         if n_full < Lk:
-            acc_f = _pv_log2_step(qc, kc_base, v16_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f,
-                                  dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, True, DEBUG, FAST)
-        y = acc_f * s_out
+            acc_f, mass_f = _pv_log2_step(qc, kc_base, v16_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f,
+                                          mass_f, dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, True, DEBUG, FAST,
+                                          ROW_NORM)
+        if ROW_NORM:
+            y = acc_f * _row_scale(mass_f, s_p, s_v)[:, None]
+        else:
+            y = acc_f * (s_p * s_v)
     else:  # uniform
         vt_base = vt_ptr + bh * DP * LK_PAD
         p_zero = tl.load(p_zero_ptr + g)
         k_max = (P_QMAX - p_zero).to(tl.float32)
         magic_z = 0x4B400000 - p_zero
         acc_i = tl.full((BLOCK_M, DP), 0, tl.int32)
+        mass_i = tl.full((BLOCK_M,), 0, tl.int32)
         for n0 in range(0, n_full, BLOCK_N):
-            acc_i = _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z,
-                                     acc_i, dbg_p_ptr + dbg_offs, DP, False, DEBUG, FAST)
+            acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
+                                             magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, False, DEBUG,
+                                             FAST, ROW_NORM)
         if n_full < Lk:
-            acc_i = _pv_uniform_step(qc, kc_base, vt_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
-                                     magic_z, acc_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG, FAST)
+            acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
+                                             magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG,
+                                             FAST, ROW_NORM)
         vsum = tl.load(vsum_ptr + bh * DP + rd)
-        y = (acc_i - p_zero * vsum[None, :]).to(tl.float32) * s_out
+        acc_u = (acc_i - p_zero * vsum[None, :]).to(tl.float32)
+        if ROW_NORM:
+            y = acc_u * _row_scale(mass_i, s_p, s_v)[:, None]
+        else:
+            y = acc_u * (s_p * s_v)
 
     out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                 + rm[:, None].to(tl.int64) * stride_ol + rd[None, :] * stride_od)
@@ -344,7 +376,7 @@ def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: S
 
 def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale, k_scale, v_scale, p_tab,
                    p_kind_ids, group, group_stride: int, p_bits: int, out: torch.Tensor,
-                   debug: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+                   debug: Optional[Sequence[torch.Tensor]] = None, p_row_norm: bool = False) -> torch.Tensor:
     """The attention kernel on the `quantize_qkv` operands `ops`, into `out` [B, H, Lq, D].
 
     p_tab = (s_inv, zero, scale) tables [G]; `debug` = (scores int32, codes int32), each
@@ -363,7 +395,7 @@ def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale,
         q_scale, k_scale, v_scale, p_tab[0], p_tab[1], p_tab[2], p_kind_ids, group,
         float(softmax_scale), H, Lq, Lk, qc.shape[1], kc.shape[1], D, group_stride, *out.stride(),
         P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1,
-        DP=dp, DEBUG=debug is not None, FAST=not interpreting(),
+        DP=dp, DEBUG=debug is not None, FAST=not interpreting(), ROW_NORM=bool(p_row_norm),
     )
     return out
 
@@ -383,8 +415,10 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab, p_kind_ids, group,
-                      group_stride: int, bits: Sequence[int], out: torch.Tensor, debug: bool = False):
-    """Both kernels into `out` [B, H, Lq, d]. *_tab = (s_inv, zero, scale) tables [G]; bits = (q, k, v, p).
+                      group_stride: int, bits: Sequence[int], out: torch.Tensor, debug: bool = False,
+                      p_row_norm: bool = False):
+    """Both kernels into `out` [B, H, Lq, d]. *_tab = (s_inv, zero, scale) tables [G]; bits = (q, k, v, p);
+    `p_row_norm`: P·V divided by each row's quantized P mass (quant/primitives.py `attention_row_scale`).
 
     Returns `out`, or with `debug` (out, int32 scores [B, H, Lq, Lk], int32 P codes [B, H, Lq, Lk]).
     """
@@ -396,5 +430,5 @@ def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab,
         dbg = tuple(torch.full((B, H, Lq, k.shape[2]), -(1 << 30), dtype=torch.int32, device=q.device)
                     for _ in range(2))
     attention_core(ops, q.shape[2], k.shape[2], q.shape[3], softmax_scale, q_tab[2], k_tab[2], v_tab[2], p_tab,
-                   p_kind_ids, group, group_stride, bits[3], out, dbg)
+                   p_kind_ids, group, group_stride, bits[3], out, dbg, p_row_norm)
     return (out, *dbg) if debug else out

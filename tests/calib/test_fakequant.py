@@ -111,9 +111,10 @@ def test_reconstruction_moves_log2_scales_only_with_the_option(tiny_unet, tiny_s
     assert any(s != pytest.approx(searched, rel=1e-3) for s, searched in learned)
 
 
-def _randomised_sim(unet, bits, edges, gen, daq_kinds=True):
+def _randomised_sim(unet, bits, edges, gen, daq_kinds=True, p_row_norm=False):
     """A QuantSim with arbitrary (but valid) quantizer parameters and learned roundings everywhere."""
-    sim = QuantSim(unet, bits, edges, keep_float=("conv_in", "conv_out"), group_act_params=True, per_group_p=True)
+    sim = QuantSim(unet, bits, edges, keep_float=("conv_in", "conv_out"), group_act_params=True, per_group_p=True,
+                   p_row_norm=p_row_norm)
     for name, layer in sim.layers.items():
         if hasattr(layer, "weight_q"):
             c_in = layer.weight_q.weight.shape[1]
@@ -136,11 +137,13 @@ def _randomised_sim(unet, bits, edges, gen, daq_kinds=True):
     return sim
 
 
+@pytest.mark.parametrize("p_row_norm", [False, True], ids=["plain", "rownorm"])
 @pytest.mark.parametrize("bits", ["W8A8", "W4A4"])
-def test_exported_state_matches_the_fake_quant_model(tiny_unet, rng, bits):
-    sim = _randomised_sim(tiny_unet, bits, [300.0, 700.0], rng)
+def test_exported_state_matches_the_fake_quant_model(tiny_unet, rng, bits, p_row_norm):
+    sim = _randomised_sim(tiny_unet, bits, [300.0, 700.0], rng, p_row_norm=p_row_norm)
     state = sim.export_state(tiny_unet, "test", {})
     state.validate(tiny_unet)
+    assert {l.p_row_norm for l in state.layers.values() if l.kind == "attention"} == {p_row_norm}
     assert any(l.tcr is not None for l in state.layers.values())
     assert any("log2" in l.acts["p"].kind for l in state.layers.values() if l.kind == "attention")
     converted = tcaq_kernels.convert(tiny_unet, state, backend="simulate")

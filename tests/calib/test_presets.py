@@ -60,6 +60,19 @@ def test_tcaq_at_every_bit_width(bits, tiny_unet, tiny_scheduler, tiny_budget, t
     assert {l.w_bits for l in state.layers.values() if l.kind != "attention"} == {w_bits}
 
 
+@pytest.mark.parametrize("method", ["minmax", "tcaq"])
+def test_row_norm_option_reaches_every_attention_layer(method, tiny_unet, tiny_scheduler, tiny_budget, tmp_path):
+    """`p_row_norm=True` (the fast min-max path and the reconstruction pipeline alike) flags every
+    attention layer of the state, is recorded in the settings, and the state converts and runs."""
+    options = dict(num_samples=2, num_steps=4, progress=False) if method == "minmax" else dict(tiny_budget)
+    state = tcaq_kernels.calibrate(tiny_unet, "W8A8", method=method, scheduler=tiny_scheduler, timestep_groups=2,
+                                   p_row_norm=True, **options)
+    flags = {n: l.p_row_norm for n, l in state.layers.items() if l.kind == "attention"}
+    assert flags and all(flags.values()) and state.settings["p_row_norm"] is True
+    assert not any(l.p_row_norm for l in state.layers.values() if l.kind != "attention")
+    _check_converts(tiny_unet, state, tmp_path)
+
+
 @pytest.mark.parametrize("split_skip", [False, True])
 def test_minmax_preset_is_the_minmax_method(tiny_unet, tiny_scheduler, split_skip):
     """The pipeline configured as `minmax` reproduces `calibrate_minmax` (which METHODS keeps as the fast path),

@@ -49,6 +49,20 @@ def test_pv_log2_exact_powers(rng):
     assert torch.equal(ref.pv_log2(codes, 4, v), levels @ v.double())
 
 
+def test_p_row_mass(rng):
+    """The masses a row-normalised P divides by: Σ(c − z) exactly, and Σ 2^-c with the zero code as 0."""
+    p = _codes((2, 5, 7), rng)
+    z = torch.tensor(-100, dtype=torch.int32)
+    got = ref.p_row_mass_uniform(p, z)
+    assert got.dtype == torch.int64 and got.shape == (2, 5, 1)
+    assert torch.equal(got[..., 0], (p.long() + 100).sum(-1))
+    codes = torch.randint(0, 16, (3, 40), generator=rng).to(torch.uint8)
+    codes[0] = 15  # a row of zero codes has mass 0
+    mass = ref.p_row_mass_log2(codes, 4)[..., 0]
+    expect = [sum(0.0 if c == 15 else 2.0 ** -c for c in row.tolist()) for row in codes]
+    assert mass.tolist() == expect and mass[0] == 0
+
+
 def test_epilogue_scales_then_bias(rng):
     acc = torch.randint(-10**6, 10**6, (3, 4), generator=rng, dtype=torch.int32)
     s_w, s_a, bias = torch.rand(4, generator=rng), torch.rand((), generator=rng), torch.randn(4, generator=rng)

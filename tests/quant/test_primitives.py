@@ -163,3 +163,26 @@ def test_round_ste_forward_exact_and_identity_gradient(rng):
     assert torch.equal(y.detach(), torch.round(x.detach()))
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_attention_row_scale_divides_by_positive_mass_only():
+    """s_v / mass (one fp32 division) where the quantized row mass is positive, else s_p·s_v."""
+    mass = torch.tensor([[37.0], [0.0], [-3.0], [0.4375]])
+    s_p, s_v = torch.tensor(0.0123), torch.tensor(0.5)
+    got = P.attention_row_scale(mass, s_p, s_v)
+    assert got.dtype == torch.float32 and got.shape == mass.shape
+    assert got[0, 0] == torch.tensor(0.5) / torch.tensor(37.0)
+    assert got[1, 0] == got[2, 0] == s_p * s_v
+    assert got[3, 0] == torch.tensor(0.5) / torch.tensor(0.4375)
+    assert torch.isfinite(got).all()
+
+
+def test_row_normalised_output_is_a_convex_combination(rng):
+    """A row-normalised P·V of integer codes lies within [min v, max v] per column whatever s_p is:
+    the mass a coarse quantizer drops no longer shrinks the output."""
+    v = torch.randn(40, 6, generator=rng)
+    levels = torch.randint(0, 5, (9, 40), generator=rng).float()
+    levels[0] = 0  # a row with no mass keeps the plain factor (and its zero accumulator)
+    out = (levels @ v) * P.attention_row_scale(levels.sum(-1, keepdim=True), torch.tensor(1e-3), torch.tensor(1.0))
+    assert torch.equal(out[0], torch.zeros(6))
+    assert (out[1:] <= v.max(0).values + 1e-5).all() and (out[1:] >= v.min(0).values - 1e-5).all()

@@ -1,4 +1,4 @@
-"""CalibState version 2: split inputs round-trip, version-1 files still load, bad splits are named."""
+"""CalibState split inputs (version 2 on): they round-trip, version-1 files still load, bad splits are named."""
 from __future__ import annotations
 
 import copy
@@ -24,12 +24,12 @@ def _with_split(state, name=LAYER, split=128):
     return s
 
 
-def test_split_layer_round_trips_as_version_2(ref_state_w8a8, ref_unet, tmp_path):
+def test_split_layer_round_trips(ref_state_w8a8, ref_unet, tmp_path):
     state = _with_split(ref_state_w8a8)
     state.validate(ref_unet)
     loaded = CalibState.load(state.save(tmp_path / "split.tcaq"))
     loaded.validate(ref_unet)
-    assert STATE_VERSION == 2 and loaded.version == 2
+    assert loaded.version == STATE_VERSION == 3
     layer, other = state.layers[LAYER], loaded.layers[LAYER]
     assert other.input_split == 128 and set(other.acts) == {"input", "input_skip"}
     for act in ("input", "input_skip"):
@@ -60,14 +60,14 @@ def _write_v1_by_hand(state, path):
     return path
 
 
-def test_version_1_file_loads_as_an_unsplit_version_2_state(ref_state_w8a8, ref_unet, tmp_path):
+def test_version_1_file_loads_as_an_unsplit_current_state(ref_state_w8a8, ref_unet, tmp_path):
     loaded = CalibState.load(_write_v1_by_hand(ref_state_w8a8, tmp_path / "v1.tcaq"))
     loaded.validate(ref_unet)
     assert loaded.version == STATE_VERSION and all(l.input_split is None for l in loaded.layers.values())
     name = next(n for n, l in ref_state_w8a8.layers.items() if l.kind == "conv2d")
     assert torch.equal(loaded.layers[name].weight, ref_state_w8a8.layers[name].weight)
-    resaved = CalibState.load(loaded.save(tmp_path / "v2.tcaq"))  # written back as version 2
-    assert resaved.version == 2 and set(resaved.layers) == set(ref_state_w8a8.layers)
+    resaved = CalibState.load(loaded.save(tmp_path / "v3.tcaq"))  # written back as the current version
+    assert resaved.version == STATE_VERSION and set(resaved.layers) == set(ref_state_w8a8.layers)
 
 
 def _set_skip_bits(s):

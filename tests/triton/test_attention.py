@@ -11,6 +11,9 @@ What is asserted, and why:
 3. P·V: given the kernel's own P codes, its output is exact — bit for bit for uniform groups
    (int32 accumulator, then the reference's fp32 epilogue), to `LOG2_PV_TOL`·Σ|terms| for log2
    groups (fp16 MMA of exact powers of two, fp32 accumulation; the reference sums in float64).
+   With `p_row_norm` (CalibState v3) the factor s_p·s_v becomes `attention_row_scale(mass, s_p, s_v)`
+   per row: uniform rows stay bit-exact (int32 mass, one IEEE division each side); log2 rows get the
+   fp32 mass sum's rounding on top (tolerance ×(1 + |out|/Σ|terms|)).
 4. End to end, `QAttnProcessor(backend="triton")` against `backend="reference"`: rows where the
    kernel's P codes equal the codes the reference processor used (captured from its quantizer calls)
    match as in 3; a row with differing codes differs by at most Σ_j |Δlevel|·|v_j|·s_p·s_v over them
@@ -55,9 +58,9 @@ class Case:
     """One attention layer's tables (3 timestep groups), per-sample groups and random inputs."""
 
     def __init__(self, gen, device, B, H, Lq, Lk, D, kinds, bits=(8, 8, 8, 8), dtype=torch.float32, groups=None,
-                 qkv_zero=False):
-        self.device, self.D = device, D
-        q = torch.randn(B, H, Lq, D, generator=gen) * 1.5
+                 qkv_zero=False, row_norm=False, q_gain=1.5):
+        self.device, self.D, self.row_norm = device, D, row_norm
+        q = torch.randn(B, H, Lq, D, generator=gen) * q_gain
         k = torch.randn(B, H, Lk, D, generator=gen)
         v = torch.randn(B, H, Lk, D, generator=gen)
         # q, k, v as diffusers hands them over: [B, L, H, d] memory viewed as [B, H, L, d]
@@ -79,7 +82,7 @@ class Case:
         kinds = KINDS[kinds] if isinstance(kinds, str) else kinds
         p_scale = torch.where(torch.tensor([k_ == "log2" for k_ in kinds]), s_l, s_u)
         acts["p"] = ActQuant(bits=bits[3], kind=list(kinds), scale=p_scale, zero=z_u)
-        layer = LayerState(kind="attention", acts=acts)
+        layer = LayerState(kind="attention", acts=acts, p_row_norm=row_norm)
         self.groups = TimestepGroups([333.0, 666.0]).to(device)
         if groups is None:
             groups = torch.randint(0, G, (B,), generator=gen, dtype=torch.int32)
@@ -113,12 +116,19 @@ class Case:
         lev_uni = (p_codes - self.per_sample(p.zero)).double()
         return torch.where(is_log2, lev_log, lev_uni)
 
+    def row_factor(self, p_codes, is_log2):
+        """What multiplies each row's P·V accumulator: s_p·s_v, or with row_norm attention_row_scale
+        of the row's exact mass (int for uniform rows, float64 for log2 ones)."""
+        s_p, s_v = self.per_sample(self.tabs.p.scale), self.per_sample(self.tabs.v.scale)
+        if not self.row_norm:
+            return s_p * s_v
+        return P.attention_row_scale(self.levels(p_codes, is_log2).sum(-1, keepdim=True), s_p, s_v)
+
     def out_from_codes(self, p_codes, v_codes, is_log2):
         """The reference's P·V and epilogue for given P codes (float64 sum, fp32 epilogue)."""
         acc = torch.matmul(self.levels(p_codes, is_log2), v_codes.double())
         acc = torch.where(is_log2, acc, acc.round()).float()  # uniform: the exact int32 value
-        s_out = self.per_sample(self.tabs.p.scale) * self.per_sample(self.tabs.v.scale)
-        return acc * s_out
+        return acc * self.row_factor(p_codes, is_log2)
 
     def kernel(self, debug=False, out_dtype=torch.float32, poison=True):
         t = self.tabs
@@ -127,7 +137,7 @@ class Case:
         out = torch.full(self.q.shape, fill, dtype=out_dtype, device=self.device)
         return qattention_launch(self.q, self.k, self.v, self.scale, tab(t.q), tab(t.k), tab(t.v), tab(t.p),
                                  t.p.kind_ids, self.groups.group, 1 if self.groups.group.numel() > 1 else 0,
-                                 self.bits, out, debug=debug)
+                                 self.bits, out, debug=debug, p_row_norm=self.row_norm)
 
 
 def _boundary_distance(y, is_log2):
@@ -177,9 +187,12 @@ def check_stages(case: Case, out_dtype=torch.float32):
 
 
 def _assert_pv(out, expect, case, p_codes, v_codes, is_log2, extra=None, what="outputs"):
-    """uniform rows bit-exact (fp32 out) / to the output dtype's rounding; log2 rows to fp32 sums."""
-    s_out = (case.per_sample(case.tabs.p.scale) * case.per_sample(case.tabs.v.scale)).double()
-    mag = torch.matmul(case.levels(p_codes, is_log2).abs(), v_codes.double().abs()) * s_out  # Σ|terms|
+    """uniform rows bit-exact (fp32 out) / to the output dtype's rounding; log2 rows to fp32 sums (with
+    row_norm also the fp32 mass sum's: relative, so ×|expect|)."""
+    factor = case.row_factor(p_codes, is_log2).double()
+    mag = torch.matmul(case.levels(p_codes, is_log2).abs(), v_codes.double().abs()) * factor  # Σ|terms|
+    if case.row_norm:
+        mag = mag + expect.double().abs()
     tol = torch.where(is_log2, LOG2_PV_TOL[out.device.type] * mag, torch.zeros_like(mag))
     if out.dtype != torch.float32:
         tol = tol + torch.finfo(out.dtype).eps * expect.double().abs()
@@ -229,10 +242,14 @@ def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32)
     proc_flips = _assert_flips(codes_proc, codes_ref, y, is_log2, case.tabs.p)
     if proc_flips.any():
         print(f"reference processor vs its recomputation: {int(proc_flips.sum())} P codes differ")
-    # Σ_j |Δlevel|·|v_j|·s over the codes where kernel and processor differ bounds what they move
+    # Σ_j |Δlevel|·|v_j|·s over the codes where kernel and processor differ bounds what they move; with
+    # row_norm (s = s_v/mass') the changed mass moves the row by |out|·Σ|Δlevel|/mass' as well
     dlev = (case.levels(codes_k, is_log2) - case.levels(codes_proc, is_log2)).abs()
-    s_out = (case.per_sample(case.tabs.p.scale) * case.per_sample(case.tabs.v.scale)).double()
-    extra = torch.matmul(dlev, codes["v"].double().abs()) * s_out
+    factor = case.row_factor(codes_k, is_log2).double()
+    extra = torch.matmul(dlev, codes["v"].double().abs()) * factor
+    if case.row_norm:
+        s_v = case.per_sample(case.tabs.v.scale).double()
+        extra = extra + y_ref.double().abs() * dlev.sum(-1, keepdim=True) * factor / s_v
     # V is quantized from the same floats by the same primitive on both sides, so its codes must agree
     # exactly (the first GPU runs found 5 of 2.6 M outputs off by a code's worth in rows whose P codes
     # agreed; this says whether V is where they differ)
@@ -263,10 +280,11 @@ def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32)
 SHAPES = [(2, 2, 37, 45, 40), (2, 1, 19, 77, 32), (3, 1, 33, 7, 64), (1, 2, 17, 40, 80), (1, 1, 9, 33, 160)]
 
 
+@pytest.mark.parametrize("row_norm", [False, True], ids=["plain", "rownorm"])
 @pytest.mark.parametrize("kinds", list(KINDS))
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_stages(gen, device, shape, kinds):
-    case = Case(gen, device, *shape, kinds)
+def test_stages(gen, device, shape, kinds, row_norm):
+    case = Case(gen, device, *shape, kinds, row_norm=row_norm)
     out, flips, codes, is_log2 = check_stages(case)
     check_end_to_end(case, flips, codes, is_log2)
 
@@ -277,11 +295,12 @@ def test_wide_heads(gen, device, shape):
     check_stages(case)
 
 
+@pytest.mark.parametrize("row_norm", [False, True], ids=["plain", "rownorm"])
 @pytest.mark.parametrize("bits", [(8, 8, 8, 6), (6, 8, 6, 4)])
 @pytest.mark.parametrize("kinds", ["uniform", "log2"])
-def test_low_bits(gen, device, bits, kinds):
+def test_low_bits(gen, device, bits, kinds, row_norm):
     """6/4-bit P (log2: levels 2^0 … 2^-14 and the zero code 15), 6-bit q and v."""
-    case = Case(gen, device, 2, 1, 21, 50, 24, kinds, bits=bits)
+    case = Case(gen, device, 2, 1, 21, 50, 24, kinds, bits=bits, row_norm=row_norm)
     out, flips, codes, is_log2 = check_stages(case)
     check_end_to_end(case, flips, codes, is_log2)
 
@@ -300,6 +319,36 @@ def test_bf16_io_and_shared_group(gen, device):
     out, flips, codes, is_log2 = check_stages(case, out_dtype=torch.bfloat16)
     assert out.dtype == torch.bfloat16
     check_end_to_end(case, flips, codes, is_log2)
+
+
+def test_row_norm_rows_without_mass(gen, device):
+    """Flat 4-bit uniform maps over 300 keys: every probability (≈ 1/300) rounds to the zero point, the
+    quantized mass of those rows is 0 and they keep the plain factor (an output of 0, not NaN). (A 4-bit
+    log2 map keeps levels down to 2^-14: its rows cannot be emptied at this length.)"""
+    case = Case(gen, device, 1, 1, 11, 300, 16, "uniform", bits=(8, 8, 8, 4), row_norm=True, q_gain=1e-3,
+                groups=torch.tensor([0], dtype=torch.int32))
+    out, flips, codes, is_log2 = check_stages(case)
+    _, _, _, codes_ref, _ = case.reference()
+    empty = case.levels(codes_ref, is_log2).sum(-1) == 0
+    assert empty.all(), "the case was meant to have rows without quantized mass"
+    assert torch.equal(out, torch.zeros_like(out))
+    check_end_to_end(case, flips, codes, is_log2)
+
+
+def test_row_norm_is_a_convex_combination(gen, device):
+    """Row-normalised outputs stay inside each column's range of dequantized V, however much mass a
+    coarse P drops (4-bit uniform over 120 keys of a flat map, q at a third of the usual gain), where
+    the plain ones shrink towards 0 (2.5–15× smaller mean magnitude over 8 seeds)."""
+    outs, seed = {}, int(torch.randint(0, 2**31, (1,), generator=gen))
+    for row_norm in (False, True):  # the same inputs and tables for both
+        case = Case(torch.Generator().manual_seed(seed), device, 1, 2, 9, 120, 16, "uniform", bits=(8, 8, 8, 4),
+                    row_norm=row_norm, groups=torch.tensor([1], dtype=torch.int32), q_gain=0.5)
+        outs[row_norm], _, codes, _ = check_stages(case)
+    v = codes["v"].double() * case.per_sample(case.tabs.v.scale).double()
+    lo, hi = v.amin(-2, keepdim=True), v.amax(-2, keepdim=True)
+    tol = 1e-5 * v.abs().amax()
+    assert ((outs[True] >= lo - tol) & (outs[True] <= hi + tol)).all()
+    assert outs[True].abs().mean() > 1.5 * outs[False].abs().mean()
 
 
 def test_mask_keeps_shared_path(gen, device):
@@ -349,12 +398,13 @@ CUDA_SHAPES = {
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("row_norm", [False, True], ids=["plain", "rownorm"])
 @pytest.mark.parametrize("kinds", ["uniform", "log2", "mixed"])
 @pytest.mark.parametrize("name", list(CUDA_SHAPES))
-def test_full_shapes_cuda(gen, name, kinds):
+def test_full_shapes_cuda(gen, name, kinds, row_norm):
     B = CUDA_SHAPES[name][0]
     groups = torch.arange(B, dtype=torch.int32) % 3  # every group, hence every kind of "mixed", present
-    case = Case(gen, "cuda", *CUDA_SHAPES[name], kinds, dtype=torch.bfloat16, groups=groups)
+    case = Case(gen, "cuda", *CUDA_SHAPES[name], kinds, dtype=torch.bfloat16, groups=groups, row_norm=row_norm)
     out, flips, codes, is_log2 = check_stages(case, out_dtype=torch.bfloat16)
     print(f"{name} {kinds}: {int(flips.sum())} of {flips.numel()} P codes flipped")
     check_end_to_end(case, flips, codes, is_log2)
@@ -399,18 +449,18 @@ def bench(path: str) -> None:
             k = torch.randn(B, H, Lk, D, generator=gen).to(torch.bfloat16).cuda()
             v = torch.randn(B, H, Lk, D, generator=gen).to(torch.bfloat16).cuda()
             timed["sdpa-bf16"] = lambda: F.scaled_dot_product_attention(q, k, v)
-            for kinds in ("uniform", "log2"):
+            for kinds, row_norm in (("uniform", False), ("log2", False), ("uniform", True), ("log2", True)):
                 case = Case(gen, "cuda", B, H, Lq, Lk, D, kinds, dtype=torch.bfloat16,
-                            groups=torch.zeros(B, dtype=torch.int32))
+                            groups=torch.zeros(B, dtype=torch.int32), row_norm=row_norm)
                 proc = case.procs["triton"]
                 fn = lambda proc=proc, sc=case.scale: proc.attention(q, k, v, sc, None)
                 fn()
                 c = _qattn_kernel.best_config
-                configs[f"triton-qattn-{kinds}"] = (
-                    f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}")
+                impl = f"triton-qattn-{kinds}" + ("-rownorm" if row_norm else "")
+                configs[impl] = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
                 print(f"{model} {shape}: autotune {getattr(_qattn_kernel, 'configs_timings', None)}", flush=True)
-                timed[f"triton-qattn-{kinds}"] = fn
-                if kinds == "uniform":
+                timed[impl] = fn
+                if kinds == "uniform" and not row_norm:
                     t = case.tabs
                     tabs = [(a.s_inv, a.zero, a.scale) for a in (t.q, t.k, t.v)]
                     qkv = lambda t=t, tabs=tabs, g=case.groups.group: quantize_qkv(q, k, v, *tabs, g, 1, (8, 8, 8))
