@@ -83,7 +83,9 @@ class MethodConfig:
     # makes s_p cancel. Free in the fused kernel (Σ p̂ accumulates beside P·V). On the CPU with only the
     # maps quantized (benchmarks/results/attention_row_mass.md, 16 samples): log2 41.9 → 50.7 dB PSNR,
     # 6-bit uniform 24.2 → 30.4 dB and no fade. The quantizer searches (initialisation, DAQ's MSE
-    # comparison) still measure the unnormalised map's error.
+    # comparison) still measure the unnormalised map's error. Off: in whole GPU calibrations (2k, H200, 27 Nov)
+    # it moved FID-ResNet56 by −11 … +6 % in paired deterministic runs (tcaq W4A8 4.35 → 3.85, W4A4 11.02 →
+    # 11.65), within the spread elsewhere, and did not stop qdiffusion+daq's W4A4 fade (calib/README.md).
     p_row_norm: bool = False
     # --- block reconstruction (reconstruct.py) --------------------------------------------------
     reconstruct: bool = True
