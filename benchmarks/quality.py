@@ -62,6 +62,9 @@ VARIANTS = {
     "no-par": {"par_rounds": 0},
     "one-group": {"timestep_groups": 1},
     "daq-llr": {"daq_rule": "llr"},  # the paper's DAQ test alone (ours adds a lower-MSE condition)
+    # DAQ's per-group post-softmax sets with the kind forced: which of the two fades qdiffusion+daq at W4A4
+    "daq-uniform": {"daq_rule": "uniform"},
+    "daq-log2": {"daq_rule": "log2"},
     # half of each PAR round's points from the full-precision trajectories (PAR fades W4A4; calib README)
     "par-anchor": {"par_float_share": 0.5},
     # PAR without its guard (every round kept): the presets as measured before the guard (27 Nov, fifth session)

@@ -16,7 +16,7 @@ ACT_INIT_RULES = ("minmax", "mse")
 BLOCK_INPUTS = ("quantized", "float")
 TCR_GRANULARITIES = ("step", "group")
 DAQ_ALTERNATIVES = ("exponential", "lognormal")
-DAQ_RULES = ("llr", "llr+mse", "mse")
+DAQ_RULES = ("llr", "llr+mse", "mse", "uniform", "log2")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,8 @@ class MethodConfig:
     # the test alone: log2 rounds to the nearest power of √2 (±41 % per value whatever the bit width),
     # and on the reference model's attention maps 8-bit uniform P gave 10–50× smaller P·V error than log2
     # in every layer and timestep we measured, while the test chose log2 for ~92 % of (layer, group)
-    # pairs of the tcaq W8A8 state (calib/README.md, "DAQ rule").
+    # pairs of the tcaq W8A8 state (calib/README.md, "DAQ rule"). "uniform" / "log2": every (layer, group)
+    # gets that kind — ablation controls that keep DAQ's per-group post-softmax sets and change only the choice.
     daq_rule: str = "llr+mse"
     # [ours] Divide each row of the quantized post-softmax map by its own quantized mass (CalibState v3
     # `p_row_norm`; quant/primitives.py `attention_row_scale`), for every attention layer and kind. A

@@ -156,7 +156,8 @@ def decide(
     """Choose log2 or uniform for a sample of post-softmax values, with both candidates' MSE qparams.
 
     `rule` (MethodConfig.daq_rule): "llr" — the power-law test alone (the paper); "llr+mse" — the test
-    and a lower log2 MSE; "mse" — the lower MSE alone.
+    and a lower log2 MSE; "mse" — the lower MSE alone; "uniform" / "log2" — that kind whatever the
+    evidence (ablation controls; the test and both candidates are still computed and recorded).
     """
     if rule not in DAQ_RULES:
         raise ValueError(f"daq rule {rule!r}: expected one of {DAQ_RULES}")
@@ -170,7 +171,8 @@ def decide(
     r, p = loglik_ratio(x, fit, alternative)
     heavy_tailed = r > 0 and (p_threshold is None or p < p_threshold)
     lower_error = mse_l < mse_u
-    log2 = {"llr": heavy_tailed, "llr+mse": heavy_tailed and lower_error, "mse": lower_error}[rule]
+    log2 = {"llr": heavy_tailed, "llr+mse": heavy_tailed and lower_error, "mse": lower_error,
+            "uniform": False, "log2": True}[rule]
     return DaqDecision(
         kind="log2" if log2 else "uniform",
         uniform_scale=float(scale_u), uniform_zero=int(zero_u), log2_scale=float(scale_l),

@@ -85,5 +85,9 @@ def test_rules_combine_the_test_and_the_measured_error(rng):
         assert d["mse"].kind == ("log2" if lower else "uniform")
     # … but at 8 bits uniform steps are fine enough that log2's √2 rounding costs more
     assert decide(heavy, 8, rule="llr+mse").kind == "uniform"
+    # the ablation controls force the kind and still record the evidence
+    for forced in ("uniform", "log2"):
+        d = decide(heavy, 4, rule=forced)
+        assert d.kind == forced and d.loglik_ratio > 0 and d.mse_uniform > 0 and d.mse_log2 > 0
     with pytest.raises(ValueError, match="daq rule"):
         decide(heavy, 8, rule="bayes")
