@@ -1,0 +1,138 @@
+"""Where does `qdiffusion+daq`'s W4A4 fade come from: the log2 maps alone, or log2 maps under reconstruction?
+
+On the GPU (2k samples, 27 Nov) the fade follows the log2 kind: DAQ's per-group post-softmax sets forced
+uniform scored 22.7 FID-ResNet56, forced log2 34.3 and grey, like `qdiffusion+daq` (48 % log2) — while on
+the CPU with only the maps quantized log2 did not fade (benchmarks/results/attention_row_mass.md). This
+calibrates the embedded model with the `qdiffusion+daq` preset on a CPU budget for each DAQ rule, with and
+without block reconstruction, and compares same-seed samples with full precision (PSNR, fine-scale energy
+ratio: < 1 is faded); the log2 state without reconstruction is evaluated once more with every log2 scale
+at 1 (nothing clipped), to see whether the MSE-searched scale is what fades. CPU, tens of minutes:
+
+    python benchmarks/daq_fade.py --bits W4A4 --out benchmarks/results
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if importlib.util.find_spec("tcaq_kernels") is None:
+    sys.path.insert(0, str(REPO))
+
+import tcaq_kernels  # noqa: E402
+from tcaq_kernels.atomic import atomic_write_text  # noqa: E402
+from tcaq_kernels.calib import MethodConfig, preset_config  # noqa: E402
+from tcaq_kernels.calib.pipeline import calibrate_with_config  # noqa: E402
+from tcaq_kernels.eval.fidelity import same_seed_fidelity  # noqa: E402
+from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
+from tcaq_kernels.sampling import make_scheduler  # noqa: E402
+
+# a CPU budget: 16 trajectories of DDIM-50 (5 per group), 256 points, 150 steps per block
+BUDGET = dict(num_samples=16, num_steps=50, batch_size=16, num_points=256, init_points=128, init_values=1 << 14,
+              daq_values=8192, iters=150, recon_batch_size=16, progress=False)
+
+
+def log2_scales(state) -> list[float]:
+    return [float(p.scale[g]) for layer in state.layers.values() if layer.kind == "attention"
+            for p in [layer.acts["p"]] for g, kind in enumerate(p.kind) if kind == "log2"]
+
+
+def with_log2_scale_one(state):
+    """The state with every log2 post-softmax set at scale 1 (levels 2^0 … 2^-L: no probability is clipped)."""
+    state = copy.deepcopy(state)
+    for layer in state.layers.values():
+        if layer.kind == "attention":
+            p = layer.acts["p"]
+            p.scale = torch.where(torch.tensor([k == "log2" for k in p.kind]), torch.ones_like(p.scale), p.scale)
+    return state
+
+
+def evaluate(unet, scheduler, state, seeds, steps: int) -> dict:
+    model = tcaq_kernels.convert(unet, state, backend="simulate")
+    summary = same_seed_fidelity(unet, model, scheduler, seeds, num_steps=steps, progress=False).summary()
+    scales = log2_scales(state)
+    return {"psnr_db": summary["psnr_db"], "fine_energy_ratio": summary["fine_energy"]["ratio"],
+            "log2_scale_median": float(np.median(scales)) if scales else None}
+
+
+# every conv and linear kept in float: only the attention processors (q, k, v and P) are quantized
+ATTENTION_ONLY = ("conv_in", "conv_out", "*.conv1", "*.conv2", "*.conv_shortcut", "*.conv", "*.time_emb_proj",
+                  "*linear_*", "*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
+
+
+def run(bits: str, rule: str, reconstruct: bool, unet, scheduler, seeds, steps: int, scope: str = "all") -> list[dict]:
+    """One calibration; for log2 maps without reconstruction also its state with every log2 scale set to 1.
+    `scope` "attention": every conv/linear stays float, only the attention processors are quantized;
+    "no-attention": the attention processors (q, k, v, P) stay float, everything else is quantized."""
+    keep = {"attention": ATTENTION_ONLY, "no-attention": (*MethodConfig().keep_float, "*.attentions.[0-9]")}
+    extra = {"keep_float": keep[scope]} if scope in keep else {}
+    cfg = preset_config("qdiffusion+daq", **BUDGET, daq_rule=rule, reconstruct=reconstruct, **extra)
+    start = time.perf_counter()
+    state = calibrate_with_config(unet, scheduler, bits, cfg, "qdiffusion+daq")
+    calib_s = time.perf_counter() - start
+    kinds = [k for layer in state.layers.values() if layer.kind == "attention" for k in layer.acts["p"].kind]
+    row = {"bits": bits, "scope": scope, "daq_rule": rule, "reconstruct": reconstruct, "log2_scale": "searched",
+           "log2_share": kinds.count("log2") / len(kinds) if kinds else None, "calib_seconds": round(calib_s, 1)}
+    rows = [{**row, **evaluate(unet, scheduler, state, seeds, steps)}]
+    if "log2" in kinds and not reconstruct:
+        rows.append({**row, "log2_scale": "1", **evaluate(unet, scheduler, with_log2_scale_one(state), seeds, steps)})
+    return rows
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    lines = ["# `qdiffusion+daq` on a CPU budget: DAQ kind × block reconstruction", "",
+             f"Embedded DDPM-CIFAR10 model; budget {json.dumps(BUDGET)}; same-seed samples against full precision. "
+             f"Command: `{command}`.", "",
+             "`scope` all: the preset's layers; attention: every conv/linear float, only q, k, v and P quantized; "
+             "no-attention: q, k, v and P float, everything else quantized (the DAQ rule then has no map to act on).", "",
+             "| bits | scope | DAQ rule | reconstruction | log2 share | log2 scale (median) | PSNR (dB) | "
+             "fine-energy ratio | calibration (s) |",
+             "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        scale = "—" if r["log2_scale_median"] is None else f"{r['log2_scale']} ({r['log2_scale_median']:.3g})"
+        lines.append(f"| {r['bits']} | {r.get('scope', 'all')} | {r['daq_rule']} | {'yes' if r['reconstruct'] else 'no'} | {'—' if r['log2_share'] is None else format(r['log2_share'], '.2f')} | "
+                     f"{scale} | {r['psnr_db']:.2f} | {r['fine_energy_ratio']:.3f} | {r['calib_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bits", default="W4A4")
+    p.add_argument("--rules", nargs="*", default=["uniform", "log2"])
+    p.add_argument("--scopes", nargs="*", default=["all", "attention", "no-attention"],
+                   choices=["all", "attention", "no-attention"],
+                   help="all: the preset's layers; attention: only the attention processors; no-attention: all but "
+                        "them (both without reconstruction)")
+    p.add_argument("--samples", type=int, default=16, help="same-seed samples compared with full precision")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps of those samples")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.manual_seed(0)
+    unet = load_fp_unet().requires_grad_(False)
+    scheduler = make_scheduler(load_scheduler_config())
+    seeds = list(range(1000, 1000 + a.samples))
+    rows = []
+    runs = [(scope, rule, False) for scope in a.scopes if scope != "no-attention" for rule in a.rules]
+    runs += [("no-attention", "uniform", False)] if "no-attention" in a.scopes else []
+    runs += [("all", rule, True) for rule in a.rules if "all" in a.scopes]
+    for scope, rule, reconstruct in runs:
+        for row in run(a.bits, rule, reconstruct, unet, scheduler, seeds, a.steps, scope):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    command = "python benchmarks/daq_fade.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(a.out)
+    atomic_write_text(out / "daq_fade.json", json.dumps({"command": command, "budget": BUDGET, "rows": rows}, indent=1))
+    atomic_write_text(out / "daq_fade.md", markdown(rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
