@@ -33,6 +33,7 @@ from tcaq_kernels.calib import MethodConfig, preset_config  # noqa: E402
 from tcaq_kernels.calib.pipeline import calibrate_with_config  # noqa: E402
 from tcaq_kernels.eval.fidelity import same_seed_fidelity  # noqa: E402
 from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
+from tcaq_kernels.quant.layers import quantizable_layers  # noqa: E402
 from tcaq_kernels.sampling import make_scheduler  # noqa: E402
 
 # a CPU budget: 16 trajectories of DDIM-50 (5 per group), 256 points, 150 steps per block
@@ -63,16 +64,13 @@ def evaluate(unet, scheduler, state, seeds, steps: int) -> dict:
             "log2_scale_median": float(np.median(scales)) if scales else None}
 
 
-# every conv and linear kept in float: only the attention processors (q, k, v and P) are quantized
-ATTENTION_ONLY = ("conv_in", "conv_out", "*.conv1", "*.conv2", "*.conv_shortcut", "*.conv", "*.time_emb_proj",
-                  "*linear_*", "*.to_q", "*.to_k", "*.to_v", "*.to_out.0")
-
-
 def run(bits: str, rule: str, reconstruct: bool, unet, scheduler, seeds, steps: int, scope: str = "all") -> list[dict]:
     """One calibration; for log2 maps without reconstruction also its state with every log2 scale set to 1.
     `scope` "attention": every conv/linear stays float, only the attention processors are quantized;
     "no-attention": the attention processors (q, k, v, P) stay float, everything else is quantized."""
-    keep = {"attention": ATTENTION_ONLY, "no-attention": (*MethodConfig().keep_float, "*.attentions.[0-9]")}
+    kinds = quantizable_layers(unet)
+    keep = {"attention": [n for n, k in kinds.items() if k != "attention"],
+            "no-attention": [*MethodConfig().keep_float, *(n for n, k in kinds.items() if k == "attention")]}
     extra = {"keep_float": keep[scope]} if scope in keep else {}
     cfg = preset_config("qdiffusion+daq", **BUDGET, daq_rule=rule, reconstruct=reconstruct, **extra)
     start = time.perf_counter()
@@ -98,8 +96,9 @@ def markdown(rows: list[dict], command: str) -> str:
              "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
         scale = "—" if r["log2_scale_median"] is None else f"{r['log2_scale']} ({r['log2_scale_median']:.3g})"
-        lines.append(f"| {r['bits']} | {r.get('scope', 'all')} | {r['daq_rule']} | {'yes' if r['reconstruct'] else 'no'} | {'—' if r['log2_share'] is None else format(r['log2_share'], '.2f')} | "
-                     f"{scale} | {r['psnr_db']:.2f} | {r['fine_energy_ratio']:.3f} | {r['calib_seconds']:.0f} |")
+        share = "—" if r["log2_share"] is None else f"{r['log2_share']:.2f}"
+        lines.append(f"| {r['bits']} | {r.get('scope', 'all')} | {r['daq_rule']} | {'yes' if r['reconstruct'] else 'no'} | "
+                     f"{share} | {scale} | {r['psnr_db']:.2f} | {r['fine_energy_ratio']:.3f} | {r['calib_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
