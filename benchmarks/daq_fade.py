@@ -9,6 +9,7 @@ ratio: < 1 is faded); the log2 state without reconstruction is evaluated once mo
 at 1 (nothing clipped), to see whether the MSE-searched scale is what fades. CPU, tens of minutes:
 
     python benchmarks/daq_fade.py --bits W4A4 --out benchmarks/results
+    python benchmarks/daq_fade.py --bits W4A4 --reconstruction-only --out benchmarks/results  # adds those rows
 """
 from __future__ import annotations
 
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
                         "them (both without reconstruction)")
     p.add_argument("--samples", type=int, default=16, help="same-seed samples compared with full precision")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps of those samples")
+    p.add_argument("--reconstruction-only", action="store_true",
+                   help="run only the rows with block reconstruction and merge them into --out's daq_fade.json "
+                        "(rows of the same bits, scope, rule, reconstruction and log2 scale replaced)")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -122,15 +126,29 @@ def main(argv=None) -> int:
     runs = [(scope, rule, False) for scope in a.scopes if scope != "no-attention" for rule in a.rules]
     runs += [("no-attention", "uniform", False)] if "no-attention" in a.scopes else []
     runs += [("all", rule, True) for rule in a.rules if "all" in a.scopes]
+    if a.reconstruction_only:
+        runs = [r for r in runs if r[2]]
+    command = "python benchmarks/daq_fade.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = Path(a.out)
+    earlier = json.loads((out / "daq_fade.json").read_text()) if a.reconstruction_only else {}
     for scope, rule, reconstruct in runs:
         for row in run(a.bits, rule, reconstruct, unet, scheduler, seeds, a.steps, scope):
             rows.append(row)
             print(json.dumps(row), flush=True)
-    command = "python benchmarks/daq_fade.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(a.out)
-    atomic_write_text(out / "daq_fade.json", json.dumps({"command": command, "budget": BUDGET, "rows": rows}, indent=1))
-    atomic_write_text(out / "daq_fade.md", markdown(rows, command))
+            rows_all = merged(earlier.get("rows", []), rows)
+            commands = [*(earlier.get("commands") or [earlier["command"]] if earlier else []), command]
+            # written after every row: a run stopped early keeps what it measured
+            atomic_write_text(out / "daq_fade.json", json.dumps(
+                {"command": commands[0], "commands": commands, "budget": BUDGET, "rows": rows_all}, indent=1))
+            atomic_write_text(out / "daq_fade.md", markdown(rows_all, "`, `".join(dict.fromkeys(commands))))
     return 0
+
+
+def merged(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with the rows of `new` appended, a new row replacing an old one of the same setting."""
+    key = lambda r: (r["bits"], r.get("scope", "all"), r["daq_rule"], r["reconstruct"], r["log2_scale"])  # noqa: E731
+    fresh = {key(r) for r in new}
+    return [r for r in old if key(r) not in fresh] + new
 
 
 if __name__ == "__main__":

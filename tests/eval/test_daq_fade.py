@@ -1,0 +1,18 @@
+"""benchmarks/daq_fade.py's --reconstruction-only merge: new rows replace the old ones of the same setting and
+keep every other row in order."""
+from __future__ import annotations
+
+
+def row(rule, reconstruct, psnr, scope="all", scale="searched"):
+    return {"bits": "W4A4", "scope": scope, "daq_rule": rule, "reconstruct": reconstruct, "log2_scale": scale,
+            "psnr_db": psnr}
+
+
+def test_merge_replaces_same_setting_only(load_benchmark):
+    bench = load_benchmark("daq_fade")
+    old = [row("uniform", False, 14.4), row("log2", False, 14.0), row("log2", False, 14.0, scale="1"),
+           row("uniform", True, 1.0), row("uniform", False, 26.4, scope="attention")]
+    new = [row("uniform", True, 20.0), row("log2", True, 19.0)]
+    out = bench.merged(old, new)
+    assert [r["psnr_db"] for r in out] == [14.4, 14.0, 14.0, 26.4, 20.0, 19.0]
+    assert bench.merged(old, []) == old
