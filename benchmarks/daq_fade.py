@@ -131,12 +131,12 @@ def main(argv=None) -> int:
     command = "python benchmarks/daq_fade.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(a.out)
     earlier = json.loads((out / "daq_fade.json").read_text()) if a.reconstruction_only else {}
+    commands = [*(earlier.get("commands") or [earlier["command"]] if earlier else []), command]
     for scope, rule, reconstruct in runs:
         for row in run(a.bits, rule, reconstruct, unet, scheduler, seeds, a.steps, scope):
             rows.append(row)
             print(json.dumps(row), flush=True)
             rows_all = merged(earlier.get("rows", []), rows)
-            commands = [*(earlier.get("commands") or [earlier["command"]] if earlier else []), command]
             # written after every row: a run stopped early keeps what it measured
             atomic_write_text(out / "daq_fade.json", json.dumps(
                 {"command": commands[0], "commands": commands, "budget": BUDGET, "rows": rows_all}, indent=1))
