@@ -87,8 +87,8 @@ VARIANTS = {
     "log2-learned": {"learn_log2_scale": True},
     # each row of the quantized post-softmax map divided by its own quantized mass (CalibState v3; config.py)
     "rownorm": {"p_row_norm": True},
-    # three times the optimisation steps per block (PAR rounds scale with it): BRECQ and Q-Diffusion run 20k,
-    # the default 1000 was set by the 15-minute tcaq W4A8 budget on an H100 (config.py `iters`)
+    # three times the optimisation steps per block (PAR rounds scale with it; BRECQ and Q-Diffusion run 20k):
+    # far more faithful at 4-bit weights, not better in FID, so not the default (config.py `iters`)
     "iters-3k": {"iters": 3000},
 }
 
