@@ -92,8 +92,8 @@ class MethodConfig:
     reconstruct: bool = True
     # optimisation steps per block in the first round (BRECQ/Q-Diffusion use 20k). 3000 (28 Nov, 10k, H100,
     # ~400 s for tcaq) made W4A8 +4.9 dB PSNR more faithful (30.1 vs 25.0–25.4) and W4A4 +2.2 dB, W8A8 no
-    # change — but W4A8's FID-ResNet56 went 3.42/3.75 → 3.79 (less grain), so 1000 stays the default and the
-    # quality table's commands stay comparable; calib/README.md "Reconstruction steps"
+    # change — but W4A8's FID-ResNet56 went 3.42/3.75 → 3.79/4.02 (two calibrations: less grain), so 1000
+    # stays the default and the quality table's commands stay comparable; calib/README.md "Reconstruction steps"
     iters: int = 1000
     recon_batch_size: int = 32
     # "quantized": a block sees the inputs the partly quantized model gives it (BRECQ's choice);
