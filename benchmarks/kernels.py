@@ -10,7 +10,7 @@ time (Python launch path included) is recorded beside it as `eager_ms`, and `flo
 roofline floor (HBM bytes at 3.0 TB/s vs dense tensor-core peak) of the impls whose bytes we know.
 
 Rows (`--out`/kernels.json): {"op", "model", "shape", "count", "impl", "ms", "tops",
-"speedup_vs_bf16", "card", "command", "config", "eager_ms", "floor_ms"}; `count` is how often the shape occurs in one UNet
+"speedup_vs_bf16", "card", "command", "config", "eager_ms", "floor_ms", "torch", "triton"}; `count` is how often the shape occurs in one UNet
 call, `config` the Triton tile the autotuner chose. The markdown table beside it has the medians.
 
 Ops: "gemm", "conv" (below), "groupnorm" — a ResBlock's GroupNorm + SiLU before its conv:
@@ -37,7 +37,9 @@ UNet2DModel on the meta device, so diffusers is not needed here):
 
     PYTHONUNBUFFERED=1 python benchmarks/kernels.py --out benchmarks/results
 
-(`--ops conv-splitk,gemm-splitk` runs only those rows and keeps the others from the earlier run.)
+(`--ops conv-splitk,gemm-splitk` runs only those rows and keeps the others from the earlier run;
+`--render` rewrites kernels.md from kernels.json without a GPU, e.g. after merging the attention rows
+of `tests/triton/test_attention.py --bench`.)
 
 Where `import tcaq_kernels` would pull in diffusers and it is absent, put a stub package first on
 the path: `mkdir -p /tmp/pk/tcaq_kernels && touch /tmp/pk/tcaq_kernels/__init__.py && for d in quant
@@ -442,7 +444,8 @@ def _time_all(op, model, shape, count, flops, impls, floors, base, card, command
             base_ms = ms
         rows.append({"op": op, "model": model, "shape": shape, "count": count, "impl": impl, "ms": ms,
                      "tops": flops / ms / 1e9 if flops else None, "speedup_vs_bf16": None, "card": card, "command": command,
-                     "config": config, "eager_ms": eager_ms, "floor_ms": floors.get(impl)})
+                     "config": config, "eager_ms": eager_ms, "floor_ms": floors.get(impl),
+                     "torch": torch.__version__, "triton": triton.__version__})
     for r in rows:
         r["speedup_vs_bf16"] = base_ms / r["ms"] if base_ms else None
     line = " ".join(f"{r['impl']}={r['ms'] * 1e3:.1f}us" for r in rows)
@@ -453,7 +456,8 @@ def _time_all(op, model, shape, count, flops, impls, floors, base, card, command
 # op → (baseline impl, the impl whose floor, eager time and config the per-shape tables show)
 OPS = {"gemm": ("cublas-bf16", "triton-w8a8"), "conv": ("cudnn-bf16", "triton-w8a8"),
        "groupnorm": ("torch-bf16", "triton-fused"), "gemm-splitk": ("cublas-bf16", "triton-w8a8-fused-splitk"),
-       "conv-splitk": ("cudnn-bf16", "triton-w8a8-splitk")}
+       "conv-splitk": ("cudnn-bf16", "triton-w8a8-splitk"),
+       "attention": ("sdpa-bf16", "triton-qattn-uniform")}  # attention rows: tests/triton/test_attention.py --bench
 
 
 def summarize(rows, meta) -> str:
@@ -516,7 +520,20 @@ def main():
                    help="no timing and no results written: one call per impl between cudaProfilerStart/Stop, "
                         "for e.g. ncu --clock-control none --profile-from-start off --section SpeedOfLight "
                         "--section LaunchStats --section Occupancy --csv python benchmarks/kernels.py --profile …")
+    p.add_argument("--render", action="store_true",
+                   help="no GPU: rewrite --out/kernels.md from --out/kernels.json (e.g. after merging the attention "
+                        "rows of tests/triton/test_attention.py --bench)")
     args = p.parse_args()
+    if args.render:
+        from tcaq_kernels.atomic import atomic_write_text  # here: the stub package above has no atomic.py
+
+        rows = json.loads((args.out / "kernels.json").read_text())
+        meta = ("cards: " + ", ".join(dict.fromkeys(r["card"] for r in rows)) + "; "
+                + ", ".join(dict.fromkeys(f"torch {r.get('torch', '?')}, triton {r.get('triton', '?')}" for r in rows))
+                + "; commands: "
+                + "; ".join(f"`{c}`" for c in dict.fromkeys(r["command"] for r in rows)))
+        atomic_write_text(args.out / "kernels.md", summarize(rows, meta))
+        return None
     global ONLY_SHAPES, ONLY_IMPLS, PROFILE
     ONLY_SHAPES, PROFILE = {x.strip() for x in args.shapes.split(";") if x.strip()}, args.profile
     ONLY_IMPLS = {x.strip() for x in args.impls.split(",") if x.strip()}

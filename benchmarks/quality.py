@@ -87,6 +87,8 @@ VARIANTS = {
     "log2-learned": {"learn_log2_scale": True},
     # each row of the quantized post-softmax map divided by its own quantized mass (CalibState v3; config.py)
     "rownorm": {"p_row_norm": True},
+    # the map quantized is exp(S − row max), P·V divided by its float row sum after (CalibState v4; config.py)
+    "rowmax": {"p_row_max": True},
     # three times the optimisation steps per block (PAR rounds scale with it; BRECQ and Q-Diffusion run 20k):
     # far more faithful at 4-bit weights, not better in FID, so not the default (config.py `iters`)
     "iters-3k": {"iters": 3000},
@@ -175,6 +177,7 @@ def summarize_state(path: Path) -> dict:
         "calib_device": s.get("device"),
         "timestep_groups": state.num_groups,
         "p_row_norm_layers": sum(l.p_row_norm for l in state.layers.values()),
+        "p_row_max_layers": sum(l.p_row_max for l in state.layers.values()),
         "daq_log2_share": round(kinds.count("log2") / len(kinds), 4) if kinds else None,
         "tcr_strength_counts": _counts((s.get("tcr_strength") or {}).values()),
         "par_rounds_kept": s.get("par_rounds_kept"),

@@ -88,6 +88,13 @@ class MethodConfig:
     # it moved FID-ResNet56 by −11 … +6 % in paired deterministic runs (tcaq W4A8 4.35 → 3.85, W4A4 11.02 →
     # 11.65), within the spread elsewhere, and did not stop qdiffusion+daq's W4A4 fade (calib/README.md).
     p_row_norm: bool = False
+    # [ours] Quantize e = exp(S − row max) ∈ (0, 1] instead of the softmax and divide P·V by the float row
+    # sum Σ e afterwards (CalibState v4 `p_row_max`; quant/primitives.py `row_max_exp`), for every attention
+    # layer; with `p_row_norm` as well the quantized mass divides instead. Float: exactly softmax·V. Why: the
+    # fused kernel then needs one exponential per score instead of two (the softmax's codes need the row's
+    # final sum first). Every p quantizer (DAQ's choice, its searches, the learned step) sees e, each row's
+    # largest entry exactly 1. Off until its quality is measured (calib/README.md).
+    p_row_max: bool = False
     # --- block reconstruction (reconstruct.py) --------------------------------------------------
     reconstruct: bool = True
     # optimisation steps per block in the first round (BRECQ/Q-Diffusion use 20k). 3000 (28 Nov, 10k, H100,

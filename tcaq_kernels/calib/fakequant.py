@@ -22,6 +22,7 @@ from ..quant.primitives import (
     pack_int4,
     qrange,
     quantize_weight,
+    row_max_exp,
     weight_scale_symmetric,
 )
 from ..quant.state import SKIP_ACT, ActQuant, LayerState, input_ranges
@@ -320,11 +321,16 @@ class FakeQuantLayer(torch.nn.Module):
 class FakeQuantAttnProcessor(ExplicitAttnProcessor):
     """Attention with fake-quantized q, k, v (symmetric) and post-softmax P (uniform or log2 per set);
     with `p_row_norm` the quantized P is divided by its row mass (`attention_row_scale`, in value units:
-    s_p(c − z) / Σ s_p(c − z) is the integer model's (c − z) / Σ(c − z) up to float rounding)."""
+    s_p(c − z) / Σ s_p(c − z) is the integer model's (c − z) / Σ(c − z) up to float rounding).
 
-    def __init__(self, name: str, a_bits: int, qkv_sets: int, p_sets: int, index: GroupIndex, p_row_norm: bool = False):
+    With `p_row_max` the map quantized (and observed as "p") is e = exp(S − row max) (`row_max_exp`)
+    and P̂·V is divided by the float Σ_j e_j — the integer model's division by Σ_j e_j·s_inv, with s_p
+    cancelling, up to float rounding; with `p_row_norm` as well, the quantized mass divides instead."""
+
+    def __init__(self, name: str, a_bits: int, qkv_sets: int, p_sets: int, index: GroupIndex, p_row_norm: bool = False,
+                 p_row_max: bool = False):
         super().__init__()
-        self.name, self.p_row_norm = name, p_row_norm
+        self.name, self.p_row_norm, self.p_row_max = name, p_row_norm, p_row_max
         self.q, self.k, self.v = (ActQuantizer(a_bits, qkv_sets, True, index) for _ in range(3))
         self.p = ActQuantizer(a_bits, p_sets, False, index)
         self.observer = None
@@ -340,15 +346,19 @@ class FakeQuantAttnProcessor(ExplicitAttnProcessor):
         scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
         if mask is not None:
             scores = scores + mask
-        probs = scores.softmax(dim=-1)
+        probs = row_max_exp(scores) if self.p_row_max else scores.softmax(dim=-1)
         if self.observer is not None:
             self.observer.record(self, "p", probs)
         p_hat = self.p(probs)
-        if self.p_row_norm and self.p.enabled:
+        row_norm = self.p_row_norm and self.p.enabled
+        if row_norm:
             one = torch.ones((), device=p_hat.device)
             p_hat = p_hat * attention_row_scale(p_hat.sum(-1, keepdim=True), one, one)
-        return torch.matmul(p_hat, v)
+        out = torch.matmul(p_hat, v)
+        if self.p_row_max and not row_norm:  # Σ e ≥ 1 (each row's largest entry is exactly 1): no empty row
+            out = out / probs.sum(-1, keepdim=True)
+        return out
 
     def export(self, num_groups: int) -> LayerState:
         acts = {a: qz.export(num_groups, f"layer '{self.name}' {a}") for a, qz in self.quantizers().items()}
-        return LayerState(kind="attention", acts=acts, p_row_norm=self.p_row_norm)
+        return LayerState(kind="attention", acts=acts, p_row_norm=self.p_row_norm, p_row_max=self.p_row_max)

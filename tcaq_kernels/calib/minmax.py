@@ -32,12 +32,15 @@ def calibrate_minmax(
     progress: bool = True,
     split_skip: bool = False,
     p_row_norm: bool = False,
+    p_row_max: bool = False,
 ) -> CalibState:
     """Sample `num_samples` DDIM trajectories with the float `unet` and quantize from their ranges.
 
     `split_skip`: give the skip half of every up-block concatenation its own input quantizer
     (shortcut splitting; off for this baseline, see calib/presets.py). `p_row_norm`: attention layers
-    divide P·V by each row's quantized P mass (calib/config.py, `p_row_norm`).
+    divide P·V by each row's quantized P mass (calib/config.py, `p_row_norm`). `p_row_max`: attention
+    layers quantize exp(S − row max), whose ranges are observed instead of the softmax's
+    (calib/config.py, `p_row_max`).
     """
     parse_bits(bits)  # fail before sampling
     keep = set(float_layer_names(unet, keep_float))
@@ -46,7 +49,7 @@ def calibrate_minmax(
     device = next(unet.parameters()).device
     seeds = list(range(seed, seed + num_samples))
     splits = skip_splits(unet, layers) if split_skip else {}
-    with RangeObserver(unet, layers, edges, splits) as observer:
+    with RangeObserver(unet, layers, edges, splits, p_row_max) as observer:
         for start in tqdm(range(0, num_samples, batch_size), desc="min-max calibration", disable=not progress):
             noise = seeded_noise(seeds[start : start + batch_size], unet_sample_shape(unet), device, unet.dtype)
             ddim_sample(unet, scheduler, noise, num_steps, progress=False)
@@ -59,13 +62,17 @@ def calibrate_minmax(
         "act_qparams": "minmax",
         "split_skip": split_skip,
         "p_row_norm": p_row_norm,
+        "p_row_max": p_row_max,
     }
     return state_from_ranges(unet, observer, bits, sorted(keep), settings, p_row_norm)
 
 
 def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str, float_layers, settings: dict,
                       p_row_norm: bool = False) -> CalibState:
-    """Min-max CalibState from an observer that watched `unet` (any way of driving it will do)."""
+    """Min-max CalibState from an observer that watched `unet` (any way of driving it will do).
+
+    `p_row_max` comes from the observer, not from an argument: its "p" ranges are those of the map it
+    recorded, and a state flagged otherwise would clip (softmax ranges for e ≤ 1) or waste its levels."""
     w_bits, a_bits = parse_bits(bits)
     modules = dict(unet.named_modules())
     state_layers = {}
@@ -73,7 +80,7 @@ def state_from_ranges(unet: torch.nn.Module, observer: RangeObserver, bits: str,
         split = observer.splits.get(name)
         acts = {act: _act_quant(name, act, observer.stats[(name, act)].cpu(), a_bits) for act in layer_acts(kind, split)}
         if kind == "attention":
-            state_layers[name] = LayerState(kind=kind, acts=acts, p_row_norm=p_row_norm)
+            state_layers[name] = LayerState(kind=kind, acts=acts, p_row_norm=p_row_norm, p_row_max=observer.p_row_max)
         else:
             state_layers[name] = weight_layer_state(kind, modules[name].weight, w_bits, acts, input_split=split)
     return CalibState(

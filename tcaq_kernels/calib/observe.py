@@ -10,11 +10,16 @@ from typing import Optional, Sequence
 import torch
 
 from ..nn.qattention import ExplicitAttnProcessor
+from ..quant.primitives import row_max_exp
 from ..quant.state import input_ranges, layer_acts
 
 
 class _ObservingAttnProcessor(ExplicitAttnProcessor):
-    """Float attention written out (QKᵀ, softmax, P·V) so q, k, v and P can be observed."""
+    """Float attention written out (QKᵀ, softmax, P·V) so q, k, v and P can be observed.
+
+    "p" is the map the state will quantize: the softmax, or with the observer's `p_row_max`
+    exp(S − row max) (`row_max_exp`). The output is softmax·V either way, so observing leaves the float
+    trajectory bit for bit what it is without the flag."""
 
     def __init__(self, observer: "RangeObserver", name: str):
         super().__init__()
@@ -26,7 +31,8 @@ class _ObservingAttnProcessor(ExplicitAttnProcessor):
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
-        for act, x in (("q", q), ("k", k), ("v", v), ("p", probs)):
+        p_map = row_max_exp(scores) if self.observer.p_row_max else probs
+        for act, x in (("q", q), ("k", k), ("v", v), ("p", p_map)):
             self.observer.record(self.name, act, x)
         return torch.matmul(probs, v.float())
 
@@ -37,12 +43,13 @@ class RangeObserver:
     `stats[(layer, act)]` is a float64 tensor [G, 2] of (min, max); groups that never ran keep
     (+inf, −inf), which the state builder reports by name. `splits` (`{layer: input_split}`, see
     quant.layers.skip_splits) gives those layers' input channel ranges separate ranges, "input"
-    and "input_skip".
+    and "input_skip". `p_row_max`: attention layers' "p" ranges are those of exp(S − row max), the
+    map a `p_row_max` state quantizes (calib/config.py), not of the softmax.
     """
 
     def __init__(self, unet: torch.nn.Module, layers: dict[str, str], group_edges: Sequence[float],
-                 splits: Optional[dict[str, int]] = None):
-        self.unet, self.layers, self.splits = unet, layers, dict(splits or {})
+                 splits: Optional[dict[str, int]] = None, p_row_max: bool = False):
+        self.unet, self.layers, self.splits, self.p_row_max = unet, layers, dict(splits or {}), p_row_max
         self.edges = torch.tensor(list(group_edges), dtype=torch.float64)
         groups = len(group_edges) + 1
         self.stats = {

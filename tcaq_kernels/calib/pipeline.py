@@ -63,7 +63,7 @@ def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, m
         data = collect_trajectories(fp, scheduler, list(range(cfg.seed, cfg.seed + cfg.num_samples)),
                                     cfg.num_steps, cfg.batch_size, progress=cfg.progress)
         sim = QuantSim(fp, bits, edges, keep_float, cfg.group_act_params, per_group_p=cfg.daq,
-                       act_bits=cfg.act_bits, p_row_norm=cfg.p_row_norm)
+                       act_bits=cfg.act_bits, p_row_norm=cfg.p_row_norm, p_row_max=cfg.p_row_max)
         example = seeded_noise([cfg.seed], unet_sample_shape(fp), device), data.timesteps[:1]
         blocks = find_blocks(fp, sim.kinds, example)
     phases["data"] = time.perf_counter() - start

@@ -30,6 +30,7 @@ class QuantSim:
         per_group_p: bool = False,
         act_bits: Optional[Mapping[str, int]] = None,
         p_row_norm: bool = False,
+        p_row_max: bool = False,
     ):
         w_bits, a_bits = parse_bits(bits)
         self.bits, self.group_edges = bits, list(group_edges)
@@ -48,7 +49,7 @@ class QuantSim:
             a_bits = layer_bits[name]
             module = modules[name]
             if kind == "attention":
-                proc = FakeQuantAttnProcessor(name, a_bits, act_sets, p_sets, self.index, p_row_norm).to(device)
+                proc = FakeQuantAttnProcessor(name, a_bits, act_sets, p_sets, self.index, p_row_norm, p_row_max).to(device)
                 module.set_processor(proc)
                 self.layers[name] = proc
             else:

@@ -4,7 +4,8 @@ It replaces a diffusers `Attention` block's processor; the projections (`to_q`, 
 `to_out.0`) are already `QLinear`s after `convert`. q, k, v are quantized symmetrically; the
 post-softmax map P with the quantizer kind (uniform or log2) its timestep group selects. With the
 layer's `p_row_norm`, each row of P·V is divided by the row's quantized P mass (quant/primitives.py
-`attention_row_scale`) instead of being scaled by s_p.
+`attention_row_scale`) instead of being scaled by s_p. With `p_row_max` (CalibState v4) the map
+quantized is exp(S − row max) (`row_max_exp`) and each row is divided by Σ_j y_j, y = that map·s_inv.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ..quant.primitives import (
     dequantize_log2,
     quantize_log2,
     quantize_uniform,
+    row_max_exp,
     ste,
 )
 from ..quant.state import ACT_KINDS, LayerState
@@ -81,7 +83,7 @@ class QAttnProcessor(ExplicitAttnProcessor):
         if backend not in BACKENDS:
             raise ValueError(f"layer '{name}': unknown backend '{backend}', expected one of {BACKENDS}")
         self.name, self.backend = name, backend
-        self.row_norm = layer.p_row_norm
+        self.row_norm, self.row_max = layer.p_row_norm, layer.p_row_max
         self.__dict__["groups"] = groups
         self.q, self.k, self.v, self.p = (ActTables(layer.acts[a], device) for a in ("q", "k", "v", "p"))
 
@@ -101,7 +103,8 @@ class QAttnProcessor(ExplicitAttnProcessor):
                 q, k, v, float(softmax_scale), *qkv_tables,
                 self.p.s_inv, self.p.scale, self.p.zero, self.p.kind_ids, self.groups.group,
                 q_bits=self.q.bits, k_bits=self.k.bits, v_bits=self.v.bits, p_bits=self.p.bits,
-                p_row_norm=self.row_norm, out_dtype=q.dtype if q.is_floating_point() else torch.float32)
+                p_row_norm=self.row_norm, p_row_max=self.row_max,
+                out_dtype=q.dtype if q.is_floating_point() else torch.float32)
         exact = self.backend == "reference"
         g = self.groups.group
         codes = {}
@@ -121,34 +124,36 @@ class QAttnProcessor(ExplicitAttnProcessor):
         scores = scores * (scales["q"] * scales["k"] * softmax_scale)
         if mask is not None:
             scores = scores + mask
-        probs = scores.softmax(dim=-1)
+        probs = row_max_exp(scores) if self.row_max else scores.softmax(dim=-1)
         return self._pv(probs, codes["v"], scales["v"], g, exact)
 
     def _pv(self, probs, v_codes, s_v, g, exact: bool) -> torch.Tensor:
         """P·V per kind: the accumulator Σ_j p̂_j·v_j with p̂ in units of s_p (c − z, or 2^-c), then
-        ×(s_p·s_v), or with `row_norm` ×`attention_row_scale(Σ_j p̂_j, s_p, s_v)`."""
+        ×(s_p·s_v), with `row_norm` ×`attention_row_scale(Σ_j p̂_j, s_p, s_v)`, or with `row_max` alone
+        ×`attention_row_scale(Σ_j y_j, s_p, s_v)`, y = probs·s_inv (the values the codes round)."""
         p = self.p
         s, s_inv, z = p.lookup(g, probs, self.name)
+        y_sum = (probs * s_inv).sum(-1, keepdim=True) if self.row_max and not self.row_norm else None
         outs = {}
         if "uniform" in p.kinds:
             c = quantize_uniform(probs, s_inv, z, p.bits)
             if exact:
                 acc = ref.int_pv_uniform(c, z, v_codes).float()
-                mass = ref.p_row_mass_uniform(c, z) if self.row_norm else None
+                mass = ref.p_row_mass_uniform(c, z) if self.row_norm else y_sum
             else:
                 levels = ste(c.float(), probs * s_inv) - z.float()
                 acc = torch.matmul(levels, v_codes)
-                mass = levels.sum(-1, keepdim=True) if self.row_norm else None  # exact: integers < 2^24
+                mass = levels.sum(-1, keepdim=True) if self.row_norm else y_sum  # exact: integers < 2^24
             outs["uniform"] = self._scale(acc, mass, s, s_v)
         if "log2" in p.kinds:
             c = quantize_log2(probs, s_inv, p.bits)
             if exact:
                 acc = ref.pv_log2(c, p.bits, v_codes).float()
-                mass = ref.p_row_mass_log2(c, p.bits) if self.row_norm else None
+                mass = ref.p_row_mass_log2(c, p.bits) if self.row_norm else y_sum
             else:
                 levels = ste(dequantize_log2(c, torch.ones((), device=c.device), p.bits), probs * s_inv)
                 acc = torch.matmul(levels, v_codes)
-                mass = levels.sum(-1, keepdim=True) if self.row_norm else None
+                mass = levels.sum(-1, keepdim=True) if self.row_norm else y_sum
             outs["log2"] = self._scale(acc, mass, s, s_v)
         if len(outs) == 1:
             return next(iter(outs.values()))

@@ -20,6 +20,11 @@ Every backend (simulate, reference, Triton, CUDA) computes exactly what these fu
   map is divided by its own quantized mass, `O = s_v·Σ_j p̂_j·v_j / Σ_j p̂_j` with p̂ in units of s_p
   (c − z, or 2^-c), so s_p cancels; a row whose mass is ≤ 0 keeps the plain factor s_p·s_v
   (`attention_row_scale`).
+* Row-max maps (`p_row_max`, CalibState v4): the map quantized is e = exp(S − max_j S) ∈ (0, 1], not
+  the softmax, and the output is normalised by the float row sum afterwards: with y = e·s_inv (the
+  value each code is rounded from, p̂ ≈ y in units of s_p), `O = s_v·Σ_j p̂_j·v_j / Σ_j y_j` — the
+  dequantized e over its exact sum, `attention_row_scale(Σ_j y_j, s_p, s_v)`. With `p_row_norm` as
+  well, the quantized mass replaces Σ_j y_j as above.
 """
 from __future__ import annotations
 
@@ -232,6 +237,17 @@ def dequantize_log2(code: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
 def fake_quant_log2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """log2 fake quant with a straight-through gradient for `x` (scale is a searched constant)."""
     return ste(dequantize_log2(quantize_log2(x.detach(), 1.0 / scale.float(), bits), scale, bits), x)
+
+
+def row_max_exp(scores: torch.Tensor) -> torch.Tensor:
+    """exp(S − max_j S) per row of fp32 scores: the post-softmax map of a `p_row_max` layer (each
+    row's largest entry exactly 1; the softmax is this over its row sum).
+
+    Why: quantizing the softmax itself needs each row's final sum before the first code, so a fused
+    kernel computes every exponential twice (once for the sum, once for the codes); a row's max comes
+    from the int32 scores alone, so this map needs one exponential per score and the sum is
+    accumulated beside P·V (benchmarks/results/kernels.md, attention rows)."""
+    return torch.exp(scores - scores.amax(-1, keepdim=True))
 
 
 def attention_row_scale(row_mass: torch.Tensor, s_p: torch.Tensor, s_v: torch.Tensor) -> torch.Tensor:

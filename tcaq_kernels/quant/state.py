@@ -5,9 +5,11 @@ A state holds integers and scales only; the float model it was calibrated on sup
 JSON manifest and a SHA-256 of all tensor bytes, so a truncated or altered file is refused at load.
 
 Versions: 2 added split inputs (below); 3 added `p_row_norm` on attention layers (the post-softmax
-map divided by its quantized row mass, quant/primitives.py `attention_row_scale`). An older file is a
-version-3 file without split layers / row normalisation, so it loads as one (and is written back as
-version 3); a reader of version 2 refuses a version-3 file rather than compute its attention wrongly.
+map divided by its quantized row mass, quant/primitives.py `attention_row_scale`); 4 added `p_row_max`
+on attention layers (the map quantized is exp(S − row max), normalised by its float row sum after
+P·V, quant/primitives.py `row_max_exp`). An older file is a version-4 file without split layers / row
+normalisation / row-max maps, so it loads as one (and is written back as version 4); a reader of an
+older version refuses a newer file rather than compute its attention wrongly.
 
 Split inputs (Q-Diffusion's shortcut splitting): a conv2d/linear layer whose input is a
 concatenation `cat([h, skip], channel dim)` may carry `input_split` = the first channel of the
@@ -38,8 +40,8 @@ from safetensors.torch import save as serialize
 from ..atomic import atomic_write_bytes
 from .primitives import ACT_BITS, WEIGHT_BITS, qrange, unpack_int4
 
-STATE_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+STATE_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 _META_KEY = "tcaq_calib_state"
 _DIGEST_KEY = "tcaq_sha256"
 ACT_KINDS = ("uniform", "log2")
@@ -93,6 +95,7 @@ class LayerState:
     tcr: Optional[torch.Tensor] = None  # [C_in] float32 TCR factors r (None: TCR off)
     input_split: Optional[int] = None  # first input channel quantized by "input_skip" (None: not split)
     p_row_norm: bool = False  # attention: P·V divided by each row's quantized P mass (version 3)
+    p_row_max: bool = False  # attention: the map quantized is exp(S − row max), P·V ÷ its row sum (version 4)
 
     def weight_int(self) -> torch.Tensor:
         """Integer weights as int8 in the float module's weight shape (unpacking 4-bit)."""
@@ -178,6 +181,8 @@ class CalibState:
                 tensors[f"{name}::{act_name}.zero"] = act.zero.detach().to(torch.int32).cpu().contiguous()
             if layer.p_row_norm:
                 entry["p_row_norm"] = True
+            if layer.p_row_max:
+                entry["p_row_max"] = True
             if layer.kind != "attention":
                 entry.update(w_bits=layer.w_bits, weight_shape=list(layer.weight_shape), tcr=layer.tcr is not None)
                 tensors[f"{name}::weight"] = layer.weight.detach().cpu().contiguous()
@@ -213,7 +218,8 @@ class CalibState:
                 )
                 for a, spec in entry["acts"].items()
             }
-            layer = LayerState(kind=entry["kind"], acts=acts, p_row_norm=bool(entry.get("p_row_norm", False)))
+            layer = LayerState(kind=entry["kind"], acts=acts, p_row_norm=bool(entry.get("p_row_norm", False)),
+                               p_row_max=bool(entry.get("p_row_max", False)))
             if entry["kind"] != "attention":
                 layer.w_bits = int(entry["w_bits"])
                 layer.weight_shape = tuple(entry["weight_shape"])
@@ -273,6 +279,8 @@ def _validate_layer(name: str, layer: LayerState, kind: str, module: torch.nn.Mo
         fail(f"kind '{layer.kind}' but the model has a {kind}")
     if layer.p_row_norm and kind != "attention":
         fail("p_row_norm is for attention layers (it normalises the post-softmax map)")
+    if layer.p_row_max and kind != "attention":
+        fail("p_row_max is for attention layers (it changes what the post-softmax map is)")
     if layer.input_split is not None and kind == "attention":
         fail("input_split is for conv2d/linear inputs; attention layers have no split input")
     if SKIP_ACT in layer.acts and layer.input_split is None:

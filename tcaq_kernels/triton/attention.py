@@ -11,6 +11,8 @@ device (nothing syncs with the host; CUDA-graph safe):
     log2 group:    c = quantize_log2(P, s_inv_p);          O = (Σ_j 2^-c·v_c)·(s_p·s_v)
     p_row_norm:    the factor s_p·s_v becomes attention_row_scale(mass, s_p, s_v) = s_v / mass per
                    row (s_p·s_v where mass ≤ 0), mass = Σ_j (c − z) (int32) or Σ_j 2^-c (fp32)
+    p_row_max:     P = exp(S − rowmax S) (no division), and — without p_row_norm — the factor is
+                   attention_row_scale(Σ_j y_j, s_p, s_v) = s_v / Σ_j y_j, y = P·s_inv (fp32 sum)
 
 Like the reference, the products use the q/k/v codes as they are (their zero points are 0 in every
 state `calibrate` writes; the quantize step still adds z, so the codes are the reference's).
@@ -27,6 +29,8 @@ Two launches:
 2. `_qattn_kernel`, one program per (BLOCK_M query rows, b, head), two passes over the keys:
    pass 1: S tile by tile (int8 `tl.dot`, int32 acc), the running row max (of the int32 scores:
            the scale is positive) and the row sum of exp(S − max). Only max and sum leave it.
+           With p_row_max pass 1 is the row max alone (int32 scores, no exponential): the map
+           quantized does not depend on the sum, which pass 2 accumulates beside P·V.
    pass 2: S again and y = P·s_inv = exp(S − max)·s_inv/sum with the *final* max and sum — P is the
            softmax itself, not an online estimate (a one-pass online softmax cannot quantize P:
            the codes depend on the final max and sum) — quantized in registers, then
@@ -39,7 +43,7 @@ Two launches:
    the same pass (one row reduction per tile, an IEEE division per row) — stored as the output
    dtype into [B, heads, Lq, d].
 
-Cost per score (MUFU is the limit: two exponentials, one per pass): the exponentials are
+Cost per score (MUFU is the limit: two exponentials, one per pass — one with p_row_max): the exponentials are
 `ex2.approx.ftz` on the scores in log2 units, one FFMA + one MUFU each; pass 2 folds log2(s_inv/sum)
 into the exponent, so y comes straight out of the exp; the uniform code is rint(min(y, QMAX − z)) + z
 read off the bits of y + 1.5·2^23, and the log2 level 2^-c is the exponent field of y after adding
@@ -200,6 +204,18 @@ def _stats_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_ptrs,
 
 
 @triton.jit
+def _max_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, m_i, dbg_ptrs, DP: tl.constexpr, MASK: tl.constexpr,
+              DEBUG: tl.constexpr):
+    """Pass 1 of a row-max map on one key tile: the running max of the int32 scores, nothing else."""
+    acc = _scores(qc, kc_base, n0, rn, rd, DP)
+    if DEBUG:
+        tl.store(dbg_ptrs + n0, acc, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+    if MASK:
+        acc = tl.where((n0 + rn < Lk)[None, :], acc, -2147483647)
+    return tl.maximum(m_i, tl.max(acc, axis=1))
+
+
+@triton.jit
 def _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP: tl.constexpr, MASK: tl.constexpr, FAST: tl.constexpr):
     """Pass 2: y = P·s_inv = exp(S − max)·s_inv/sum = 2^(acc·c2 + b2), b2 = log2(s_inv/sum) − max₂."""
     acc = _scores(qc, kc_base, n0, rn, rd, DP)
@@ -212,8 +228,10 @@ def _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP: tl.constexpr, MASK: t
 @triton.jit
 def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z, p_zero, acc, mass,
                      dbg_ptrs, DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr,
-                     ROW_NORM: tl.constexpr):
+                     ROW_NORM: tl.constexpr, SUM_Y: tl.constexpr):
     y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
+    if SUM_Y:  # the row-max map's row sum, in units of s_p (masked keys have y = 0)
+        mass += tl.sum(y, axis=1)
     # quantize_uniform for y ≥ 0: clamp(rint(y) + z, QMIN, QMAX) = rint(min(y, QMAX − z)) + z, the
     # rint read off the bits of min(·) + 1.5·2^23 (exact below 2^22), z folded into the subtrahend
     c = (tl.minimum(y, k_max) + 12582912.0).to(tl.int32, bitcast=True) - magic_z
@@ -228,8 +246,11 @@ def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b
 @triton.jit
 def _pv_log2_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc, mass, dbg_ptrs,
                   LEVEL_MIN: tl.constexpr, ZERO_CODE: tl.constexpr, DP: tl.constexpr,
-                  MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, ROW_NORM: tl.constexpr):
+                  MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, ROW_NORM: tl.constexpr,
+                  SUM_Y: tl.constexpr):
     y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
+    if SUM_Y:
+        mass += tl.sum(y, axis=1)
     # quantize_log2 + dequantize as one bit trick: y = 1.m·2^e rounds to 2^(e + [m > √2 mantissa]),
     # i.e. the exponent field after adding 0x800000 − 0x3504F4 (the carry is the rounding); code ≥ 0
     # caps it at 1, and levels below 2^-L (and y = 0) become the zero code's 0.
@@ -254,7 +275,7 @@ def _row_scale(mass, s_p, s_v):
     return tl.where(pos, tl.math.div_rn(tl.zeros_like(m) + s_v, tl.where(pos, m, 1.0)), s_p * s_v)
 
 
-@triton.autotune(configs=_configs(), key=["Lq", "Lk", "DP", "DEBUG", "ROW_NORM"],
+@triton.autotune(configs=_configs(), key=["Lq", "Lk", "DP", "DEBUG", "ROW_NORM", "ROW_MAX"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.jit
 def _qattn_kernel(
@@ -263,9 +284,10 @@ def _qattn_kernel(
     softmax_scale, H, Lq, Lk, LQ_PAD, LK_PAD, D, group_stride, stride_ob, stride_oh, stride_ol, stride_od,
     P_QMAX: tl.constexpr,
     LEVEL_MIN: tl.constexpr, ZERO_CODE: tl.constexpr,
-    DP: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, ROW_NORM: tl.constexpr,
+    DP: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, ROW_NORM: tl.constexpr, ROW_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    SUM_Y: tl.constexpr = ROW_MAX and not ROW_NORM
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -286,18 +308,25 @@ def _qattn_kernel(
     dbg_offs = bh * Lq * Lk + rm[:, None].to(tl.int64) * Lk + rn[None, :]
     n_full = (Lk // BLOCK_N) * BLOCK_N
 
-    # pass 1: row max and row sum
+    # pass 1: row max and row sum (row-max maps: the max alone)
     m_i = tl.full((BLOCK_M,), -2147483647, tl.int32)
-    l = tl.full((BLOCK_M,), 0.0, tl.float32)
-    for n0 in range(0, n_full, BLOCK_N):
-        m_i, l = _stats_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_s_ptr + dbg_offs,
-                             DP, False, DEBUG, FAST)
-    if n_full < Lk:
-        m_i, l = _stats_step(qc, kc_base, n_full, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_s_ptr + dbg_offs,
-                             DP, True, DEBUG, FAST)
+    if ROW_MAX:
+        for n0 in range(0, n_full, BLOCK_N):
+            m_i = _max_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, m_i, dbg_s_ptr + dbg_offs, DP, False, DEBUG)
+        if n_full < Lk:
+            m_i = _max_step(qc, kc_base, n_full, rn, rd, rm, Lq, Lk, m_i, dbg_s_ptr + dbg_offs, DP, True, DEBUG)
+        b2 = tl.math.log2(tl.load(p_s_inv_ptr + g)) - m_i.to(tl.float32) * c2
+    else:
+        l = tl.full((BLOCK_M,), 0.0, tl.float32)
+        for n0 in range(0, n_full, BLOCK_N):
+            m_i, l = _stats_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_s_ptr + dbg_offs,
+                                 DP, False, DEBUG, FAST)
+        if n_full < Lk:
+            m_i, l = _stats_step(qc, kc_base, n_full, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_s_ptr + dbg_offs,
+                                 DP, True, DEBUG, FAST)
+        b2 = tl.math.log2(tl.load(p_s_inv_ptr + g) / l) - m_i.to(tl.float32) * c2
 
-    # pass 2: P·s_inv with the final max and sum, quantized per the group's kind, times V
-    b2 = tl.math.log2(tl.load(p_s_inv_ptr + g) / l) - m_i.to(tl.float32) * c2
+    # pass 2: P·s_inv with the final max (and sum), quantized per the group's kind, times V
     s_p = tl.load(p_scale_ptr + g)
     s_v = tl.load(v_scale_ptr + g)
     if tl.load(p_kind_ptr + g) == 1:  # log2
@@ -306,12 +335,13 @@ def _qattn_kernel(
         mass_f = tl.full((BLOCK_M,), 0.0, tl.float32)
         for n0 in range(0, n_full, BLOCK_N):
             acc_f, mass_f = _pv_log2_step(qc, kc_base, v16_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f, mass_f,
-                                          dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, False, DEBUG, FAST, ROW_NORM)
+                                          dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, False, DEBUG, FAST, ROW_NORM,
+                                          SUM_Y)
         if n_full < Lk:
             acc_f, mass_f = _pv_log2_step(qc, kc_base, v16_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f,
                                           mass_f, dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, True, DEBUG, FAST,
-                                          ROW_NORM)
-        if ROW_NORM:
+                                          ROW_NORM, SUM_Y)
+        if ROW_NORM or SUM_Y:
             y = acc_f * _row_scale(mass_f, s_p, s_v)[:, None]
         else:
             y = acc_f * (s_p * s_v)
@@ -321,18 +351,21 @@ def _qattn_kernel(
         k_max = (P_QMAX - p_zero).to(tl.float32)
         magic_z = 0x4B400000 - p_zero
         acc_i = tl.full((BLOCK_M, DP), 0, tl.int32)
-        mass_i = tl.full((BLOCK_M,), 0, tl.int32)
+        if SUM_Y:
+            mass_i = tl.full((BLOCK_M,), 0.0, tl.float32)
+        else:
+            mass_i = tl.full((BLOCK_M,), 0, tl.int32)
         for n0 in range(0, n_full, BLOCK_N):
             acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
                                              magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, False, DEBUG,
-                                             FAST, ROW_NORM)
+                                             FAST, ROW_NORM, SUM_Y)
         if n_full < Lk:
             acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
                                              magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG,
-                                             FAST, ROW_NORM)
+                                             FAST, ROW_NORM, SUM_Y)
         vsum = tl.load(vsum_ptr + bh * DP + rd)
         acc_u = (acc_i - p_zero * vsum[None, :]).to(tl.float32)
-        if ROW_NORM:
+        if ROW_NORM or SUM_Y:
             y = acc_u * _row_scale(mass_i, s_p, s_v)[:, None]
         else:
             y = acc_u * (s_p * s_v)
@@ -376,7 +409,8 @@ def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: S
 
 def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale, k_scale, v_scale, p_tab,
                    p_kind_ids, group, group_stride: int, p_bits: int, out: torch.Tensor,
-                   debug: Optional[Sequence[torch.Tensor]] = None, p_row_norm: bool = False) -> torch.Tensor:
+                   debug: Optional[Sequence[torch.Tensor]] = None, p_row_norm: bool = False,
+                   p_row_max: bool = False) -> torch.Tensor:
     """The attention kernel on the `quantize_qkv` operands `ops`, into `out` [B, H, Lq, D].
 
     p_tab = (s_inv, zero, scale) tables [G]; `debug` = (scores int32, codes int32), each
@@ -396,6 +430,7 @@ def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale,
         float(softmax_scale), H, Lq, Lk, qc.shape[1], kc.shape[1], D, group_stride, *out.stride(),
         P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1,
         DP=dp, DEBUG=debug is not None, FAST=not interpreting(), ROW_NORM=bool(p_row_norm),
+        ROW_MAX=bool(p_row_max),
     )
     return out
 
@@ -416,9 +451,10 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab, p_kind_ids, group,
                       group_stride: int, bits: Sequence[int], out: torch.Tensor, debug: bool = False,
-                      p_row_norm: bool = False):
+                      p_row_norm: bool = False, p_row_max: bool = False):
     """Both kernels into `out` [B, H, Lq, d]. *_tab = (s_inv, zero, scale) tables [G]; bits = (q, k, v, p);
-    `p_row_norm`: P·V divided by each row's quantized P mass (quant/primitives.py `attention_row_scale`).
+    `p_row_norm`: P·V divided by each row's quantized P mass (quant/primitives.py `attention_row_scale`);
+    `p_row_max`: P = exp(S − row max), P·V divided by Σ_j P·s_inv (`row_max_exp`).
 
     Returns `out`, or with `debug` (out, int32 scores [B, H, Lq, Lk], int32 P codes [B, H, Lq, Lk]).
     """
@@ -430,5 +466,5 @@ def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab,
         dbg = tuple(torch.full((B, H, Lq, k.shape[2]), -(1 << 30), dtype=torch.int32, device=q.device)
                     for _ in range(2))
     attention_core(ops, q.shape[2], k.shape[2], q.shape[3], softmax_scale, q_tab[2], k_tab[2], v_tab[2], p_tab,
-                   p_kind_ids, group, group_stride, bits[3], out, dbg, p_row_norm)
+                   p_kind_ids, group, group_stride, bits[3], out, dbg, p_row_norm, p_row_max)
     return (out, *dbg) if debug else out

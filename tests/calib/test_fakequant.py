@@ -111,10 +111,10 @@ def test_reconstruction_moves_log2_scales_only_with_the_option(tiny_unet, tiny_s
     assert any(s != pytest.approx(searched, rel=1e-3) for s, searched in learned)
 
 
-def _randomised_sim(unet, bits, edges, gen, daq_kinds=True, p_row_norm=False):
+def _randomised_sim(unet, bits, edges, gen, daq_kinds=True, p_row_norm=False, p_row_max=False):
     """A QuantSim with arbitrary (but valid) quantizer parameters and learned roundings everywhere."""
     sim = QuantSim(unet, bits, edges, keep_float=("conv_in", "conv_out"), group_act_params=True, per_group_p=True,
-                   p_row_norm=p_row_norm)
+                   p_row_norm=p_row_norm, p_row_max=p_row_max)
     for name, layer in sim.layers.items():
         if hasattr(layer, "weight_q"):
             c_in = layer.weight_q.weight.shape[1]
@@ -137,13 +137,15 @@ def _randomised_sim(unet, bits, edges, gen, daq_kinds=True, p_row_norm=False):
     return sim
 
 
-@pytest.mark.parametrize("p_row_norm", [False, True], ids=["plain", "rownorm"])
+@pytest.mark.parametrize("p_row_norm,p_row_max", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["plain", "rownorm", "rowmax", "rowmax+rownorm"])
 @pytest.mark.parametrize("bits", ["W8A8", "W4A4"])
-def test_exported_state_matches_the_fake_quant_model(tiny_unet, rng, bits, p_row_norm):
-    sim = _randomised_sim(tiny_unet, bits, [300.0, 700.0], rng, p_row_norm=p_row_norm)
+def test_exported_state_matches_the_fake_quant_model(tiny_unet, rng, bits, p_row_norm, p_row_max):
+    sim = _randomised_sim(tiny_unet, bits, [300.0, 700.0], rng, p_row_norm=p_row_norm, p_row_max=p_row_max)
     state = sim.export_state(tiny_unet, "test", {})
     state.validate(tiny_unet)
-    assert {l.p_row_norm for l in state.layers.values() if l.kind == "attention"} == {p_row_norm}
+    attention = [l for l in state.layers.values() if l.kind == "attention"]
+    assert {l.p_row_norm for l in attention} == {p_row_norm} and {l.p_row_max for l in attention} == {p_row_max}
     assert any(l.tcr is not None for l in state.layers.values())
     assert any("log2" in l.acts["p"].kind for l in state.layers.values() if l.kind == "attention")
     converted = tcaq_kernels.convert(tiny_unet, state, backend="simulate")

@@ -12,7 +12,7 @@ from tcaq_kernels.calib.minmax import state_from_ranges
 from tcaq_kernels.calib.observe import RangeObserver
 from tcaq_kernels.nn import QAttnProcessor, QConv2d, QLinear
 from tcaq_kernels.quant.layers import quantizable_layers
-from tcaq_kernels.sampling import ddim_sample, seeded_noise, unet_sample_shape
+from tcaq_kernels.sampling import ddim_sample, seeded_noise
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +112,34 @@ def test_row_normalised_attention_backends_agree(ref_unet, ref_state_w8a8, rng):
     # not every block gains on one noise input (measured: 4 of 6 closer to float, two 1–9 % further), the
     # six together do (summed relative error 0.24 → 0.19)
     assert sum(errors[True]) < sum(errors[False]), errors
+
+
+def test_row_max_attention_backends_agree(ref_unet, ref_state_w8a8, rng):
+    """With `p_row_max` (CalibState v4) the reference and simulate paths give the same bits (the same fp32
+    map exp(S − max) and Σ_j y_j on both), and 8-bit uniform codes of that map over (0, 1] (step 1/255:
+    every row's largest entry is code 255 exactly) keep each attention block close to the float one."""
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    names = [n for n, l in ref_state_w8a8.layers.items() if l.kind == "attention"]
+    inputs = _layer_inputs(ref_unet, names, x, 500)
+    state = copy.deepcopy(ref_state_w8a8)
+    for name in names:
+        p = state.layers[name].acts["p"]
+        p.kind = ["uniform"] * len(p.kind)
+        p.scale, p.zero = torch.full_like(p.scale, 1 / 255), torch.full_like(p.zero, -128)
+        state.layers[name].p_row_max = True
+    models = {b: tcaq_kernels.convert(ref_unet, state, backend=b) for b in ("reference", "simulate")}
+    plain = tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="reference")
+    for model in (*models.values(), plain):
+        model.tcaq_groups.update(500, 2)
+    for name in names:
+        with torch.no_grad():
+            y = {b: m.get_submodule(name)(inputs[name]) for b, m in models.items()}
+            y_plain = plain.get_submodule(name)(inputs[name])
+            y_fp = ref_unet.get_submodule(name)(inputs[name])
+        assert torch.equal(y["reference"], y["simulate"]), name
+        assert not torch.equal(y["reference"], y_plain), name
+        err = ((y["reference"] - y_fp).norm() / y_fp.norm()).item()
+        assert err < 0.01, (name, err)
 
 
 def _psnr(a, b):

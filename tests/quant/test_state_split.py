@@ -29,7 +29,7 @@ def test_split_layer_round_trips(ref_state_w8a8, ref_unet, tmp_path):
     state.validate(ref_unet)
     loaded = CalibState.load(state.save(tmp_path / "split.tcaq"))
     loaded.validate(ref_unet)
-    assert loaded.version == STATE_VERSION == 3
+    assert loaded.version == STATE_VERSION == 4
     layer, other = state.layers[LAYER], loaded.layers[LAYER]
     assert other.input_split == 128 and set(other.acts) == {"input", "input_skip"}
     for act in ("input", "input_skip"):
@@ -66,7 +66,7 @@ def test_version_1_file_loads_as_an_unsplit_current_state(ref_state_w8a8, ref_un
     assert loaded.version == STATE_VERSION and all(l.input_split is None for l in loaded.layers.values())
     name = next(n for n, l in ref_state_w8a8.layers.items() if l.kind == "conv2d")
     assert torch.equal(loaded.layers[name].weight, ref_state_w8a8.layers[name].weight)
-    resaved = CalibState.load(loaded.save(tmp_path / "v3.tcaq"))  # written back as the current version
+    resaved = CalibState.load(loaded.save(tmp_path / "v4.tcaq"))  # written back as the current version
     assert resaved.version == STATE_VERSION and set(resaved.layers) == set(ref_state_w8a8.layers)
 
 

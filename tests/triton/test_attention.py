@@ -13,7 +13,9 @@ What is asserted, and why:
    groups (fp16 MMA of exact powers of two, fp32 accumulation; the reference sums in float64).
    With `p_row_norm` (CalibState v3) the factor s_p·s_v becomes `attention_row_scale(mass, s_p, s_v)`
    per row: uniform rows stay bit-exact (int32 mass, one IEEE division each side); log2 rows get the
-   fp32 mass sum's rounding on top (tolerance ×(1 + |out|/Σ|terms|)).
+   fp32 mass sum's rounding on top (tolerance ×(1 + |out|/Σ|terms|)). With `p_row_max` (CalibState v4)
+   the map is exp(S − row max) and the factor s_v / Σ_j y_j: the kernel's fp32 sum of its own y is
+   another summation of values a few ulp off, so those rows get `ROW_SUM_TOL`·|out| on top.
 4. End to end, `QAttnProcessor(backend="triton")` against `backend="reference"`: rows where the
    kernel's P codes equal the codes the reference processor used (captured from its quantizer calls)
    match as in 3; a row with differing codes differs by at most Σ_j |Δlevel|·|v_j|·s_p·s_v over them
@@ -27,8 +29,9 @@ level (B 2, heads 8, L 4096, d 40 → padded to 64), its cross-attention (77 tok
 DDPM-CIFAR10 attention (B 64, heads 1, L 256, d 128).
 
 Timing (GPU; rows for benchmarks/results/kernels.json, stdout as JSON lines), from the repo root:
-    TCAQ_TRITON_TUNING= PYTHONPATH=/tmp/pk:tests/triton python tests/triton/test_attention.py --bench OUT.json
-(`/tmp/pk` is the stub package of benchmarks/kernels.py's docstring, with `nn` linked as well.)
+    TCAQ_TRITON_TUNING= PYTHONPATH=.:tests/triton python tests/triton/test_attention.py --bench OUT.json
+(every SD-1.5 attention level at batch 2 and the DDPM-CIFAR10 one; `benchmarks/kernels.py --render` puts
+the rows into kernels.md).
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ BOUNDARY_TOL = 3e-5
 # log2 P·V: |error| ≤ tol·Σ_j|2^-c·v_j| — fp32 sums in numpy; on the GPU, tensor-core accumulation
 # (its internal alignment of the fp16 products within one MMA is not plain fp32 addition)
 LOG2_PV_TOL = {"cpu": 1e-5, "cuda": 2.5e-4}
+# p_row_max: relative difference of the two Σ_j y_j (positive terms, each a few ulp apart, other order)
+ROW_SUM_TOL = 1e-4
 KINDS = {"uniform": ["uniform"] * 3, "log2": ["log2"] * 3, "mixed": ["uniform", "log2", "log2"]}
 
 
@@ -58,8 +63,9 @@ class Case:
     """One attention layer's tables (3 timestep groups), per-sample groups and random inputs."""
 
     def __init__(self, gen, device, B, H, Lq, Lk, D, kinds, bits=(8, 8, 8, 8), dtype=torch.float32, groups=None,
-                 qkv_zero=False, row_norm=False, q_gain=1.5):
-        self.device, self.D, self.row_norm = device, D, row_norm
+                 qkv_zero=False, row_norm=False, q_gain=1.5, row_max=False):
+        self.device, self.D, self.row_norm, self.row_max = device, D, row_norm, row_max
+        self._reference = None
         q = torch.randn(B, H, Lq, D, generator=gen) * q_gain
         k = torch.randn(B, H, Lk, D, generator=gen)
         v = torch.randn(B, H, Lk, D, generator=gen)
@@ -82,7 +88,7 @@ class Case:
         kinds = KINDS[kinds] if isinstance(kinds, str) else kinds
         p_scale = torch.where(torch.tensor([k_ == "log2" for k_ in kinds]), s_l, s_u)
         acts["p"] = ActQuant(bits=bits[3], kind=list(kinds), scale=p_scale, zero=z_u)
-        layer = LayerState(kind="attention", acts=acts, p_row_norm=row_norm)
+        layer = LayerState(kind="attention", acts=acts, p_row_norm=row_norm, p_row_max=row_max)
         self.groups = TimestepGroups([333.0, 666.0]).to(device)
         if groups is None:
             groups = torch.randint(0, G, (B,), generator=gen, dtype=torch.int32)
@@ -95,13 +101,20 @@ class Case:
         return table[self.groups.group.long()].view(-1, 1, 1, 1).expand(self.q.shape[0], 1, 1, 1)
 
     def reference(self):
-        """The reference's intermediate values: q/k/v codes, int32 scores, fp32 probs, P codes."""
+        """The reference's intermediate values: q/k/v codes, int32 scores, fp32 y = P·s_inv, P codes,
+        is-log2 mask (computed once: the inputs do not change)."""
+        if self._reference is None:
+            self._reference = self._compute_reference()
+        return self._reference
+
+    def _compute_reference(self):
         t = self.tabs
         codes = {n: P.quantize_uniform(x, self.per_sample(getattr(t, n).s_inv), self.per_sample(getattr(t, n).zero),
                                        getattr(t, n).bits)
                  for n, x in (("q", self.q), ("k", self.k), ("v", self.v))}
         scores = R.int_attention_scores(codes["q"], codes["k"])
-        probs = (scores.float() * (self.per_sample(t.q.scale) * self.per_sample(t.k.scale) * self.scale)).softmax(-1)
+        s = scores.float() * (self.per_sample(t.q.scale) * self.per_sample(t.k.scale) * self.scale)
+        probs = P.row_max_exp(s) if self.row_max else s.softmax(-1)
         p = t.p
         is_log2 = self.per_sample(p.kind_ids) == 1
         y = probs * self.per_sample(p.s_inv)  # the fp32 value each P code is rounded from
@@ -118,8 +131,11 @@ class Case:
 
     def row_factor(self, p_codes, is_log2):
         """What multiplies each row's P·V accumulator: s_p·s_v, or with row_norm attention_row_scale
-        of the row's exact mass (int for uniform rows, float64 for log2 ones)."""
+        of the row's exact mass (int for uniform rows, float64 for log2 ones), or with row_max alone
+        attention_row_scale of the reference's Σ_j y_j."""
         s_p, s_v = self.per_sample(self.tabs.p.scale), self.per_sample(self.tabs.v.scale)
+        if self.row_max and not self.row_norm:
+            return P.attention_row_scale(self.reference()[2].sum(-1, keepdim=True), s_p, s_v)
         if not self.row_norm:
             return s_p * s_v
         return P.attention_row_scale(self.levels(p_codes, is_log2).sum(-1, keepdim=True), s_p, s_v)
@@ -137,7 +153,7 @@ class Case:
         out = torch.full(self.q.shape, fill, dtype=out_dtype, device=self.device)
         return qattention_launch(self.q, self.k, self.v, self.scale, tab(t.q), tab(t.k), tab(t.v), tab(t.p),
                                  t.p.kind_ids, self.groups.group, 1 if self.groups.group.numel() > 1 else 0,
-                                 self.bits, out, debug=debug, p_row_norm=self.row_norm)
+                                 self.bits, out, debug=debug, p_row_norm=self.row_norm, p_row_max=self.row_max)
 
 
 def _boundary_distance(y, is_log2):
@@ -196,6 +212,8 @@ def _assert_pv(out, expect, case, p_codes, v_codes, is_log2, extra=None, what="o
     tol = torch.where(is_log2, LOG2_PV_TOL[out.device.type] * mag, torch.zeros_like(mag))
     if out.dtype != torch.float32:
         tol = tol + torch.finfo(out.dtype).eps * expect.double().abs()
+    if case.row_max and not case.row_norm:
+        tol = tol + ROW_SUM_TOL * expect.double().abs()
     if extra is not None:
         tol = tol + extra
     err = (out.double() - expect.to(out.dtype).double()).abs()
@@ -289,18 +307,31 @@ def test_stages(gen, device, shape, kinds, row_norm):
     check_end_to_end(case, flips, codes, is_log2)
 
 
+@pytest.mark.parametrize("row_norm", [False, True], ids=["rowmax", "rowmax-rownorm"])
+@pytest.mark.parametrize("shape", SHAPES[:3])
+def test_row_max_maps(gen, device, shape, row_norm):
+    """p_row_max (CalibState v4): the map exp(S − row max), its largest code the one for 1·s_inv; pass 1
+    finds only the max, pass 2 sums y beside P·V (or, with row_norm, the quantized mass)."""
+    case = Case(gen, device, *shape, "mixed", row_norm=row_norm, row_max=True)
+    out, flips, codes, is_log2 = check_stages(case)
+    check_end_to_end(case, flips, codes, is_log2)
+    y = case.reference()[2]
+    s_inv = case.per_sample(case.tabs.p.s_inv)
+    torch.testing.assert_close(y.amax(-1, keepdim=True), s_inv.expand_as(y[..., :1]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape", SHAPES[3:])
 def test_wide_heads(gen, device, shape):
     case = Case(gen, device, *shape, "mixed", groups=torch.tensor([1] * shape[0], dtype=torch.int32))
     check_stages(case)
 
 
-@pytest.mark.parametrize("row_norm", [False, True], ids=["plain", "rownorm"])
+@pytest.mark.parametrize("mode", ["plain", "rownorm", "rowmax"])
 @pytest.mark.parametrize("bits", [(8, 8, 8, 6), (6, 8, 6, 4)])
 @pytest.mark.parametrize("kinds", ["uniform", "log2"])
-def test_low_bits(gen, device, bits, kinds, row_norm):
+def test_low_bits(gen, device, bits, kinds, mode):
     """6/4-bit P (log2: levels 2^0 … 2^-14 and the zero code 15), 6-bit q and v."""
-    case = Case(gen, device, 2, 1, 21, 50, 24, kinds, bits=bits, row_norm=row_norm)
+    case = Case(gen, device, 2, 1, 21, 50, 24, kinds, bits=bits, row_norm=mode == "rownorm", row_max=mode == "rowmax")
     out, flips, codes, is_log2 = check_stages(case)
     check_end_to_end(case, flips, codes, is_log2)
 
@@ -403,13 +434,14 @@ CUDA_SHAPES = {
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("row_norm", [False, True], ids=["plain", "rownorm"])
+@pytest.mark.parametrize("mode", ["plain", "rownorm", "rowmax"])
 @pytest.mark.parametrize("kinds", ["uniform", "log2", "mixed"])
 @pytest.mark.parametrize("name", list(CUDA_SHAPES))
-def test_full_shapes_cuda(gen, name, kinds, row_norm):
+def test_full_shapes_cuda(gen, name, kinds, mode):
     B = CUDA_SHAPES[name][0]
     groups = torch.arange(B, dtype=torch.int32) % 3  # every group, hence every kind of "mixed", present
-    case = Case(gen, "cuda", *CUDA_SHAPES[name], kinds, dtype=torch.bfloat16, groups=groups, row_norm=row_norm)
+    case = Case(gen, "cuda", *CUDA_SHAPES[name], kinds, dtype=torch.bfloat16, groups=groups, row_norm=mode == "rownorm",
+                row_max=mode == "rowmax")
     out, flips, codes, is_log2 = check_stages(case, out_dtype=torch.bfloat16)
     print(f"{name} {kinds}: {int(flips.sum())} of {flips.numel()} P codes flipped")
     check_end_to_end(case, flips, codes, is_log2)
@@ -431,8 +463,7 @@ def bench(path: str) -> None:
 
     gen = torch.Generator().manual_seed(0)
     card = torch.cuda.get_device_name()
-    command = ("TCAQ_TRITON_TUNING= PYTHONPATH=/tmp/pk:tests/triton "
-               "python tests/triton/test_attention.py --bench OUT.json")
+    command = "TCAQ_TRITON_TUNING= PYTHONPATH=.:tests/triton python tests/triton/test_attention.py --bench OUT.json"
 
     def graph_ms(fn):
         fn()
@@ -443,10 +474,15 @@ def bench(path: str) -> None:
         return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
 
     rows = []
-    shapes = {"sd15-b2": [("self", CUDA_SHAPES["sd15-self-64x64"]), ("cross", CUDA_SHAPES["sd15-cross-64x64"])],
-              "ddpm-cifar10-b64": [("self", CUDA_SHAPES["ddpm-cifar10-b64"])]}
+    # SD-1.5 at 512 px, batch 2: 8 heads of C/8 channels at each latent level (64, 32, 16 and the mid
+    # block's 8), self-attention and cross-attention to the 77 text tokens
+    # (what, shape, count): count = attention blocks at that level in the UNet (SD-1.5: down 2 + up 3,
+    # mid 1; the reference DDPM: down 2 + up 3 at 16×16, its 8×8 mid block not timed)
+    sd = [(what, (2, 8, L, L if what == "self" else 77, d), 1 if L == 64 else 5)
+          for L, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)) for what in ("self", "cross")]
+    shapes = {"sd15-b2": sd, "ddpm-cifar10-b64": [("self", CUDA_SHAPES["ddpm-cifar10-b64"], 5)]}
     for model, items in shapes.items():
-        for what, (B, H, Lq, Lk, D) in items:
+        for what, (B, H, Lq, Lk, D), count in items:
             shape = f"{what} B{B} H{H} Lq{Lq} Lk{Lk} d{D}"
             flops = 4.0 * B * H * Lq * Lk * D
             timed, configs = {}, {}
@@ -454,37 +490,39 @@ def bench(path: str) -> None:
             k = torch.randn(B, H, Lk, D, generator=gen).to(torch.bfloat16).cuda()
             v = torch.randn(B, H, Lk, D, generator=gen).to(torch.bfloat16).cuda()
             timed["sdpa-bf16"] = lambda: F.scaled_dot_product_attention(q, k, v)
-            for kinds, row_norm in (("uniform", False), ("log2", False), ("uniform", True), ("log2", True)):
+            for kinds, mode in (("uniform", ""), ("log2", ""), ("uniform", "rowmax"), ("log2", "rowmax")):
                 case = Case(gen, "cuda", B, H, Lq, Lk, D, kinds, dtype=torch.bfloat16,
-                            groups=torch.zeros(B, dtype=torch.int32), row_norm=row_norm)
+                            groups=torch.zeros(B, dtype=torch.int32), row_max=mode == "rowmax")
                 proc = case.procs["triton"]
                 fn = lambda proc=proc, sc=case.scale: proc.attention(q, k, v, sc, None)
                 fn()
                 c = _qattn_kernel.best_config
-                impl = f"triton-qattn-{kinds}" + ("-rownorm" if row_norm else "")
+                impl = f"triton-qattn-{kinds}" + (f"-{mode}" if mode else "")
                 configs[impl] = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
                 print(f"{model} {shape}: autotune {getattr(_qattn_kernel, 'configs_timings', None)}", flush=True)
                 timed[impl] = fn
-                if kinds == "uniform" and not row_norm:
+                if kinds == "uniform":  # the attention kernel alone, and (once) the q/k/v quantize kernel
                     t = case.tabs
                     tabs = [(a.s_inv, a.zero, a.scale) for a in (t.q, t.k, t.v)]
                     qkv = lambda t=t, tabs=tabs, g=case.groups.group: quantize_qkv(q, k, v, *tabs, g, 1, (8, 8, 8))
                     ops = qkv()
                     out = torch.empty_like(q)
                     g, sc = case.groups.group, case.scale
-                    timed["triton-qattn-uniform-core"] = lambda t=t, ops=ops, out=out, g=g, sc=sc: attention_core(
+                    timed[impl + "-core"] = lambda t=t, ops=ops, out=out, g=g, sc=sc, rm=bool(mode): attention_core(
                         ops, Lq, Lk, D, sc, t.q.scale, t.k.scale, t.v.scale, (t.p.s_inv, t.p.zero, t.p.scale),
-                        t.p.kind_ids, g, 1, 8, out)
-                    configs["triton-qattn-uniform-core"] = configs["triton-qattn-uniform"]
-                    timed["triton-qattn-qkv-quantize"] = qkv
+                        t.p.kind_ids, g, 1, 8, out, p_row_max=rm)
+                    configs[impl + "-core"] = configs[impl]
+                    if not mode:
+                        timed["triton-qattn-qkv-quantize"] = qkv
             ms = {impl: graph_ms(fn) for impl, fn in timed.items()}
             eager = {impl: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
                      for impl, fn in timed.items()}
             for impl, t_ms in ms.items():
-                row = {"op": "attention", "model": model, "shape": shape, "impl": impl, "ms": t_ms,
+                row = {"op": "attention", "model": model, "shape": shape, "count": count, "impl": impl, "ms": t_ms,
                        "tops": None if impl.endswith("quantize") else flops / t_ms / 1e9,
                        "speedup_vs_bf16": ms["sdpa-bf16"] / t_ms, "card": card, "command": command,
-                       "config": configs.get(impl), "eager_ms": eager[impl]}
+                       "config": configs.get(impl), "eager_ms": eager[impl], "torch": torch.__version__,
+                       "triton": triton.__version__}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     with open(path, "w") as f:
