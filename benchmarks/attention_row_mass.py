@@ -1,7 +1,8 @@
 """Quantize only the post-softmax maps of the embedded model and sample: how much of the loss is row mass?
 
 Every other tensor stays in float; each attention layer's P is replaced by its fake-quantized P̂ (log2 or
-uniform, fixed scales), optionally divided by its own row sums (P̂_ij / Σ_j P̂_ij — what a flash-style
+uniform, fixed scales; or the row-max map P/max quantized and divided by its float sum, `p_row_max`),
+optionally divided by its own row sums (P̂_ij / Σ_j P̂_ij — what a flash-style
 kernel gets for free by accumulating the quantized row sum instead of the exact one). Final images are
 compared with the full-precision ones of the same seeds: PSNR, fine-scale energy ratio (< 1: faded) and
 mean brightness shift. CPU, minutes:
@@ -52,7 +53,18 @@ def row_normalised(fq: MapQuant) -> MapQuant:
     return f
 
 
-# (label, quantizer). Uniform tops: 0.3 is about where qparams_mse clips the late-step maps (ratio ≥ 0.3).
+def row_max(fq: MapQuant) -> MapQuant:
+    """The row-max map (CalibState v4 `p_row_max`): e = P / max_j P (= exp(S − max), each row's largest
+    entry 1) quantized, then divided by its float row sum — what the kernel computes with one exponential
+    per score (up to float rounding of e)."""
+    def f(p: torch.Tensor) -> torch.Tensor:
+        e = p / p.amax(-1, keepdim=True)
+        return fq(e) / e.sum(-1, keepdim=True)
+    return f
+
+
+# (label, quantizer). Uniform tops: 0.3 is about where qparams_mse clips the late-step maps (ratio ≥ 0.3);
+# row-max maps reach 1 in every row, where the MSE search keeps 94–100 % of the range (calib/README.md).
 CONFIGS: dict[str, MapQuant] = {
     "log2 (scale 1)": log2_map(6, 1.0),
     "log2, mean mass bias divided out (scale 1/1.0201)": log2_map(6, 1 / 1.0201),
@@ -61,6 +73,11 @@ CONFIGS: dict[str, MapQuant] = {
     "uniform A6, top 0.3, rows normalised": row_normalised(uniform_map(6, 0.3)),
     "uniform A4, top 0.3": uniform_map(4, 0.3),
     "uniform A4, top 0.3, rows normalised": row_normalised(uniform_map(4, 0.3)),
+    "uniform A8, top 0.3": uniform_map(8, 0.3),
+    "row-max: log2 (scale 1)": row_max(log2_map(6, 1.0)),
+    "row-max: uniform A8, top 1": row_max(uniform_map(8, 1.0)),
+    "row-max: uniform A6, top 1": row_max(uniform_map(6, 1.0)),
+    "row-max: uniform A4, top 1": row_max(uniform_map(4, 1.0)),
 }
 
 

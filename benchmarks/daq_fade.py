@@ -10,6 +10,10 @@ at 1 (nothing clipped), to see whether the MSE-searched scale is what fades. CPU
 
     python benchmarks/daq_fade.py --bits W4A4 --out benchmarks/results
     python benchmarks/daq_fade.py --bits W4A4 --reconstruction-only --out benchmarks/results  # adds those rows
+    python benchmarks/daq_fade.py --bits W4A4 --row-max --out benchmarks/results  # row-max maps (p_row_max)
+
+`--row-max` calibrates with `p_row_max` (CalibState v4: the map quantized is exp(S − row max), normalised
+after P·V) and adds its rows beside the softmax ones.
 """
 from __future__ import annotations
 
@@ -65,7 +69,8 @@ def evaluate(unet, scheduler, state, seeds, steps: int) -> dict:
             "log2_scale_median": float(np.median(scales)) if scales else None}
 
 
-def run(bits: str, rule: str, reconstruct: bool, unet, scheduler, seeds, steps: int, scope: str = "all") -> list[dict]:
+def run(bits: str, rule: str, reconstruct: bool, unet, scheduler, seeds, steps: int, scope: str = "all",
+        row_max: bool = False) -> list[dict]:
     """One calibration; for log2 maps without reconstruction also its state with every log2 scale set to 1.
     `scope` "attention": every conv/linear stays float, only the attention processors are quantized;
     "no-attention": the attention processors (q, k, v, P) stay float, everything else is quantized."""
@@ -73,12 +78,13 @@ def run(bits: str, rule: str, reconstruct: bool, unet, scheduler, seeds, steps: 
     keep = {"attention": [n for n, k in kinds.items() if k != "attention"],
             "no-attention": [*MethodConfig().keep_float, *(n for n, k in kinds.items() if k == "attention")]}
     extra = {"keep_float": keep[scope]} if scope in keep else {}
-    cfg = preset_config("qdiffusion+daq", **BUDGET, daq_rule=rule, reconstruct=reconstruct, **extra)
+    cfg = preset_config("qdiffusion+daq", **BUDGET, daq_rule=rule, reconstruct=reconstruct, p_row_max=row_max, **extra)
     start = time.perf_counter()
     state = calibrate_with_config(unet, scheduler, bits, cfg, "qdiffusion+daq")
     calib_s = time.perf_counter() - start
     kinds = [k for layer in state.layers.values() if layer.kind == "attention" for k in layer.acts["p"].kind]
-    row = {"bits": bits, "scope": scope, "daq_rule": rule, "reconstruct": reconstruct, "log2_scale": "searched",
+    row = {"bits": bits, "scope": scope, "p_map": "row-max" if row_max else "softmax", "daq_rule": rule,
+           "reconstruct": reconstruct, "log2_scale": "searched",
            "log2_share": kinds.count("log2") / len(kinds) if kinds else None, "calib_seconds": round(calib_s, 1)}
     rows = [{**row, **evaluate(unet, scheduler, state, seeds, steps)}]
     if "log2" in kinds and not reconstruct:
@@ -92,13 +98,15 @@ def markdown(rows: list[dict], command: str) -> str:
              f"Command: `{command}`.", "",
              "`scope` all: the preset's layers; attention: every conv/linear float, only q, k, v and P quantized; "
              "no-attention: q, k, v and P float, everything else quantized (the DAQ rule then has no map to act on).", "",
-             "| bits | scope | DAQ rule | reconstruction | log2 share | log2 scale (median) | PSNR (dB) | "
+             "P map: the softmax, or exp(S − row max) normalised after P·V (`p_row_max`).", "",
+             "| bits | scope | P map | DAQ rule | reconstruction | log2 share | log2 scale (median) | PSNR (dB) | "
              "fine-energy ratio | calibration (s) |",
-             "| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
+             "| --- | --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |"]
     for r in rows:
         scale = "—" if r["log2_scale_median"] is None else f"{r['log2_scale']} ({r['log2_scale_median']:.3g})"
         share = "—" if r["log2_share"] is None else f"{r['log2_share']:.2f}"
-        lines.append(f"| {r['bits']} | {r.get('scope', 'all')} | {r['daq_rule']} | {'yes' if r['reconstruct'] else 'no'} | "
+        lines.append(f"| {r['bits']} | {r.get('scope', 'all')} | {r.get('p_map', 'softmax')} | {r['daq_rule']} | "
+                     f"{'yes' if r['reconstruct'] else 'no'} | "
                      f"{share} | {scale} | {r['psnr_db']:.2f} | {r['fine_energy_ratio']:.3f} | {r['calib_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -116,6 +124,9 @@ def main(argv=None) -> int:
     p.add_argument("--reconstruction-only", action="store_true",
                    help="run only the rows with block reconstruction and merge them into --out's daq_fade.json "
                         "(rows of the same bits, scope, rule, reconstruction and log2 scale replaced)")
+    p.add_argument("--no-reconstruction", action="store_true", help="skip the rows with block reconstruction")
+    p.add_argument("--row-max", action="store_true",
+                   help="calibrate with p_row_max (row-max maps) and merge the rows into --out's daq_fade.json")
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
     torch.manual_seed(0)
@@ -128,12 +139,15 @@ def main(argv=None) -> int:
     runs += [("all", rule, True) for rule in a.rules if "all" in a.scopes]
     if a.reconstruction_only:
         runs = [r for r in runs if r[2]]
+    if a.no_reconstruction:
+        runs = [r for r in runs if not r[2]]
     command = "python benchmarks/daq_fade.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out = Path(a.out)
-    earlier = json.loads((out / "daq_fade.json").read_text()) if a.reconstruction_only else {}
+    merge = a.reconstruction_only or a.row_max
+    earlier = json.loads((out / "daq_fade.json").read_text()) if merge else {}
     commands = [*(earlier.get("commands") or [earlier["command"]] if earlier else []), command]
     for scope, rule, reconstruct in runs:
-        for row in run(a.bits, rule, reconstruct, unet, scheduler, seeds, a.steps, scope):
+        for row in run(a.bits, rule, reconstruct, unet, scheduler, seeds, a.steps, scope, a.row_max):
             rows.append(row)
             print(json.dumps(row), flush=True)
             rows_all = merged(earlier.get("rows", []), rows)
@@ -146,7 +160,10 @@ def main(argv=None) -> int:
 
 def merged(old: list[dict], new: list[dict]) -> list[dict]:
     """`old` with the rows of `new` appended, a new row replacing an old one of the same setting."""
-    key = lambda r: (r["bits"], r.get("scope", "all"), r["daq_rule"], r["reconstruct"], r["log2_scale"])  # noqa: E731
+    def key(r: dict) -> tuple:
+        return (r["bits"], r.get("scope", "all"), r.get("p_map", "softmax"), r["daq_rule"], r["reconstruct"],
+                r["log2_scale"])
+
     fresh = {key(r) for r in new}
     return [r for r in old if key(r) not in fresh] + new
 

@@ -34,3 +34,10 @@ def test_map_quantizers(bench):
     clipped = bench.uniform_map(6, 0.3)(p)
     assert clipped.max() <= 0.3 + 1e-6 and ((clipped - p).abs() <= 0.3 / 63 / 2 + 1e-6)[p <= 0.3].all()
     assert (bench.log2_map(6, 1.0)(p) > 0).all()  # 6-bit log2 reaches 2^-62: nothing rounds to 0 here
+    # row-max maps: each row's top is quantized exactly (code for 1), the rest relative to it; the quantizer
+    # unset (identity) gives the softmax back
+    rm = bench.row_max(bench.uniform_map(8, 1.0))(p)
+    e = p / p.amax(-1, keepdim=True)
+    torch.testing.assert_close(rm.amax(-1), 1 / e.sum(-1))
+    assert ((rm * e.sum(-1, keepdim=True) - e).abs() <= 0.5 / 255 + 1e-6).all()
+    torch.testing.assert_close(bench.row_max(lambda x: x)(p), p)

@@ -1,5 +1,5 @@
-"""benchmarks/daq_fade.py's --reconstruction-only merge: new rows replace the old ones of the same setting and
-keep every other row in order."""
+"""benchmarks/daq_fade.py's --reconstruction-only / --row-max merge: new rows replace the old ones of the same
+setting and keep every other row in order."""
 from __future__ import annotations
 
 
@@ -16,3 +16,15 @@ def test_merge_replaces_same_setting_only(load_benchmark):
     out = bench.merged(old, new)
     assert [r["psnr_db"] for r in out] == [14.4, 14.0, 14.0, 26.4, 20.0, 19.0]
     assert bench.merged(old, []) == old
+
+
+def test_row_max_rows_sit_beside_the_softmax_ones(load_benchmark):
+    """A `--row-max` row (p_map "row-max") replaces only its own setting; rows written before the column
+    existed count as softmax maps."""
+    bench = load_benchmark("daq_fade")
+    old = [row("uniform", False, 26.4, scope="attention"), {**row("uniform", False, 30.0, scope="attention"),
+                                                            "p_map": "row-max"}]
+    new = [{**row("uniform", False, 40.0, scope="attention"), "p_map": "row-max"}]
+    assert [r["psnr_db"] for r in bench.merged(old, new)] == [26.4, 40.0]
+    measured = {"log2_share": 0.0, "log2_scale_median": None, "fine_energy_ratio": 1.0, "calib_seconds": 50}
+    assert "| attention | row-max | uniform | no |" in bench.markdown([{**new[0], **measured}], "c")
