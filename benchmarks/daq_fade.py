@@ -92,7 +92,8 @@ def run(bits: str, rule: str, reconstruct: bool, unet, scheduler, seeds, steps: 
     return rows
 
 
-def markdown(rows: list[dict], command: str) -> str:
+def markdown(rows: list[dict], command: str, notes: list[str] = ()) -> str:
+    """The table, then `notes` (the json's "notes": readings written by hand, kept across runs) as paragraphs."""
     lines = ["# `qdiffusion+daq` on a CPU budget: DAQ kind × block reconstruction", "",
              f"Embedded DDPM-CIFAR10 model; budget {json.dumps(BUDGET)}; same-seed samples against full precision. "
              f"Command: `{command}`.", "",
@@ -108,6 +109,8 @@ def markdown(rows: list[dict], command: str) -> str:
         lines.append(f"| {r['bits']} | {r.get('scope', 'all')} | {r.get('p_map', 'softmax')} | {r['daq_rule']} | "
                      f"{'yes' if r['reconstruct'] else 'no'} | "
                      f"{share} | {scale} | {r['psnr_db']:.2f} | {r['fine_energy_ratio']:.3f} | {r['calib_seconds']:.0f} |")
+    for note in notes:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -152,9 +155,11 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows_all = merged(earlier.get("rows", []), rows)
             # written after every row: a run stopped early keeps what it measured
+            notes = earlier.get("notes", [])
             atomic_write_text(out / "daq_fade.json", json.dumps(
-                {"command": commands[0], "commands": commands, "budget": BUDGET, "rows": rows_all}, indent=1))
-            atomic_write_text(out / "daq_fade.md", markdown(rows_all, "`, `".join(dict.fromkeys(commands))))
+                {"command": commands[0], "commands": commands, "budget": BUDGET, "rows": rows_all, "notes": notes},
+                indent=1))
+            atomic_write_text(out / "daq_fade.md", markdown(rows_all, "`, `".join(dict.fromkeys(commands)), notes))
     return 0
 
 

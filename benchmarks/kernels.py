@@ -10,8 +10,9 @@ time (Python launch path included) is recorded beside it as `eager_ms`, and `flo
 roofline floor (HBM bytes at 3.0 TB/s vs dense tensor-core peak) of the impls whose bytes we know.
 
 Rows (`--out`/kernels.json): {"op", "model", "shape", "count", "impl", "ms", "tops",
-"speedup_vs_bf16", "card", "command", "config", "eager_ms", "floor_ms", "torch", "triton"}; `count` is how often the shape occurs in one UNet
-call, `config` the Triton tile the autotuner chose. The markdown table beside it has the medians.
+"speedup_vs_bf16", "card", "command", "config", "eager_ms", "floor_ms", "torch", "triton"}; `count` is how
+often the shape occurs in one UNet call, `config` the Triton tile the autotuner chose. The markdown table beside
+it has the medians.
 
 Ops: "gemm", "conv" (below), "groupnorm" — a ResBlock's GroupNorm + SiLU before its conv:
 "torch-bf16" (F.group_norm + F.silu, bf16, channels_last as the quantized convs write it),

@@ -49,7 +49,8 @@ class QuantSim:
             a_bits = layer_bits[name]
             module = modules[name]
             if kind == "attention":
-                proc = FakeQuantAttnProcessor(name, a_bits, act_sets, p_sets, self.index, p_row_norm, p_row_max).to(device)
+                proc = FakeQuantAttnProcessor(name, a_bits, act_sets, p_sets, self.index, p_row_norm,
+                                              p_row_max).to(device)
                 module.set_processor(proc)
                 self.layers[name] = proc
             else:

@@ -58,7 +58,8 @@ def _quantized_proc(bits: int, p_kind: str, **flags) -> FakeQuantAttnProcessor:
 def _manual_e_and_p_hat(proc: FakeQuantAttnProcessor, q, k, v, mask):
     """The formula written out with the primitives: fake-quant q, k, v; e = row_max_exp(S + mask); p̂ = the p
     quantizer's dequantized value of e."""
-    qkv = [fake_quant_uniform(x, qz.scale()[0], qz.zero[0], qz.bits) for x, qz in ((q, proc.q), (k, proc.k), (v, proc.v))]
+    qkv = [fake_quant_uniform(x, qz.scale()[0], qz.zero[0], qz.bits)
+           for x, qz in ((q, proc.q), (k, proc.k), (v, proc.v))]
     e = row_max_exp(qkv[0] @ qkv[1].transpose(-1, -2) * SCALE + mask)
     s_p, bits = proc.p.scale()[0], proc.p.bits
     if proc.p.kinds[0] == "log2":

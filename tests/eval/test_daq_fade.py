@@ -28,3 +28,13 @@ def test_row_max_rows_sit_beside_the_softmax_ones(load_benchmark):
     assert [r["psnr_db"] for r in bench.merged(old, new)] == [26.4, 40.0]
     measured = {"log2_share": 0.0, "log2_scale_median": None, "fine_energy_ratio": 1.0, "calib_seconds": 50}
     assert "| attention | row-max | uniform | no |" in bench.markdown([{**new[0], **measured}], "c")
+
+
+def test_notes_follow_the_table(load_benchmark):
+    """Readings kept in the json's "notes" come after the table on every rewrite."""
+    bench = load_benchmark("daq_fade")
+    r = {**row("uniform", False, 14.4), "log2_share": 0.0, "log2_scale_median": None, "fine_energy_ratio": 0.9,
+         "calib_seconds": 60}
+    md = bench.markdown([r], "c", ["First reading.", "Second reading."])
+    table_row = md.index("| W4A4 | all | softmax | uniform | no |")
+    assert table_row < md.index("First reading.") < md.index("Second reading.")

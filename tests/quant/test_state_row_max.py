@@ -1,6 +1,7 @@
 """CalibState version 4: `p_row_max` on attention layers round-trips (beside `p_row_norm`, each written only
-where set), version-3 files load without it, and a version-3 reader refuses a version-4 file (it would quantize the softmax where the state's scales were
-fitted to exp(S − row max)). A flag on a non-attention layer: test_state_row_norm.py, for both flags."""
+where set), version-3 files load without it, and a version-3 reader refuses a version-4 file (it would
+quantize the softmax where the state's scales were fitted to exp(S − row max)). A flag on a non-attention
+layer: test_state_row_norm.py, for both flags."""
 from __future__ import annotations
 
 import copy
