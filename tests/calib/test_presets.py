@@ -60,16 +60,20 @@ def test_tcaq_at_every_bit_width(bits, tiny_unet, tiny_scheduler, tiny_budget, t
     assert {l.w_bits for l in state.layers.values() if l.kind != "attention"} == {w_bits}
 
 
+@pytest.mark.parametrize("flag", ["p_row_norm", "p_row_max"])
 @pytest.mark.parametrize("method", ["minmax", "tcaq"])
-def test_row_norm_option_reaches_every_attention_layer(method, tiny_unet, tiny_scheduler, tiny_budget, tmp_path):
-    """`p_row_norm=True` (the fast min-max path and the reconstruction pipeline alike) flags every
-    attention layer of the state, is recorded in the settings, and the state converts and runs."""
+def test_attention_option_reaches_every_attention_layer(method, flag, tiny_unet, tiny_scheduler, tiny_budget, tmp_path):
+    """`p_row_norm=True` / `p_row_max=True` (the fast min-max path and the reconstruction pipeline alike) flags
+    every attention layer of the state and no other layer (nor the other flag), is recorded in the settings,
+    and the state converts and runs."""
     options = dict(num_samples=2, num_steps=4, progress=False) if method == "minmax" else dict(tiny_budget)
     state = tcaq_kernels.calibrate(tiny_unet, "W8A8", method=method, scheduler=tiny_scheduler, timestep_groups=2,
-                                   p_row_norm=True, **options)
-    flags = {n: l.p_row_norm for n, l in state.layers.items() if l.kind == "attention"}
-    assert flags and all(flags.values()) and state.settings["p_row_norm"] is True
-    assert not any(l.p_row_norm for l in state.layers.values() if l.kind != "attention")
+                                   **{flag: True}, **options)
+    other = ({"p_row_norm", "p_row_max"} - {flag}).pop()
+    flags = {n: getattr(l, flag) for n, l in state.layers.items() if l.kind == "attention"}
+    assert flags and all(flags.values()) and state.settings[flag] is True
+    assert not any(getattr(l, flag) for l in state.layers.values() if l.kind != "attention")
+    assert not any(getattr(l, other) for l in state.layers.values())
     _check_converts(tiny_unet, state, tmp_path)
 
 

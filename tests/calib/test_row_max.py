@@ -1,6 +1,7 @@
 """`p_row_max` in calibration: the fake-quant attention quantizes e = exp(S − row max) and divides P̂·V by
 Σ e (by the quantized mass with `p_row_norm` as well), float is still softmax·V, the observers record e,
-and the option reaches every attention layer of a calibrated state."""
+and min-max observes e (that the option reaches every attention layer of a calibrated state:
+test_presets.py, for both attention flags)."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +16,6 @@ from tcaq_kernels.quant.primitives import (
     quantize_log2,
     row_max_exp,
 )
-from tcaq_kernels.quant.state import CalibState
 
 SCALE = 8 ** -0.5  # softmax scale of head_dim 8
 
@@ -111,26 +111,6 @@ def test_row_max_with_row_norm_divides_by_the_quantized_mass(rng):
     torch.testing.assert_close(out, (p_hat / p_hat.sum(-1, keepdim=True)) @ v_hat)
     by_e_sum = _quantized_proc(4, "uniform", p_row_max=True).attention(q, k, v, SCALE, mask)
     assert (out - by_e_sum).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("method", ["minmax", "tcaq"])
-def test_row_max_option_reaches_every_attention_layer(method, tiny_unet, tiny_scheduler, tiny_budget, tmp_path):
-    """`p_row_max=True` (the fast min-max path and the reconstruction pipeline alike) flags every attention
-    layer, is recorded in the settings, and the state validates, round-trips and converts (reference and
-    simulate backends agree bit for bit, as test_presets.py checks for every preset)."""
-    options = dict(num_samples=2, num_steps=4, progress=False) if method == "minmax" else dict(tiny_budget)
-    state = tcaq_kernels.calibrate(tiny_unet, "W8A8", method=method, scheduler=tiny_scheduler, timestep_groups=2,
-                                   p_row_max=True, **options)
-    flags = {n: l.p_row_max for n, l in state.layers.items() if l.kind == "attention"}
-    assert flags and all(flags.values()) and state.settings["p_row_max"] is True
-    assert not any(l.p_row_max for l in state.layers.values() if l.kind != "attention")
-    assert not any(l.p_row_norm for l in state.layers.values())
-    state.validate(tiny_unet)
-    state = CalibState.load(state.save(tmp_path / "rowmax.tcaq"))
-    x, t = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([900, 450, 20])
-    with torch.no_grad():
-        ref, sim = (tcaq_kernels.convert(tiny_unet, state, backend=b)(x, t).sample for b in ("reference", "simulate"))
-    assert torch.isfinite(ref).all() and torch.equal(ref, sim)
 
 
 def test_minmax_row_max_observes_e_and_leaves_the_float_trajectory(tiny_unet, tiny_scheduler):
