@@ -86,6 +86,9 @@ class QAttnProcessor(ExplicitAttnProcessor):
         self.row_norm, self.row_max = layer.p_row_norm, layer.p_row_max
         self.__dict__["groups"] = groups
         self.q, self.k, self.v, self.p = (ActTables(layer.acts[a], device) for a in ("q", "k", "v", "p"))
+        # the P kinds this layer's groups use, bit 1 << kind id (the Triton op's `p_kinds`): the kernel
+        # then writes only the v operand those kinds read
+        self.p_kinds = sum(1 << ACT_KINDS.index(k) for k in set(self.p.kinds))
 
     def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
         """softmax(QKᵀ·scale + mask)·V on quantized operands; q, k, v are [B, heads, L, d].
@@ -103,7 +106,7 @@ class QAttnProcessor(ExplicitAttnProcessor):
                 q, k, v, float(softmax_scale), *qkv_tables,
                 self.p.s_inv, self.p.scale, self.p.zero, self.p.kind_ids, self.groups.group,
                 q_bits=self.q.bits, k_bits=self.k.bits, v_bits=self.v.bits, p_bits=self.p.bits,
-                p_row_norm=self.row_norm, p_row_max=self.row_max,
+                p_row_norm=self.row_norm, p_row_max=self.row_max, p_kinds=self.p_kinds,
                 out_dtype=q.dtype if q.is_floating_point() else torch.float32)
         exact = self.backend == "reference"
         g = self.groups.group

@@ -65,13 +65,16 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
     qattention(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero,
                v_s_inv, v_scale, v_zero, p_s_inv, p_scale, p_zero, p_kind_ids, group,
                q_bits=8, k_bits=8, v_bits=8, p_bits=8, p_row_norm=False, p_row_max=False,
-               out_dtype=None) -> out [B, heads, Lq, d]
+               p_kinds=3, out_dtype=None) -> out [B, heads, Lq, d]
         `QAttnProcessor.attention` without a mask (triton/attention.py): q [B, heads, Lq, d],
         k, v [B, heads, Lk, d] float, any strides; head dim ≤ 256. q/k/v are quantized
         (uniform, their tables), P per group with the kind `p_kind_ids[g]` (0 uniform, 1 log2);
         p_row_norm divides each output row by its quantized P mass (CalibState v3); p_row_max quantizes
-        exp(S − row max) and divides by its row sum (v4: one exponential per score). out_dtype defaults
-        to q's dtype. Two kernels: k/v quantize, then the fused attention.
+        exp(S − row max) and divides by its row sum (v4: one exponential per score). p_kinds: the
+        P kinds p_kind_ids holds, bits 1 uniform | 2 log2 (the default 3, both, is always safe; a
+        layer whose groups are all one kind passes that bit alone, and the v operand of the other
+        kind is not written). out_dtype defaults to q's dtype. Two kernels: q/k/v quantize, then
+        the fused attention.
 """
 from __future__ import annotations
 
@@ -385,6 +388,7 @@ def qattention(
     p_bits: int = 8,
     p_row_norm: bool = False,
     p_row_max: bool = False,
+    p_kinds: int = 3,
     out_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Quantized attention softmax(QKᵀ·scale)·V, P quantized per the group's kind (see module doc);
@@ -398,11 +402,11 @@ def qattention(
     return qattention_launch(
         q, k, v, softmax_scale, (q_s_inv, q_zero, q_scale), (k_s_inv, k_zero, k_scale), (v_s_inv, v_zero, v_scale),
         (p_s_inv, p_zero, p_scale), p_kind_ids, group, gstride, (q_bits, k_bits, v_bits, p_bits), out,
-        p_row_norm=p_row_norm, p_row_max=p_row_max)
+        p_row_norm=p_row_norm, p_row_max=p_row_max, p_kinds=p_kinds)
 
 
 @qattention.register_fake
 def _(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero, v_s_inv, v_scale, v_zero,
       p_s_inv, p_scale, p_zero, p_kind_ids, group, q_bits=8, k_bits=8, v_bits=8, p_bits=8, p_row_norm=False,
-      p_row_max=False, out_dtype=None):
+      p_row_max=False, p_kinds=3, out_dtype=None):
     return q.new_empty(q.shape, dtype=_float_out(q, out_dtype))

@@ -21,11 +21,14 @@ Two launches:
 1. `_quantize_qkv_kernel` quantizes q, k and v once (not once per tile that reads them) into the
    layouts the MMAs want: q and k codes [B·H, L_pad, DP] (d contiguous: K-major operands of QKᵀ),
    v codes transposed, [B·H, DP, Lk_pad] (keys contiguous: the K-major B operand of P·V that int8
-   wgmma requires), once as int8 and once as fp16 (the log2 path's operand), zero past L and d;
-   and Σ_j v [B·H, DP] (integer atomics) for the zero-point term. L_pad is L rounded up to 128,
-   so the attention kernel reads its operands without masks. q goes through memory rather than
-   being quantized in the attention kernel: an MMA operand made in registers there was re-read
-   from shared memory byte by byte on every key tile (Triton 3.6), a loaded one is not.
+   wgmma requires), as int8 (with Σ_j v [B·H, DP], integer atomics, for the zero-point term) where
+   the layer has uniform groups and as fp16 (the log2 path's operand) where it has log2 groups
+   (`p_kinds`), zero past L and d. L_pad is L rounded up to 128, so the attention kernel reads its
+   operands without masks. Each program quantizes BLOCK_L rows of one tensor (4096 codes): many
+   small programs, since the kernel is a stream of loads and stores that wants every SM busy.
+   q goes through memory rather than being quantized in the attention kernel: an MMA operand made
+   in registers there was re-read from shared memory byte by byte on every key tile (Triton 3.6),
+   a loaded one is not.
 2. `_qattn_kernel`, one program per (BLOCK_M query rows, b, head), two passes over the keys:
    pass 1: S tile by tile (int8 `tl.dot`, int32 acc), the running row max (of the int32 scores:
            the scale is positive) and the row sum of exp(S − max). Only max and sum leave it.
@@ -50,8 +53,8 @@ read off the bits of y + 1.5·2^23, and the log2 level 2^-c is the exponent fiel
 0x800000 − 0x3504F4 (the carry is quantize_log2's √2 rounding) — both the very integers of
 `quant/primitives.py` for the same y.
 
-Head dims up to 256 are padded to a power of two ≥ 16 inside (zero codes in the pad); Lq and Lk
-are arbitrary (masked), Lk ≠ Lq for cross-attention.
+Head dims up to 256 are padded to a power of two ≥ 32 (int8 MMA's K) inside (zero codes in the pad);
+Lq and Lk are arbitrary (masked), Lk ≠ Lq for cross-attention.
 
 Numerics against the reference: the q/k/v codes and the int32 QKᵀ are bit-exact. y differs from
 the reference's fp32 P·s_inv by a few ulp (another exp, summation order, the folded scale), so a P
@@ -71,7 +74,11 @@ import triton.language as tl
 from .numerics import interpreting, quantize_uniform, quick_tuning, tuning_bench
 
 LK_ALIGN = 128  # keys are padded to this; every BLOCK_N divides it
-KV_BLOCK = 64  # keys per program of the k/v quantize kernel (divides LK_ALIGN)
+KINDS_UNIFORM, KINDS_LOG2 = 1, 2  # `p_kinds` bits: which P kinds a layer's groups use
+KINDS_BOTH = KINDS_UNIFORM | KINDS_LOG2
+# codes and warps per program of the q/k/v quantize kernel: the best of 1024–8192 codes × 2/4/8 warps on
+# the SD-1.5 levels (H100, CUDA-graph medians; benchmarks/attention_qkv_quantize.py)
+QKV_CODES, QKV_WARPS = 4096, 4
 MAX_HEAD_DIM = 256
 
 
@@ -99,7 +106,7 @@ def _prune(configs, named_args, **kwargs):
     return keep[:1] if quick_tuning() else keep
 
 
-# ------------------------------------------------------------------------------ k / v quantize
+# ---------------------------------------------------------------------------- q / k / v quantize
 
 
 @triton.jit
@@ -111,8 +118,11 @@ def _quantize_qkv_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     Q_QMIN: tl.constexpr, Q_QMAX: tl.constexpr, K_QMIN: tl.constexpr, K_QMAX: tl.constexpr,
     V_QMIN: tl.constexpr, V_QMAX: tl.constexpr, DP: tl.constexpr, BLOCK_L: tl.constexpr,
+    V_I8: tl.constexpr, V_F16: tl.constexpr,
 ):
-    """Programs [0, LQ_PAD/BLOCK_L) along axis 0 quantize q rows, the rest k and v rows."""
+    """Program ranges along axis 0: q row blocks, then k row blocks, then v row blocks — one tensor
+    per program, BLOCK_L·DP codes each, so that a launch has many small programs (a program that
+    quantized k and v together held 238 registers at DP = 256: one block per SM, latency-bound)."""
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -121,42 +131,37 @@ def _quantize_qkv_kernel(
     rd = tl.arange(0, DP)
     bh = pid_bh.to(tl.int64)
     q_blocks = LQ_PAD // BLOCK_L
+    k_blocks = LK_PAD // BLOCK_L
     if pid < q_blocks:
         rl = pid * BLOCK_L + tl.arange(0, BLOCK_L)
-        mask = (rl < Lq)[:, None] & (rd < D)[None, :]
-        x = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-                    + rl[:, None].to(tl.int64) * stride_ql + rd[None, :] * stride_qd, mask=mask, other=0.0)
-        qc = quantize_uniform(x.to(tl.float32), tl.load(q_s_inv_ptr + g), tl.load(q_zero_ptr + g), Q_QMIN, Q_QMAX)
-        tl.store(qc_ptr + bh * LQ_PAD * DP + rl[:, None] * DP + rd[None, :], tl.where(mask, qc, 0).to(tl.int8))
+        qc = _quantize_rows(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_ql, stride_qd,
+                            rl, rd, Lq, D, tl.load(q_s_inv_ptr + g), tl.load(q_zero_ptr + g), Q_QMIN, Q_QMAX)
+        tl.store(qc_ptr + bh * LQ_PAD * DP + rl[:, None] * DP + rd[None, :], qc)
+    elif pid < q_blocks + k_blocks:
+        rl = (pid - q_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+        kc = _quantize_rows(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_kl, stride_kd,
+                            rl, rd, Lk, D, tl.load(k_s_inv_ptr + g), tl.load(k_zero_ptr + g), K_QMIN, K_QMAX)
+        tl.store(kc_ptr + bh * LK_PAD * DP + rl[:, None] * DP + rd[None, :], kc)
     else:
-        _quantize_kv_rows(k_ptr, v_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr, k_s_inv_ptr, k_zero_ptr, v_s_inv_ptr,
-                          v_zero_ptr, g, b, h, bh, (pid - q_blocks) * BLOCK_L + tl.arange(0, BLOCK_L), rd, Lk, D,
-                          LK_PAD, stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl,
-                          stride_vd, K_QMIN, K_QMAX, V_QMIN, V_QMAX, DP)
+        rl = (pid - q_blocks - k_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+        vc = _quantize_rows(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vl, stride_vd,
+                            rl, rd, Lk, D, tl.load(v_s_inv_ptr + g), tl.load(v_zero_ptr + g), V_QMIN, V_QMAX)
+        # transposed in registers, so the stores run along the keys, contiguous in [DP, LK_PAD]
+        vct = tl.trans(vc)
+        vt_offs = bh * DP * LK_PAD + rd[:, None] * LK_PAD + rl[None, :]
+        if V_I8:  # the uniform groups' operand, and Σ_j v for their zero-point term (integer atomics:
+            tl.store(vt_ptr + vt_offs, vct)  # the order cannot matter)
+            tl.atomic_add(vsum_ptr + bh * DP + rd, tl.sum(vct.to(tl.int32), axis=1))
+        if V_F16:  # the log2 groups' fp16 operand (exact integers)
+            tl.store(vt16_ptr + vt_offs, vct.to(tl.float16))
 
 
 @triton.jit
-def _quantize_kv_rows(k_ptr, v_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr, k_s_inv_ptr, k_zero_ptr, v_s_inv_ptr,
-                      v_zero_ptr, g, b, h, bh, rl, rd, Lk, D, LK_PAD,
-                      stride_kb, stride_kh, stride_kl, stride_kd, stride_vb, stride_vh, stride_vl, stride_vd,
-                      K_QMIN: tl.constexpr, K_QMAX: tl.constexpr, V_QMIN: tl.constexpr, V_QMAX: tl.constexpr,
-                      DP: tl.constexpr):
-    mask = (rl < Lk)[:, None] & (rd < D)[None, :]
-    k = tl.load(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-                + rl[:, None].to(tl.int64) * stride_kl + rd[None, :] * stride_kd, mask=mask, other=0.0)
-    kc = quantize_uniform(k.to(tl.float32), tl.load(k_s_inv_ptr + g), tl.load(k_zero_ptr + g), K_QMIN, K_QMAX)
-    kc = tl.where(mask, kc, 0).to(tl.int8)
-    tl.store(kc_ptr + bh * LK_PAD * DP + rl[:, None] * DP + rd[None, :], kc)
-
-    v = tl.load(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-                + rl[:, None].to(tl.int64) * stride_vl + rd[None, :] * stride_vd, mask=mask, other=0.0)
-    vc = quantize_uniform(v.to(tl.float32), tl.load(v_s_inv_ptr + g), tl.load(v_zero_ptr + g), V_QMIN, V_QMAX)
-    vc = tl.where(mask, vc, 0).to(tl.int8)
-    vt_offs = bh * DP * LK_PAD + rd[None, :] * LK_PAD + rl[:, None]
-    tl.store(vt_ptr + vt_offs, vc)
-    tl.store(vt16_ptr + vt_offs, vc.to(tl.float16))  # the log2 path's fp16 operand (exact integers)
-    # Σ_j v for the zero-point term of uniform P codes: integer atomics, so the order cannot matter
-    tl.atomic_add(vsum_ptr + bh * DP + rd, tl.sum(vc.to(tl.int32), axis=0))
+def _quantize_rows(base, stride_l, stride_d, rl, rd, L, D, s_inv, zero, QMIN: tl.constexpr, QMAX: tl.constexpr):
+    """int8 codes of rows `rl` (zero past L and D) of the [L, D] matrix at `base`."""
+    mask = (rl < L)[:, None] & (rd < D)[None, :]
+    x = tl.load(base + rl[:, None].to(tl.int64) * stride_l + rd[None, :] * stride_d, mask=mask, other=0.0)
+    return tl.where(mask, quantize_uniform(x.to(tl.float32), s_inv, zero, QMIN, QMAX), 0).to(tl.int8)
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -379,30 +384,43 @@ def _qattn_kernel(
 
 
 def padded_head_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return max(32, triton.next_power_of_2(d))  # int8 `tl.dot` needs K ≥ 32 on sm_80+
 
 
-def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: Sequence[int]):
+def qkv_block_rows(dp: int) -> int:
+    """Rows per program of the q/k/v quantize kernel: QKV_CODES codes, a divisor of LK_ALIGN."""
+    return min(LK_ALIGN, max(8, QKV_CODES // dp))
+
+
+def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: Sequence[int],
+                 p_kinds: int = KINDS_BOTH):
     """q [B, H, Lq, d], k, v [B, H, Lk, d] float → the MMA operands, one launch: q codes
-    [B·H, Lq_pad, DP] and k codes [B·H, Lk_pad, DP] int8, v codes [B·H, DP, Lk_pad] as int8 and as
-    fp16, and Σ_j v codes [B·H, DP] int32; zero past L and d. *_tab = (s_inv, zero, …) tables [G]."""
+    [B·H, Lq_pad, DP] and k codes [B·H, Lk_pad, DP] int8, v codes [B·H, DP, Lk_pad] as int8 with
+    Σ_j v codes [B·H, DP] int32 (read by uniform groups) and as fp16 (read by log2 groups); zero past
+    L and d. *_tab = (s_inv, zero, …) tables [G]. `p_kinds` (KINDS_UNIFORM | KINDS_LOG2) names the
+    P kinds the groups can have; the v operand of an absent kind is not written (a 1-element stand-in)."""
+    if not p_kinds & KINDS_BOTH:
+        raise ValueError(f"p_kinds must name uniform ({KINDS_UNIFORM}), log2 ({KINDS_LOG2}) or both, got {p_kinds}")
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dp = padded_head_dim(D)
     lq_pad = (Lq + LK_ALIGN - 1) // LK_ALIGN * LK_ALIGN
     lk_pad = (Lk + LK_ALIGN - 1) // LK_ALIGN * LK_ALIGN
     dev = q.device
+    v_i8, v_f16 = bool(p_kinds & KINDS_UNIFORM), bool(p_kinds & KINDS_LOG2)
+    vt_shape = lambda on: (B * H, dp, lk_pad) if on else (1,)
     qc = torch.empty((B * H, lq_pad, dp), dtype=torch.int8, device=dev)
     kc = torch.empty((B * H, lk_pad, dp), dtype=torch.int8, device=dev)
-    vt = torch.empty((B * H, dp, lk_pad), dtype=torch.int8, device=dev)
-    vt16 = torch.empty((B * H, dp, lk_pad), dtype=torch.float16, device=dev)
-    vsum = torch.zeros((B * H, dp), dtype=torch.int32, device=dev)
+    vt = torch.empty(vt_shape(v_i8), dtype=torch.int8, device=dev)
+    vt16 = torch.empty(vt_shape(v_f16), dtype=torch.float16, device=dev)
+    vsum = torch.zeros((B * H, dp) if v_i8 else (1,), dtype=torch.int32, device=dev)
     lo = [-(1 << (b_ - 1)) for b_ in bits[:3]]
-    _quantize_qkv_kernel[((lq_pad + lk_pad) // KV_BLOCK, B * H)](
+    block_l = qkv_block_rows(dp)
+    _quantize_qkv_kernel[((lq_pad + 2 * lk_pad) // block_l, B * H)](
         q, k, v, qc, kc, vt, vt16, vsum, q_tab[0], q_tab[1], k_tab[0], k_tab[1], v_tab[0], v_tab[1],
         group, group_stride, H, Lq, Lk, D, lq_pad, lk_pad, *q.stride(), *k.stride(), *v.stride(),
         Q_QMIN=lo[0], Q_QMAX=-lo[0] - 1, K_QMIN=lo[1], K_QMAX=-lo[1] - 1, V_QMIN=lo[2], V_QMAX=-lo[2] - 1,
-        DP=dp, BLOCK_L=KV_BLOCK, num_warps=8,
+        DP=dp, BLOCK_L=block_l, V_I8=v_i8, V_F16=v_f16, num_warps=QKV_WARPS,
     )
     return qc, kc, vt, vt16, vsum
 
@@ -451,15 +469,17 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab, p_kind_ids, group,
                       group_stride: int, bits: Sequence[int], out: torch.Tensor, debug: bool = False,
-                      p_row_norm: bool = False, p_row_max: bool = False):
+                      p_row_norm: bool = False, p_row_max: bool = False, p_kinds: int = KINDS_BOTH):
     """Both kernels into `out` [B, H, Lq, d]. *_tab = (s_inv, zero, scale) tables [G]; bits = (q, k, v, p);
     `p_row_norm`: P·V divided by each row's quantized P mass (quant/primitives.py `attention_row_scale`);
-    `p_row_max`: P = exp(S − row max), P·V divided by Σ_j P·s_inv (`row_max_exp`).
+    `p_row_max`: P = exp(S − row max), P·V divided by Σ_j P·s_inv (`row_max_exp`); `p_kinds`: the
+    kinds `p_kind_ids` holds (KINDS_UNIFORM | KINDS_LOG2 bits) — a group of a kind left out would read
+    an operand that was not written.
 
     Returns `out`, or with `debug` (out, int32 scores [B, H, Lq, Lk], int32 P codes [B, H, Lq, Lk]).
     """
     check_shapes(q, k, v)
-    ops = quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride, bits)
+    ops = quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride, bits, p_kinds)
     dbg = None
     if debug:
         B, H, Lq, _ = q.shape

@@ -47,6 +47,7 @@ from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops import triton_ops
 from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.quant.state import ActQuant, LayerState
+from tcaq_kernels.triton import attention as A
 from tcaq_kernels.triton.attention import qattention_launch
 
 MAX_FLIP_RATE = 1e-3
@@ -153,7 +154,8 @@ class Case:
         out = torch.full(self.q.shape, fill, dtype=out_dtype, device=self.device)
         return qattention_launch(self.q, self.k, self.v, self.scale, tab(t.q), tab(t.k), tab(t.v), tab(t.p),
                                  t.p.kind_ids, self.groups.group, 1 if self.groups.group.numel() > 1 else 0,
-                                 self.bits, out, debug=debug, p_row_norm=self.row_norm, p_row_max=self.row_max)
+                                 self.bits, out, debug=debug, p_row_norm=self.row_norm, p_row_max=self.row_max,
+                                 p_kinds=t.p_kinds)
 
 
 def _boundary_distance(y, is_log2):
@@ -336,6 +338,48 @@ def test_low_bits(gen, device, bits, kinds, mode):
     check_end_to_end(case, flips, codes, is_log2)
 
 
+@pytest.mark.parametrize("kinds", ["uniform", "log2", "mixed"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]])
+def test_qkv_operands(gen, device, monkeypatch, shape, kinds):
+    """The quantize kernel's operands, in memory poisoned beforehand: q/k codes [B·H, L_pad, DP], v codes
+    transposed [B·H, DP, Lk_pad] as int8 with Σ_j v (written when the layer has uniform groups) and as
+    fp16 (when it has log2 groups), the reference's codes bit for bit and zero in every pad."""
+    case = Case(gen, device, *shape, kinds, qkv_zero=True)
+    B, H, Lq, Lk, D = shape
+    t = case.tabs
+    real_empty = torch.empty
+    poison = lambda *a, **kw: real_empty(*a, **kw).fill_(-7 if not kw["dtype"].is_floating_point else float("nan"))
+    monkeypatch.setattr(A.torch, "empty", poison)
+    qc, kc, vt, vt16, vsum = A.quantize_qkv(case.q, case.k, case.v, *[(a.s_inv, a.zero) for a in (t.q, t.k, t.v)],
+                                            case.groups.group, 1, case.bits, t.p_kinds)
+    monkeypatch.undo()
+    codes = {n: c.reshape(B * H, -1, D).int() for n, c in case.reference()[0].items()}
+    dp = A.padded_head_dim(D)
+
+    def padded(c, length):  # [B·H, L, D] codes → [B·H, L_pad, DP], zero in the pad
+        out = torch.zeros(B * H, length, dp, dtype=torch.int32, device=c.device)
+        out[:, :c.shape[1], :D] = c
+        return out
+
+    assert torch.equal(qc.int(), padded(codes["q"], qc.shape[1])), "q codes"
+    assert torch.equal(kc.int(), padded(codes["k"], kc.shape[1])), "k codes"
+    v_t = padded(codes["v"], kc.shape[1]).transpose(1, 2)
+    has_uniform, has_log2 = "uniform" in t.p.kinds, "log2" in t.p.kinds
+    assert t.p_kinds == has_uniform * A.KINDS_UNIFORM + has_log2 * A.KINDS_LOG2
+    if has_uniform:
+        assert torch.equal(vt.int(), v_t), "v codes (int8)"
+        assert torch.equal(vsum.long(), v_t.sum(-1)), "Σ_j v codes"
+    else:
+        assert vt.numel() == 1 and vsum.numel() == 1, "int8 v operand written for a layer without uniform groups"
+    if has_log2:
+        assert torch.equal(vt16.float(), v_t.float()), "v codes (fp16)"
+    else:
+        assert vt16.numel() == 1, "fp16 v operand written for a layer without log2 groups"
+    with pytest.raises(ValueError, match="p_kinds"):
+        A.quantize_qkv(case.q, case.k, case.v, (t.q.s_inv, t.q.zero), (t.k.s_inv, t.k.zero), (t.v.s_inv, t.v.zero),
+                       case.groups.group, 1, case.bits, 0)
+
+
 def test_nonzero_qkv_zero_points(gen, device):
     """q/k/v zero points ≠ 0: codes as the reference makes them, and the head-dim pad stays code 0."""
     case = Case(gen, device, 2, 1, 13, 29, 24, "mixed", qkv_zero=True)
@@ -504,7 +548,8 @@ def bench(path: str) -> None:
                 if kinds == "uniform":  # the attention kernel alone, and (once) the q/k/v quantize kernel
                     t = case.tabs
                     tabs = [(a.s_inv, a.zero, a.scale) for a in (t.q, t.k, t.v)]
-                    qkv = lambda t=t, tabs=tabs, g=case.groups.group: quantize_qkv(q, k, v, *tabs, g, 1, (8, 8, 8))
+                    pk = proc.p_kinds  # the v operands this layer's kinds read, as the op writes them
+                    qkv = lambda tabs=tabs, g=case.groups.group, pk=pk: quantize_qkv(q, k, v, *tabs, g, 1, (8, 8, 8), pk)
                     ops = qkv()
                     out = torch.empty_like(q)
                     g, sc = case.groups.group, case.scale
