@@ -149,14 +149,22 @@ def test_exported_state_matches_the_fake_quant_model(tiny_unet, rng, bits, p_row
     assert any(l.tcr is not None for l in state.layers.values())
     assert any("log2" in l.acts["p"].kind for l in state.layers.values() if l.kind == "attention")
     converted = tcaq_kernels.convert(tiny_unet, state, backend="simulate")
-    x = torch.randn(3, 3, 8, 8, generator=rng)
-    t = torch.tensor([900, 450, 20])  # one sample in each timestep group
+    per_group = 8
+    x = torch.randn(3 * per_group, 3, 8, 8, generator=rng)
+    t = torch.tensor([900, 450, 20]).repeat_interleave(per_group)  # each timestep group, 8 samples
     with torch.no_grad():
         y_sim, y_conv, y_fp = sim.model(x, t).sample, converted(x, t).sample, tiny_unet(x, t).sample
-    err = (y_sim - y_conv).norm() / y_conv.norm()
-    quant_err = (y_fp - y_conv).norm() / y_conv.norm()
-    # float summation order only (measured ~3e-7), against a quantization error of 0.3–0.9
-    assert err < 1e-5 and quant_err > 1e-2, (float(err), float(quant_err))
+    rel = lambda a, b: (a - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)
+    err, quant_err = rel(y_sim, y_conv), rel(y_fp, y_conv)
+    assert (quant_err > 1e-2).all(), quant_err  # the models do quantize (measured 0.3–0.9)
+    # The two paths sum in another float order (measured ~3e-7 per sample), so now and then an activation
+    # sitting on a rounding boundary gets the neighbouring code in one of them; in this tiny random UNet
+    # that one code cascades to an error the size of the quantization error for its sample (seen in ~2 %
+    # of samples: a to_q input code, then everything after it). An export fault (scale, zero point, TCR,
+    # rounding, kind, group) moves every sample of the groups it touches; so per group at most 3 of 8 may
+    # differ (P(≥ 4 cascades of 8) ≈ 1e-5), and the rest must match to float precision.
+    mismatched = (err >= 1e-5).view(3, per_group).sum(1)
+    assert (mismatched <= 3).all(), (mismatched.tolist(), err.view(3, per_group))
 
 
 def test_unset_quantizer_is_reported_by_layer(tiny_unet):
