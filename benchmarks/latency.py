@@ -4,7 +4,8 @@
 
 on a CUDA machine (diffusers installed). Every row of one invocation is measured on the same card
 in the same process: fp32 and bf16 eager, bf16 `torch.compile`, bf16 replayed from one CUDA graph,
-and the converted W8A8 / W4A8 models (`backend="triton"`) eager and from a CUDA graph. One "step"
+and the converted W8A8 / W4A8 models (`backend="triton"`) eager and from CUDA graphs (the "CUDA graph" rows
+call the model through `tcaq_kernels.cuda_graphed`, input copies and output copy included). One "step"
 is one UNet forward at the given batch; times are medians of CUDA-event-timed repeats after
 warm-up, on random (never zero) inputs. The quantized states are min-max with 4 timestep groups
 from a small calibration budget — the speed does not depend on how the scales were chosen.
@@ -42,18 +43,6 @@ def median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def graphed(model, x, t):
-    """Capture one forward in a CUDA graph (after warm-up, so autotuning stays outside)."""
-    with torch.no_grad():
-        for _ in range(3):
-            model(x, t)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            model(x, t)
-    return graph.replay
 
 
 def model_bytes(model) -> int:
@@ -95,7 +84,8 @@ def main() -> int:
             variants += [(f"{bits} triton eager", model, x16, False), (f"{bits} triton CUDA graph", model, x16, True)]
         for name, model, x, use_graph in variants:
             with torch.no_grad():
-                fn = graphed(model, x, t) if use_graph else (lambda m=model, x=x: m(x, t))
+                run = tcaq_kernels.cuda_graphed(model) if use_graph else model
+                fn = lambda m=run, x=x: m(x, t)
                 ms = median_ms(fn)
             rows.append({"variant": name, "batch": batch, "ms_per_step": round(ms, 4),
                          "weight_bytes": model_bytes(model), "card": card})

@@ -11,13 +11,16 @@ class TimestepGroups(torch.nn.Module):
 
     `update` is called once per UNet forward (by a pre-hook that `convert` installs). It only
     launches device work — a bucketize and an in-place copy — so a sampling loop never waits on the
-    host, and the `group` buffer keeps its address between steps (CUDA-graph friendly).
+    host. The `group` buffer of each batch size is allocated once and kept, so its address never
+    changes: a CUDA graph captured at one batch size keeps reading (and its captured `update` keeps
+    writing) live memory after calls at other sizes.
     """
 
     def __init__(self, edges: Sequence[float]):
         super().__init__()
         self.register_buffer("edges", torch.tensor(list(edges), dtype=torch.float32), persistent=False)
         self.register_buffer("group", torch.zeros(1, dtype=torch.int32), persistent=False)
+        self._by_batch: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @property
     def num_groups(self) -> int:
@@ -34,10 +37,12 @@ class TimestepGroups(torch.nn.Module):
             g = g.expand(batch)
         elif g.numel() != batch:
             raise ValueError(f"timestep has {g.numel()} entries but the batch has {batch} samples")
-        if self.group.shape == g.shape:
-            self.group.copy_(g)
-        else:
-            self.group = g.clone()
+        if self.group.shape != g.shape:
+            key = (g.numel(), g.device)
+            if key not in self._by_batch:
+                self._by_batch[key] = torch.empty_like(g)
+            self.group = self._by_batch[key]
+        self.group.copy_(g)
 
 
 def set_groups_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
