@@ -38,6 +38,7 @@ class TimestepGroups(torch.nn.Module):
         elif g.numel() != batch:
             raise ValueError(f"timestep has {g.numel()} entries but the batch has {batch} samples")
         if self.group.shape != g.shape:
+            self._by_batch.setdefault((self.group.numel(), self.group.device), self.group)  # keep it alive
             key = (g.numel(), g.device)
             if key not in self._by_batch:
                 self._by_batch[key] = torch.empty_like(g)

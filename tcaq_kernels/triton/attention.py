@@ -149,9 +149,9 @@ def _quantize_qkv_kernel(
         # transposed in registers, so the stores run along the keys, contiguous in [DP, LK_PAD]
         vct = tl.trans(vc)
         vt_offs = bh * DP * LK_PAD + rd[:, None] * LK_PAD + rl[None, :]
-        if V_I8:  # the uniform groups' operand, and Σ_j v for their zero-point term (integer atomics:
-            tl.store(vt_ptr + vt_offs, vct)  # the order cannot matter)
-            tl.atomic_add(vsum_ptr + bh * DP + rd, tl.sum(vct.to(tl.int32), axis=1))
+        if V_I8:  # the uniform groups' operand, and Σ_j v for their zero-point term
+            tl.store(vt_ptr + vt_offs, vct)
+            tl.atomic_add(vsum_ptr + bh * DP + rd, tl.sum(vct.to(tl.int32), axis=1))  # integers: order-free
         if V_F16:  # the log2 groups' fp16 operand (exact integers)
             tl.store(vt16_ptr + vt_offs, vct.to(tl.float16))
 

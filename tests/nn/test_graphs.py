@@ -58,12 +58,16 @@ def test_outputs_are_copied_with_their_types():
 def test_group_buffer_of_a_batch_size_keeps_its_address():
     """A graph captured at one batch size reads the same group buffer after calls at another."""
     groups = TimestepGroups([250.0, 500.0, 750.0])
+    groups.update(torch.tensor(100), 1)
+    initial = groups.group  # the registered buffer, batch 1
     groups.update(torch.tensor(100), 2)
     first = groups.group
     groups.update(torch.tensor([900, 600, 300, 10]), 4)
     assert groups.group.tolist() == [3, 2, 1, 0]
     groups.update(torch.tensor(800), 2)
     assert groups.group is first and first.tolist() == [3, 3]
+    groups.update(torch.tensor(600), 1)
+    assert groups.group is initial and initial.tolist() == [2]
 
 
 def test_warmup_must_be_positive(tiny_cond_unet):
