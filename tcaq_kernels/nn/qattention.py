@@ -102,7 +102,8 @@ class QAttnProcessor(ExplicitAttnProcessor):
             from ..ops import triton_ops
 
             qkv_tables = (x for a in (self.q, self.k, self.v) for x in (a.s_inv, a.scale, a.zero))
-            return triton_ops.qattention(
+            return triton_ops.call(
+                triton_ops.qattention,
                 q, k, v, float(softmax_scale), *qkv_tables,
                 self.p.s_inv, self.p.scale, self.p.zero, self.p.kind_ids, self.groups.group,
                 q_bits=self.q.bits, k_bits=self.k.bits, v_bits=self.v.bits, p_bits=self.p.bits,

@@ -175,8 +175,8 @@ class QLinear(_QWeighted):
     def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype):
         from ..ops import triton_ops
 
-        return triton_ops.qlinear(x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero, self.groups.group,
-                                  a_bits=a.bits, r_inv=r_inv, out_dtype=out_dtype)
+        return triton_ops.call(triton_ops.qlinear, x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero,
+                               self.groups.group, a_bits=a.bits, r_inv=r_inv, out_dtype=out_dtype)
 
 
 class QConv2d(_QWeighted):
@@ -210,5 +210,6 @@ class QConv2d(_QWeighted):
     def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype):
         from ..ops import triton_ops
 
-        return triton_ops.qconv2d(x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero, self.groups.group,
-                                  self.stride[0], list(self.padding), a_bits=a.bits, r_inv=r_inv, out_dtype=out_dtype)
+        return triton_ops.call(triton_ops.qconv2d, x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero,
+                               self.groups.group, self.stride[0], list(self.padding), a_bits=a.bits, r_inv=r_inv,
+                               out_dtype=out_dtype)

@@ -70,11 +70,11 @@ def _norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
                     residual: Optional[torch.Tensor]) -> torch.Tensor:
     """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes."""
     a, group = conv.act, conv.groups.group
-    codes = triton_ops.groupnorm_silu_quantize(x, norm.weight, norm.bias, norm.num_groups, norm.eps, a.s_inv, a.zero,
-                                               group, a.bits, conv.r_inv)
-    return triton_ops.qconv2d(codes, conv.triton_weight, conv.triton_wsum, conv.w_scale, conv.bias, a.s_inv, a.scale,
-                              a.zero, group, conv.stride[0], list(conv.padding), a_bits=a.bits, r_inv=conv.r_inv,
-                              residual=residual, out_dtype=x.dtype)
+    codes = triton_ops.call(triton_ops.groupnorm_silu_quantize, x, norm.weight, norm.bias, norm.num_groups, norm.eps,
+                            a.s_inv, a.zero, group, a.bits, conv.r_inv)
+    return triton_ops.call(triton_ops.qconv2d, codes, conv.triton_weight, conv.triton_wsum, conv.w_scale, conv.bias,
+                           a.s_inv, a.scale, a.zero, group, conv.stride[0], list(conv.padding), a_bits=a.bits,
+                           r_inv=conv.r_inv, residual=residual, out_dtype=x.dtype)
 
 
 def _conv_out_shape(conv: QConv2d, x: torch.Tensor) -> tuple[int, int, int, int]:

@@ -88,7 +88,32 @@ from ..triton.gemm import prepare_linear_weight, qgemm
 from ..triton.groupnorm import groupnorm_silu_quantize_bsc
 from ..triton.quantize import quantize_bsc
 
-__all__ = ["quantize_act", "groupnorm_silu_quantize", "qlinear", "qconv2d", "qattention", "prepare_linear_weight", "prepare_conv_weight"]
+__all__ = ["quantize_act", "groupnorm_silu_quantize", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
+
+
+_IMPLS: dict = {}  # custom op → the Python function it wraps
+
+
+def _custom_op(name: str):
+    """`torch.library.custom_op(name)` over the function, which `call` can also run directly."""
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+        _IMPLS[op] = fn
+        return op
+    return wrap
+
+
+def call(op, x: torch.Tensor, *args, **kwargs):
+    """`op(x, …)` as the layers make it: through the dispatcher while anything traces (torch.compile or
+    export; fake or other tensor subclasses), else the op's Python function directly. The dispatcher
+    round trip of these Python custom ops costs about as much host time as the work they wrap — a
+    qconv2d call 203 µs through the op against 117 µs direct (CPU, kernel launches stubbed) — and an
+    eager UNet step makes one or two such calls per layer. Anything that is not one of this module's
+    ops (a test's stand-in, say) is called as it is."""
+    impl = _IMPLS.get(op)
+    if impl is not None and type(x) is torch.Tensor and not torch.compiler.is_compiling():
+        return impl(x, *args, **kwargs)
+    return op(x, *args, **kwargs)
 
 
 def _group_layout(group: torch.Tensor, batch: int) -> tuple[int, int]:
@@ -158,7 +183,7 @@ def _quantize_shape(x: torch.Tensor, channel_dim: int, pack4: bool) -> list[int]
     return shape
 
 
-@torch.library.custom_op("tcaq::triton_quantize_act", mutates_args=())
+@_custom_op("tcaq::triton_quantize_act")
 def quantize_act(
     x: torch.Tensor,
     s_inv: torch.Tensor,
@@ -199,7 +224,7 @@ def _(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False, ch
 # -------------------------------------------------------------------------- groupnorm_silu_quantize
 
 
-@torch.library.custom_op("tcaq::triton_groupnorm_silu_quantize", mutates_args=())
+@_custom_op("tcaq::triton_groupnorm_silu_quantize")
 def groupnorm_silu_quantize(
     x: torch.Tensor,
     weight: Optional[torch.Tensor],
@@ -234,7 +259,7 @@ def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None):
 # ------------------------------------------------------------------------------------------ qlinear
 
 
-@torch.library.custom_op("tcaq::triton_qlinear", mutates_args=())
+@_custom_op("tcaq::triton_qlinear")
 def qlinear(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -302,7 +327,7 @@ def _conv_out(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Sequence
     return torch.empty((B, N, OH, OW), dtype=dtype, device=x.device, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op("tcaq::triton_qconv2d", mutates_args=())
+@_custom_op("tcaq::triton_qconv2d")
 def qconv2d(
     x: torch.Tensor,
     w_q: torch.Tensor,
@@ -362,7 +387,7 @@ def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, 
 # --------------------------------------------------------------------------------------- qattention
 
 
-@torch.library.custom_op("tcaq::triton_qattention", mutates_args=())
+@_custom_op("tcaq::triton_qattention")
 def qattention(
     q: torch.Tensor,
     k: torch.Tensor,
