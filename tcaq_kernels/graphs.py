@@ -38,6 +38,8 @@ class GraphedUNet(torch.nn.Module):
         super().__init__()
         if warmup < 1:
             raise ValueError(f"warmup must be ≥ 1 (Triton autotunes in the first eager call), got {warmup}")
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be ≥ 1, got {max_graphs}")
         self.unet = unet
         self.warmup, self.max_graphs = warmup, max_graphs
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()

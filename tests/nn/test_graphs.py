@@ -70,9 +70,11 @@ def test_group_buffer_of_a_batch_size_keeps_its_address():
     assert groups.group is initial and initial.tolist() == [2]
 
 
-def test_warmup_must_be_positive(tiny_cond_unet):
+def test_counts_must_be_positive(tiny_cond_unet):
     with pytest.raises(ValueError, match="warmup"):
         tcaq_kernels.cuda_graphed(tiny_cond_unet, warmup=0)
+    with pytest.raises(ValueError, match="max_graphs"):
+        tcaq_kernels.cuda_graphed(tiny_cond_unet, max_graphs=0)
 
 
 @pytest.mark.cuda
