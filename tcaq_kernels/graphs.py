@@ -122,7 +122,9 @@ def _device_inputs(args: tuple, kwargs: dict, device) -> tuple[tuple, dict]:
     def move(t):
         if isinstance(t, (int, float)) and not isinstance(t, bool):
             t = torch.tensor(t)
-        return t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu" else t
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t  # a device tensor, or something `_signature` will send to the eager path
 
     args, kwargs = _map_tensors((args, kwargs), move)
     if len(args) > 1:
