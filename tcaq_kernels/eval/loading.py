@@ -57,9 +57,14 @@ def load_calib_state(path: str | os.PathLike):
 
 
 def convert_unet(fp_unet, state, backend: str = "reference"):
-    """A converted deep copy of `fp_unet` (the original stays full precision for comparison)."""
+    """A converted deep copy of `fp_unet` (the original stays full precision for comparison). A
+    `triton` model on a GPU comes wrapped in `cuda_graphed`: run eagerly, each sampling step would pay
+    the host's launch cost once per layer (latency.md), and the replays are the eager model's results."""
     import tcaq_kernels
 
     if not hasattr(tcaq_kernels, "convert"):
         raise RuntimeError("--state given, but tcaq_kernels.convert does not exist yet")
-    return tcaq_kernels.convert(copy.deepcopy(fp_unet), state, backend=backend).eval()
+    unet = tcaq_kernels.convert(copy.deepcopy(fp_unet), state, backend=backend).eval()
+    if backend == "triton" and next(unet.parameters()).is_cuda:
+        return tcaq_kernels.cuda_graphed(unet)
+    return unet

@@ -9,7 +9,7 @@ from diffusers import DDIMPipeline
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import tcaq_kernels
-from tcaq_kernels.graphs import _map_tensors, _signature
+from tcaq_kernels.graphs import GraphedUNet, _map_tensors, _signature
 from tcaq_kernels.nn import TimestepGroups
 
 
@@ -94,3 +94,19 @@ def test_replay_matches_eager_on_gpu(ref_unet, ref_state_w8a8, rng):
             outs.append((got, want.clone()))
     assert wrapped.num_graphs == 2
     assert all(torch.equal(got, want) for got, want in outs)
+
+
+@pytest.mark.cuda
+def test_evaluation_samples_triton_models_from_graphs(ref_unet, ref_scheduler, ref_state_w8a8):
+    """`evaluate`/`generate` convert through eval.loading.convert_unet: a triton model on the GPU comes
+    wrapped, and its uint8 samples are the eager model's (two batches, the second smaller)."""
+    from tcaq_kernels.eval.loading import convert_unet
+    from tcaq_kernels.sampling import sample_uint8
+
+    unet = copy.deepcopy(ref_unet).cuda()
+    wrapped = convert_unet(unet, ref_state_w8a8, "triton")
+    assert isinstance(wrapped, GraphedUNet)
+    seeds = list(range(6))
+    got = sample_uint8(wrapped, ref_scheduler, seeds, num_steps=4, batch_size=4)
+    want = sample_uint8(wrapped.unet, ref_scheduler, seeds, num_steps=4, batch_size=4)
+    assert wrapped.num_graphs == 2 and (got == want).all()
