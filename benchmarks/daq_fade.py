@@ -149,13 +149,13 @@ def main(argv=None) -> int:
     merge = a.reconstruction_only or a.row_max
     earlier = json.loads((out / "daq_fade.json").read_text()) if merge else {}
     commands = [*(earlier.get("commands") or [earlier["command"]] if earlier else []), command]
+    notes = earlier.get("notes", [])
     for scope, rule, reconstruct in runs:
         for row in run(a.bits, rule, reconstruct, unet, scheduler, seeds, a.steps, scope, a.row_max):
             rows.append(row)
             print(json.dumps(row), flush=True)
             rows_all = merged(earlier.get("rows", []), rows)
             # written after every row: a run stopped early keeps what it measured
-            notes = earlier.get("notes", [])
             atomic_write_text(out / "daq_fade.json", json.dumps(
                 {"command": commands[0], "commands": commands, "budget": BUDGET, "rows": rows_all, "notes": notes},
                 indent=1))

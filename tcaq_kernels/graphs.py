@@ -119,19 +119,13 @@ def _device_inputs(args: tuple, kwargs: dict, device) -> tuple[tuple, dict]:
     positional or `timestep=`) as a 0-d tensor there: a graph reads its inputs from device memory, and
     a value moved in during capture would be replayed as the capture's (schedulers hand out CPU
     timesteps). Pinned, non-blocking copies: the host does not wait for queued GPU work."""
-    def move(t):
-        if isinstance(t, (int, float)) and not isinstance(t, bool):
-            t = torch.tensor(t)
-        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-            return t.pin_memory().to(device, non_blocking=True)
-        return t  # a device tensor, or something `_signature` will send to the eager path
-
-    args, kwargs = _map_tensors((args, kwargs), move)
+    as_tensor = lambda t: torch.tensor(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else t
     if len(args) > 1:
-        args = (args[0], move(args[1]), *args[2:])
+        args = (args[0], as_tensor(args[1]), *args[2:])
     elif "timestep" in kwargs:
-        kwargs = {**kwargs, "timestep": move(kwargs["timestep"])}
-    return args, kwargs
+        kwargs = {**kwargs, "timestep": as_tensor(kwargs["timestep"])}
+    to_device = lambda t: t.pin_memory().to(device, non_blocking=True) if t.device.type == "cpu" else t
+    return _map_tensors((args, kwargs), to_device)
 
 
 def _signature(obj) -> tuple | None:
