@@ -79,6 +79,7 @@ KINDS_BOTH = KINDS_UNIFORM | KINDS_LOG2
 # codes and warps per program of the q/k/v quantize kernel: the best of 1024–8192 codes × 2/4/8 warps on
 # the SD-1.5 levels (H100, CUDA-graph medians; benchmarks/attention_qkv_quantize.py)
 QKV_CODES, QKV_WARPS = 4096, 4
+VSUM_CODES = tl.constexpr(2048)  # Σ_j v partial sums the attention kernel loads at once (≥ 8 rows: DP ≤ 256)
 MAX_HEAD_DIM = 256
 
 
@@ -369,9 +370,15 @@ def _qattn_kernel(
             acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
                                              magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG,
                                              FAST, ROW_NORM, SUM_Y)
-        vsum = tl.full((DP,), 0, tl.int32)  # Σ_j v: the quantize kernel's per-block sums (integers: exact)
-        for i in range(0, V_BLOCKS):
-            vsum += tl.load(vpart_ptr + (bh * V_BLOCKS + i) * DP + rd)
+        # Σ_j v: the quantize kernel's per-block sums (integers: exact), read a tile of VSUM_CODES at a time
+        # (one load in flight per tile, where a row at a time serialised V_BLOCKS loads in every program)
+        VSUM_ROWS: tl.constexpr = VSUM_CODES // DP
+        rv = tl.arange(0, VSUM_ROWS)
+        vsum = tl.full((DP,), 0, tl.int32)
+        for i in range(0, V_BLOCKS, VSUM_ROWS):
+            part = tl.load(vpart_ptr + (bh * V_BLOCKS + i + rv)[:, None] * DP + rd[None, :],
+                           mask=(i + rv < V_BLOCKS)[:, None], other=0)
+            vsum += tl.sum(part, axis=0)
         acc_u = (acc_i - p_zero * vsum[None, :]).to(tl.float32)
         if ROW_NORM or SUM_Y:
             y = acc_u * _row_scale(mass_i, s_p, s_v)[:, None]
