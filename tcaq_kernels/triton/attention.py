@@ -21,9 +21,9 @@ Two launches:
 1. `_quantize_qkv_kernel` quantizes q, k and v once (not once per tile that reads them) into the
    layouts the MMAs want: q and k codes [B·H, L_pad, DP] (d contiguous: K-major operands of QKᵀ),
    v codes transposed, [B·H, DP, Lk_pad] (keys contiguous: the K-major B operand of P·V that int8
-   wgmma requires), as int8 (with Σ_j v [B·H, DP], integer atomics, for the zero-point term) where
-   the layer has uniform groups and as fp16 (the log2 path's operand) where it has log2 groups
-   (`p_kinds`), zero past L and d. L_pad is L rounded up to 128, so the attention kernel reads its
+   wgmma requires), as int8 where the layer has uniform groups — with Σ_j v per key block for the
+   zero-point term, which the attention kernel adds up (no memset, no atomics) — and as fp16 (the
+   log2 path's operand) where it has log2 groups (`p_kinds`), zero past L and d. L_pad is L rounded up to 128, so the attention kernel reads its
    operands without masks. Each program quantizes BLOCK_L rows of one tensor (4096 codes): many
    small programs, since the kernel is a stream of loads and stores that wants every SM busy.
    q goes through memory rather than being quantized in the attention kernel: an MMA operand made
@@ -79,6 +79,7 @@ KINDS_BOTH = KINDS_UNIFORM | KINDS_LOG2
 # codes and warps per program of the q/k/v quantize kernel: the best of 1024–8192 codes × 2/4/8 warps on
 # the SD-1.5 levels (H100, CUDA-graph medians; benchmarks/attention_qkv_quantize.py)
 QKV_CODES, QKV_WARPS = 4096, 4
+VSUM_CODES = tl.constexpr(2048)  # Σ_j v partial sums the attention kernel loads at once (≥ 8 rows: DP ≤ 256)
 MAX_HEAD_DIM = 256
 
 
@@ -111,7 +112,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _quantize_qkv_kernel(
-    q_ptr, k_ptr, v_ptr, qc_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr,
+    q_ptr, k_ptr, v_ptr, qc_ptr, kc_ptr, vt_ptr, vt16_ptr, vpart_ptr,
     q_s_inv_ptr, q_zero_ptr, k_s_inv_ptr, k_zero_ptr, v_s_inv_ptr, v_zero_ptr, group_ptr, group_stride,
     H, Lq, Lk, D, LQ_PAD, LK_PAD,
     stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
@@ -143,15 +144,16 @@ def _quantize_qkv_kernel(
                             rl, rd, Lk, D, tl.load(k_s_inv_ptr + g), tl.load(k_zero_ptr + g), K_QMIN, K_QMAX)
         tl.store(kc_ptr + bh * LK_PAD * DP + rl[:, None] * DP + rd[None, :], kc)
     else:
-        rl = (pid - q_blocks - k_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+        v_block = pid - q_blocks - k_blocks
+        rl = v_block * BLOCK_L + tl.arange(0, BLOCK_L)
         vc = _quantize_rows(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vl, stride_vd,
                             rl, rd, Lk, D, tl.load(v_s_inv_ptr + g), tl.load(v_zero_ptr + g), V_QMIN, V_QMAX)
         # transposed in registers, so the stores run along the keys, contiguous in [DP, LK_PAD]
         vct = tl.trans(vc)
         vt_offs = bh * DP * LK_PAD + rd[:, None] * LK_PAD + rl[None, :]
-        if V_I8:  # the uniform groups' operand, and Σ_j v for their zero-point term
+        if V_I8:  # the uniform groups' operand, and this block's share of Σ_j v (their zero-point term)
             tl.store(vt_ptr + vt_offs, vct)
-            tl.atomic_add(vsum_ptr + bh * DP + rd, tl.sum(vct.to(tl.int32), axis=1))  # integers: order-free
+            tl.store(vpart_ptr + (bh * (LK_PAD // BLOCK_L) + v_block) * DP + rd, tl.sum(vct.to(tl.int32), axis=1))
         if V_F16:  # the log2 groups' fp16 operand (exact integers)
             tl.store(vt16_ptr + vt_offs, vct.to(tl.float16))
 
@@ -284,9 +286,9 @@ def _row_scale(mass, s_p, s_v):
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.jit
 def _qattn_kernel(
-    qc_ptr, kc_ptr, vt_ptr, vt16_ptr, vsum_ptr, out_ptr, dbg_s_ptr, dbg_p_ptr,
+    qc_ptr, kc_ptr, vt_ptr, vt16_ptr, vpart_ptr, out_ptr, dbg_s_ptr, dbg_p_ptr,
     q_scale_ptr, k_scale_ptr, v_scale_ptr, p_s_inv_ptr, p_zero_ptr, p_scale_ptr, p_kind_ptr, group_ptr,
-    softmax_scale, H, Lq, Lk, LQ_PAD, LK_PAD, D, group_stride, stride_ob, stride_oh, stride_ol, stride_od,
+    softmax_scale, H, Lq, Lk, LQ_PAD, LK_PAD, V_BLOCKS, D, group_stride, stride_ob, stride_oh, stride_ol, stride_od,
     P_QMAX: tl.constexpr,
     LEVEL_MIN: tl.constexpr, ZERO_CODE: tl.constexpr,
     DP: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr, ROW_NORM: tl.constexpr, ROW_MAX: tl.constexpr,
@@ -368,7 +370,15 @@ def _qattn_kernel(
             acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
                                              magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG,
                                              FAST, ROW_NORM, SUM_Y)
-        vsum = tl.load(vsum_ptr + bh * DP + rd)
+        # Σ_j v: the quantize kernel's per-block sums (integers: exact), read a tile of VSUM_CODES at a time
+        # (one load in flight per tile, where a row at a time serialised V_BLOCKS loads in every program)
+        VSUM_ROWS: tl.constexpr = VSUM_CODES // DP
+        rv = tl.arange(0, VSUM_ROWS)
+        vsum = tl.full((DP,), 0, tl.int32)
+        for i in range(0, V_BLOCKS, VSUM_ROWS):
+            part = tl.load(vpart_ptr + (bh * V_BLOCKS + i + rv)[:, None] * DP + rd[None, :],
+                           mask=(i + rv < V_BLOCKS)[:, None], other=0)
+            vsum += tl.sum(part, axis=0)
         acc_u = (acc_i - p_zero * vsum[None, :]).to(tl.float32)
         if ROW_NORM or SUM_Y:
             y = acc_u * _row_scale(mass_i, s_p, s_v)[:, None]
@@ -396,7 +406,8 @@ def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: S
                  p_kinds: int = KINDS_BOTH):
     """q [B, H, Lq, d], k, v [B, H, Lk, d] float → the MMA operands, one launch: q codes
     [B·H, Lq_pad, DP] and k codes [B·H, Lk_pad, DP] int8, v codes [B·H, DP, Lk_pad] as int8 with
-    Σ_j v codes [B·H, DP] int32 (read by uniform groups) and as fp16 (read by log2 groups); zero past
+    Σ_j v codes per key block [B·H, Lk_pad / BLOCK_L, DP] int32 (read by uniform groups; every entry
+    written, so nothing is zeroed first) and as fp16 (read by log2 groups); zero past
     L and d. *_tab = (s_inv, zero, …) tables [G]. `p_kinds` (KINDS_UNIFORM | KINDS_LOG2) names the
     P kinds the groups can have; the v operand of an absent kind is not written (a 1-element stand-in)."""
     if not p_kinds & KINDS_BOTH:
@@ -413,16 +424,16 @@ def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: S
     kc = torch.empty((B * H, lk_pad, dp), dtype=torch.int8, device=dev)
     vt = torch.empty(vt_shape(v_i8), dtype=torch.int8, device=dev)
     vt16 = torch.empty(vt_shape(v_f16), dtype=torch.float16, device=dev)
-    vsum = torch.zeros((B * H, dp) if v_i8 else (1,), dtype=torch.int32, device=dev)
     lo = [-(1 << (b_ - 1)) for b_ in bits[:3]]
     block_l = qkv_block_rows(dp)
+    vpart = torch.empty((B * H, lk_pad // block_l, dp) if v_i8 else (1,), dtype=torch.int32, device=dev)
     _quantize_qkv_kernel[((lq_pad + 2 * lk_pad) // block_l, B * H)](
-        q, k, v, qc, kc, vt, vt16, vsum, q_tab[0], q_tab[1], k_tab[0], k_tab[1], v_tab[0], v_tab[1],
+        q, k, v, qc, kc, vt, vt16, vpart, q_tab[0], q_tab[1], k_tab[0], k_tab[1], v_tab[0], v_tab[1],
         group, group_stride, H, Lq, Lk, D, lq_pad, lk_pad, *q.stride(), *k.stride(), *v.stride(),
         Q_QMIN=lo[0], Q_QMAX=-lo[0] - 1, K_QMIN=lo[1], K_QMAX=-lo[1] - 1, V_QMIN=lo[2], V_QMAX=-lo[2] - 1,
         DP=dp, BLOCK_L=block_l, V_I8=v_i8, V_F16=v_f16, num_warps=QKV_WARPS,
     )
-    return qc, kc, vt, vt16, vsum
+    return qc, kc, vt, vt16, vpart
 
 
 def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale, k_scale, v_scale, p_tab,
@@ -434,18 +445,19 @@ def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale,
     p_tab = (s_inv, zero, scale) tables [G]; `debug` = (scores int32, codes int32), each
     [B, H, Lq, Lk] contiguous, receives the int32 QKᵀ and the P codes.
     """
-    qc, kc, vt, vt16, vsum = ops
+    qc, kc, vt, vt16, vpart = ops
     B, H = out.shape[:2]
     dp = kc.shape[2]
     if Lq == 0:
         return out
-    dbg_s, dbg_p = debug if debug is not None else (vsum, vsum)
+    dbg_s, dbg_p = debug if debug is not None else (vpart, vpart)
     level_max = min((1 << p_bits) - 2, 24)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     _qattn_kernel[grid](
-        qc, kc, vt, vt16, vsum, out, dbg_s, dbg_p,
+        qc, kc, vt, vt16, vpart, out, dbg_s, dbg_p,
         q_scale, k_scale, v_scale, p_tab[0], p_tab[1], p_tab[2], p_kind_ids, group,
-        float(softmax_scale), H, Lq, Lk, qc.shape[1], kc.shape[1], D, group_stride, *out.stride(),
+        float(softmax_scale), H, Lq, Lk, qc.shape[1], kc.shape[1], vpart.shape[1] if vpart.dim() == 3 else 0, D,
+        group_stride, *out.stride(),
         P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1,
         DP=dp, DEBUG=debug is not None, FAST=not interpreting(), ROW_NORM=bool(p_row_norm),
         ROW_MAX=bool(p_row_max),

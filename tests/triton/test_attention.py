@@ -368,7 +368,9 @@ def test_qkv_operands(gen, device, monkeypatch, shape, kinds):
     assert t.p_kinds == has_uniform * A.KINDS_UNIFORM + has_log2 * A.KINDS_LOG2
     if has_uniform:
         assert torch.equal(vt.int(), v_t), "v codes (int8)"
-        assert torch.equal(vsum.long(), v_t.sum(-1)), "Σ_j v codes"
+        blocks = kc.shape[1] // A.qkv_block_rows(dp)
+        assert vsum.shape == (B * H, blocks, dp), "Σ_j v: one row per key block"
+        assert torch.equal(vsum.long(), v_t.reshape(B * H, dp, blocks, -1).sum(-1).transpose(1, 2)), "Σ_j v codes"
     else:
         assert vt.numel() == 1 and vsum.numel() == 1, "int8 v operand written for a layer without uniform groups"
     if has_log2:
