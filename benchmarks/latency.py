@@ -3,18 +3,21 @@
     python benchmarks/latency.py --batch 64 256 --out benchmarks/results
 
 on a CUDA machine (diffusers installed). Every row of one invocation is measured on the same card
-in the same process: fp32 and bf16 eager, bf16 `torch.compile`, bf16 replayed from one CUDA graph,
-and the converted W8A8 / W4A8 models (`backend="triton"`) eager and from CUDA graphs (the "CUDA graph" rows
-call the model through `tcaq_kernels.cuda_graphed`, input copies and output copy included). One "step"
+in the same process: fp32 and bf16 eager, bf16 replayed from one CUDA graph, bf16 `torch.compile` (eager
+and from CUDA graphs), and the converted W8A8 / W4A8 models (`backend="triton"`; convert's default
+`fuse_norm=True`, and `fuse_norm=False` rows beside them) eager and from CUDA graphs (the "CUDA graph"
+rows call the model through `tcaq_kernels.cuda_graphed`, input copies and output copy included). One "step"
 is one UNet forward at the given batch; times are medians of CUDA-event-timed repeats after
 warm-up, on random (never zero) inputs. The quantized states are min-max with 4 timestep groups
 from a small calibration budget — the speed does not depend on how the scales were chosen.
-Writes latency.json (rows) and latency.md (a table with ratios against bf16 eager).
+Writes latency.json (rows) and latency.md (a table with ratios against bf16 eager and bf16 from CUDA
+graphs).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
 import statistics
 import sys
@@ -56,6 +59,9 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--fuse-norm", choices=("both", "on", "off"), default="both",
+                        help="convert(fuse_norm=…) of the quantized rows: GroupNorm+SiLU+quantize as one kernel "
+                             "(convert's default), the unfused path ('fuse_norm=False' rows), or both (default)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -68,7 +74,10 @@ def main() -> int:
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     states = {b: tcaq_kernels.calibrate(fp32, scheduler=scheduler, bits=b, num_samples=32, num_steps=20,
                                         timestep_groups=4, batch_size=32, progress=False) for b in args.bits}
-    quantized = {b: tcaq_kernels.convert(bf16, s, backend="triton") for b, s in states.items()}
+    fuse_options = {"both": (True, False), "on": (True,), "off": (False,)}[args.fuse_norm]
+    quantized = {f"{b} triton" + ("" if fuse else " fuse_norm=False"):
+                 tcaq_kernels.convert(bf16, s, backend="triton", fuse_norm=fuse)
+                 for b, s in states.items() for fuse in fuse_options}
     compiled = None if args.no_compile else torch.compile(copy.deepcopy(bf16))
     rows = []
     for batch in args.batch:
@@ -79,9 +88,10 @@ def main() -> int:
         variants = [("fp32 eager", fp32, x32, False), ("bf16 eager", bf16, x16, False),
                     ("bf16 CUDA graph", bf16, x16, True)]
         if compiled is not None:
-            variants.append(("bf16 torch.compile", compiled, x16, False))
-        for bits, model in quantized.items():
-            variants += [(f"{bits} triton eager", model, x16, False), (f"{bits} triton CUDA graph", model, x16, True)]
+            variants += [("bf16 torch.compile", compiled, x16, False),
+                         ("bf16 torch.compile CUDA graph", compiled, x16, True)]
+        for label, model in quantized.items():
+            variants += [(f"{label} eager", model, x16, False), (f"{label} CUDA graph", model, x16, True)]
         for name, model, x, use_graph in variants:
             with torch.no_grad():
                 run = tcaq_kernels.cuda_graphed(model) if use_graph else model
@@ -89,20 +99,26 @@ def main() -> int:
                 ms = median_ms(fn)
             rows.append({"variant": name, "batch": batch, "ms_per_step": round(ms, 4),
                          "weight_bytes": model_bytes(model), "card": card})
-            print(f"batch {batch:4d}  {name:28s} {ms:8.3f} ms/step", flush=True)
-    base = {(r["batch"]): r["ms_per_step"] for r in rows if r["variant"] == "bf16 eager"}
-    for r in rows:
-        r["speedup_vs_bf16_eager"] = round(base[r["batch"]] / r["ms_per_step"], 3)
-    meta = {"command": "python " + " ".join(sys.argv), "card": card, "torch": torch.__version__,
+            print(f"batch {batch:4d}  {name:34s} {ms:8.3f} ms/step", flush=True)
+    for base_name, key in (("bf16 eager", "speedup_vs_bf16_eager"), ("bf16 CUDA graph", "speedup_vs_bf16_graph")):
+        base = {r["batch"]: r["ms_per_step"] for r in rows if r["variant"] == base_name}
+        for r in rows:
+            r[key] = round(base[r["batch"]] / r["ms_per_step"], 3)
+    tuning = os.environ.get("TCAQ_TRITON_TUNING", "")
+    meta = {"command": (f"TCAQ_TRITON_TUNING={tuning} " if tuning else "") + "python " + " ".join(sys.argv),
+            "card": card, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
-            "model": str(args.model or "embedded ddpm-cifar10-small")}
+            "model": str(args.model or "embedded ddpm-cifar10-small"),
+            "fused_norms": {label: m.tcaq_info.get("fused_norms", 0) for label, m in quantized.items()},
+            "tuning": tuning or "full"}
     out = Path(args.out)
     atomic_write_json(out / "latency.json", {"meta": meta, "rows": rows})
     lines = [f"# End-to-end UNet latency ({meta['model']})", "",
              f"card: {card}; torch {meta['torch']}; triton {meta['triton']}; command: `{meta['command']}`", "",
-             "| batch | variant | ms / step | × bf16 eager | weights + buffers (MB) |", "| ---: | --- | ---: | ---: | ---: |"]
+             "| batch | variant | ms / step | × bf16 eager | × bf16 CUDA graph | weights + buffers (MB) |",
+             "| ---: | --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['batch']} | {r['variant']} | {r['ms_per_step']:.3f} | {r['speedup_vs_bf16_eager']:.2f} | "
-              f"{r['weight_bytes'] / 1e6:.2f} |" for r in rows]
+              f"{r['speedup_vs_bf16_graph']:.2f} | {r['weight_bytes'] / 1e6:.2f} |" for r in rows]
     atomic_write_text(out / "latency.md", "\n".join(lines) + "\n")
     return 0
 
