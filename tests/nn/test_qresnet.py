@@ -61,6 +61,15 @@ def test_convert_fuses_every_resblock(models):
     assert list(fused.state_dict()) == list(plain.state_dict())
 
 
+def test_fuse_norm_is_convert_default_for_triton_only(ref_unet, ref_state_w8a8):
+    default = tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="triton")
+    assert default.tcaq_info["fused_norms"] > 0
+    assert any(type(m) is FusedResnetBlock2D for m in default.modules())
+    reference = tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="reference")
+    assert "fused_norms" not in reference.tcaq_info
+    assert not any(type(m) is FusedResnetBlock2D for m in reference.modules())
+
+
 @pytest.mark.parametrize("name", BLOCKS)
 def test_fused_block_matches_unfused(models, ref_unet, rng, monkeypatch, name):
     x = torch.randn(2, 3, 32, 32, generator=rng)
