@@ -9,7 +9,10 @@ and from CUDA graphs), and the converted W8A8 / W4A8 models (`backend="triton"`;
 rows call the model through `tcaq_kernels.cuda_graphed`, input copies and output copy included). One "step"
 is one UNet forward at the given batch; times are medians of CUDA-event-timed repeats after
 warm-up, on random (never zero) inputs. The quantized states are min-max with 4 timestep groups
-from a small calibration budget — the speed does not depend on how the scales were chosen.
+from a small calibration budget — the speed does not depend on how the scales were chosen, but it
+does on the state's layout: `--split-skip` calibrates as the `qdiffusion`/`tcaq` presets do, with the
+up blocks' skip concatenations split between two input quantizers (24 layers of the embedded model:
+each runs as two convs plus adds, and the 12 ResBlock halves in front of them stay unfused).
 Writes latency.json (rows) and latency.md (a table with ratios against bf16 eager and bf16 from CUDA
 graphs).
 """
@@ -62,6 +65,8 @@ def main() -> int:
     parser.add_argument("--fuse-norm", choices=("both", "on", "off"), default="both",
                         help="convert(fuse_norm=…) of the quantized rows: GroupNorm+SiLU+quantize as one kernel "
                              "(convert's default), the unfused path ('fuse_norm=False' rows), or both (default)")
+    parser.add_argument("--split-skip", action="store_true",
+                        help="states with split skip inputs, the layout of the qdiffusion/tcaq presets (default: off)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -73,7 +78,8 @@ def main() -> int:
     scheduler = make_scheduler(load_scheduler_config(args.model))
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     states = {b: tcaq_kernels.calibrate(fp32, scheduler=scheduler, bits=b, num_samples=32, num_steps=20,
-                                        timestep_groups=4, batch_size=32, progress=False) for b in args.bits}
+                                        timestep_groups=4, batch_size=32, progress=False, split_skip=args.split_skip)
+              for b in args.bits}
     fuse_options = {"both": (True, False), "on": (True,), "off": (False,)}[args.fuse_norm]
     quantized = {f"{b} triton" + ("" if fuse else " fuse_norm=False"):
                  tcaq_kernels.convert(bf16, s, backend="triton", fuse_norm=fuse)
@@ -110,6 +116,7 @@ def main() -> int:
             "triton": __import__("triton").__version__, "python": platform.python_version(),
             "model": str(args.model or "embedded ddpm-cifar10-small"),
             "fused_norms": {label: m.tcaq_info.get("fused_norms", 0) for label, m in quantized.items()},
+            "split_skip": args.split_skip,
             "tuning": tuning or "full"}
     out = Path(args.out)
     atomic_write_json(out / "latency.json", {"meta": meta, "rows": rows})
