@@ -51,6 +51,14 @@ def median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
+def speed_states(fp32, scheduler, bits, split_skip: bool = False) -> dict:
+    """{bits: min-max state} from a small budget, 4 timestep groups — the states the speed benchmarks
+    (this file, step_profile.py) convert; `split_skip` gives the layout of the qdiffusion/tcaq presets."""
+    return {b: tcaq_kernels.calibrate(fp32, scheduler=scheduler, bits=b, num_samples=32, num_steps=20,
+                                      timestep_groups=4, batch_size=32, progress=False, split_skip=split_skip)
+            for b in bits}
+
+
 def model_bytes(model) -> int:
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -77,9 +85,7 @@ def main() -> int:
     fp32 = load_fp_unet(args.model, device="cuda")
     scheduler = make_scheduler(load_scheduler_config(args.model))
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    states = {b: tcaq_kernels.calibrate(fp32, scheduler=scheduler, bits=b, num_samples=32, num_steps=20,
-                                        timestep_groups=4, batch_size=32, progress=False, split_skip=args.split_skip)
-              for b in args.bits}
+    states = speed_states(fp32, scheduler, args.bits, args.split_skip)
     fuse_options = {"both": (True, False), "on": (True,), "off": (False,)}[args.fuse_norm]
     quantized = {f"{b} triton" + ("" if fuse else " fuse_norm=False"):
                  tcaq_kernels.convert(bf16, s, backend="triton", fuse_norm=fuse)

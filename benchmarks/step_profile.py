@@ -33,6 +33,8 @@ from tcaq_kernels.atomic import atomic_write_json, atomic_write_text  # noqa: E4
 from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
 from tcaq_kernels.sampling import make_scheduler  # noqa: E402
 
+from latency import speed_states  # noqa: E402  (benchmarks/ is this script's directory)
+
 # (category, regex on the kernel name); our Triton kernels first, then the libraries', then the rest
 CATEGORIES = [
     ("triton conv", r"_qconv|conv_wgmma|_conv_kernel"), ("triton gemm", r"_qgemm|gemm_wgmma"),
@@ -107,6 +109,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--bits", default="W8A8")
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--split-skip", action="store_true", help="latency.py's --split-skip: the tcaq/qdiffusion layout")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -114,8 +117,8 @@ def main() -> int:
     card = torch.cuda.get_device_name()
     fp32 = load_fp_unet(args.model, device="cuda")
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    state = tcaq_kernels.calibrate(fp32, scheduler=make_scheduler(load_scheduler_config(args.model)), bits=args.bits,
-                                   num_samples=32, num_steps=20, timestep_groups=4, batch_size=32, progress=False)
+    scheduler = make_scheduler(load_scheduler_config(args.model))
+    state = speed_states(fp32, scheduler, [args.bits], args.split_skip)[args.bits]
     models = {"bf16": bf16, "bf16 torch.compile": torch.compile(copy.deepcopy(bf16)),
               f"{args.bits} triton": tcaq_kernels.convert(bf16, state, backend="triton"),
               f"{args.bits} triton fuse_norm=False": tcaq_kernels.convert(bf16, state, backend="triton",
@@ -134,7 +137,7 @@ def main() -> int:
     meta = {"command": (f"TCAQ_TRITON_TUNING={tuning} " if tuning else "") + "python " + " ".join(sys.argv),
             "card": card, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "python": platform.python_version(), "model": str(args.model or "embedded ddpm-cifar10-small"),
-            "batch": args.batch, "steps": args.steps, "tuning": tuning or "full"}
+            "batch": args.batch, "steps": args.steps, "tuning": tuning or "full", "split_skip": args.split_skip}
     atomic_write_json(args.out / "step_profile.json", {"meta": meta, "rows": rows})
     atomic_write_text(args.out / "step_profile.md", render(meta, rows))
     return 0
