@@ -75,31 +75,29 @@ def test_split_statistics_and_poisoned_output(gen, device, split):
     """Statistics summed over several programs per group (the GPU's choice on small batches), an
     empty split included (15 splits of 4·31 elements: 9 each), into an output poisoned with two
     sentinels."""
-    B, C, H, W, G = 2, 12, 31, 1, 3
+    _check_poisoned(gen, device, (2, 12, 31, 1, 3), f"split {split}", split=split)
+
+
+def _check_poisoned(gen, device, case, what, **launch):
+    """The launcher on a [B, H·W, C] column of pixels into outputs poisoned with two sentinels."""
+    B, C, H, W, G = case
     x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
     x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
     for sentinel in (-77, 91):
         out = torch.full((B, H, W, C), sentinel, dtype=torch.int8, device=device)
         groupnorm_silu_quantize_bsc(x3, G, 1e-5, gamma, beta, t.s_inv, t.zero, t.group, 1, 8, r_inv,
-                                    out.view(B, H * W, C), split=split)
-        _check(out, x, G, gamma, beta, 1e-5, r_inv, t, f"split {split}, sentinel {sentinel}")
+                                    out.view(B, H * W, C), **launch)
+        _check(out, x, G, gamma, beta, 1e-5, r_inv, t, f"{what}, sentinel {sentinel}")
 
 
 @pytest.mark.parametrize("max_groups", [None, 2, 1])
 def test_one_pass_tiles_and_poisoned_output(gen, device, max_groups, monkeypatch):
     """The one-pass kernel with 3 or 1 groups a program (a divisor of G = 3; 2 is not one) of 5
     channels: 1 or 11 lanes of the 16-wide tile masked, 31 pixels of 32, into a poisoned output."""
-    B, C, H, W, G = 2, 15, 31, 1, 3
-    tile = groupnorm.one_pass_tile(H * W, C, G, max_groups)
+    tile = groupnorm.one_pass_tile(31, 15, 3, max_groups)
     assert tile == ((3, 32, 16) if max_groups is None else (1, 32, 16))
     monkeypatch.setattr(groupnorm, "one_pass_tile", lambda *a, **k: tile)
-    x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
-    x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
-    for sentinel in (-77, 91):
-        out = torch.full((B, H, W, C), sentinel, dtype=torch.int8, device=device)
-        groupnorm_silu_quantize_bsc(x3, G, 1e-5, gamma, beta, t.s_inv, t.zero, t.group, 1, 8, r_inv,
-                                    out.view(B, H * W, C), one_pass=True)
-        _check(out, x, G, gamma, beta, 1e-5, r_inv, t, f"one pass {tile}, sentinel {sentinel}")
+    _check_poisoned(gen, device, (2, 15, 31, 1, 3), f"one pass {tile}", one_pass=True)
 
 
 def test_one_pass_refuses_groups_too_large(device):
