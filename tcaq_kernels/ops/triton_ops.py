@@ -423,7 +423,7 @@ def qattention(
     batch, gstride = _group_layout(group, q.shape[0])
     if batch != q.shape[0]:
         raise ValueError(f"group has {group.numel()} entries for a batch of {q.shape[0]}")
-    out = torch.empty(q.shape, dtype=_float_out(q, out_dtype), device=q.device)
+    out = _heads_last(q, _float_out(q, out_dtype))
     return qattention_launch(
         q, k, v, softmax_scale, (q_s_inv, q_zero, q_scale), (k_s_inv, k_zero, k_scale), (v_s_inv, v_zero, v_scale),
         (p_s_inv, p_zero, p_scale), p_kind_ids, group, gstride, (q_bits, k_bits, v_bits, p_bits), out,
@@ -434,4 +434,11 @@ def qattention(
 def _(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero, v_s_inv, v_scale, v_zero,
       p_s_inv, p_scale, p_zero, p_kind_ids, group, q_bits=8, k_bits=8, v_bits=8, p_bits=8, p_row_norm=False,
       p_row_max=False, p_kinds=3, out_dtype=None):
-    return q.new_empty(q.shape, dtype=_float_out(q, out_dtype))
+    return _heads_last(q, _float_out(q, out_dtype))
+
+
+def _heads_last(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """qattention's output [B, H, L, d] over [B, L, H, d] memory: `to_out` reads it as [B, L, H·d]
+    without a transpose copy (the kernel writes through the strides)."""
+    B, H, L, d = q.shape
+    return q.new_empty((B, L, H, d), dtype=dtype).transpose(1, 2)

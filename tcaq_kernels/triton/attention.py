@@ -23,9 +23,10 @@ Two launches:
    v codes transposed, [B·H, DP, Lk_pad] (keys contiguous: the K-major B operand of P·V that int8
    wgmma requires), as int8 where the layer has uniform groups — with Σ_j v per key block for the
    zero-point term, which the attention kernel adds up (no memset, no atomics) — and as fp16 (the
-   log2 path's operand) where it has log2 groups (`p_kinds`), zero past L and d. L_pad is L rounded up to 128, so the attention kernel reads its
-   operands without masks. Each program quantizes BLOCK_L rows of one tensor (4096 codes): many
-   small programs, since the kernel is a stream of loads and stores that wants every SM busy.
+   log2 path's operand) where it has log2 groups (`p_kinds`), zero past L and d. L_pad is L rounded
+   up to 128, so the attention kernel reads its operands without masks. Each program quantizes
+   BLOCK_L rows of one tensor (4096 codes): many small programs, since the kernel is a stream of
+   loads and stores that wants every SM busy.
    q goes through memory rather than being quantized in the attention kernel: an MMA operand made
    in registers there was re-read from shared memory byte by byte on every key tile (Triton 3.6),
    a loaded one is not.
