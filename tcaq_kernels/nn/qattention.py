@@ -46,8 +46,7 @@ class ExplicitAttnProcessor(torch.nn.Module):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = self.normalize(attn, hidden_states)
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
@@ -66,6 +65,12 @@ class ExplicitAttnProcessor(torch.nn.Module):
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
         return self.project_out(attn, out, residual, hidden_states_shape if input_ndim == 4 else None)
+
+    def normalize(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The block's `group_norm` over the channels of its tokens [B, L, C] (none: unchanged)."""
+        if attn.group_norm is None:
+            return hidden_states
+        return attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
     def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial) -> torch.Tensor:
         """`to_out` on the heads' output [B, L, C], back to the block input's layout (`spatial` = its
@@ -95,6 +100,18 @@ class QAttnProcessor(ExplicitAttnProcessor):
         # the P kinds this layer's groups use, bit 1 << kind id (the Triton op's `p_kinds`): the kernel
         # then writes only the v operand those kinds read
         self.p_kinds = sum(1 << ACT_KINDS.index(k) for k in set(self.p.kinds))
+
+    def normalize(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        """With the triton backend, a GroupNorm kernel reading the tokens where they lie and writing them
+        contiguous — torch's GroupNorm needs a [B, C, L] copy first, and the q/k/v GEMMs a copy of its
+        transposed output each."""
+        norm = attn.group_norm
+        if self.backend == "triton" and type(norm) is torch.nn.GroupNorm:
+            from ..ops import triton_ops
+
+            return triton_ops.call(triton_ops.groupnorm, hidden_states, norm.weight, norm.bias, norm.num_groups,
+                                   norm.eps)
+        return super().normalize(attn, hidden_states)
 
     def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial) -> torch.Tensor:
         """With the triton backend on a [B, C, H, W] block whose `to_out.0` is a triton `QLinear`: the

@@ -11,7 +11,7 @@ Tables of a quantized layer with G timestep groups: `s_inv[G]` fp32 (1/s_a), `sc
 batch uses `table[group[b]]`.
 
 Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_silu_quantize`,
-`tcaq::triton_qlinear`, `tcaq::triton_qconv2d`, `tcaq::triton_qattention`):
+`tcaq::triton_groupnorm`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`, `tcaq::triton_qattention`):
 
     quantize_act(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False,
                  channel_dim=-1) -> codes
@@ -27,6 +27,10 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         None); uniform codes of the conv's quantizer (its s_inv/zero tables, r_inv[C]), in the NHWC
         layout `qconv2d` takes. Statistics are fp32 but not summed in torch's order: a code may
         differ by one where the value lies within fp32 rounding of a rounding boundary.
+
+    groupnorm(x, weight, bias, num_groups, eps) -> y [B, S, C] contiguous, x's dtype
+        A plain GroupNorm of x [B, S, C] (channels last, any strides: an attention block's tokens) with
+        the same kernels, fp32 statistics and affine: the layout its q/k/v projections read.
 
     qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
             residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None,
@@ -85,10 +89,10 @@ import torch
 from ..triton.attention import check_shapes, qattention_launch
 from ..triton.conv import prepare_conv_weight, qconv
 from ..triton.gemm import prepare_linear_weight, qgemm
-from ..triton.groupnorm import groupnorm_silu_quantize_bsc
+from ..triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
 from ..triton.quantize import quantize_bsc
 
-__all__ = ["quantize_act", "groupnorm_silu_quantize", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
+__all__ = ["quantize_act", "groupnorm_silu_quantize", "groupnorm", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
 
 
 _IMPLS: dict = {}  # custom op → the Python function it wraps
@@ -254,6 +258,20 @@ def groupnorm_silu_quantize(
 def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None):
     B, C, H, W = x.shape
     return x.new_empty((B, H, W, C), dtype=torch.int8)
+
+
+@_custom_op("tcaq::triton_groupnorm")
+def groupnorm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
+              eps: float) -> torch.Tensor:
+    """GroupNorm over the channels of x [B, S, C] into a contiguous [B, S, C] (see module doc)."""
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"groupnorm expects float x [B, S, C], got {tuple(x.shape)} {x.dtype}")
+    return groupnorm_bsc(x, num_groups, eps, weight, bias, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+@groupnorm.register_fake
+def _(x, weight, bias, num_groups, eps):
+    return x.new_empty(x.shape)
 
 
 # ------------------------------------------------------------------------------------------ qlinear

@@ -110,7 +110,8 @@ def _gn_silu_quantize_kernel(
     S, C, CG, NG, eps, part_stride, group_stride,
     stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr, CODES: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
     c_mask = cols < C
@@ -120,24 +121,29 @@ def _gn_silu_quantize_kernel(
     mask = (rows < S)[:, None] & c_mask[None, :]
     x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs + cols[None, :] * stride_xc
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    q = _affine_silu_quantize((x - mean[None, :]) * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr,
-                              s_inv, zero, HAS_AFFINE, HAS_RINV, QMIN, QMAX)
+    q = _normalised_out((x - mean[None, :]) * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr,
+                        s_inv, zero, HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
-    tl.store(out_ptrs, q, mask=mask)
+    tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _affine_silu_quantize(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero, HAS_AFFINE: tl.constexpr,
-                          HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """Codes of the normalised tile y [rows, cols]: γ/β, SiLU and TCR's 1/r in fp32, then quantize.py's
-    rounding (both GroupNorm paths end here, so they differ only in their statistics)."""
+def _normalised_out(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero, HAS_AFFINE: tl.constexpr,
+                    HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr,
+                    CODES: tl.constexpr):
+    """What is stored of the normalised tile y [rows, cols]: γ/β, SiLU and TCR's 1/r in fp32, then
+    quantize.py's codes — or, without CODES, the fp32 values themselves (a plain GroupNorm). Both
+    GroupNorm paths end here, so they differ only in their statistics."""
     if HAS_AFFINE:
         gamma = tl.load(gamma_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
         y = y * gamma[None, :] + tl.load(beta_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    y = y / (1.0 + tl.exp(-y))  # SiLU
-    if HAS_RINV:
-        y = y * tl.load(r_inv_ptr + cols, mask=c_mask, other=1.0)[None, :]
-    return quantize_uniform(y, s_inv, zero, QMIN, QMAX)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    if CODES:
+        if HAS_RINV:
+            y = y * tl.load(r_inv_ptr + cols, mask=c_mask, other=1.0)[None, :]
+        y = quantize_uniform(y, s_inv, zero, QMIN, QMAX)
+    return y
 
 
 @triton.jit
@@ -145,6 +151,7 @@ def _gn_one_pass_kernel(
     x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,
     S, C, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
     HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    SILU: tl.constexpr, CODES: tl.constexpr,
     GROUPS: tl.constexpr, G_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """GROUPS whole norm groups of one sample (every pixel: S ≤ BLOCK_S) held in registers: the
@@ -168,10 +175,10 @@ def _gn_one_pass_kernel(
     d = tl.where(mask, x - mean[None, :], 0.0)
     var_g = tl.sum(tl.where(onehot, tl.sum(d * d, axis=0)[None, :], 0.0), axis=1) / n
     rstd = tl.sum(tl.where(onehot, (1.0 / tl.sqrt_rn(var_g + eps))[:, None], 0.0), axis=0)
-    q = _affine_silu_quantize(d * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero,
-                              HAS_AFFINE, HAS_RINV, QMIN, QMAX)
+    q = _normalised_out(d * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero,
+                        HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
-    tl.store(out_ptrs, q, mask=mask)
+    tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _stats_tiles(x3: torch.Tensor, num_groups: int) -> tuple[bool, int, int]:
@@ -222,12 +229,13 @@ def _groups_per_program(batch: int, num_groups: int, device: torch.device) -> in
 def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, s_inv: torch.Tensor,
                                 zero: torch.Tensor, group: torch.Tensor, group_stride: int, bits: int, r_inv,
                                 out: torch.Tensor, split: int | None = None,
-                                one_pass: bool | None = None) -> torch.Tensor:
+                                one_pass: bool | None = None, silu: bool = True) -> torch.Tensor:
     """Launch on a [B, S, C] view (any strides) into int8 codes `out` [B, S, C] (last dim contiguous).
 
     `gamma`/`beta` [C] (or both None: no affine). Where a sample's norm group fits in one program's
     registers (`one_pass_tile`) one kernel reads x once; elsewhere — or with `one_pass=False`, or a
     `split` (tests: it overrides `stats_split`) — the statistics kernel runs first and x is read twice.
+    An `out` of another dtype than int8 receives the normalised values (SiLU unless `silu=False`), not codes.
     """
     B, S, C = x3.shape
     if C % num_groups:
@@ -250,7 +258,8 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
             x3, out, gamma if gamma is not None else s_inv, beta if beta is not None else s_inv,
             r_inv if r_inv is not None else s_inv, s_inv, zero, group, S, C, cg, eps, group_stride,
             x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
-            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, GROUPS=groups,
+            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
+            CODES=out.dtype == torch.int8, GROUPS=groups,
             G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s, BLOCK_C=block_c,
             num_warps=8 if block_s * block_c >= 8192 else 4,
         )
@@ -272,6 +281,14 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         S, C, cg, num_groups, eps, part_stride, group_stride,
         x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), HAS_AFFINE=gamma is not None,
-        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax,
+        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu, CODES=out.dtype == torch.int8,
     )
     return out
+
+
+def groupnorm_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, out: torch.Tensor) -> torch.Tensor:
+    """A plain GroupNorm of the [B, S, C] view `x3` (any strides) into `out` [B, S, C] (last dim
+    contiguous, float): the same kernels without SiLU or quantize (no quantizer tables read)."""
+    unused = torch.zeros(1, dtype=torch.float32, device=x3.device)
+    return groupnorm_silu_quantize_bsc(x3, num_groups, eps, gamma, beta, unused, unused.int(), unused.int(), 0, 8,
+                                       None, out, silu=False)
