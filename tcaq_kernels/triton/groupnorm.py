@@ -113,7 +113,12 @@ def _gn_silu_quantize_kernel(
     QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr, CODES: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
+    if CODES:
+        b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
+    else:  # a plain GroupNorm: no quantizer tables (their pointers may be None)
+        b, s_inv, zero = tl.program_id(2), 1.0, 0
+        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
     mean, var = _group_moments(part_ptr, part_stride, b * NG + cols // CG, c_mask, SPLIT, SPLIT_P2)
     rstd = 1.0 / tl.sqrt_rn(var + eps)
@@ -159,8 +164,11 @@ def _gn_one_pass_kernel(
     read of x. A column's group is picked with a one-hot [G_P2, BLOCK_C] mask (CG need not be a
     power of two)."""
     b = tl.program_id(1)
-    g = tl.load(group_ptr + b * group_stride)
-    s_inv, zero = tl.load(s_inv_ptr + g), tl.load(zero_ptr + g)
+    if CODES:
+        g = tl.load(group_ptr + b * group_stride)
+        s_inv, zero = tl.load(s_inv_ptr + g), tl.load(zero_ptr + g)
+    else:  # a plain GroupNorm: no quantizer tables (their pointers may be None)
+        s_inv, zero = 1.0, 0
     local = tl.arange(0, BLOCK_C)
     cols = tl.program_id(0) * GROUPS * CG + local
     c_mask = (local < GROUPS * CG) & (cols < C)
@@ -255,8 +263,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     if tile is not None:
         groups, block_s, block_c = tile
         _gn_one_pass_kernel[(triton.cdiv(num_groups, groups), B)](
-            x3, out, gamma if gamma is not None else s_inv, beta if beta is not None else s_inv,
-            r_inv if r_inv is not None else s_inv, s_inv, zero, group, S, C, cg, eps, group_stride,
+            x3, out, gamma, beta, r_inv, s_inv, zero, group, S, C, cg, eps, group_stride,
             x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
             HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
             CODES=out.dtype == torch.int8, GROUPS=groups,
@@ -276,8 +283,8 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     )
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(C, meta["BLOCK_C"]), B)
     _gn_silu_quantize_kernel[grid](
-        x3, out, part, gamma if gamma is not None else part, beta if beta is not None else part,
-        r_inv if r_inv is not None else s_inv, s_inv, zero, group,
+        x3, out, part, gamma, beta,
+        r_inv, s_inv, zero, group,
         S, C, cg, num_groups, eps, part_stride, group_stride,
         x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), HAS_AFFINE=gamma is not None,
@@ -288,7 +295,8 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
 
 def groupnorm_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, out: torch.Tensor) -> torch.Tensor:
     """A plain GroupNorm of the [B, S, C] view `x3` (any strides) into `out` [B, S, C] (last dim
-    contiguous, float): the same kernels without SiLU or quantize (no quantizer tables read)."""
-    unused = torch.zeros(1, dtype=torch.float32, device=x3.device)
-    return groupnorm_silu_quantize_bsc(x3, num_groups, eps, gamma, beta, unused, unused.int(), unused.int(), 0, 8,
-                                       None, out, silu=False)
+    contiguous, float): the same kernels without SiLU or quantize, and no quantizer tables."""
+    if out.dtype == torch.int8:
+        raise ValueError("groupnorm_bsc writes float values; int8 codes come from groupnorm_silu_quantize_bsc")
+    return groupnorm_silu_quantize_bsc(x3, num_groups, eps, gamma, beta, None, None, None, 0, 8, None, out,
+                                       silu=False)
