@@ -24,6 +24,8 @@ The statistics are fp32 like torch's, but not summed in torch's order: a code ma
 `quantize(silu(F.group_norm(x)))` by one where that value lies within a few fp32 ulps of a rounding
 boundary (tests/triton/test_groupnorm.py bounds exactly that).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,8 +33,9 @@ import triton.language as tl
 from .numerics import interpreting, quantize_uniform, tuning_bench
 from .quantize import sample_tile, tile_configs
 
-# Register budget of the one-pass kernel: elements of x one program holds (fp32, 64 a thread at 8 warps).
-ONE_PASS_ELEMENTS = 16384
+# Register budget of the one-pass kernel: elements of x one program holds (fp32, 64 a thread at 8 warps);
+# TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs (0: always the two-kernel path).
+ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 16384))
 # Statistics programs wanted per SM before the elements of a group are split further.
 _STATS_PROGRAMS_PER_SM = 2
 _MIN_ELEMENTS_PER_SPLIT = 4096

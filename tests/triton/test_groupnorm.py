@@ -94,15 +94,17 @@ def _check_poisoned(gen, device, case, what, **launch):
 def test_one_pass_tiles_and_poisoned_output(gen, device, max_groups, monkeypatch):
     """The one-pass kernel with 3 or 1 groups a program (a divisor of G = 3; 2 is not one) of 5
     channels: 1 or 11 lanes of the 16-wide tile masked, 31 pixels of 32, into a poisoned output."""
+    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)  # the default, whatever the environment says
     tile = gn_module.one_pass_tile(31, 15, 3, max_groups)
     assert tile == ((3, 32, 16) if max_groups is None else (1, 32, 16))
     monkeypatch.setattr(gn_module, "one_pass_tile", lambda *a, **k: tile)
     _check_poisoned(gen, device, (2, 15, 31, 1, 3), f"one pass {tile}", one_pass=True)
 
 
-def test_one_pass_refuses_groups_too_large(device):
+def test_one_pass_refuses_groups_too_large(device, monkeypatch):
     """A group of 8192 pixels × 4 channels exceeds the one-pass register budget: asked for, it is refused
     (not silently run two-pass); left to the launcher, the two-kernel path takes it."""
+    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)
     assert gn_module.one_pass_tile(8192, 8, 2) is None and gn_module.one_pass_tile(4096, 8, 2) is not None
     x3 = torch.randn(1, 8192, 8, device=device)
     one, z = torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
