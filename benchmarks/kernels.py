@@ -17,7 +17,9 @@ it has the medians.
 Ops: "gemm", "conv" (below), "groupnorm" — a ResBlock's GroupNorm + SiLU before its conv:
 "torch-bf16" (F.group_norm + F.silu, bf16, channels_last as the quantized convs write it),
 "torch-bf16+quant" (the same, then the quantize kernel: what the unfused triton UNet runs) and
-"triton-fused" (`groupnorm_silu_quantize`: statistics kernel + one pass writing the conv's codes);
+"triton-fused" (`groupnorm_silu_quantize`: one kernel reading x once where a sample's norm group fits
+in registers, else statistics kernel + a pass writing the conv's codes) and "triton-fused-two-kernel"
+(always the latter, for comparison);
 the shapes and counts are the 44 norms of the 22 ResnetBlock2D of each UNet (derived from the
 diffusers configs), 32 groups — and "gemm-splitk", the GEMM shapes whose output tiles leave SMs
 idle (`choose_split_k` > 1 on this card), each Triton impl without split-K (`split_k=1`) and with
@@ -66,6 +68,7 @@ from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_w
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
 from tcaq_kernels.triton import conv_wgmma, gemm_wgmma
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
+from tcaq_kernels.triton import groupnorm
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
 
 # (M, N, K, count per UNet call)
@@ -279,14 +282,21 @@ def run_norm(model, shape, card, command):
     r_inv = torch.rand(C, device="cuda") + 0.5
     gn = lambda: F.silu(F.group_norm(x, NORM_GROUPS, w, b, 1e-5))
     n = x.numel()
+    one_pass = groupnorm.one_pass_tile(S * S, C, NORM_GROUPS) is not None
     floors = {"torch-bf16": floor_ms(2 * n + 2 * n, 0, "bf16"),  # read x, write y
-              "triton-fused": floor_ms(2 * n + 2 * n + n, 0, "int8")}  # x twice (statistics, pass), codes
+              "triton-fused": floor_ms(2 * n * (1 if one_pass else 2) + n, 0, "int8"),  # x once or twice, codes
+              "triton-fused-two-kernel": floor_ms(2 * n + 2 * n + n, 0, "int8")}
+    x3, out = x.permute(0, 2, 3, 1).reshape(B, S * S, C), torch.empty(B, S * S, C, dtype=torch.int8, device="cuda")
     impls = {
         "torch-bf16": (gn, None),
         "torch-bf16+quant": (lambda: quantize_act(gn(), t["s_inv"], t["zero"], t["group"], 8, r_inv, channel_dim=1),
                              None),
+        # the launcher's path: one pass where a sample's group fits in registers (no autotuned config then)
         "triton-fused": (lambda: groupnorm_silu_quantize(x, w, b, NORM_GROUPS, 1e-5, t["s_inv"], t["zero"], t["group"],
-                                                         8, r_inv), _gn_silu_quantize_kernel),
+                                                         8, r_inv), None if one_pass else _gn_silu_quantize_kernel),
+        "triton-fused-two-kernel": (lambda: groupnorm.groupnorm_silu_quantize_bsc(
+            x3, NORM_GROUPS, 1e-5, w, b, t["s_inv"], t["zero"], t["group"], 1, 8, r_inv, out, one_pass=False),
+            _gn_silu_quantize_kernel),
     }
     return _time_all("groupnorm", model, f"B{B} C{C} {S}x{S} G{NORM_GROUPS}", count, 0.0, impls, floors, "torch-bf16",
                      card, command)

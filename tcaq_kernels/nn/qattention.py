@@ -21,7 +21,7 @@ from ..quant.primitives import (
     ste,
 )
 from ..quant.state import ACT_KINDS, LayerState
-from .qlayers import BACKENDS, ActTables
+from .qlayers import BACKENDS, ActTables, QLinear
 from .timestep import TimestepGroups, per_sample
 
 _LOG2 = ACT_KINDS.index("log2")
@@ -38,6 +38,7 @@ class ExplicitAttnProcessor(torch.nn.Module):
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         input_ndim = hidden_states.ndim
+        hidden_states_shape = hidden_states.shape
         if input_ndim == 4:
             batch, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
@@ -45,8 +46,7 @@ class ExplicitAttnProcessor(torch.nn.Module):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states = self.normalize(attn, hidden_states)
         query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
@@ -64,9 +64,20 @@ class ExplicitAttnProcessor(torch.nn.Module):
         out = self.attention(query, key, value, attn.scale, attention_mask).to(query.dtype)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+        return self.project_out(attn, out, residual, hidden_states_shape if input_ndim == 4 else None)
+
+    def normalize(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The block's `group_norm` over the channels of its tokens [B, L, C] (none: unchanged)."""
+        if attn.group_norm is None:
+            return hidden_states
+        return attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+    def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial) -> torch.Tensor:
+        """`to_out` on the heads' output [B, L, C], back to the block input's layout (`spatial` = its
+        [B, C, H, W] shape, or None for [B, L, C] input), the residual added, the rescale applied."""
         out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if spatial is not None:
+            out = out.transpose(-1, -2).reshape(*spatial)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
@@ -89,6 +100,31 @@ class QAttnProcessor(ExplicitAttnProcessor):
         # the P kinds this layer's groups use, bit 1 << kind id (the Triton op's `p_kinds`): the kernel
         # then writes only the v operand those kinds read
         self.p_kinds = sum(1 << ACT_KINDS.index(k) for k in set(self.p.kinds))
+
+    def normalize(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        """With the triton backend, a GroupNorm kernel reading the tokens where they lie and writing them
+        contiguous — torch's GroupNorm needs a [B, C, L] copy first, and the q/k/v GEMMs a copy of its
+        transposed output each."""
+        norm = attn.group_norm
+        if self.backend == "triton" and type(norm) is torch.nn.GroupNorm:
+            from ..ops import triton_ops
+
+            return triton_ops.call(triton_ops.groupnorm, hidden_states, norm.weight, norm.bias, norm.num_groups,
+                                   norm.eps)
+        return super().normalize(attn, hidden_states)
+
+    def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial) -> torch.Tensor:
+        """With the triton backend on a [B, C, H, W] block whose `to_out.0` is a triton `QLinear`: the
+        residual added in that GEMM's epilogue (one kernel, one rounding) and the result returned as a
+        channels-last view — no transpose copy, no separate add or rescale kernel. Elsewhere diffusers' steps."""
+        proj, drop = attn.to_out[0], attn.to_out[1]
+        if (self.backend == "triton" and spatial is not None and attn.residual_connection
+                and attn.rescale_output_factor == 1 and isinstance(proj, QLinear) and proj.adds_residual
+                and (not drop.training or drop.p == 0)):
+            batch, channel, height, width = spatial
+            res = residual.permute(0, 2, 3, 1).reshape(batch, height * width, channel)  # a view if channels-last
+            return proj.add_into(out, res).view(batch, height, width, channel).permute(0, 3, 1, 2)
+        return super().project_out(attn, out, residual, spatial)
 
     def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
         """softmax(QKᵀ·scale + mask)·V on quantized operands; q, k, v are [B, heads, L, d].

@@ -172,11 +172,23 @@ class QLinear(_QWeighted):
     def _float_product(self, codes, w):
         return F.linear(codes, w)
 
-    def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype):
+    @property
+    def adds_residual(self) -> bool:
+        """Whether `add_into` can run: the triton backend, one input quantizer."""
+        return self.backend == "triton" and self.input_split is None
+
+    def add_into(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """self(x) + residual, the add in the GEMM epilogue (fp32, one rounding to x's dtype)."""
+        if not self.adds_residual:
+            raise ValueError(f"layer '{self.name}': add_into needs the triton backend and an unsplit input")
+        return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
+                            residual)
+
+    def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype, residual=None):
         from ..ops import triton_ops
 
         return triton_ops.call(triton_ops.qlinear, x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero,
-                               self.groups.group, a_bits=a.bits, r_inv=r_inv, out_dtype=out_dtype)
+                               self.groups.group, a_bits=a.bits, r_inv=r_inv, residual=residual, out_dtype=out_dtype)
 
 
 class QConv2d(_QWeighted):

@@ -11,7 +11,7 @@ Tables of a quantized layer with G timestep groups: `s_inv[G]` fp32 (1/s_a), `sc
 batch uses `table[group[b]]`.
 
 Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_silu_quantize`,
-`tcaq::triton_qlinear`, `tcaq::triton_qconv2d`, `tcaq::triton_qattention`):
+`tcaq::triton_groupnorm`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`, `tcaq::triton_qattention`):
 
     quantize_act(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False,
                  channel_dim=-1) -> codes
@@ -27,6 +27,10 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         None); uniform codes of the conv's quantizer (its s_inv/zero tables, r_inv[C]), in the NHWC
         layout `qconv2d` takes. Statistics are fp32 but not summed in torch's order: a code may
         differ by one where the value lies within fp32 rounding of a rounding boundary.
+
+    groupnorm(x, weight, bias, num_groups, eps) -> y [B, S, C] contiguous, x's dtype
+        A plain GroupNorm of x [B, S, C] (channels last, any strides: an attention block's tokens) with
+        the same kernels, fp32 statistics and affine: the layout its q/k/v projections read.
 
     qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
             residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None,
@@ -85,10 +89,10 @@ import torch
 from ..triton.attention import check_shapes, qattention_launch
 from ..triton.conv import prepare_conv_weight, qconv
 from ..triton.gemm import prepare_linear_weight, qgemm
-from ..triton.groupnorm import groupnorm_silu_quantize_bsc
+from ..triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
 from ..triton.quantize import quantize_bsc
 
-__all__ = ["quantize_act", "groupnorm_silu_quantize", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
+__all__ = ["quantize_act", "groupnorm_silu_quantize", "groupnorm", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
 
 
 _IMPLS: dict = {}  # custom op → the Python function it wraps
@@ -254,6 +258,20 @@ def groupnorm_silu_quantize(
 def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None):
     B, C, H, W = x.shape
     return x.new_empty((B, H, W, C), dtype=torch.int8)
+
+
+@_custom_op("tcaq::triton_groupnorm")
+def groupnorm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
+              eps: float) -> torch.Tensor:
+    """GroupNorm over the channels of x [B, S, C] into a contiguous [B, S, C] (see module doc)."""
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"groupnorm expects float x [B, S, C], got {tuple(x.shape)} {x.dtype}")
+    return groupnorm_bsc(x, num_groups, eps, weight, bias, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+
+
+@groupnorm.register_fake
+def _(x, weight, bias, num_groups, eps):
+    return x.new_empty(x.shape)
 
 
 # ------------------------------------------------------------------------------------------ qlinear
@@ -423,7 +441,7 @@ def qattention(
     batch, gstride = _group_layout(group, q.shape[0])
     if batch != q.shape[0]:
         raise ValueError(f"group has {group.numel()} entries for a batch of {q.shape[0]}")
-    out = torch.empty(q.shape, dtype=_float_out(q, out_dtype), device=q.device)
+    out = _heads_last(q, _float_out(q, out_dtype))
     return qattention_launch(
         q, k, v, softmax_scale, (q_s_inv, q_zero, q_scale), (k_s_inv, k_zero, k_scale), (v_s_inv, v_zero, v_scale),
         (p_s_inv, p_zero, p_scale), p_kind_ids, group, gstride, (q_bits, k_bits, v_bits, p_bits), out,
@@ -434,4 +452,11 @@ def qattention(
 def _(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero, v_s_inv, v_scale, v_zero,
       p_s_inv, p_scale, p_zero, p_kind_ids, group, q_bits=8, k_bits=8, v_bits=8, p_bits=8, p_row_norm=False,
       p_row_max=False, p_kinds=3, out_dtype=None):
-    return q.new_empty(q.shape, dtype=_float_out(q, out_dtype))
+    return _heads_last(q, _float_out(q, out_dtype))
+
+
+def _heads_last(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """qattention's output [B, H, L, d] over [B, L, H, d] memory: `to_out` reads it as [B, L, H·d]
+    without a transpose copy (the kernel writes through the strides)."""
+    B, H, L, d = q.shape
+    return q.new_empty((B, L, H, d), dtype=dtype).transpose(1, 2)

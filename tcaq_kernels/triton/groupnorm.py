@@ -7,10 +7,14 @@ output, so the float GroupNorm and SiLU results never need to reach memory: torc
 re-reads them (GroupNorm, SiLU, then the quantize kernel — three passes over a bf16 tensor), this
 writes the int8 codes the conv reads, NHWC, in one pass after the statistics.
 
-Two kernels, no host sync (CUDA-graph safe):
+No host sync (CUDA-graph safe). Where a sample's norm group (S pixels × C/G channels) fits in one
+program's registers (`one_pass_tile`, S·C/G ≤ 16384: the DDPM-CIFAR10 UNet at every level, SD-1.5 below
+64×64 where C/G ≤ 16),
+`_gn_one_pass_kernel` reads x once: the statistics from the registers (exact mean, then the mean
+square deviation), then the codes. Elsewhere two kernels read x twice:
 1. `_gn_stats_kernel`, one program per (sample, block of norm groups, split of the group's
-   elements): count, mean and M2 of its slice in fp32, tile by tile with Chan et al.'s parallel update (a shifted two-pass per
-   tile, no Σx² cancellation when the mean is large against the spread).
+   elements): count, mean and M2 of its slice in fp32, tile by tile with Chan et al.'s parallel
+   update (a shifted two-pass per tile, no Σx² cancellation when the mean is large against the spread).
 2. `_gn_silu_quantize_kernel`, a BLOCK_S × BLOCK_C tile of one sample (like quantize.py): combines
    the splits' partial statistics of its channels' groups (same formula, fixed order: deterministic),
    normalises, applies γ/β and SiLU in fp32, then quantizes exactly like quantize.py — per-sample
@@ -20,6 +24,8 @@ The statistics are fp32 like torch's, but not summed in torch's order: a code ma
 `quantize(silu(F.group_norm(x)))` by one where that value lies within a few fp32 ulps of a rounding
 boundary (tests/triton/test_groupnorm.py bounds exactly that).
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +33,9 @@ import triton.language as tl
 from .numerics import interpreting, quantize_uniform, tuning_bench
 from .quantize import sample_tile, tile_configs
 
+# Register budget of the one-pass kernel: elements of x one program holds (fp32, 64 a thread at 8 warps);
+# TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs (0: always the two-kernel path).
+ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 16384))
 # Statistics programs wanted per SM before the elements of a group are split further.
 _STATS_PROGRAMS_PER_SM = 2
 _MIN_ELEMENTS_PER_SPLIT = 4096
@@ -104,9 +113,15 @@ def _gn_silu_quantize_kernel(
     S, C, CG, NG, eps, part_stride, group_stride,
     stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr, CODES: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
+    if CODES:
+        b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
+    else:  # a plain GroupNorm: no quantizer tables (their pointers may be None)
+        b, s_inv, zero = tl.program_id(2), 1.0, 0
+        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cols < C
     mean, var = _group_moments(part_ptr, part_stride, b * NG + cols // CG, c_mask, SPLIT, SPLIT_P2)
     rstd = 1.0 / tl.sqrt_rn(var + eps)
@@ -114,16 +129,67 @@ def _gn_silu_quantize_kernel(
     mask = (rows < S)[:, None] & c_mask[None, :]
     x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs + cols[None, :] * stride_xc
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    y = (x - mean[None, :]) * rstd[None, :]
+    q = _normalised_out((x - mean[None, :]) * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr,
+                        s_inv, zero, HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
+    out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
+    tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _normalised_out(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero, HAS_AFFINE: tl.constexpr,
+                    HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr,
+                    CODES: tl.constexpr):
+    """What is stored of the normalised tile y [rows, cols]: γ/β, SiLU and TCR's 1/r in fp32, then
+    quantize.py's codes — or, without CODES, the fp32 values themselves (a plain GroupNorm). Both
+    GroupNorm paths end here, so they differ only in their statistics."""
     if HAS_AFFINE:
         gamma = tl.load(gamma_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
         y = y * gamma[None, :] + tl.load(beta_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    y = y / (1.0 + tl.exp(-y))  # SiLU
-    if HAS_RINV:
-        y = y * tl.load(r_inv_ptr + cols, mask=c_mask, other=1.0)[None, :]
-    q = quantize_uniform(y, s_inv, zero, QMIN, QMAX)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    if CODES:
+        if HAS_RINV:
+            y = y * tl.load(r_inv_ptr + cols, mask=c_mask, other=1.0)[None, :]
+        y = quantize_uniform(y, s_inv, zero, QMIN, QMAX)
+    return y
+
+
+@triton.jit
+def _gn_one_pass_kernel(
+    x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,
+    S, C, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
+    HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    SILU: tl.constexpr, CODES: tl.constexpr,
+    GROUPS: tl.constexpr, G_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """GROUPS whole norm groups of one sample (every pixel: S ≤ BLOCK_S) held in registers: the
+    statistics (exact mean, then Σ(x − mean)², two passes over the registers) and the codes from one
+    read of x. A column's group is picked with a one-hot [G_P2, BLOCK_C] mask (CG need not be a
+    power of two)."""
+    b = tl.program_id(1)
+    if CODES:
+        g = tl.load(group_ptr + b * group_stride)
+        s_inv, zero = tl.load(s_inv_ptr + g), tl.load(zero_ptr + g)
+    else:  # a plain GroupNorm: no quantizer tables (their pointers may be None)
+        s_inv, zero = 1.0, 0
+    local = tl.arange(0, BLOCK_C)
+    cols = tl.program_id(0) * GROUPS * CG + local
+    c_mask = (local < GROUPS * CG) & (cols < C)
+    rows = tl.arange(0, BLOCK_S)
+    mask = (rows < S)[:, None] & c_mask[None, :]
+    x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs + cols[None, :] * stride_xc
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    onehot = (tl.arange(0, G_P2)[:, None] == (local // CG)[None, :]) & c_mask[None, :]
+    n = tl.sum(tl.where(rows < S, 1.0, 0.0)) * CG  # S·CG as fp32 (exact), also when S and CG are constexpr 1
+    mean_g = tl.sum(tl.where(onehot, tl.sum(x, axis=0)[None, :], 0.0), axis=1) / n
+    mean = tl.sum(tl.where(onehot, mean_g[:, None], 0.0), axis=0)
+    d = tl.where(mask, x - mean[None, :], 0.0)
+    var_g = tl.sum(tl.where(onehot, tl.sum(d * d, axis=0)[None, :], 0.0), axis=1) / n
+    rstd = tl.sum(tl.where(onehot, (1.0 / tl.sqrt_rn(var_g + eps))[:, None], 0.0), axis=0)
+    q = _normalised_out(d * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero,
+                        HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
-    tl.store(out_ptrs, q, mask=mask)
+    tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _stats_tiles(x3: torch.Tensor, num_groups: int) -> tuple[bool, int, int]:
@@ -148,12 +214,39 @@ def stats_split(batch: int, group_blocks: int, elements: int, device: torch.devi
     return max(1, min(want, elements // _MIN_ELEMENTS_PER_SPLIT, _MAX_SPLIT))
 
 
+def one_pass_tile(S: int, C: int, num_groups: int, max_groups: int | None = None) -> tuple[int, int, int] | None:
+    """(groups per program, BLOCK_S, BLOCK_C) of the one-pass kernel, or None when one norm group of
+    a sample (all S pixels × C/G channels) does not fit `ONE_PASS_ELEMENTS` in registers. A program
+    takes as many groups as fit and divide G, at most `max_groups` (so that a small batch still fills the GPU)."""
+    cg = C // num_groups
+    block_s = triton.next_power_of_2(S)
+    cap = ONE_PASS_ELEMENTS // block_s
+    if cg > cap:
+        return None
+    most = min(num_groups, max_groups or num_groups)
+    groups = max(g for g in range(1, most + 1)  # a divisor of G: every program full
+                 if num_groups % g == 0 and triton.next_power_of_2(g * cg) <= cap)
+    return groups, block_s, max(triton.next_power_of_2(groups * cg), min(16, cap))
+
+
+def _groups_per_program(batch: int, num_groups: int, device: torch.device) -> int | None:
+    """At most this many norm groups per one-pass program, for `_STATS_PROGRAMS_PER_SM` programs per SM."""
+    if device.type != "cuda":
+        return None
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, (batch * num_groups) // (_STATS_PROGRAMS_PER_SM * sms))
+
+
 def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, s_inv: torch.Tensor,
                                 zero: torch.Tensor, group: torch.Tensor, group_stride: int, bits: int, r_inv,
-                                out: torch.Tensor, split: int | None = None) -> torch.Tensor:
+                                out: torch.Tensor, split: int | None = None,
+                                one_pass: bool | None = None, silu: bool = True) -> torch.Tensor:
     """Launch on a [B, S, C] view (any strides) into int8 codes `out` [B, S, C] (last dim contiguous).
 
-    `gamma`/`beta` [C] (or both None: no affine); `split` overrides `stats_split` (tests).
+    `gamma`/`beta` [C] (or both None: no affine). Where a sample's norm group fits in one program's
+    registers (`one_pass_tile`) one kernel reads x once; elsewhere — or with `one_pass=False`, or a
+    `split` (tests: it overrides `stats_split`) — the statistics kernel runs first and x is read twice.
+    An `out` of another dtype than int8 receives the normalised values (SiLU unless `silu=False`), not codes.
     """
     B, S, C = x3.shape
     if C % num_groups:
@@ -163,6 +256,24 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     if out.numel() == 0:
         return out
     cg = C // num_groups
+    tile = None
+    if split is None and one_pass is not False:
+        tile = one_pass_tile(S, C, num_groups, _groups_per_program(B, num_groups, x3.device))
+    if one_pass and tile is None:
+        raise ValueError(f"GroupNorm: one_pass=True, but a group of {S} pixels × {cg} channels exceeds "
+                         f"ONE_PASS_ELEMENTS={ONE_PASS_ELEMENTS}" + (" (split given)" if split else ""))
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if tile is not None:
+        groups, block_s, block_c = tile
+        _gn_one_pass_kernel[(triton.cdiv(num_groups, groups), B)](
+            x3, out, gamma, beta, r_inv, s_inv, zero, group, S, C, cg, eps, group_stride,
+            x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
+            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
+            CODES=out.dtype == torch.int8, GROUPS=groups,
+            G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s, BLOCK_C=block_c,
+            num_warps=8 if block_s * block_c >= 8192 else 4,
+        )
+        return out
     channel_fastest, block_g, block_e = _stats_tiles(x3, num_groups)
     group_blocks = triton.cdiv(num_groups, block_g)
     split = split or stats_split(B, group_blocks, cg * S, x3.device)
@@ -175,11 +286,20 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     )
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(C, meta["BLOCK_C"]), B)
     _gn_silu_quantize_kernel[grid](
-        x3, out, part, gamma if gamma is not None else part, beta if beta is not None else part,
-        r_inv if r_inv is not None else s_inv, s_inv, zero, group,
+        x3, out, part, gamma, beta,
+        r_inv, s_inv, zero, group,
         S, C, cg, num_groups, eps, part_stride, group_stride,
         x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), HAS_AFFINE=gamma is not None,
-        HAS_RINV=r_inv is not None, QMIN=-(1 << (bits - 1)), QMAX=(1 << (bits - 1)) - 1,
+        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu, CODES=out.dtype == torch.int8,
     )
     return out
+
+
+def groupnorm_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, out: torch.Tensor) -> torch.Tensor:
+    """A plain GroupNorm of the [B, S, C] view `x3` (any strides) into `out` [B, S, C] (last dim
+    contiguous, float): the same kernels without SiLU or quantize, and no quantizer tables."""
+    if out.dtype == torch.int8:
+        raise ValueError("groupnorm_bsc writes float values; int8 codes come from groupnorm_silu_quantize_bsc")
+    return groupnorm_silu_quantize_bsc(x3, num_groups, eps, gamma, beta, None, None, None, 0, 8, None, out,
+                                       silu=False)

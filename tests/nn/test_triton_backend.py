@@ -75,3 +75,51 @@ def test_triton_unet_matches_reference_on_gpu(ref_unet, ref_scheduler, ref_state
     images = {b: ddim_sample(m, ref_scheduler, noise, 10, progress=False) for b, m in models.items()}
     mse = (images["triton"] - images["reference"]).pow(2).mean().item()
     assert mse < 1e-4, mse
+
+
+def test_attention_block_adds_residual_in_to_out_epilogue(ref_unet, ref_state_w8a8, rng, monkeypatch):
+    """The triton processor's tail — the residual added in `to_out.0`'s epilogue, a channels-last view
+    returned — against diffusers' tail (to_out, transpose copy, add) on the same triton layers: equal to
+    fp32 rounding, and the fused path really taken. 5×4 pixels keep the interpreter fast."""
+    from tcaq_kernels.nn.qlayers import QLinear
+
+    model = tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="triton")
+    block = model.get_submodule("down_blocks.1.attentions.0")
+    channels = block.to_q.weight_shape[1]
+    x = torch.randn(2, channels, 5, 4, generator=rng).to(memory_format=torch.channels_last)
+    model.tcaq_groups.update(torch.tensor([900, 100]), 2)
+    calls = []
+    add_into = QLinear.add_into
+    monkeypatch.setattr(QLinear, "add_into", lambda self, *a: calls.append(self.name) or add_into(self, *a))
+    with torch.no_grad():
+        fused = block(x)
+        assert calls == ["down_blocks.1.attentions.0.to_out.0"]
+        monkeypatch.setattr(QLinear, "adds_residual", property(lambda self: False))
+        plain = block(x)
+    assert len(calls) == 1 and fused.shape == plain.shape == x.shape
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5 * plain.abs().max().item())
+
+
+def test_attention_block_norm_kernel(ref_unet, ref_state_w8a8, rng, monkeypatch):
+    """The triton processor's GroupNorm (`triton_ops.groupnorm`: the tokens read where they lie, written
+    contiguous) against diffusers' GroupNorm on the same triton layers. The statistics are summed in
+    another order, so a q/k/v code may flip at a rounding boundary: the outputs agree to 1e-3 relative."""
+    from tcaq_kernels.nn.qattention import ExplicitAttnProcessor, QAttnProcessor
+    from tcaq_kernels.ops import triton_ops
+
+    model = tcaq_kernels.convert(ref_unet, ref_state_w8a8, backend="triton")
+    block = model.get_submodule("down_blocks.1.attentions.0")
+    x = torch.randn(2, block.to_q.weight_shape[1], 5, 4, generator=rng).to(memory_format=torch.channels_last)
+    model.tcaq_groups.update(torch.tensor([900, 100]), 2)
+    calls = []
+    norm = triton_ops.groupnorm
+    monkeypatch.setattr(triton_ops, "groupnorm", lambda *a: calls.append(a[0].shape) or norm(*a))
+    with torch.no_grad():
+        kernel = block(x)
+        assert calls == [(2, 20, x.shape[1])]
+        monkeypatch.setattr(QAttnProcessor, "normalize", ExplicitAttnProcessor.normalize)
+        torch_norm = block(x)
+    assert len(calls) == 1
+    rel = ((kernel - torch_norm).norm() / torch_norm.norm()).item()
+    assert rel < 1e-3, rel  # 0 where no code flipped: after the norm only q/k/v codes are read

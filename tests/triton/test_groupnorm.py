@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tcaq_kernels.ops.triton_ops import groupnorm_silu_quantize, prepare_conv_weight, qconv2d
-from tcaq_kernels.triton.groupnorm import groupnorm_silu_quantize_bsc
+from tcaq_kernels.ops.triton_ops import groupnorm, groupnorm_silu_quantize, prepare_conv_weight, qconv2d
+from tcaq_kernels.triton import groupnorm as gn_module
+from tcaq_kernels.triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
 
 from _gn_band import assert_codes_within_band, band, reference
 from _tables import Tables, rand_int
@@ -40,17 +41,28 @@ def _cpu(v):
     return None if v is None else v.cpu()
 
 
+def _force(path, monkeypatch):
+    """"auto": the launcher's choice (one pass wherever a group fits, as on these small shapes);
+    "two-kernel": the statistics kernel, then the codes kernel."""
+    if path == "two-kernel":
+        monkeypatch.setattr(gn_module, "one_pass_tile", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("path", ["auto", "two-kernel"])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_codes_match_reference(gen, device, case, bits):
+def test_codes_match_reference(gen, device, case, bits, path, monkeypatch):
+    _force(path, monkeypatch)
     B, C, H, W, G = case
     x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W, bits=bits)
     codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, bits, r_inv)
     _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} A{bits}")
 
 
+@pytest.mark.parametrize("path", ["auto", "two-kernel"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_input_channels_last_no_affine(gen, device, dtype):
+def test_half_input_channels_last_no_affine(gen, device, dtype, path, monkeypatch):
+    _force(path, monkeypatch)
     B, C, H, W, G = 2, 24, 6, 5, 8
     x, _, _, _, t = _inputs(gen, device, B, C, H, W, dtype=dtype, affine=False, tcr=False)
     x = x.to(memory_format=torch.channels_last)
@@ -63,14 +75,42 @@ def test_split_statistics_and_poisoned_output(gen, device, split):
     """Statistics summed over several programs per group (the GPU's choice on small batches), an
     empty split included (15 splits of 4·31 elements: 9 each), into an output poisoned with two
     sentinels."""
-    B, C, H, W, G = 2, 12, 31, 1, 3
+    _check_poisoned(gen, device, (2, 12, 31, 1, 3), f"split {split}", split=split)
+
+
+def _check_poisoned(gen, device, case, what, **launch):
+    """The launcher on a [B, H·W, C] column of pixels into outputs poisoned with two sentinels."""
+    B, C, H, W, G = case
     x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
     x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
     for sentinel in (-77, 91):
         out = torch.full((B, H, W, C), sentinel, dtype=torch.int8, device=device)
         groupnorm_silu_quantize_bsc(x3, G, 1e-5, gamma, beta, t.s_inv, t.zero, t.group, 1, 8, r_inv,
-                                    out.view(B, H * W, C), split=split)
-        _check(out, x, G, gamma, beta, 1e-5, r_inv, t, f"split {split}, sentinel {sentinel}")
+                                    out.view(B, H * W, C), **launch)
+        _check(out, x, G, gamma, beta, 1e-5, r_inv, t, f"{what}, sentinel {sentinel}")
+
+
+@pytest.mark.parametrize("max_groups", [None, 2, 1])
+def test_one_pass_tiles_and_poisoned_output(gen, device, max_groups, monkeypatch):
+    """The one-pass kernel with 3 or 1 groups a program (a divisor of G = 3; 2 is not one) of 5
+    channels: 1 or 11 lanes of the 16-wide tile masked, 31 pixels of 32, into a poisoned output."""
+    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)  # the default, whatever the environment says
+    tile = gn_module.one_pass_tile(31, 15, 3, max_groups)
+    assert tile == ((3, 32, 16) if max_groups is None else (1, 32, 16))
+    monkeypatch.setattr(gn_module, "one_pass_tile", lambda *a, **k: tile)
+    _check_poisoned(gen, device, (2, 15, 31, 1, 3), f"one pass {tile}", one_pass=True)
+
+
+def test_one_pass_refuses_groups_too_large(device, monkeypatch):
+    """A group of 8192 pixels × 4 channels exceeds the one-pass register budget: asked for, it is refused
+    (not silently run two-pass); left to the launcher, the two-kernel path takes it."""
+    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)
+    assert gn_module.one_pass_tile(8192, 8, 2) is None and gn_module.one_pass_tile(4096, 8, 2) is not None
+    x3 = torch.randn(1, 8192, 8, device=device)
+    one, z = torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.empty(1, 8192, 8, dtype=torch.int8, device=device)
+    with pytest.raises(ValueError, match="exceeds ONE_PASS_ELEMENTS"):
+        groupnorm_silu_quantize_bsc(x3, 2, 1e-5, None, None, one, z, z, 0, 8, None, out, one_pass=True)
 
 
 def test_one_group_for_the_batch_feeds_the_conv(gen, device):
@@ -116,9 +156,32 @@ def test_fake_impl_matches(device):
 @pytest.mark.parametrize("case", [(2, 320, 64, 64, 32), (2, 1280, 8, 8, 32), (8, 640, 32, 32, 32),
                                   (2, 2560, 16, 16, 32), (64, 128, 32, 32, 32), (64, 256, 4, 4, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_large_shapes(gen, case, dtype):
+@pytest.mark.parametrize("path", ["auto", "two-kernel"])
+def test_large_shapes(gen, case, dtype, path, monkeypatch):
+    _force(path, monkeypatch)
     B, C, H, W, G = case
     x, gamma, beta, r_inv, t = _inputs(gen, "cuda", B, C, H, W, dtype=dtype)
     x = x.to(memory_format=torch.channels_last) if C % 640 == 0 else x
     codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, 8, r_inv)
     _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} {dtype}")
+
+
+@pytest.mark.parametrize("path", ["auto", "two-kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_groupnorm_of_strided_tokens(gen, device, dtype, path, monkeypatch):
+    """`groupnorm` (no SiLU, no quantize) of an attention block's tokens [B, L, C] — a transposed view,
+    as the block hands them over — against torch's fp32 GroupNorm, in the input's dtype; and through
+    the launcher into a poisoned output."""
+    _force(path, monkeypatch)
+    B, C, L, G = 2, 24, 35, 8
+    x = (torch.randn(B, C, L, generator=gen) * 2 + torch.randn(1, C, 1, generator=gen) * 4).to(dtype).to(device)
+    gamma, beta = torch.randn(C, generator=gen).to(device), torch.randn(C, generator=gen).to(device)
+    tokens = x.transpose(1, 2)
+    ref = F.group_norm(x.float(), G, gamma, beta, 1e-5).transpose(1, 2).to(dtype)
+    y = groupnorm(tokens, gamma, beta, G, 1e-5)
+    assert y.shape == (B, L, C) and y.dtype == dtype and y.is_contiguous()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(y, ref, **tol)
+    out = torch.full((B, L, C), float("nan"), dtype=dtype, device=device)
+    groupnorm_bsc(tokens, G, 1e-5, gamma, beta, out)
+    torch.testing.assert_close(out, ref, **tol)
