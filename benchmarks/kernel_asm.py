@@ -134,21 +134,27 @@ def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = Fals
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
 
-def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1):
+def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1, c2: int | None = None):
     """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
-    with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums)."""
+    with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums; `c2`: a
+    split input whose second channel range starts there, two int32 sums)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
     OH, OW = (H + 2 * (k // 2) - k) // stride + 1, (W + 2 * (k // 2) - k) // stride + 1
-    cw = (C + 1) // 2 if w4 else C
-    ptrs = dict(x_ptr="*i8", w_ptr="*u8" if w4 else "*i8", w_tap_sum_ptr="*i32", w_scale_ptr="*fp32", bias_ptr="*bf16",
+    c1, c_2 = (C, 0) if c2 is None else (c2, C - c2)
+    cw = lambda c: (c + 1) // 2 if w4 else c
+    w_ty = "*u8" if w4 else "*i8"
+    ptrs = dict(x_ptr="*i8", w_ptr=w_ty, w_tap_sum_ptr="*i32", w_scale_ptr="*fp32", bias_ptr="*bf16",
                 res_ptr="*bf16", out_ptr="*bf16", part_ptr="*i32" if split_k > 1 else "*bf16", scale_ptr="*fp32", zero_ptr="*i32", group_ptr="*i32",
-                out_s_inv_ptr="*bf16", out_zero_ptr="*bf16", out_r_inv_ptr="*bf16")
-    ints = dict(B=B, H=H, W=W, C=C, CW=cw, N=N, OH=OH, OW=OW, pad_h=k // 2, pad_w=k // 2, group_stride=1,
-                stride_wn=k * k * cw, stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
+                out_s_inv_ptr="*bf16", out_zero_ptr="*bf16", out_r_inv_ptr="*bf16",
+                w2_ptr=w_ty, w2_tap_sum_ptr="*i32", scale2_ptr="*fp32", zero2_ptr="*i32")
+    ints = dict(B=B, H=H, W=W, C=c1, CW=cw(c1), C2=c_2, CW2=cw(c_2 or c1), N=N, OH=OH, OW=OW, pad_h=k // 2,
+                pad_w=k // 2, group_stride=1, stride_wn=k * k * cw(c1), stride_w2n=k * k * cw(c_2 or c1),
+                stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
-    constexprs = dict(KH=k, KW=k, STRIDE=stride, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False, OUT_Q=False, OUT_HAS_RINV=False,
+    constexprs = dict(KH=k, KW=k, STRIDE=stride, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
+                      TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
                       OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)

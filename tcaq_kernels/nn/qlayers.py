@@ -12,11 +12,14 @@ channel range, combined as ops/reference.py states:
 * reference / simulate: each range is quantized with its own tables and multiplied by its weight
   slice; the simulate backend keeps integer-valued fp32 codes × integer weights (exact sums), so
   both backends feed `ref.epilogue` the same accumulators and agree bit for bit.
-* triton: two calls of the unsplit ops of ops/triton_ops.py, one per range, each with its weight
-  slice prepared once here and no bias, asked for fp32 `acc_i·(s_w·s_ai)`; the two are added and
-  then the bias, in torch. That is the reference's order with the same roundings, so the result
-  is expected to equal the reference exactly whenever the accumulators do (tested under the
-  interpreter); the guarantee we state is agreement within fp32 rounding of the final combine.
+* triton, `QConv2d`: one `qconv2d` call with the split arguments — the quantize writes both ranges'
+  codes with their own tables, and the conv kernel keeps an int32 sum per range (each with its
+  weight slice, prepared once here) and combines them in its epilogue in the reference's order.
+* triton, `QLinear`: two calls of the unsplit op, one per range, each with no bias and asked for fp32
+  `acc_i·(s_w·s_ai)`; the two are added and then the bias, in torch (the reference's order).
+  Either way the result is expected to equal the reference exactly whenever the accumulators do
+  (tested under the interpreter); the guarantee we state is agreement within fp32 rounding of the
+  final combine (a GPU may contract it into an fma).
 """
 from __future__ import annotations
 
@@ -219,9 +222,25 @@ class QConv2d(_QWeighted):
     def _float_product(self, codes, w):
         return F.conv2d(codes, w, None, self.stride, self.padding, self.dilation)
 
-    def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype):
+    def _triton_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One kernel call (quantize, then the conv), a split input included: see `split_args`."""
+        if self.input_split is not None and self.act_skip.bits != self.act.bits:
+            return super()._triton_forward(x)  # two widths: one call per range
+        return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
+                            **self.split_args())
+
+    def split_args(self) -> dict:
+        """`qconv2d`'s keyword arguments of the second input range (the skip channels [input_split, C):
+        their weights and quantizer tables), {} for an unsplit input."""
+        if self.input_split is None:
+            return {}
+        a = self.act_skip
+        return dict(c2=self.input_split, w_q2=self.triton_weight_skip, w_sum2=self.triton_wsum_skip,
+                    s_inv2=a.s_inv, scale2=a.scale, zero2=a.zero)
+
+    def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype, **split):
         from ..ops import triton_ops
 
         return triton_ops.call(triton_ops.qconv2d, x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero,
                                self.groups.group, self.stride[0], list(self.padding), a_bits=a.bits, r_inv=r_inv,
-                               out_dtype=out_dtype)
+                               out_dtype=out_dtype, **split)

@@ -11,8 +11,10 @@ connection (the residual of conv2), so each half of the block is two kernels.
 `fuse_resnet(name, block)` swaps the block's class for `FusedResnetBlock2D` (a subclass: module
 names, state dict and `isinstance` stay diffusers'), fusing each half whose conv qualifies, or
 returns why nothing could be fused. Each half falls back to diffusers' own code when:
-* its conv is not a triton `QConv2d` (kept float, or another backend), has a split input (two
-  quantizers by channel range, see quant/state.py), or has a non-uniform quantizer kind;
+* its conv is not a triton `QConv2d` (kept float, or another backend), or has a non-uniform quantizer
+  kind, or a split input (two quantizers by channel range, quant/state.py) of two widths; a split
+  input of one width is fused: the norm kernel writes each range's codes with its own quantizer and
+  the conv keeps one int32 sum per range (`QConv2d.split_args`);
 * its norm is not a GroupNorm over the conv's input channels, or the activation is not SiLU;
 * half 1: the block resamples (`up`/`down`: the resampling sits between SiLU and conv1);
 * half 2: `time_embedding_norm` is not "default" (scale_shift modulates between norm2 and SiLU).
@@ -35,9 +37,10 @@ def _half_refusal(norm: torch.nn.Module, conv: torch.nn.Module, act: torch.nn.Mo
     """Why `act(norm(x)) → conv` cannot run fused, or None when it can."""
     if not isinstance(conv, QConv2d) or conv.backend != "triton":
         return "conv is not a triton QConv2d"
-    if getattr(conv, "input_split", None) is not None:
-        return "conv has a split input (two activation quantizers)"
-    if any(kind != "uniform" for kind in conv.act.kinds):
+    tables = [conv.act] if conv.input_split is None else [conv.act, conv.act_skip]
+    if conv.input_split is not None and conv.act_skip.bits != conv.act.bits:
+        return "conv has a split input of two widths"
+    if any(kind != "uniform" for t in tables for kind in t.kinds):
         return "conv input quantizer is not uniform in every timestep group"
     if not isinstance(norm, torch.nn.GroupNorm) or norm.num_channels != conv.weight_shape[1]:
         return "norm is not a GroupNorm over the conv's input channels"
@@ -69,12 +72,13 @@ def fuse_resnet(name: str, block: ResnetBlock2D) -> dict[str, str]:
 def _norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
                     residual: Optional[torch.Tensor]) -> torch.Tensor:
     """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes."""
-    a, group = conv.act, conv.groups.group
+    a, group, split = conv.act, conv.groups.group, conv.split_args()
+    norm_split = {k: split[k] for k in ("c2", "s_inv2", "zero2") if k in split}
     codes = triton_ops.call(triton_ops.groupnorm_silu_quantize, x, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                            a.s_inv, a.zero, group, a.bits, conv.r_inv)
+                            a.s_inv, a.zero, group, a.bits, conv.r_inv, **norm_split)
     return triton_ops.call(triton_ops.qconv2d, codes, conv.triton_weight, conv.triton_wsum, conv.w_scale, conv.bias,
                            a.s_inv, a.scale, a.zero, group, conv.stride[0], list(conv.padding), a_bits=a.bits,
-                           r_inv=conv.r_inv, residual=residual, out_dtype=x.dtype)
+                           r_inv=conv.r_inv, residual=residual, out_dtype=x.dtype, **split)
 
 
 def _conv_out_shape(conv: QConv2d, x: torch.Tensor) -> tuple[int, int, int, int]:

@@ -20,13 +20,15 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         reciprocal, optional); pack4 (bits ≤ 4) → uint8 [..., ⌈C/2⌉], low nibble = even channel.
         mode "log2": uint8 codes of `quantize_log2` (zero may be None, r_inv must be None).
 
-    groupnorm_silu_quantize(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None)
+    groupnorm_silu_quantize(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None,
+                            c2=None, s_inv2=None, zero2=None)
             -> codes [B, H, W, C] int8
         A ResBlock's `silu(group_norm(x))` quantized for the next conv, one pass after the statistics
         (triton/groupnorm.py): x float [B, C, H, W] in any memory format; weight/bias [C] (or both
         None); uniform codes of the conv's quantizer (its s_inv/zero tables, r_inv[C]), in the NHWC
         layout `qconv2d` takes. Statistics are fp32 but not summed in torch's order: a code may
-        differ by one where the value lies within fp32 rounding of a rounding boundary.
+        differ by one where the value lies within fp32 rounding of a rounding boundary. A split input
+        (c2, s_inv2, zero2): channels [c2, C) get the second quantizer's codes, as qconv2d's split reads them.
 
     groupnorm(x, weight, bias, num_groups, eps) -> y [B, S, C] contiguous, x's dtype
         A plain GroupNorm of x [B, S, C] (channels last, any strides: an attention block's tokens) with
@@ -51,7 +53,8 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
 
     qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
             a_bits=8, r_inv=None, residual=None, out_dtype=None, split_k=None, out_s_inv=None,
-            out_zero=None, out_r_inv=None, out_bits=8)
+            out_zero=None, out_r_inv=None, out_bits=8, c2=None, w_q2=None, w_sum2=None, s_inv2=None,
+            scale2=None, zero2=None)
             -> y [B, N, OH, OW] channels_last, or int8 codes [B, OH, OW, N]
         x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
         kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)` or
@@ -65,6 +68,12 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         n > 1 up to n ways; the result does not depend on it. out_s_inv / out_zero / out_r_inv /
         out_bits: the quantized output, as qlinear's; the codes come NHWC [B, OH, OW, N], the layout
         qconv2d takes as int8 input.
+        A split input (an up block's skip concatenation, quant/state.py `input_split`): input channels
+        [c2, C) have their own quantizer (s_inv2, scale2, zero2 tables; same bits; r_inv still covers
+        all C) and their own weights (w_q2, w_sum2) = `prepare_conv_weight` of w_int[:, c2:], while
+        (w_q, w_sum) then hold w_int[:, :c2]. One kernel keeps an int32 sum per range and returns
+        acc₁·(s_w·s_a₁) + acc₂·(s_w·s_a₂) + bias (ops/reference.py's order); codes input is then the
+        whole [B, H, W, C] (e.g. `groupnorm_silu_quantize` with the same c2). No split-K with it.
 
     qattention(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero,
                v_s_inv, v_scale, v_zero, p_s_inv, p_scale, p_zero, p_kind_ids, group,
@@ -240,6 +249,9 @@ def groupnorm_silu_quantize(
     group: torch.Tensor,
     bits: int = 8,
     r_inv: Optional[torch.Tensor] = None,
+    c2: Optional[int] = None,
+    s_inv2: Optional[torch.Tensor] = None,
+    zero2: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """NHWC int8 codes of `silu(group_norm(x))` with the next conv's quantizer (see module doc)."""
     if x.dim() != 4:
@@ -250,12 +262,13 @@ def groupnorm_silu_quantize(
         raise ValueError(f"group has {group.numel()} entries for a batch of {B}")
     out = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
     groupnorm_silu_quantize_bsc(x.permute(0, 2, 3, 1).reshape(B, H * W, C), num_groups, eps, weight, bias, s_inv,
-                                zero, group, gstride, bits, r_inv, out.view(B, H * W, C))
+                                zero, group, gstride, bits, r_inv, out.view(B, H * W, C),
+                                **({} if c2 is None else dict(c2=c2, s_inv2=s_inv2, zero2=zero2)))
     return out
 
 
 @groupnorm_silu_quantize.register_fake
-def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None):
+def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None, c2=None, s_inv2=None, zero2=None):
     B, C, H, W = x.shape
     return x.new_empty((B, H, W, C), dtype=torch.int8)
 
@@ -367,6 +380,12 @@ def qconv2d(
     out_zero: Optional[torch.Tensor] = None,
     out_r_inv: Optional[torch.Tensor] = None,
     out_bits: int = 8,
+    c2: Optional[int] = None,
+    w_q2: Optional[torch.Tensor] = None,
+    w_sum2: Optional[torch.Tensor] = None,
+    s_inv2: Optional[torch.Tensor] = None,
+    scale2: Optional[torch.Tensor] = None,
+    zero2: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Quantized conv2d (implicit GEMM on NHWC codes); returns a channels-last NCHW tensor, or NHWC
     int8 codes for the next layer (see module doc)."""
@@ -374,30 +393,58 @@ def qconv2d(
     if batch != x.shape[0]:
         raise ValueError(f"group has {group.numel()} entries for a batch of {x.shape[0]}")
     _require_dense("qconv2d", w_sum=w_sum, w_scale=w_scale, bias=bias, s_inv=s_inv, scale=scale, zero=zero, r_inv=r_inv,
-                   out_s_inv=out_s_inv, out_zero=out_zero, out_r_inv=out_r_inv)
+                   out_s_inv=out_s_inv, out_zero=out_zero, out_r_inv=out_r_inv, w_sum2=w_sum2, s_inv2=s_inv2,
+                   scale2=scale2, zero2=zero2)
     dtype = _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits)
+    C = x.shape[3] if x.dtype == torch.int8 else x.shape[1]
+    second = _second_range(C, c2, w_q, w_q2, w_sum2, s_inv2, scale2, zero2)
     if x.dtype == torch.int8:
         codes = x
         c_w = w_q.shape[3] * (2 if w_q.dtype == torch.uint8 else 1)
-        if x.dim() != 4 or x.shape[3] not in (c_w, c_w - (w_q.dtype == torch.uint8)):
+        c_1 = C if c2 is None else c2
+        if x.dim() != 4 or c_1 not in (c_w, c_w - (w_q.dtype == torch.uint8)):
             raise ValueError(f"qconv2d: int8 codes must be NHWC [B, H, W, C] with the weight's C, "
-                             f"got {tuple(x.shape)} for weights {tuple(w_q.shape)}")
+                             f"got {tuple(x.shape)} for weights {tuple(w_q.shape)}" + (f" and c2={c2}" if c2 else ""))
     else:
         B, C, H, W = x.shape
         x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
         codes = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
-        quantize_bsc(x3, s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C))
+        quantize_bsc(x3, s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C),
+                     **({} if c2 is None else dict(c2=c2, s_inv2=s_inv2, zero2=zero2)))
     result = _conv_out(x, w_q, stride, padding, dtype)
     out = result.permute(0, 3, 1, 2) if dtype == torch.int8 else result  # qconv writes through NCHW indices
     qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
-          residual, out, split_k, out_s_inv, out_zero, out_r_inv, out_bits)
+          residual, out, split_k, out_s_inv, out_zero, out_r_inv, out_bits, second)
     return result
+
+
+def _second_range(C: int, c2, w_q, w_q2, w_sum2, s_inv2, scale2, zero2) -> Optional[tuple]:
+    """qconv's `second` from qconv2d's split arguments (all given, or none), checked."""
+    given = {"w_q2": w_q2, "w_sum2": w_sum2, "s_inv2": s_inv2, "scale2": scale2, "zero2": zero2}
+    if c2 is None:
+        extra = [name for name, t in given.items() if t is not None]
+        if extra:
+            raise ValueError(f"qconv2d: {', '.join(extra)} belong to a split input, which needs c2")
+        return None
+    missing = [name for name, t in given.items() if t is None]
+    if missing:
+        raise ValueError(f"qconv2d: a split input (c2={c2}) needs {', '.join(missing)}")
+    if not 0 < c2 < C:
+        raise ValueError(f"qconv2d: c2={c2} must lie inside the input's {C} channels")
+    c_w2 = w_q2.shape[3] * (2 if w_q2.dtype == torch.uint8 else 1)
+    c_ok = C - c2 in (c_w2, c_w2 - (w_q2.dtype == torch.uint8))
+    if w_q2.dtype != w_q.dtype or w_q2.shape[:3] != w_q.shape[:3] or not c_ok:
+        raise ValueError(f"qconv2d: w_q2 {tuple(w_q2.shape)} {w_q2.dtype} is not the weights of channels [{c2}, {C}) "
+                         f"beside w_q {tuple(w_q.shape)} {w_q.dtype}")
+    if s_inv2.shape != scale2.shape or zero2.shape != scale2.shape:
+        raise ValueError("qconv2d: s_inv2, scale2 and zero2 must be tables [G] of one length")
+    return (c2, w_q2, w_sum2, scale2, zero2)
 
 
 @qconv2d.register_fake
 def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, a_bits=8,
       r_inv=None, residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None, out_r_inv=None,
-      out_bits=8):
+      out_bits=8, c2=None, w_q2=None, w_sum2=None, s_inv2=None, scale2=None, zero2=None):
     return _conv_out(x, w_q, stride, padding,
                      _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits))
 

@@ -58,17 +58,18 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(),
-                 key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "OUT_Q"],
+                 key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "OUT_Q"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
-@triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0})
+@triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qconv_kernel(
     x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
-    B, H, W, C, N, OH, OW, pad_h, pad_w, group_stride,
-    stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
+    w2_ptr, w2_tap_sum_ptr, scale2_ptr, zero2_ptr,
+    B, H, W, C, C2, N, OH, OW, pad_h, pad_w, group_stride,
+    stride_wn, stride_w2n, stride_rb, stride_rc, stride_rh, stride_rw,
     KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
-    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr,
+    W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, TWO_Q: tl.constexpr,
     OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_C: tl.constexpr,
@@ -82,8 +83,35 @@ def _qconv_kernel(
     b, oh, ow, g, zero = output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr)
     ih0 = oh * STRIDE - pad_h
     iw0 = ow * STRIDE - pad_w
-    x_rows = x_ptr + (b.to(tl.int64) * H * W * C)[:, None]
+    CX = C + C2  # a pixel's codes: the first range's C channels, then the second's C2 (0 without one)
+    x_rows = x_ptr + (b.to(tl.int64) * H * W * CX)[:, None]
+    acc = _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, W4, SPLIT_K,
+                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
+    if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights
+        acc2 = _reduce(x_rows + C, ih0, iw0, w2_ptr, rn_in, stride_w2n, H, W, C2, CX, KH, KW, W4, SPLIT_K,
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
+        zero2 = tl.load(zero2_ptr + g)
+    else:
+        acc2, zero2 = acc, zero
 
+    if SPLIT_K > 1:
+        # int32 partial sums; `_splitk_conv_epilogue_kernel` adds them in split order and finishes
+        part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
+        tl.store(part, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
+    else:
+        conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
+                      w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                      out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
+                      KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
+                      acc2, zero2, w2_tap_sum_ptr, scale2_ptr, TWO_Q)
+
+
+@triton.jit
+def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.constexpr, KW: tl.constexpr,
+            W4: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr):
+    """Σ w·a over this program's reduction steps (tap, channel block) of one channel range: C channels
+    starting at `x_rows` in pixels of CX codes, weights [N, KH, KW, C] (packed: ⌈C/2⌉ bytes a tap)."""
     rk = tl.arange(0, BLOCK_K)
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
@@ -113,7 +141,7 @@ def _qconv_kernel(
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         # Out-of-image taps read 0 here (a zero-filled async copy, so the tile stays in shared
         # memory for the MMA); the epilogue turns them into the padding code z.
-        a_ptrs = x_rows + ((ih * W + iw) * C + c0)[:, None] + rk[None, :]
+        a_ptrs = x_rows + ((ih * W + iw) * CX + c0)[:, None] + rk[None, :]
         if EVEN_C:
             a = tl.load(a_ptrs, mask=inside[:, None], other=0)
         else:
@@ -130,16 +158,7 @@ def _qconv_kernel(
             else:
                 w = tl.load(w_ptrs, mask=(rk < C - c0)[None, :], other=0)
         acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
-
-    if SPLIT_K > 1:
-        # int32 partial sums; `_splitk_conv_epilogue_kernel` adds them in split order and finishes
-        part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
-        tl.store(part, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
-    else:
-        conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
-                      w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                      out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
-                      KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
+    return acc
 
 
 @triton.jit
@@ -172,28 +191,25 @@ def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
                   w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
                   KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                  OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr):
+                  OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
+                  acc2, zero2, w2_tap_sum_ptr, scale2_ptr, TWO_Q: tl.constexpr):
     """Zero point and padding correction in int32, then acc·(s_w·s_a) + bias (+ residual) in fp32
     (scale formed first), stored to out[rm, rn] (NHWC rows = output pixels) — or, with OUT_Q, its
     int8 codes for the next layer (`quantize_output`).
 
     `acc` is Σ w·a with out-of-image taps read as 0; `ih0`/`iw0` are the rows' top-left input
-    coordinates, `zero`/`g` their zero points and timestep groups. Shared by the unsplit kernel
-    and the split-K reduction, so both round the same way.
+    coordinates, `zero`/`g` their zero points and timestep groups. With TWO_Q, `acc2` is the second
+    channel range's sum (its zero points `zero2`, tap sums and scales), added as ops/reference.py's
+    `epilogue` adds it: acc·(s_w·s_a) + acc2·(s_w·s_a2), then the bias. Shared by the unsplit kernels
+    and the split-K reduction, so all round the same way.
     """
-    # acc − z·Σ_{taps inside the image} Σ_c w  =  Σ w·(a − z) with the padding read as z
-    # (DESIGN.md §3); per-tap weight sums come precomputed. Applied tap by tap straight into acc,
-    # in a loop the compiler does not unroll: a second BLOCK_M × BLOCK_N sum, or nine hoisted
-    # tap-sum vectors, would spill registers.
     n_mask = rn < N
-    for tap in range(0, KH * KW):
-        ih = ih0 + tap // KW
-        iw = iw0 + tap % KW
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        tap_sum = tl.load(w_tap_sum_ptr + rn * (KH * KW) + tap, mask=n_mask, other=0)
-        acc -= tl.where(inside[:, None], zero[:, None] * tap_sum[None, :], 0)
-    s_a = tl.load(scale_ptr + g)
-    y = acc.to(tl.float32) * (tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)[None, :] * s_a[:, None])
+    acc = _padding_corrected(acc, zero, w_tap_sum_ptr, rn, n_mask, ih0, iw0, H, W, KH, KW)
+    s_w = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
+    y = acc.to(tl.float32) * (s_w * tl.load(scale_ptr + g)[:, None])
+    if TWO_Q:
+        acc2 = _padding_corrected(acc2, zero2, w2_tap_sum_ptr, rn, n_mask, ih0, iw0, H, W, KH, KW)
+        y = y + acc2.to(tl.float32) * (s_w * tl.load(scale2_ptr + g)[:, None])
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = (rm < M)[:, None] & n_mask[None, :]
@@ -206,6 +222,21 @@ def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
                             OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
     out_ptrs = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _padding_corrected(acc, zero, w_tap_sum_ptr, rn, n_mask, ih0, iw0, H, W, KH: tl.constexpr, KW: tl.constexpr):
+    """acc − z·Σ_{taps inside the image} Σ_c w  =  Σ w·(a − z) with the padding read as z (DESIGN.md §3);
+    per-tap weight sums come precomputed. Applied tap by tap straight into acc, in a loop the compiler
+    does not unroll: a second BLOCK_M × BLOCK_N sum, or nine hoisted tap-sum vectors, would spill
+    registers."""
+    for tap in range(0, KH * KW):
+        ih = ih0 + tap // KW
+        iw = iw0 + tap % KW
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        tap_sum = tl.load(w_tap_sum_ptr + rn * (KH * KW) + tap, mask=n_mask, other=0)
+        acc -= tl.where(inside[:, None], zero[:, None] * tap_sum[None, :], 0)
+    return acc
 
 
 @triton.jit
@@ -230,7 +261,8 @@ def _splitk_conv_epilogue_kernel(
     conv_epilogue(acc, rm, rn, b, oh, ow, oh * STRIDE - pad_h, ow * STRIDE - pad_w, zero, g, M, N, H, W,
                   w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
-                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
+                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
+                  acc, zero, w_tap_sum_ptr, scale_ptr, False)
 
 
 def prepare_conv_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +308,8 @@ def _conv_wgmma():
 def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_scale: torch.Tensor, bias,
           scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
           stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor,
-          split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8) -> torch.Tensor:
+          split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8,
+          second: tuple | None = None) -> torch.Tensor:
     """Launch on NHWC int8 codes [B, H, W, C] into `out`, an NCHW-shaped channels-last tensor.
 
     `padding` is (top, bottom, left, right); `residual` (optional) is NCHW-shaped, any strides.
@@ -285,6 +318,10 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     epilogue: the result is the unsplit one bit for bit; no host sync, so CUDA graphs capture it.
     `out_s_inv`, `out_zero` (and `out_r_inv`, `out_bits`): the next layer's quantizer; `out` is then
     int8 (an NHWC tensor seen as NCHW) and receives its codes of y (`gemm.output_quantizer`).
+    `second` = (c2, w_op2, w_tap_sum2, scale2, zero2): a split input — channels [c2, C) of the codes are
+    the second range, quantized with (scale2, zero2) and multiplied by their own weights (`w_op`, `w_tap_sum`
+    then hold channels [0, c2)); one kernel keeps an int32 sum per range and combines them in the epilogue
+    as ops/reference.py's `epilogue` does. No split-K with a split input.
     """
     B, H, W, C = x_nhwc.shape
     N, KH, KW, _ = w_op.shape
@@ -292,6 +329,15 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     if out.numel() == 0:
         return out
     M = B * OH * OW
+    if second is not None:
+        c2, w_op2, w_tap_sum2, scale2, zero2 = second
+        if not 0 < c2 < C:
+            raise ValueError(f"qconv: the second channel range starts at c2={c2}, outside the codes' C={C}")
+        if split_k is not None and split_k > 1:
+            raise ValueError(f"qconv: split_k={split_k} with a split input (two channel ranges) is not supported")
+        split_k, C, C2 = 1, c2, C - c2
+    else:
+        w_op2, w_tap_sum2, scale2, zero2, C2 = w_op, w_tap_sum, scale, zero, 0
     sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda and AUTO_SPLIT_K else None
     split_k = conv_split_k(split_k, M, N, C, KH * KW, sms)
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=out.device) if split_k > 1 else out
@@ -301,18 +347,20 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
+    second_args = (w_op2, w_tap_sum2, scale2, zero2)
     # split convs go to the Gluon kernel only under TCAQ_WGMMA=1 ("all") until its split-K has run on a GPU
     if (gemm.use_wgmma(x_nhwc) and (split_k == 1 or gemm.WGMMA == "all")
-            and _conv_wgmma().supported(x_nhwc, w_op, M)):
+            and _conv_wgmma().supported(x_nhwc, w_op, M, C, w_op2)):
         _conv_wgmma().launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables,
-                             group_stride, padding, tail)
+                             group_stride, padding, tail, second_args if second is not None else None, C)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
         _qconv_kernel[grid](
             x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part,
-            scale, zero, group, *out_tables,
-            B, H, W, C, N, OH, OW, padding[0], padding[2], group_stride,
-            w_op.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **tail,
+            scale, zero, group, *out_tables, *second_args,
+            B, H, W, C, C2, N, OH, OW, padding[0], padding[2], group_stride,
+            w_op.stride(0), w_op2.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, TWO_Q=second is not None,
+            **tail,
         )
     if split_k > 1:
         block_m, block_n = 32, 64

@@ -54,17 +54,18 @@ def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, ST
 
 
 @gluon.jit
-def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blocks, H, W, C, CW,
+def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blocks, H, W, C, CX, CW,
                  a_dst, w_dst, KW: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
     """cp.async of reduction step `it` (tap, channel block) of both operands, as one commit group; zeros
-    for out-of-image taps, channels past C and steps from `it_end` on (the ring's tail)."""
+    for out-of-image taps, channels past C and steps from `it_end` on (the ring's tail). A pixel holds CX
+    codes, of which this range reads C from `x_rows` on."""
     tap = it // c_blocks
     c0 = (it - tap * c_blocks) * BLOCK_K
     ih = ih0 + tap // KW
     iw = iw0 + tap % KW
     live = it < it_end
     inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & live
-    a_ptrs = x_rows + ((ih * W + iw) * C + c0)[:, None] + ka[None, :]
+    a_ptrs = x_rows + ((ih * W + iw) * CX + c0)[:, None] + ka[None, :]
     async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
     w_ptrs = w_rows + tap * CW + c0 * WK // BLOCK_K
     async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & (kw < CW - c0 * WK // BLOCK_K)[None, :])
@@ -72,13 +73,47 @@ def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blo
 
 
 @gluon.jit
+def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, H, W, C, CX, CW,
+            SPLIT_K: gl.constexpr, KH: gl.constexpr, KW: gl.constexpr, W4: gl.constexpr, w_copy: gl.constexpr,
+            STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
+    """acc + Σ w·a over this program's reduction steps of one channel range, through the ring: STAGES-1
+    steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
+    every MMA and copy retired (so a second range may refill the ring)."""
+    c_blocks = (C + BLOCK_K - 1) // BLOCK_K
+    n_iter = KH * KW * c_blocks
+    if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S), as `conv._qconv_kernel`'s splits do
+        it_lo = gl.program_id(1) * n_iter // SPLIT_K
+        it_hi = (gl.program_id(1) + 1) * n_iter // SPLIT_K
+    else:
+        it_lo = 0
+        it_hi = n_iter
+    for p in gl.static_range(STAGES - 1):
+        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + p, it_hi, c_blocks, H, W, C, CX, CW,
+                     a_smem.index(p), w_smem.index(p), KW, BLOCK_K, WK)
+    for i in range(it_hi - it_lo):
+        s = i % STAGES
+        w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
+        acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+        gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
+        j = i + STAGES - 1
+        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + j, it_hi, c_blocks, H, W, C, CX, CW,
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, BLOCK_K, WK)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+    async_copy.wait_group(0)
+    gl.thread_barrier()  # the last MMAs' buffers are free in every warpgroup
+    return acc
+
+
+@gluon.jit
 def _qconv_wgmma_kernel(
     x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
-    B, H, W, C, CW, N, OH, OW, pad_h, pad_w, group_stride,
-    stride_wn, stride_rb, stride_rc, stride_rh, stride_rw,
+    w2_ptr, w2_tap_sum_ptr, scale2_ptr, zero2_ptr,
+    B, H, W, C, CW, C2, CW2, N, OH, OW, pad_h, pad_w, group_stride,
+    stride_wn, stride_w2n, stride_rb, stride_rc, stride_rh, stride_rw,
     KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, W4: gl.constexpr, SPLIT_K: gl.constexpr,
-    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
+    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
@@ -99,81 +134,71 @@ def _qconv_wgmma_kernel(
     b, oh, ow = pixel_coords(rm, M, OH, OW)  # the gather needs coordinates; groups only the epilogue
     ih0 = oh * STRIDE - pad_h
     iw0 = ow * STRIDE - pad_w
-    x_rows = x_ptr + (b.to(gl.int64) * H * W * C)[:, None]
-    w_rows = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :]
+    CX = C + C2  # a pixel's codes: the first range's C channels, then the second's C2 (0 without one)
+    x_rows = x_ptr + (b.to(gl.int64) * H * W * CX)[:, None]
     m_ok = rm < M
     n_ok = rn < N
-    c_blocks = (C + BLOCK_K - 1) // BLOCK_K
-    n_iter = KH * KW * c_blocks
-    if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S), as `conv._qconv_kernel`'s splits do
-        it_lo = gl.program_id(1) * n_iter // SPLIT_K
-        it_hi = (gl.program_id(1) + 1) * n_iter // SPLIT_K
-    else:
-        it_lo = 0
-        it_hi = n_iter
 
     a_smem, w_smem, w8_smem = _int8_ring(gl.int8, w_ptr.dtype.element_ty, W4, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, WK)
-    for p in gl.static_range(STAGES - 1):
-        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + p, it_hi, c_blocks, H, W, C, CW,
-                     a_smem.index(p), w_smem.index(p), KW, BLOCK_K, WK)
-
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
-    acc = gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout)
-    for i in range(it_hi - it_lo):
-        s = i % STAGES
-        w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
-        acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
-        j = i + STAGES - 1
-        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + j, it_hi, c_blocks, H, W, C, CW,
-                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, BLOCK_K, WK)
-    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-    async_copy.wait_group(0)
-
+    acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, ih0, iw0,
+                  m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
+                  SPLIT_K, KH, KW, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
     acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)  # channels_last output: rows of N contiguous
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
         return
     eb, eoh, eow, eg, ezero = output_pixels(em, M, OH, OW, group_ptr, group_stride, zero_ptr)
+    if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights, its own sum
+        acc2 = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows + C,
+                       ih0, iw0, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
+                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
+        acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N)
+        ezero2 = gl.load(zero2_ptr + eg)
+    else:
+        acc2, ezero2 = acc, ezero
     conv_epilogue(acc, em, en, eb, eoh, eow, eoh * STRIDE - pad_h, eow * STRIDE - pad_w, ezero, eg, M, N, H, W,
                   w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
-                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX)
+                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
+                  acc2, ezero2, w2_tap_sum_ptr, scale2_ptr, TWO_Q)
 
 
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["B", "H", "W", "C", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
+    key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_qconv_wgmma_kernel)
 
 
-def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int) -> bool:
+def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int, C: int, w_op2: torch.Tensor) -> bool:
     """Whether `qconv` may hand this call to the wgmma kernel: sm_90, at least one 64-pixel tile,
-    contiguous NHWC codes and weight rows whose 16-byte copies stay aligned (C and the packed ⌈C/2⌉ bytes
-    multiples of 16)."""
-    C = x_nhwc.shape[3]
+    contiguous NHWC codes and weight rows whose 16-byte copies stay aligned (each range's C — the first
+    range's, `C` of the codes' channels, and the rest — and its packed ⌈C/2⌉ bytes multiples of 16;
+    `w_op2` is `w_op` without a second range)."""
     return (x_nhwc.is_cuda and torch.cuda.get_device_capability(x_nhwc.device) == (9, 0)
-            and M >= 64 and x_nhwc.is_contiguous() and w_op.is_contiguous() and C % 16 == 0
-            and w_op.shape[3] % 16 == 0)
+            and M >= 64 and x_nhwc.is_contiguous() and w_op.is_contiguous() and w_op2.is_contiguous()
+            and C % 16 == 0 and x_nhwc.shape[3] % 16 == 0 and w_op.shape[3] % 16 == 0 and w_op2.shape[3] % 16 == 0)
 
 
 def launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables: tuple,
-           group_stride: int, padding, tail: dict) -> None:
+           group_stride: int, padding, tail: dict, second: tuple | None, C: int) -> None:
     """The wgmma kernel in `conv.qconv`'s place, same arguments (`tail`: qconv's KH, KW, STRIDE, SPLIT_K,
-    HAS_BIAS, HAS_RES and output-quantizer constexprs). With SPLIT_K > 1 it writes int32 partial sums to
-    `part` and `qconv` runs its split-K epilogue kernel after it, as for its own kernel."""
-    B, H, W, C = x_nhwc.shape
+    HAS_BIAS, HAS_RES and output-quantizer constexprs; `second`: the second channel range's (weights, tap
+    sums, scale, zero) or None, `C` the first range's channels). With SPLIT_K > 1 it writes int32 partial
+    sums to `part` and `qconv` runs its split-K epilogue kernel after it, as for its own kernel."""
+    B, H, W, CX = x_nhwc.shape
     N, CW = w_op.shape[0], w_op.shape[3]
+    w_op2, w_tap_sum2, scale2, zero2 = second if second is not None else (w_op, w_tap_sum, scale, zero)
     OH, OW = out.shape[2], out.shape[3]
     M = B * OH * OW
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), tail["SPLIT_K"])
     _tuned[grid](
         x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, *out_tables,
-        B, H, W, C, CW, N, OH, OW, padding[0], padding[2], group_stride,
-        w_op.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        W4=w_op.dtype == torch.uint8, **tail,
+        w_op2, w_tap_sum2, scale2, zero2,
+        B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], group_stride,
+        w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
+        W4=w_op.dtype == torch.uint8, TWO_Q=second is not None, **tail,
     )

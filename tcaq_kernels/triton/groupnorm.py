@@ -19,6 +19,8 @@ square deviation), then the codes. Elsewhere two kernels read x twice:
    the splits' partial statistics of its channels' groups (same formula, fixed order: deterministic),
    normalises, applies γ/β and SiLU in fp32, then quantizes exactly like quantize.py — per-sample
    timestep group read on the device, TCR `r_inv`, the products `(y·r_inv)·s_inv`, round half to even.
+Both paths also take quantize.py's split input (channels [c2, C) quantized with a second pair of
+tables): the statistics do not depend on the quantizer, so only the codes' tail changes.
 
 The statistics are fp32 like torch's, but not summed in torch's order: a code may differ from
 `quantize(silu(F.group_norm(x)))` by one where that value lies within a few fp32 ulps of a rounding
@@ -31,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .numerics import interpreting, quantize_uniform, tuning_bench
-from .quantize import sample_tile, tile_configs
+from .quantize import check_split, sample_tables, sample_tile, split_tables, tile_configs
 
 # Register budget of the one-pass kernel: elements of x one program holds (fp32, 64 a thread at 8 warps);
 # TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs (0: always the two-kernel path).
@@ -109,15 +111,17 @@ def _group_moments(part_ptr, part_stride, bn, c_mask, SPLIT: tl.constexpr, SPLIT
 @triton.autotune(configs=tile_configs(), key=["S", "C", "NG"], do_bench=tuning_bench)
 @triton.jit
 def _gn_silu_quantize_kernel(
-    x_ptr, out_ptr, part_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,
-    S, C, CG, NG, eps, part_stride, group_stride,
+    x_ptr, out_ptr, part_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+    S, C, C2, CG, NG, eps, part_stride, group_stride,
     stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr,
-    QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr, CODES: tl.constexpr,
+    QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     if CODES:
-        b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
+        b, rows, cols, s_inv, zero, s_inv2, zero2 = sample_tile(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+                                                                group_stride, TWO_Q, BLOCK_S, BLOCK_C)
+        s_inv, zero = split_tables(cols, C2, s_inv, zero, s_inv2, zero2, TWO_Q)
     else:  # a plain GroupNorm: no quantizer tables (their pointers may be None)
         b, s_inv, zero = tl.program_id(2), 1.0, 0
         rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -140,8 +144,9 @@ def _normalised_out(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero
                     HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr,
                     CODES: tl.constexpr):
     """What is stored of the normalised tile y [rows, cols]: γ/β, SiLU and TCR's 1/r in fp32, then
-    quantize.py's codes — or, without CODES, the fp32 values themselves (a plain GroupNorm). Both
-    GroupNorm paths end here, so they differ only in their statistics."""
+    quantize.py's codes (s_inv/zero scalars, or [1, cols] rows from `split_tables`) — or, without CODES,
+    the fp32 values themselves (a plain GroupNorm). Both GroupNorm paths end here, so they differ
+    only in their statistics."""
     if HAS_AFFINE:
         gamma = tl.load(gamma_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
         y = y * gamma[None, :] + tl.load(beta_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
@@ -156,10 +161,10 @@ def _normalised_out(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero
 
 @triton.jit
 def _gn_one_pass_kernel(
-    x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,
-    S, C, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
+    x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+    S, C, C2, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
     HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-    SILU: tl.constexpr, CODES: tl.constexpr,
+    SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr,
     GROUPS: tl.constexpr, G_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """GROUPS whole norm groups of one sample (every pixel: S ≤ BLOCK_S) held in registers: the
@@ -169,11 +174,12 @@ def _gn_one_pass_kernel(
     b = tl.program_id(1)
     if CODES:
         g = tl.load(group_ptr + b * group_stride)
-        s_inv, zero = tl.load(s_inv_ptr + g), tl.load(zero_ptr + g)
+        s_inv, zero, s_inv2, zero2 = sample_tables(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, g, TWO_Q)
     else:  # a plain GroupNorm: no quantizer tables (their pointers may be None)
-        s_inv, zero = 1.0, 0
+        s_inv, zero, s_inv2, zero2 = 1.0, 0, 1.0, 0
     local = tl.arange(0, BLOCK_C)
     cols = tl.program_id(0) * GROUPS * CG + local
+    s_inv, zero = split_tables(cols, C2, s_inv, zero, s_inv2, zero2, TWO_Q)
     c_mask = (local < GROUPS * CG) & (cols < C)
     rows = tl.arange(0, BLOCK_S)
     mask = (rows < S)[:, None] & c_mask[None, :]
@@ -240,19 +246,28 @@ def _groups_per_program(batch: int, num_groups: int, device: torch.device) -> in
 def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, s_inv: torch.Tensor,
                                 zero: torch.Tensor, group: torch.Tensor, group_stride: int, bits: int, r_inv,
                                 out: torch.Tensor, split: int | None = None,
-                                one_pass: bool | None = None, silu: bool = True) -> torch.Tensor:
+                                one_pass: bool | None = None, silu: bool = True, c2: int | None = None,
+                                s_inv2: torch.Tensor | None = None, zero2: torch.Tensor | None = None) -> torch.Tensor:
     """Launch on a [B, S, C] view (any strides) into int8 codes `out` [B, S, C] (last dim contiguous).
 
     `gamma`/`beta` [C] (or both None: no affine). Where a sample's norm group fits in one program's
     registers (`one_pass_tile`) one kernel reads x once; elsewhere — or with `one_pass=False`, or a
     `split` (tests: it overrides `stats_split`) — the statistics kernel runs first and x is read twice.
     An `out` of another dtype than int8 receives the normalised values (SiLU unless `silu=False`), not codes.
+    A split input (`c2`, `s_inv2`, `zero2`, int8 codes only) quantizes channels [c2, C) with the second
+    tables, as `quantize_bsc` does; `split` is unrelated (the statistics' split).
     """
     B, S, C = x3.shape
     if C % num_groups:
         raise ValueError(f"GroupNorm: {C} channels do not split into {num_groups} groups")
     if (gamma is None) != (beta is None):
         raise ValueError("GroupNorm: pass both weight and bias, or neither")
+    codes = out.dtype == torch.int8
+    two_q = check_split(C, c2, s_inv, zero, s_inv2, zero2)
+    if two_q and not codes:
+        raise ValueError(f"GroupNorm: c2 (split input) quantizes, but out is {out.dtype}, not int8 codes")
+    tables2 = (s_inv2, zero2) if two_q else (s_inv, zero)
+    c2 = c2 if two_q else C
     if out.numel() == 0:
         return out
     cg = C // num_groups
@@ -266,10 +281,10 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     if tile is not None:
         groups, block_s, block_c = tile
         _gn_one_pass_kernel[(triton.cdiv(num_groups, groups), B)](
-            x3, out, gamma, beta, r_inv, s_inv, zero, group, S, C, cg, eps, group_stride,
+            x3, out, gamma, beta, r_inv, s_inv, zero, *tables2, group, S, C, c2, cg, eps, group_stride,
             x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
             HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
-            CODES=out.dtype == torch.int8, GROUPS=groups,
+            CODES=codes, TWO_Q=two_q, GROUPS=groups,
             G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s, BLOCK_C=block_c,
             num_warps=8 if block_s * block_c >= 8192 else 4,
         )
@@ -287,11 +302,11 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(C, meta["BLOCK_C"]), B)
     _gn_silu_quantize_kernel[grid](
         x3, out, part, gamma, beta,
-        r_inv, s_inv, zero, group,
-        S, C, cg, num_groups, eps, part_stride, group_stride,
+        r_inv, s_inv, zero, *tables2, group,
+        S, C, c2, cg, num_groups, eps, part_stride, group_stride,
         x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), HAS_AFFINE=gamma is not None,
-        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu, CODES=out.dtype == torch.int8,
+        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu, CODES=codes, TWO_Q=two_q,
     )
     return out
 

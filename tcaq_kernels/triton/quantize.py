@@ -10,6 +10,10 @@ Outputs (numerics of `quant/primitives.py`):
 * uniform, packed int4 (bits ≤ 4): two codes a byte along C, low nibble = even channel, an odd C
   padded with a zero nibble (`pack_int4`'s format);
 * log2, uint8: codes of `quantize_log2` (no TCR factor: log2 is for post-softmax maps).
+
+A split input (uniform only) is a channel concatenation whose two parts were calibrated apart (a UNet
+up block's `cat(hidden, skip)`): channels [0, c2) take the tables (s_inv, zero), channels [c2, C)
+a second pair (s_inv2, zero2) of the same timestep group, so the concatenation is still one pass.
 """
 import torch
 import triton
@@ -33,19 +37,43 @@ def tile_configs():
 
 
 @triton.jit
-def sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's sample b, its rows and columns, and the sample's (1/s, z) read on the device,
-    for a grid (S tiles, C tiles, B)."""
+def sample_tables(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, g, TWO_Q: tl.constexpr):
+    """(1/s, z) of timestep group g, then the split input's second pair — without TWO_Q the first
+    pair again, so an unsplit kernel loads nothing more."""
+    s_inv, zero = tl.load(s_inv_ptr + g), tl.load(zero_ptr + g)
+    s_inv2, zero2 = s_inv, zero
+    if TWO_Q:
+        s_inv2, zero2 = tl.load(s_inv2_ptr + g), tl.load(zero2_ptr + g)
+    return s_inv, zero, s_inv2, zero2
+
+
+@triton.jit
+def split_tables(cols, C2, s_inv, zero, s_inv2, zero2, TWO_Q: tl.constexpr):
+    """The (1/s, z) each channel of `cols` is quantized with, as [1, len(cols)] rows: the first
+    quantizer's below C2, the second's from C2 on. Without TWO_Q the scalars, unchanged. (One return:
+    the compiler checks every return statement of a function, a constexpr-dead one too, for one type.)"""
+    if TWO_Q:
+        first = cols < C2
+        s_inv, zero = tl.where(first, s_inv, s_inv2)[None, :], tl.where(first, zero, zero2)[None, :]
+    return s_inv, zero
+
+
+@triton.jit
+def sample_tile(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr, group_stride, TWO_Q: tl.constexpr,
+                BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's sample b, its rows and columns, and the sample's tables (`sample_tables`) read
+    on the device, for a grid (S tiles, C tiles, B)."""
     b = tl.program_id(2)
     g = tl.load(group_ptr + b * group_stride)
     rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return b, rows, cols, tl.load(s_inv_ptr + g), tl.load(zero_ptr + g)
+    s_inv, zero, s_inv2, zero2 = sample_tables(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, g, TWO_Q)
+    return b, rows, cols, s_inv, zero, s_inv2, zero2
 
 
 @triton.jit
-def _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero,
-           BITS: tl.constexpr, LOG2: tl.constexpr, HAS_RINV: tl.constexpr):
+def _codes(x_ptrs, cols, row_mask, C, C2, stride_xc, r_inv_ptr, s_inv, zero, s_inv2, zero2,
+           BITS: tl.constexpr, LOG2: tl.constexpr, HAS_RINV: tl.constexpr, TWO_Q: tl.constexpr):
     """Codes of one [BLOCK_S, len(cols)] tile; lanes outside the tensor come back as 0."""
     mask = row_mask[:, None] & (cols < C)[None, :]
     x = tl.load(x_ptrs + cols[None, :] * stride_xc, mask=mask, other=0.0).to(tl.float32)
@@ -54,6 +82,7 @@ def _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero,
     else:
         if HAS_RINV:
             x = x * tl.load(r_inv_ptr + cols, mask=cols < C, other=1.0)[None, :]
+        s_inv, zero = split_tables(cols, C2, s_inv, zero, s_inv2, zero2, TWO_Q)
         q = quantize_uniform(x, s_inv, zero, -(1 << (BITS - 1)), (1 << (BITS - 1)) - 1).to(tl.int32)
     return tl.where(mask, q, 0)
 
@@ -61,40 +90,68 @@ def _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero,
 @triton.autotune(configs=tile_configs(), key=["S", "C", "PACK4", "LOG2"], do_bench=tuning_bench)
 @triton.jit
 def _quantize_kernel(
-    x_ptr, out_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, group_ptr,
-    S, C, C_OUT, stride_xb, stride_xs, stride_xc, stride_ob, stride_os, group_stride,
-    BITS: tl.constexpr, LOG2: tl.constexpr, HAS_RINV: tl.constexpr, PACK4: tl.constexpr,
+    x_ptr, out_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+    S, C, C2, C_OUT, stride_xb, stride_xs, stride_xc, stride_ob, stride_os, group_stride,
+    BITS: tl.constexpr, LOG2: tl.constexpr, HAS_RINV: tl.constexpr, PACK4: tl.constexpr, TWO_Q: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    b, rows, cols, s_inv, zero = sample_tile(s_inv_ptr, zero_ptr, group_ptr, group_stride, BLOCK_S, BLOCK_C)
-    # cols are output columns (bytes when PACK4)
+    b, rows, cols, s_inv, zero, s_inv2, zero2 = sample_tile(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+                                                            group_stride, TWO_Q, BLOCK_S, BLOCK_C)
+    # cols are output columns (bytes when PACK4); each nibble's channel picks its own quantizer
     row_mask = rows < S
     x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs
     if PACK4:
-        lo = _codes(x_ptrs, 2 * cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero, BITS, LOG2, HAS_RINV)
-        hi = _codes(x_ptrs, 2 * cols + 1, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero, BITS, LOG2, HAS_RINV)
+        lo = _codes(x_ptrs, 2 * cols, row_mask, C, C2, stride_xc, r_inv_ptr, s_inv, zero, s_inv2, zero2,
+                    BITS, LOG2, HAS_RINV, TWO_Q)
+        hi = _codes(x_ptrs, 2 * cols + 1, row_mask, C, C2, stride_xc, r_inv_ptr, s_inv, zero, s_inv2, zero2,
+                    BITS, LOG2, HAS_RINV, TWO_Q)
         out = (lo & 0xF) | ((hi & 0xF) << 4)
     else:
-        out = _codes(x_ptrs, cols, row_mask, C, stride_xc, r_inv_ptr, s_inv, zero, BITS, LOG2, HAS_RINV)
+        out = _codes(x_ptrs, cols, row_mask, C, C2, stride_xc, r_inv_ptr, s_inv, zero, s_inv2, zero2,
+                     BITS, LOG2, HAS_RINV, TWO_Q)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & (cols < C_OUT)[None, :])
 
 
+def check_split(C: int, c2, s_inv, zero, s_inv2, zero2) -> bool:
+    """Whether a split input's second quantizer is given (raising on an incomplete or inconsistent one):
+    the kernels' TWO_Q. Caught here, a bad c2 or table would otherwise read out of bounds or quantize silently wrong."""
+    given = [name for name, v in (("c2", c2), ("s_inv2", s_inv2), ("zero2", zero2)) if v is not None]
+    if not given:
+        return False
+    if len(given) < 3:
+        raise ValueError(f"split input: c2, s_inv2 and zero2 come together, got only {', '.join(given)}")
+    if not 0 < c2 < C:
+        raise ValueError(f"split input: c2={c2} must satisfy 0 < c2 < C={C}")
+    for name, second, first in (("s_inv2", s_inv2, s_inv), ("zero2", zero2, zero)):
+        if second.shape != first.shape:
+            raise ValueError(f"split input: {name} has shape {tuple(second.shape)}, the first quantizer's "
+                             f"table {tuple(first.shape)}")
+    return True
+
+
 def quantize_bsc(x3: torch.Tensor, s_inv: torch.Tensor, zero: torch.Tensor, group: torch.Tensor,
-                 group_stride: int, bits: int, r_inv, log2: bool, pack4: bool, out: torch.Tensor) -> torch.Tensor:
+                 group_stride: int, bits: int, r_inv, log2: bool, pack4: bool, out: torch.Tensor, *,
+                 c2: int | None = None, s_inv2: torch.Tensor | None = None,
+                 zero2: torch.Tensor | None = None) -> torch.Tensor:
     """Launch on a [B, S, C] view (any strides) into `out` [B, S, C'] (last dim contiguous).
 
     C' is C, or ⌈C/2⌉ when `pack4`; `out` is int8 for uniform codes, uint8 for log2 or packed codes.
     `group_stride` is 0 when one group serves every sample (then `group` may be 0-d).
+    A split input (`c2`, `s_inv2`, `zero2`; uniform only) quantizes channels [c2, C) with the second tables.
     """
     B, S, C = x3.shape
+    two_q = check_split(C, c2, s_inv, zero, s_inv2, zero2)
+    if two_q and log2:
+        raise ValueError("split input: c2 is for uniform codes, not log2")
     c_out = out.shape[2]
     if out.numel() == 0:
         return out
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(c_out, meta["BLOCK_C"]), B)
     _quantize_kernel[grid](
-        x3, out, r_inv if r_inv is not None else s_inv, s_inv, zero, group,
-        S, C, c_out, x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1), group_stride,
-        BITS=bits, LOG2=log2, HAS_RINV=r_inv is not None, PACK4=pack4,
+        x3, out, r_inv if r_inv is not None else s_inv, s_inv, zero,
+        s_inv2 if two_q else s_inv, zero2 if two_q else zero, group,
+        S, C, c2 if two_q else C, c_out, x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
+        group_stride, BITS=bits, LOG2=log2, HAS_RINV=r_inv is not None, PACK4=pack4, TWO_Q=two_q,
     )
     return out

@@ -109,18 +109,53 @@ def test_fused_block_matches_unfused(models, ref_unet, rng, monkeypatch, name):
 
 
 def test_unsupported_halves_fall_back(models, ref_unet, ref_state_w8a8):
-    """A split-input conv1 keeps half 1 unfused; a resampling block keeps half 1 unfused; a block
-    whose convs are float is left as diffusers' class."""
+    """A conv1 whose split input has two widths keeps half 1 unfused; a resampling block keeps half 1
+    unfused; a block whose convs are float is left as diffusers' class."""
     import copy
 
     model = copy.deepcopy(models[False])
     block = model.get_submodule(BLOCKS[0])
-    block.conv1.input_split = 16  # what a split-input QConv2d carries
-    assert fuse_resnet(BLOCKS[0], block) == {"norm1": "conv has a split input (two activation quantizers)"}
+    block.conv1.input_split = 16  # what a split-input QConv2d carries, with a 4-bit second quantizer
+    block.conv1.act_skip = copy.deepcopy(block.conv1.act)
+    block.conv1.act_skip.bits = 4
+    assert fuse_resnet(BLOCKS[0], block) == {"norm1": "conv has a split input of two widths"}
     assert type(block) is FusedResnetBlock2D and block.tcaq_fuse == (False, True)
 
     down = ResnetBlock2D(in_channels=8, temb_channels=None, groups=4, down=True).eval()
     assert set(fuse_resnet("float", down)) == {"norm1", "norm2"} and type(down) is ResnetBlock2D
+
+
+def test_split_input_halves_fuse(ref_unet, ref_scheduler, rng, monkeypatch):
+    """An up block's ResnetBlock2D reads cat([h, skip]) with two input quantizers (split_skip): its
+    half 1 fuses too — the norm kernel writes both ranges' codes (c2) and one conv call keeps a sum per
+    range — and its output agrees with the unfused block (the conv_shortcut there is the same split
+    conv); codes may flip by one near a rounding boundary, so the agreement is to 1 % (relative)."""
+    state = tcaq_kernels.calibrate(ref_unet, scheduler=ref_scheduler, bits="W8A8", num_samples=2, num_steps=4,
+                                   timestep_groups=2, batch_size=2, split_skip=True, progress=False)
+    name = "up_blocks.1.resnets.0"
+    assert state.layers[f"{name}.conv1"].input_split is not None
+    models = {f: tcaq_kernels.convert(ref_unet, state, backend="triton", fuse_norm=f) for f in (False, True)}
+    assert models[True].tcaq_info["unfused_norms"] == {}
+    x, t = torch.randn(2, 3, 32, 32, generator=rng), torch.tensor([900, 100])
+    inp, temb = _block_inputs(ref_unet, name, x, t)
+    inp = inp[..., :5, :4].contiguous()
+    for model in models.values():
+        model.tcaq_groups.update(t, 2)
+    calls = []
+    for op in ("groupnorm_silu_quantize", "qconv2d"):
+        real = getattr(triton_ops, op)
+        monkeypatch.setattr(triton_ops, op, lambda *a, _op=op, _real=real, **k: calls.append((_op, k.get("c2")))
+                            or _real(*a, **k))
+    with torch.no_grad():
+        y_plain = models[False].get_submodule(name)(inp, temb)
+        n_plain = len(calls)
+        y_fused = models[True].get_submodule(name)(inp, temb)
+    c2 = state.layers[f"{name}.conv1"].input_split
+    assert calls[:n_plain] == [("qconv2d", c2), ("qconv2d", None), ("qconv2d", c2)]  # conv1, conv2, shortcut
+    assert calls[n_plain:] == [("groupnorm_silu_quantize", c2), ("qconv2d", c2), ("qconv2d", c2),
+                               ("groupnorm_silu_quantize", None), ("qconv2d", None)]
+    rel = ((y_fused - y_plain).norm() / y_plain.norm()).item()
+    assert y_fused.shape == y_plain.shape and rel < 1e-2, rel
 
 
 @pytest.mark.cuda

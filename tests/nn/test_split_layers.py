@@ -126,9 +126,10 @@ def test_split_simulate_is_differentiable(rng):
 
 @pytest.mark.parametrize("w_bits", [8, 4])
 def test_split_triton_layers_match_reference(w_bits, rng):
-    """Two unsplit Triton calls (one per range, bias-free fp32) added, then the bias: the reference's
-    evaluation order, so on the same accumulators the outputs are the same bits (interpreter on CPU,
-    small shapes; on a GPU where one exists)."""
+    """The conv: one kernel with an int32 sum per range; the linear: two unsplit calls (one per range,
+    bias-free fp32) added, then the bias. Both combine in the reference's order, so on the same
+    accumulators the outputs are the same bits (interpreter on CPU, small shapes; on a GPU where one
+    exists)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     conv = torch.nn.Conv2d(7, 6, 3, padding=1)
     lin = torch.nn.Linear(9, 10)

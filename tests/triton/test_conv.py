@@ -49,6 +49,17 @@ def test_asymmetric_padding_stride2(gen, device, w_bits):
     assert torch.equal(y, conv_acc_ref(codes, w, t, 2, (0, 1, 0, 1)).float())
 
 
+def _float_conv_inputs(gen, device, B, C, H, W, N, tcr):
+    """Fresh float input, int8 3×3 weights, scales, bias, residual and (with `tcr`) TCR reciprocals."""
+    x = (torch.randn(B, C, H, W, generator=gen) * 2).to(device)
+    w = rand_int(gen, (N, C, 3, 3), 8, device)
+    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
+    bias = torch.randn(N, generator=gen).to(device)
+    residual = torch.randn(B, N, H, W, generator=gen).to(device)
+    r_inv = (torch.rand(C, generator=gen) + 0.5).to(device) if tcr else None
+    return x, w, w_scale, bias, residual, r_inv
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tcr", [False, True])
 @pytest.mark.parametrize("split_k", [1, 4])
@@ -56,12 +67,7 @@ def test_float_input_epilogue_residual(gen, device, out_dtype, tcr, split_k):
     """Float NCHW in (quantize → NHWC codes → conv), scales, bias and an NCHW residual; split-K's
     reduction kernel runs the same epilogue as the unsplit kernel, so their outputs are equal."""
     B, C, H, W, N = 2, 12, 6, 7, 20
-    x = (torch.randn(B, C, H, W, generator=gen) * 2).to(device)
-    w = rand_int(gen, (N, C, 3, 3), 8, device)
-    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
-    bias = torch.randn(N, generator=gen).to(device)
-    residual = torch.randn(B, N, H, W, generator=gen).to(device)
-    r_inv = (torch.rand(C, generator=gen) + 0.5).to(device) if tcr else None
+    x, w, w_scale, bias, residual, r_inv = _float_conv_inputs(gen, device, B, C, H, W, N, tcr)
     t = Tables(gen, groups=5, batch=B, bits=8, device=device)
     w_q, w_sum = prepare_conv_weight(w, 8)
     args = (x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, r_inv, residual, out_dtype)
@@ -219,3 +225,116 @@ def test_split_k_in_cuda_graph(gen):
         t.group.copy_(torch.randint(0, 10, (B,), generator=gen, dtype=torch.int32))
         graph.replay()
         assert torch.equal(y, conv_acc_ref(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4).float())
+
+
+# ------------------------------------------------------------------ split input (two quantizers by channel range)
+
+def _split_tables(gen, groups, batch, device, unit_scale=False):
+    """Two activation quantizers' tables that share one per-sample group tensor."""
+    t1 = Tables(gen, groups=groups, batch=batch, bits=8, device=device, unit_scale=unit_scale)
+    t2 = Tables(gen, groups=groups, batch=batch, bits=8, device=device, unit_scale=unit_scale)
+    t2.group = t1.group
+    return t1, t2
+
+
+def _split_weights(w, c2, w_bits):
+    """qconv2d's split keyword arguments' weights: each range prepared on its own channel slice."""
+    (w_q, w_sum), (w_q2, w_sum2) = (prepare_conv_weight(w[:, lo:hi].contiguous(), w_bits)
+                                    for lo, hi in ((0, c2), (c2, w.shape[1])))
+    return w_q, w_sum, dict(w_q2=w_q2, w_sum2=w_sum2)
+
+
+# (B, C, c2, H, W, N, k, stride, padding): c2 off every tile size, odd C, stride 2, 1×1
+SPLIT_CASES = [
+    (2, 37, 13, 7, 6, 20, 3, 1, 1),
+    (3, 48, 32, 5, 5, 24, 3, 2, 1),
+    (2, 33, 16, 6, 7, 17, 1, 1, 0),
+]
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_input_exact_accumulators(gen, device, w_bits, case):
+    """Unit scales and fp32 output: the one-kernel split conv is the sum of each range's reference
+    accumulator (its own zero point for the codes and the padding), exactly."""
+    B, C, c2, H, W, N, k, stride, pad = case
+    codes = rand_int(gen, (B, C, H, W), 8, device)
+    w = rand_int(gen, (N, C, k, k), w_bits, device)
+    t1, t2 = _split_tables(gen, 4, B, device, unit_scale=True)
+    w_q, w_sum, second = _split_weights(w, c2, w_bits)
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                t1.s_inv, t1.scale, t1.zero, t1.group, stride, [pad], out_dtype=torch.float32,
+                c2=c2, s_inv2=t2.s_inv, scale2=t2.scale, zero2=t2.zero, **second)
+    ref = (conv_acc_ref(codes[:, :c2], w[:, :c2], t1, stride, (pad,) * 4)
+           + conv_acc_ref(codes[:, c2:], w[:, c2:], t2, stride, (pad,) * 4))
+    assert torch.equal(y, ref.float())
+
+
+@pytest.mark.parametrize("tcr", [False, True])
+def test_split_input_float_epilogue(gen, device, tcr):
+    """Float NCHW in: each range quantized with its own tables (TCR's 1/r over all C), then scales in
+    ops/reference.py's order (acc₁·s₁ + acc₂·s₂, then bias), bias and residual."""
+    B, C, c2, H, W, N = 2, 40, 24, 6, 5, 12
+    x, w, w_scale, bias, residual, r_inv = _float_conv_inputs(gen, device, B, C, H, W, N, tcr)
+    t1, t2 = _split_tables(gen, 5, B, device)
+    w_q, w_sum, second = _split_weights(w, c2, 8)
+    y = qconv2d(x, w_q, w_sum, w_scale, bias, t1.s_inv, t1.scale, t1.zero, t1.group, 1, [1], 8, r_inv, residual,
+                c2=c2, s_inv2=t2.s_inv, scale2=t2.scale, zero2=t2.zero, **second)
+    accs = []
+    for t, lo, hi in ((t1, 0, c2), (t2, c2, C)):
+        r = None if r_inv is None else r_inv[lo:hi]
+        codes = P.quantize_uniform(x[:, lo:hi], t.per_sample(t.s_inv, 4), t.per_sample(t.zero, 4), 8, r, 1)
+        accs.append(conv_acc_ref(codes, w[:, lo:hi], t, 1, (1,) * 4))
+    ref = R.epilogue(accs[0], w_scale, t1.per_sample(t1.scale, 4), bias, 1,
+                     (accs[1], t2.per_sample(t2.scale, 4))) + residual
+    assert_float_close(y, ref, "split qconv2d")
+
+
+def test_split_input_refusals(gen, device):
+    B, C, N = 2, 16, 8
+    x = torch.randn(B, C, 4, 4, generator=gen).to(device)
+    w = rand_int(gen, (N, C, 3, 3), 8, device)
+    t1, t2 = _split_tables(gen, 2, B, device)
+    w_q, w_sum, second = _split_weights(w, 8, 8)
+    base = (x, w_q, w_sum, torch.ones(N, device=device), None, t1.s_inv, t1.scale, t1.zero, t1.group, 1, [1])
+    tables2 = dict(s_inv2=t2.s_inv, scale2=t2.scale, zero2=t2.zero)
+    with pytest.raises(ValueError, match="needs w_sum2"):
+        qconv2d(*base, c2=8, w_q2=second["w_q2"], **tables2)
+    with pytest.raises(ValueError, match="which needs c2"):
+        qconv2d(*base, **second, **tables2)
+    with pytest.raises(ValueError, match="c2=16 must lie inside"):
+        qconv2d(*base, c2=16, **second, **tables2)
+    with pytest.raises(ValueError, match="is not the weights of channels"):
+        qconv2d(*base, c2=4, **second, **tables2)
+    with pytest.raises(ValueError, match="split input"):
+        qconv2d(*base, c2=8, split_k=2, **second, **tables2)
+
+
+def test_split_input_fake_impl(device):
+    x = torch.randn(2, 6, 5, 5, device=device)
+    w_q, w_sum = prepare_conv_weight(torch.ones(8, 4, 3, 3, dtype=torch.int8, device=device), 8)
+    w_q2, w_sum2 = prepare_conv_weight(torch.ones(8, 2, 3, 3, dtype=torch.int8, device=device), 8)
+    one = torch.ones(2, device=device)
+    z = torch.zeros(2, dtype=torch.int32, device=device)
+    args = (x, w_q, w_sum, torch.ones(8, device=device), None, one, one, z, z, 1, [1])
+    kwargs = dict(c2=4, w_q2=w_q2, w_sum2=w_sum2, s_inv2=one, scale2=one, zero2=z)
+    torch.library.opcheck(qconv2d, args, kwargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", [(256, 256, 128, 8, 8, 128, 3, 1, 1), (256, 384, 256, 16, 16, 128, 1, 1, 0),
+                                  (2, 1920, 1280, 16, 16, 640, 3, 1, 1), (2, 960, 640, 32, 32, 320, 1, 1, 0)])
+def test_split_input_large_shapes(gen, w_bits, case):
+    """The embedded model's and SD-1.5's up-block skip concatenations (wgmma kernel where it routes)."""
+    B, C, c2, H, W, N, k, stride, pad = case
+    codes = rand_int(gen, (B, C, H, W), 8, "cuda")
+    w = rand_int(gen, (N, C, k, k), w_bits, "cuda")
+    t1, t2 = _split_tables(gen, 10, B, "cuda", unit_scale=True)
+    w_q, w_sum, second = _split_weights(w, c2, w_bits)
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device="cuda"), None,
+                t1.s_inv, t1.scale, t1.zero, t1.group, stride, [pad], out_dtype=torch.float32,
+                c2=c2, s_inv2=t2.s_inv, scale2=t2.scale, zero2=t2.zero, **second)
+    ref = (conv_acc_ref(codes[:, :c2], w[:, :c2], t1, stride, (pad,) * 4)
+           + conv_acc_ref(codes[:, c2:], w[:, c2:], t2, stride, (pad,) * 4))
+    assert torch.equal(y, ref.float())

@@ -89,3 +89,25 @@ def test_unaligned_channels_and_small_outputs_stay_on_tl_dot(gen, wgmma):
         qconv2d(rand_int(gen, (1, H, H, C), 8, "cuda"), w_q, w_sum, torch.ones(32, device="cuda"), None,
                 t.s_inv, t.scale, t.zero, t.group, 1, [1], out_dtype=torch.float32)
     assert wgmma == []
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", [(2, 192, 64, 9, 7, 40, 3, 1), (2, 256, 128, 8, 8, 72, 1, 1)])
+def test_split_input_two_accumulators(gen, wgmma, w_bits, case):
+    """A split input (two quantizers by channel range, an up block's skip concatenation): the kernel runs
+    the ring once per range into its own int32 sum; with unit scales y = acc₁ + acc₂ exactly."""
+    B, C, c2, H, W, N, k, stride = case
+    pad = k // 2
+    codes = rand_int(gen, (B, C, H, W), 8, "cuda")
+    w = rand_int(gen, (N, C, k, k), w_bits, "cuda")
+    t1, t2 = (Tables(gen, groups=4, batch=B, bits=8, device="cuda", unit_scale=True) for _ in range(2))
+    t2.group = t1.group
+    (w_q, w_sum), (w_q2, w_sum2) = (prepare_conv_weight(w[:, lo:hi].contiguous(), w_bits)
+                                    for lo, hi in ((0, c2), (c2, C)))
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device="cuda"), None,
+                t1.s_inv, t1.scale, t1.zero, t1.group, stride, [pad], out_dtype=torch.float32,
+                c2=c2, w_q2=w_q2, w_sum2=w_sum2, s_inv2=t2.s_inv, scale2=t2.scale, zero2=t2.zero)
+    assert wgmma == [1]
+    ref = (conv_acc_ref(codes[:, :c2], w[:, :c2], t1, stride, (pad,) * 4)
+           + conv_acc_ref(codes[:, c2:], w[:, c2:], t2, stride, (pad,) * 4))
+    assert torch.equal(y, ref.float())

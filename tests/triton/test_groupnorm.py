@@ -94,7 +94,7 @@ def _check_poisoned(gen, device, case, what, **launch):
 def test_one_pass_tiles_and_poisoned_output(gen, device, max_groups, monkeypatch):
     """The one-pass kernel with 3 or 1 groups a program (a divisor of G = 3; 2 is not one) of 5
     channels: 1 or 11 lanes of the 16-wide tile masked, 31 pixels of 32, into a poisoned output."""
-    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)  # the default, whatever the environment says
+    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)  # a fixed budget, whatever the environment says
     tile = gn_module.one_pass_tile(31, 15, 3, max_groups)
     assert tile == ((3, 32, 16) if max_groups is None else (1, 32, 16))
     monkeypatch.setattr(gn_module, "one_pass_tile", lambda *a, **k: tile)
@@ -132,6 +132,45 @@ def test_one_group_for_the_batch_feeds_the_conv(gen, device):
     y_float = F.silu(F.group_norm(x, G, gamma, beta, 1e-5))
     if not flips.any():
         assert torch.equal(conv(codes), conv(y_float))
+
+
+# (B, C, H, W, norm groups, c2): c2 at a norm-group boundary, then inside a group; in the first or the
+# second channel tile of the two-kernel path (16 wide in the interpreter).
+SPLIT_CASES = [(3, 20, 5, 7, 4, 10), (3, 20, 5, 7, 4, 7), (2, 15, 31, 1, 3, 5), (2, 15, 31, 1, 3, 13),
+               (2, 36, 3, 5, 12, 18), (2, 36, 3, 5, 12, 17)]
+
+
+@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_split_input_composes_unsplit_codes(gen, device, case, one_pass, bits):
+    """A split input's codes are the unsplit kernel's with tables 1 on channels [0, c2) and with tables 2 on
+    [c2, C), bit for bit: the statistics path is the same, only the quantizer differs. Per-sample groups
+    (distinct), TCR, a strided [B, H·W, C] view of NCHW x, every output poisoned (a sentinel per call)."""
+    B, C, H, W, G, c2 = case
+    x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W, bits=bits)
+    t.group = torch.randperm(3, generator=gen)[:B].to(t.group)
+    t2 = Tables(gen, groups=3, batch=B, bits=bits, device=device)
+    t2.group = t.group
+    x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+    def codes(tab, sentinel, **split):
+        out = torch.full((B, H * W, C), sentinel, dtype=torch.int8, device=device)
+        return groupnorm_silu_quantize_bsc(x3, G, 1e-5, gamma, beta, tab.s_inv, tab.zero, tab.group, 1, bits,
+                                           r_inv, out, one_pass=one_pass, **split)
+
+    for s_split, s_ref in ((-77, 91), (91, -77)):  # an unwritten element keeps a sentinel the other output lacks
+        ref = torch.cat([codes(t, s_ref)[..., :c2], codes(t2, s_ref)[..., c2:]], dim=-1)
+        assert torch.equal(codes(t, s_split, c2=c2, s_inv2=t2.s_inv, zero2=t2.zero), ref)
+
+
+def test_split_input_needs_codes(device):
+    """The second quantizer only exists for codes: a float `out` (a plain GroupNorm) with c2 is refused."""
+    x3 = torch.randn(1, 6, 8, device=device)
+    one, z = torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.empty(1, 6, 8, device=device)
+    with pytest.raises(ValueError, match="c2 .* not int8 codes"):
+        groupnorm_silu_quantize_bsc(x3, 2, 1e-5, None, None, one, z, z, 0, 8, None, out, c2=4, s_inv2=one, zero2=z)
 
 
 def test_rejects_bad_groups(device):

@@ -92,6 +92,63 @@ def test_poisoned_output_fully_written(gen, device):
         assert torch.equal(out, ref)
 
 
+def _second_quantizer(gen, t, device):
+    """Tables 2 of a split input: another quantizer of the same timestep groups, read with the same per-sample group.
+    The samples' groups are made distinct, so a kernel indexing the wrong sample's tables shows."""
+    t.group = torch.randperm(t.s_inv.numel(), generator=gen)[:t.group.numel()].to(t.group)
+    t2 = Tables(gen, groups=t.s_inv.numel(), batch=t.group.numel(), bits=t.bits, device=device)
+    t2.group = t.group
+    return t2
+
+
+def _ref_split(x, t, t2, r_inv, c2):
+    """Codes of a split [B, S, C] input: each channel range quantized on its own by the reference, then concatenated."""
+    halves = [(t, slice(0, c2)), (t2, slice(c2, None))]
+    return torch.cat([_ref_uniform(x[..., cs], tab, None if r_inv is None else r_inv[cs], -1) for tab, cs in halves],
+                     dim=-1)
+
+
+@pytest.mark.parametrize("bits,pack4", [(8, False), (4, False), (4, True)])
+@pytest.mark.parametrize("tcr", [False, True])
+@pytest.mark.parametrize("c2", [13, 20, 1, 36])
+def test_split_input_two_quantizers(gen, device, bits, pack4, tcr, c2):
+    """Channels [0, c2) with tables 1, [c2, C) with tables 2, of an NCHW-strided input: c2 inside the first
+    or the second 16-wide tile and at both ends; odd c2 puts the boundary inside a packed byte."""
+    B, S, C = 3, 45, 37
+    x = (torch.randn(B, C, S, generator=gen) * 3).to(device).transpose(1, 2)
+    t = Tables(gen, groups=4, batch=B, bits=bits, device=device)
+    t2 = _second_quantizer(gen, t, device)
+    r_inv = (torch.rand(C, generator=gen) + 0.5).to(device) if tcr else None
+    ref = _ref_split(x, t, t2, r_inv, c2)
+    if pack4:
+        ref = P.pack_int4(ref.contiguous())
+    for sentinel in (77, 91):  # an element the kernel skips keeps a sentinel in one of the two runs
+        out = torch.full(ref.shape, sentinel, dtype=ref.dtype, device=device)
+        quantize_bsc(x, t.s_inv, t.zero, t.group, 1, bits, r_inv, False, pack4, out, c2=c2, s_inv2=t2.s_inv,
+                     zero2=t2.zero)
+        assert torch.equal(out, ref)
+
+
+def test_split_input_refusals(gen, device):
+    """Arguments the kernel cannot honour are refused before the launch, naming what is wrong."""
+    B, S, C = 2, 5, 37
+    x = torch.rand(B, S, C, generator=gen).to(device)
+    t = Tables(gen, groups=3, batch=B, bits=8, device=device)
+    out = torch.empty(B, S, C, dtype=torch.int8, device=device)
+    launch = lambda c2=13, s_inv2=t.s_inv, zero2=t.zero, log2=False: quantize_bsc(
+        x, t.s_inv, t.zero, t.group, 1, 8, None, log2, False, out.view(torch.uint8) if log2 else out,
+        c2=c2, s_inv2=s_inv2, zero2=zero2)
+    with pytest.raises(ValueError, match="c2 is for uniform codes, not log2"):
+        launch(log2=True)
+    for c2 in (0, C, -1, 40):
+        with pytest.raises(ValueError, match=f"c2={c2} must satisfy 0 < c2 < C={C}"):
+            launch(c2=c2)
+    with pytest.raises(ValueError, match="come together, got only c2, s_inv2"):
+        launch(zero2=None)
+    with pytest.raises(ValueError, match=r"s_inv2 has shape \(2,\)"):
+        launch(s_inv2=t.s_inv[:2])
+
+
 def test_fake_impl_matches(device):
     x = torch.randn(2, 5, 4, 3, device=device)
     tab = torch.ones(2, device=device)
