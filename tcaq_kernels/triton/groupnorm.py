@@ -8,8 +8,8 @@ re-reads them (GroupNorm, SiLU, then the quantize kernel — three passes over a
 writes the int8 codes the conv reads, NHWC, in one pass after the statistics.
 
 No host sync (CUDA-graph safe). Where a sample's norm group (S pixels × C/G channels) fits in one
-program's registers (`one_pass_tile`, S·C/G ≤ 16384: the DDPM-CIFAR10 UNet at every level, SD-1.5 below
-64×64 where C/G ≤ 16),
+program's registers (`one_pass_tile`, S·C/G ≤ 8192: the DDPM-CIFAR10 UNet at every level, SD-1.5 at
+8×8 and at 16×16 where C/G ≤ 32),
 `_gn_one_pass_kernel` reads x once: the statistics from the registers (exact mean, then the mean
 square deviation), then the codes. Elsewhere two kernels read x twice:
 1. `_gn_stats_kernel`, one program per (sample, block of norm groups, split of the group's
@@ -35,9 +35,12 @@ import triton.language as tl
 from .numerics import interpreting, quantize_uniform, tuning_bench
 from .quantize import check_split, sample_tables, sample_tile, split_tables, tile_configs
 
-# Register budget of the one-pass kernel: elements of x one program holds (fp32, 64 a thread at 8 warps);
-# TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs (0: always the two-kernel path).
-ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 16384))
+# Register budget of the one-pass kernel: elements of x one program holds (fp32, 32 a thread at 8 warps).
+# 8192 rather than 16384: smaller tiles, more programs in flight — the embedded model's W8A8 step from a
+# CUDA graph took 2.33 / 6.15 ms at batch 64 / 256 against 2.43 / 6.43 ms (H200, same call, 28 Nov).
+# TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs (0: always the two-kernel path; 2.70 / 7.04 ms in an
+# earlier call, where 8192 gave 2.35 / 6.17).
+ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
 # Statistics programs wanted per SM before the elements of a group are split further.
 _STATS_PROGRAMS_PER_SM = 2
 _MIN_ELEMENTS_PER_SPLIT = 4096
