@@ -11,8 +11,8 @@ is one UNet forward at the given batch; times are medians of CUDA-event-timed re
 warm-up, on random (never zero) inputs. The quantized states are min-max with 4 timestep groups
 from a small calibration budget — the speed does not depend on how the scales were chosen, but it
 does on the state's layout: `--split-skip` calibrates as the `qdiffusion`/`tcaq` presets do, with the
-up blocks' skip concatenations split between two input quantizers (24 layers of the embedded model:
-each runs as two convs plus adds, and the 12 ResBlock halves in front of them stay unfused).
+up blocks' skip concatenations split between two input quantizers (24 layers of the embedded model,
+each one conv kernel with an int32 sum per channel range).
 Writes latency.json (rows) and latency.md (a table with ratios against bf16 eager and bf16 from CUDA
 graphs).
 """
