@@ -354,20 +354,20 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
+    conv_tail = dict(tail, TWO_Q=second is not None)  # the conv kernels' (not the split-K epilogue's)
     second_args = (w_op2, w_tap_sum2, scale2, zero2)
     # split convs go to the Gluon kernel only under TCAQ_WGMMA=1 ("all") until its split-K has run on a GPU
     if (gemm.use_wgmma(x_nhwc) and (split_k == 1 or gemm.WGMMA == "all")
             and _conv_wgmma().supported(x_nhwc, w_op, M, C, w_op2)):
         _conv_wgmma().launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables,
-                             group_stride, padding, tail, second_args if second is not None else None, C)
+                             group_stride, padding, conv_tail, second_args, C)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
         _qconv_kernel[grid](
             x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part,
             scale, zero, group, *out_tables, *second_args,
             B, H, W, C, C2, N, OH, OW, padding[0], padding[2], group_stride,
-            w_op.stride(0), w_op2.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, TWO_Q=second is not None,
-            **tail,
+            w_op.stride(0), w_op2.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **conv_tail,
         )
     if split_k > 1:
         block_m, block_n = 32, 64

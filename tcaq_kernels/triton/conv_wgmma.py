@@ -184,14 +184,15 @@ def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int, C: int, w_op2: t
 
 
 def launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables: tuple,
-           group_stride: int, padding, tail: dict, second: tuple | None, C: int) -> None:
+           group_stride: int, padding, tail: dict, second: tuple, C: int) -> None:
     """The wgmma kernel in `conv.qconv`'s place, same arguments (`tail`: qconv's KH, KW, STRIDE, SPLIT_K,
-    HAS_BIAS, HAS_RES and output-quantizer constexprs; `second`: the second channel range's (weights, tap
-    sums, scale, zero) or None, `C` the first range's channels). With SPLIT_K > 1 it writes int32 partial
-    sums to `part` and `qconv` runs its split-K epilogue kernel after it, as for its own kernel."""
+    TWO_Q, HAS_BIAS, HAS_RES and output-quantizer constexprs; `second`: the second channel range's
+    (weights, tap sums, scale, zero) — the first range's again without TWO_Q —, `C` the first range's
+    channels). With SPLIT_K > 1 it writes int32 partial sums to `part` and `qconv` runs its split-K
+    epilogue kernel after it, as for its own kernel."""
     B, H, W, CX = x_nhwc.shape
     N, CW = w_op.shape[0], w_op.shape[3]
-    w_op2, w_tap_sum2, scale2, zero2 = second if second is not None else (w_op, w_tap_sum, scale, zero)
+    w_op2, w_tap_sum2, scale2, zero2 = second
     OH, OW = out.shape[2], out.shape[3]
     M = B * OH * OW
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), tail["SPLIT_K"])
@@ -200,5 +201,5 @@ def launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, ze
         w_op2, w_tap_sum2, scale2, zero2,
         B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], group_stride,
         w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        W4=w_op.dtype == torch.uint8, TWO_Q=second is not None, **tail,
+        W4=w_op.dtype == torch.uint8, **tail,
     )
