@@ -317,6 +317,13 @@ def one_pass_tile(S: int, C: int, num_groups: int, max_groups: int | None = None
     return groups, block_s, max(triton.next_power_of_2(groups * cg), min(16, cap))
 
 
+def _fills_gpu(programs: int, device: torch.device) -> bool:
+    """Whether `programs` give `_STATS_PROGRAMS_PER_SM` per SM (always true off the GPU)."""
+    if device.type != "cuda":
+        return True
+    return programs >= _STATS_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _groups_per_program(batch: int, num_groups: int, device: torch.device) -> int | None:
     """At most this many norm groups per one-pass program, for `_STATS_PROGRAMS_PER_SM` programs per SM."""
     if device.type != "cuda":
@@ -340,7 +347,8 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     A split input (`c2`, `s_inv2`, `zero2`, int8 codes only) quantizes channels [c2, C) with the second
     tables, as `quantize_bsc` does; `split` is unrelated (the statistics' split). `looped` (default: the
     module's LOOPED, env TCAQ_GN_LOOPED=1) runs `_gn_looped_kernel` for every shape instead, unless
-    `one_pass` or `split` asks for one of the other paths.
+    `one_pass` or `split` asks for one of the other paths — with the module's switch only where its
+    programs fill the GPU (one per sample and slice: SD-1.5 at batch 2 keeps the other paths).
     """
     B, S, C = x3.shape
     if C % num_groups:
@@ -357,8 +365,10 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         return out
     cg = C // num_groups
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    if (LOOPED if looped is None else looped) and split is None and one_pass is None:
-        groups, block_s, block_c = looped_tile(S, C, num_groups)
+    groups, block_s, block_c = looped_tile(S, C, num_groups)
+    if looped is None:  # the module's switch, where the looped programs alone fill the GPU (not SD at batch 2)
+        looped = LOOPED and _fills_gpu(B * (num_groups // groups), x3.device)
+    if looped and split is None and one_pass is None:
         _gn_looped_kernel[(num_groups // groups, B)](
             x3, out, gamma, beta, r_inv, s_inv, zero, *tables2, group, S, C, c2, cg, eps, group_stride,
             x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
