@@ -318,10 +318,11 @@ def one_pass_tile(S: int, C: int, num_groups: int, max_groups: int | None = None
 
 
 def _fills_gpu(programs: int, device: torch.device) -> bool:
-    """Whether `programs` give `_STATS_PROGRAMS_PER_SM` per SM (always true off the GPU)."""
+    """Whether `programs` give every SM one (always true off the GPU): the looped kernel's programs each
+    sweep a whole slice, so fewer would leave SMs idle (the embedded model at batch 64 has 128–256)."""
     if device.type != "cuda":
         return True
-    return programs >= _STATS_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return programs >= torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _groups_per_program(batch: int, num_groups: int, device: torch.device) -> int | None:
@@ -348,7 +349,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     tables, as `quantize_bsc` does; `split` is unrelated (the statistics' split). `looped` (default: the
     module's LOOPED, env TCAQ_GN_LOOPED=1) runs `_gn_looped_kernel` for every shape instead, unless
     `one_pass` or `split` asks for one of the other paths — with the module's switch only where its
-    programs fill the GPU (one per sample and slice: SD-1.5 at batch 2 keeps the other paths).
+    programs (one per sample and slice) give every SM one: SD-1.5 at batch 2 keeps the other paths.
     """
     B, S, C = x3.shape
     if C % num_groups:
@@ -366,7 +367,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     cg = C // num_groups
     qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     groups, block_s, block_c = looped_tile(S, C, num_groups)
-    if looped is None:  # the module's switch, where the looped programs alone fill the GPU (not SD at batch 2)
+    if looped is None:  # the module's switch, where the looped programs fill the GPU (not SD-1.5 at batch 2)
         looped = LOOPED and _fills_gpu(B * (num_groups // groups), x3.device)
     if looped and split is None and one_pass is None:
         _gn_looped_kernel[(num_groups // groups, B)](
