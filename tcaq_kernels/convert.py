@@ -27,7 +27,9 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     counts the fused halves and `tcaq_info["unfused_norms"]` says why any block half was not fused.
     It is the faster path (embedded model, H200, CUDA graphs, batch 64 / 256: W8A8 2.46 / 6.17 ms a
     step fused against 3.96 / 10.81 unfused, benchmarks/results/latency.md); `fuse_norm=False` keeps
-    diffusers' own GroupNorm and SiLU, with the conv quantizing its float input.
+    diffusers' own GroupNorm and SiLU, with the conv quantizing its float input. The same switch runs the
+    output norm and its SiLU before the float conv_out as one kernel (nn/qnorm_out.py;
+    `tcaq_info["norm_out"]` is "fused" or why not).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -48,7 +50,10 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     out.register_forward_pre_hook(set_groups_hook, with_kwargs=True)
     out.tcaq_info = {"method": state.method, "bits": state.bits, "backend": backend, "groups": state.num_groups}
     if backend == "triton" and fuse_norm:
+        from .nn.qnorm_out import fuse_norm_out
+
         out.tcaq_info.update(_fuse_resnets(out))
+        out.tcaq_info["norm_out"] = fuse_norm_out(out) or "fused"
     return out
 
 

@@ -417,10 +417,12 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     return out
 
 
-def groupnorm_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, out: torch.Tensor) -> torch.Tensor:
+def groupnorm_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, out: torch.Tensor,
+                  silu: bool = False) -> torch.Tensor:
     """A plain GroupNorm of the [B, S, C] view `x3` (any strides) into `out` [B, S, C] (last dim
-    contiguous, float): the same kernels without SiLU or quantize, and no quantizer tables."""
+    contiguous, float): the same kernels without quantize (and without SiLU unless `silu`), no
+    quantizer tables."""
     if out.dtype == torch.int8:
         raise ValueError("groupnorm_bsc writes float values; int8 codes come from groupnorm_silu_quantize_bsc")
     return groupnorm_silu_quantize_bsc(x3, num_groups, eps, gamma, beta, None, None, None, 0, 8, None, out,
-                                       silu=False)
+                                       silu=silu)
