@@ -29,7 +29,9 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     step fused against 3.96 / 10.81 unfused, benchmarks/results/latency.md); `fuse_norm=False` keeps
     diffusers' own GroupNorm and SiLU, with the conv quantizing its float input. The same switch lets
     each Upsample2D's conv read the nearest 2× upsampling of its input's codes in place (nn/qupsample.py,
-    bit-identical; `tcaq_info["fused_upsamplers"]`, and `["unfused_upsamplers"]` with the reasons).
+    bit-identical; `tcaq_info["fused_upsamplers"]`, and `["unfused_upsamplers"]` with the reasons), and
+    runs the output norm and its SiLU before the float conv_out as one kernel (nn/qnorm_out.py;
+    `tcaq_info["norm_out"]` is "fused" or why not).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -50,8 +52,11 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     out.register_forward_pre_hook(set_groups_hook, with_kwargs=True)
     out.tcaq_info = {"method": state.method, "bits": state.bits, "backend": backend, "groups": state.num_groups}
     if backend == "triton" and fuse_norm:
+        from .nn.qnorm_out import fuse_norm_out
+
         out.tcaq_info.update(_fuse_resnets(out))
         out.tcaq_info.update(_fuse_upsamplers(out))
+        out.tcaq_info["norm_out"] = fuse_norm_out(out) or "fused"
     return out
 
 

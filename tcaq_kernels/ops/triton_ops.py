@@ -30,9 +30,10 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         differ by one where the value lies within fp32 rounding of a rounding boundary. A split input
         (c2, s_inv2, zero2): channels [c2, C) get the second quantizer's codes, as qconv2d's split reads them.
 
-    groupnorm(x, weight, bias, num_groups, eps) -> y [B, S, C] contiguous, x's dtype
+    groupnorm(x, weight, bias, num_groups, eps, silu=False) -> y [B, S, C] contiguous, x's dtype
         A plain GroupNorm of x [B, S, C] (channels last, any strides: an attention block's tokens) with
-        the same kernels, fp32 statistics and affine: the layout its q/k/v projections read.
+        the same kernels, fp32 statistics and affine: the layout its q/k/v projections read; `silu`
+        applies SiLU after it in fp32 (the UNet's final norm before conv_out).
 
     qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
             residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None,
@@ -278,15 +279,17 @@ def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None, 
 
 @_custom_op("tcaq::triton_groupnorm")
 def groupnorm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
-              eps: float) -> torch.Tensor:
-    """GroupNorm over the channels of x [B, S, C] into a contiguous [B, S, C] (see module doc)."""
+              eps: float, silu: bool = False) -> torch.Tensor:
+    """GroupNorm (then SiLU, with `silu`) over the channels of x [B, S, C] into a contiguous [B, S, C]
+    (see module doc)."""
     if x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"groupnorm expects float x [B, S, C], got {tuple(x.shape)} {x.dtype}")
-    return groupnorm_bsc(x, num_groups, eps, weight, bias, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return groupnorm_bsc(x, num_groups, eps, weight, bias, torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                         silu)
 
 
 @groupnorm.register_fake
-def _(x, weight, bias, num_groups, eps):
+def _(x, weight, bias, num_groups, eps, silu=False):
     return x.new_empty(x.shape)
 
 

@@ -23,6 +23,13 @@ divided among `split_k` programs per tile, each writing its int32 partial sums t
 split, the fixed order makes it deterministic, and no decision reads device data, so CUDA graphs
 capture it. The split count comes from the GEMM's `choose_split_k` over K = KH·KW·C.
 
+Split input (`TWO_Q`): a UNet up block's conv reads cat([h, skip]) quantized with one activation
+quantizer per channel range (quant/state.py `input_split`). The codes of both ranges sit in one NHWC
+tensor (C + C2 channels a pixel); the reduction runs once over the first range's C channels with its
+weights and once over the other C2 with theirs, each into its own int32 sum, and the epilogue corrects
+each for its own zero point and combines acc·(s_w·s_a) + acc2·(s_w·s_a2) before the bias — the order
+of ops/reference.py's `epilogue`. No split-K with it.
+
 Quantized output (`OUT_Q`, as in gemm.py): instead of y, the epilogue can store the next layer's
 int8 activation codes of the fp32 y (bias and residual added), `quantize_uniform` with that layer's
 s_inv[g], z[g] and r_inv[n]. They come NHWC [B, OH, OW, N] — the input layout of the next conv —
