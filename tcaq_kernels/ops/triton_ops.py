@@ -266,8 +266,8 @@ def groupnorm_silu_quantize(
         raise ValueError(f"group has {group.numel()} entries for a batch of {B}")
     out = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
     groupnorm_silu_quantize_bsc(x.permute(0, 2, 3, 1).reshape(B, H * W, C), num_groups, eps, weight, bias, s_inv,
-                                zero, group, gstride, bits, r_inv, out.view(B, H * W, C),
-                                **({} if c2 is None else dict(c2=c2, s_inv2=s_inv2, zero2=zero2)))
+                                zero, group, gstride, bits, r_inv, out.view(B, H * W, C), c2=c2, s_inv2=s_inv2,
+                                zero2=zero2)
     return out
 
 
@@ -419,7 +419,7 @@ def qconv2d(
         x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
         codes = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
         quantize_bsc(x3, s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C),
-                     **({} if c2 is None else dict(c2=c2, s_inv2=s_inv2, zero2=zero2)))
+                     c2=c2, s_inv2=s_inv2, zero2=zero2)
     result = _conv_out(x, w_q, stride, padding, dtype, upsample)
     out = result.permute(0, 3, 1, 2) if dtype == torch.int8 else result  # qconv writes through NCHW indices
     qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
