@@ -122,6 +122,7 @@ def main() -> int:
             "triton": __import__("triton").__version__, "python": platform.python_version(),
             "model": str(args.model or "embedded ddpm-cifar10-small"),
             "fused_norms": {label: m.tcaq_info.get("fused_norms", 0) for label, m in quantized.items()},
+            "fused_upsamplers": {label: m.tcaq_info.get("fused_upsamplers", 0) for label, m in quantized.items()},
             "split_skip": args.split_skip,
             "tuning": tuning or "full"}
     out = Path(args.out)

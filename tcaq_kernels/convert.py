@@ -27,7 +27,11 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     counts the fused halves and `tcaq_info["unfused_norms"]` says why any block half was not fused.
     It is the faster path (embedded model, H200, CUDA graphs, batch 64 / 256: W8A8 2.46 / 6.17 ms a
     step fused against 3.96 / 10.81 unfused, benchmarks/results/latency.md); `fuse_norm=False` keeps
-    diffusers' own GroupNorm and SiLU, with the conv quantizing its float input.
+    diffusers' own GroupNorm and SiLU, with the conv quantizing its float input. The same switch lets
+    each Upsample2D's conv read the nearest 2× upsampling of its input's codes in place (nn/qupsample.py,
+    bit-identical; `tcaq_info["fused_upsamplers"]`, and `["unfused_upsamplers"]` with the reasons), and
+    runs the output norm and its SiLU before the float conv_out as one kernel (nn/qnorm_out.py;
+    `tcaq_info["norm_out"]` is "fused" or why not).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -48,7 +52,11 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     out.register_forward_pre_hook(set_groups_hook, with_kwargs=True)
     out.tcaq_info = {"method": state.method, "bits": state.bits, "backend": backend, "groups": state.num_groups}
     if backend == "triton" and fuse_norm:
+        from .nn.qnorm_out import fuse_norm_out
+
         out.tcaq_info.update(_fuse_resnets(out))
+        out.tcaq_info.update(_fuse_upsamplers(out))
+        out.tcaq_info["norm_out"] = fuse_norm_out(out) or "fused"
     return out
 
 
@@ -65,3 +73,15 @@ def _fuse_resnets(model: torch.nn.Module) -> dict:
             fused += 2 - len(refusals)
             unfused.update({f"{name}.{half}": reason for half, reason in refusals.items()})
     return {"fused_norms": fused, "unfused_norms": unfused}
+
+
+def _fuse_upsamplers(model: torch.nn.Module) -> dict:
+    """Fuse every Upsample2D's interpolate into its conv (nn/qupsample.py); what was fused, and why not."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from .nn.qupsample import fuse_upsample
+
+    reasons = {name: fuse_upsample(name, block) for name, block in list(model.named_modules())
+               if type(block) is Upsample2D}
+    return {"fused_upsamplers": sum(r is None for r in reasons.values()),
+            "unfused_upsamplers": {name: r for name, r in reasons.items() if r is not None}}

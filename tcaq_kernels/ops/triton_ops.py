@@ -30,9 +30,10 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         differ by one where the value lies within fp32 rounding of a rounding boundary. A split input
         (c2, s_inv2, zero2): channels [c2, C) get the second quantizer's codes, as qconv2d's split reads them.
 
-    groupnorm(x, weight, bias, num_groups, eps) -> y [B, S, C] contiguous, x's dtype
+    groupnorm(x, weight, bias, num_groups, eps, silu=False) -> y [B, S, C] contiguous, x's dtype
         A plain GroupNorm of x [B, S, C] (channels last, any strides: an attention block's tokens) with
-        the same kernels, fp32 statistics and affine: the layout its q/k/v projections read.
+        the same kernels, fp32 statistics and affine: the layout its q/k/v projections read; `silu`
+        applies SiLU after it in fp32 (the UNet's final norm before conv_out).
 
     qlinear(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=None,
             residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None,
@@ -54,7 +55,7 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
     qconv2d(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding,
             a_bits=8, r_inv=None, residual=None, out_dtype=None, split_k=None, out_s_inv=None,
             out_zero=None, out_r_inv=None, out_bits=8, c2=None, w_q2=None, w_sum2=None, s_inv2=None,
-            scale2=None, zero2=None)
+            scale2=None, zero2=None, upsample=1)
             -> y [B, N, OH, OW] channels_last, or int8 codes [B, OH, OW, N]
         x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
         kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)` or
@@ -74,6 +75,9 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         (w_q, w_sum) then hold w_int[:, :c2]. One kernel keeps an int32 sum per range and returns
         acc₁·(s_w·s_a₁) + acc₂·(s_w·s_a₂) + bias (ops/reference.py's order); codes input is then the
         whole [B, H, W, C] (e.g. `groupnorm_silu_quantize` with the same c2). No split-K with it.
+        upsample=2: the conv runs over the nearest-neighbour 2× upsampling of x (a diffusers Upsample2D's
+        interpolate + conv), reading x's own codes at (ih // 2, iw // 2): the output is 2H × 2W-based,
+        the upsampled tensor never exists, and the codes are those of the upsampled input exactly.
 
     qattention(q, k, v, softmax_scale, q_s_inv, q_scale, q_zero, k_s_inv, k_scale, k_zero,
                v_s_inv, v_scale, v_zero, p_s_inv, p_scale, p_zero, p_kind_ids, group,
@@ -275,15 +279,17 @@ def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None, 
 
 @_custom_op("tcaq::triton_groupnorm")
 def groupnorm(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], num_groups: int,
-              eps: float) -> torch.Tensor:
-    """GroupNorm over the channels of x [B, S, C] into a contiguous [B, S, C] (see module doc)."""
+              eps: float, silu: bool = False) -> torch.Tensor:
+    """GroupNorm (then SiLU, with `silu`) over the channels of x [B, S, C] into a contiguous [B, S, C]
+    (see module doc)."""
     if x.dim() != 3 or not x.is_floating_point():
         raise ValueError(f"groupnorm expects float x [B, S, C], got {tuple(x.shape)} {x.dtype}")
-    return groupnorm_bsc(x, num_groups, eps, weight, bias, torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    return groupnorm_bsc(x, num_groups, eps, weight, bias, torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                         silu)
 
 
 @groupnorm.register_fake
-def _(x, weight, bias, num_groups, eps):
+def _(x, weight, bias, num_groups, eps, silu=False):
     return x.new_empty(x.shape)
 
 
@@ -340,19 +346,21 @@ def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, a_bits=8, r_inv=N
 # ------------------------------------------------------------------------------------------ qconv2d
 
 
-def _conv_out_shape(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Sequence[int]) -> list[int]:
+def _conv_out_shape(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Sequence[int],
+                    upsample: int = 1) -> list[int]:
     B = x.shape[0]
     H, W = (x.shape[1], x.shape[2]) if x.dtype == torch.int8 else (x.shape[2], x.shape[3])
+    H, W = H * upsample, W * upsample
     N, KH, KW, _ = w_q.shape
     top, bottom, left, right = _pads(padding)
     return [B, N, (H + top + bottom - KH) // stride + 1, (W + left + right - KW) // stride + 1]
 
 
 def _conv_out(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Sequence[int],
-              dtype: torch.dtype) -> torch.Tensor:
+              dtype: torch.dtype, upsample: int = 1) -> torch.Tensor:
     """qconv2d's result: float y [B, N, OH, OW] channels_last, or int8 codes NHWC [B, OH, OW, N] (the
     same memory order; the layout qconv2d takes as int8 input)."""
-    B, N, OH, OW = _conv_out_shape(x, w_q, stride, padding)
+    B, N, OH, OW = _conv_out_shape(x, w_q, stride, padding, upsample)
     if dtype == torch.int8:
         return torch.empty((B, OH, OW, N), dtype=dtype, device=x.device)
     return torch.empty((B, N, OH, OW), dtype=dtype, device=x.device, memory_format=torch.channels_last)
@@ -386,6 +394,7 @@ def qconv2d(
     s_inv2: Optional[torch.Tensor] = None,
     scale2: Optional[torch.Tensor] = None,
     zero2: Optional[torch.Tensor] = None,
+    upsample: int = 1,
 ) -> torch.Tensor:
     """Quantized conv2d (implicit GEMM on NHWC codes); returns a channels-last NCHW tensor, or NHWC
     int8 codes for the next layer (see module doc)."""
@@ -411,10 +420,10 @@ def qconv2d(
         codes = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
         quantize_bsc(x3, s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C),
                      c2=c2, s_inv2=s_inv2, zero2=zero2)
-    result = _conv_out(x, w_q, stride, padding, dtype)
+    result = _conv_out(x, w_q, stride, padding, dtype, upsample)
     out = result.permute(0, 3, 1, 2) if dtype == torch.int8 else result  # qconv writes through NCHW indices
     qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
-          residual, out, split_k, out_s_inv, out_zero, out_r_inv, out_bits, second)
+          residual, out, split_k, out_s_inv, out_zero, out_r_inv, out_bits, second, upsample)
     return result
 
 
@@ -444,9 +453,9 @@ def _second_range(C: int, c2, w_q, w_q2, w_sum2, s_inv2, scale2, zero2) -> Optio
 @qconv2d.register_fake
 def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, a_bits=8,
       r_inv=None, residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None, out_r_inv=None,
-      out_bits=8, c2=None, w_q2=None, w_sum2=None, s_inv2=None, scale2=None, zero2=None):
+      out_bits=8, c2=None, w_q2=None, w_sum2=None, s_inv2=None, scale2=None, zero2=None, upsample=1):
     return _conv_out(x, w_q, stride, padding,
-                     _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits))
+                     _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits), upsample)
 
 
 # --------------------------------------------------------------------------------------- qattention

@@ -65,7 +65,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(),
-                 key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "OUT_Q"],
+                 key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "W4", "SPLIT_K", "OUT_Q"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -75,7 +75,7 @@ def _qconv_kernel(
     w2_ptr, w2_tap_sum_ptr, scale2_ptr, zero2_ptr,
     B, H, W, C, C2, N, OH, OW, pad_h, pad_w, group_stride,
     stride_wn, stride_w2n, stride_rb, stride_rc, stride_rh, stride_rw,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, UP: tl.constexpr,
     W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, TWO_Q: tl.constexpr,
     OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -91,11 +91,11 @@ def _qconv_kernel(
     ih0 = oh * STRIDE - pad_h
     iw0 = ow * STRIDE - pad_w
     CX = C + C2  # a pixel's codes: the first range's C channels, then the second's C2 (0 without one)
-    x_rows = x_ptr + (b.to(tl.int64) * H * W * CX)[:, None]
-    acc = _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, W4, SPLIT_K,
+    x_rows = x_ptr + (b.to(tl.int64) * (H // UP) * (W // UP) * CX)[:, None]  # the stored (H/UP × W/UP) image
+    acc = _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, UP, W4, SPLIT_K,
                   BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights
-        acc2 = _reduce(x_rows + C, ih0, iw0, w2_ptr, rn_in, stride_w2n, H, W, C2, CX, KH, KW, W4, SPLIT_K,
+        acc2 = _reduce(x_rows + C, ih0, iw0, w2_ptr, rn_in, stride_w2n, H, W, C2, CX, KH, KW, UP, W4, SPLIT_K,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
         zero2 = tl.load(zero2_ptr + g)
     else:
@@ -115,10 +115,12 @@ def _qconv_kernel(
 
 @triton.jit
 def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.constexpr, KW: tl.constexpr,
-            W4: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            UP: tl.constexpr, W4: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr):
     """Σ w·a over this program's reduction steps (tap, channel block) of one channel range: C channels
-    starting at `x_rows` in pixels of CX codes, weights [N, KH, KW, C] (packed: ⌈C/2⌉ bytes a tap)."""
+    starting at `x_rows` in pixels of CX codes, weights [N, KH, KW, C] (packed: ⌈C/2⌉ bytes a tap). The
+    input is H × W, stored as its (H/UP × W/UP) nearest-neighbour source: pixel (ih, iw) reads
+    (ih // UP, iw // UP)."""
     rk = tl.arange(0, BLOCK_K)
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
@@ -148,7 +150,7 @@ def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.const
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         # Out-of-image taps read 0 here (a zero-filled async copy, so the tile stays in shared
         # memory for the MMA); the epilogue turns them into the padding code z.
-        a_ptrs = x_rows + ((ih * W + iw) * CX + c0)[:, None] + rk[None, :]
+        a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + rk[None, :]
         if EVEN_C:
             a = tl.load(a_ptrs, mask=inside[:, None], other=0)
         else:
@@ -316,7 +318,7 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
           scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
           stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor,
           split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8,
-          second: tuple | None = None) -> torch.Tensor:
+          second: tuple | None = None, upsample: int = 1) -> torch.Tensor:
     """Launch on NHWC int8 codes [B, H, W, C] into `out`, an NCHW-shaped channels-last tensor.
 
     `padding` is (top, bottom, left, right); `residual` (optional) is NCHW-shaped, any strides.
@@ -329,8 +331,14 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     the second range, quantized with (scale2, zero2) and multiplied by their own weights (`w_op`, `w_tap_sum`
     then hold channels [0, c2)); one kernel keeps an int32 sum per range and combines them in the epilogue
     as ops/reference.py's `epilogue` does. No split-K with a split input.
+    `upsample` = 2: the conv reads the nearest-neighbour 2× upsampling of the codes (pixel (ih, iw) of the
+    2H × 2W input is code pixel (ih // 2, iw // 2)) — a diffusers Upsample2D's interpolate and conv in one
+    pass, exact because quantizing commutes with repeating pixels.
     """
     B, H, W, C = x_nhwc.shape
+    if upsample not in (1, 2):
+        raise ValueError(f"qconv: upsample must be 1 or 2, got {upsample}")
+    H, W = H * upsample, W * upsample
     N, KH, KW, _ = w_op.shape
     OH, OW = out.shape[2], out.shape[3]
     if out.numel() == 0:
@@ -354,13 +362,13 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
-    conv_tail = dict(tail, TWO_Q=second is not None)  # the conv kernels' (not the split-K epilogue's)
+    conv_tail = dict(tail, UP=upsample, TWO_Q=second is not None)  # the conv kernels' (not split-K's epilogue)
     second_args = (w_op2, w_tap_sum2, scale2, zero2)
     # split convs go to the Gluon kernel only under TCAQ_WGMMA=1 ("all") until its split-K has run on a GPU
     if (gemm.use_wgmma(x_nhwc) and (split_k == 1 or gemm.WGMMA == "all")
             and _conv_wgmma().supported(x_nhwc, w_op, M, C, w_op2)):
         _conv_wgmma().launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables,
-                             group_stride, padding, conv_tail, second_args, C)
+                             group_stride, padding, conv_tail, second_args, C, H, W)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
         _qconv_kernel[grid](

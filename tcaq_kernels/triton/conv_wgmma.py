@@ -55,17 +55,18 @@ def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, ST
 
 @gluon.jit
 def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blocks, H, W, C, CX, CW,
-                 a_dst, w_dst, KW: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
+                 a_dst, w_dst, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
     """cp.async of reduction step `it` (tap, channel block) of both operands, as one commit group; zeros
     for out-of-image taps, channels past C and steps from `it_end` on (the ring's tail). A pixel holds CX
-    codes, of which this range reads C from `x_rows` on."""
+    codes, of which this range reads C from `x_rows` on; the H × W input is stored as its (H/UP × W/UP)
+    nearest-neighbour source."""
     tap = it // c_blocks
     c0 = (it - tap * c_blocks) * BLOCK_K
     ih = ih0 + tap // KW
     iw = iw0 + tap % KW
     live = it < it_end
     inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & live
-    a_ptrs = x_rows + ((ih * W + iw) * CX + c0)[:, None] + ka[None, :]
+    a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + ka[None, :]
     async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
     w_ptrs = w_rows + tap * CW + c0 * WK // BLOCK_K
     async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & (kw < CW - c0 * WK // BLOCK_K)[None, :])
@@ -74,7 +75,8 @@ def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blo
 
 @gluon.jit
 def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, H, W, C, CX, CW,
-            SPLIT_K: gl.constexpr, KH: gl.constexpr, KW: gl.constexpr, W4: gl.constexpr, w_copy: gl.constexpr,
+            SPLIT_K: gl.constexpr, KH: gl.constexpr, KW: gl.constexpr, UP: gl.constexpr, W4: gl.constexpr,
+            w_copy: gl.constexpr,
             STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
     """acc + Σ w·a over this program's reduction steps of one channel range, through the ring: STAGES-1
     steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
@@ -89,7 +91,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_
         it_hi = n_iter
     for p in gl.static_range(STAGES - 1):
         _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + p, it_hi, c_blocks, H, W, C, CX, CW,
-                     a_smem.index(p), w_smem.index(p), KW, BLOCK_K, WK)
+                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK)
     for i in range(it_hi - it_lo):
         s = i % STAGES
         w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
@@ -98,7 +100,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_
         gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
         j = i + STAGES - 1
         _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + j, it_hi, c_blocks, H, W, C, CX, CW,
-                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, BLOCK_K, WK)
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     gl.thread_barrier()  # the last MMAs' buffers are free in every warpgroup
@@ -112,8 +114,8 @@ def _qconv_wgmma_kernel(
     w2_ptr, w2_tap_sum_ptr, scale2_ptr, zero2_ptr,
     B, H, W, C, CW, C2, CW2, N, OH, OW, pad_h, pad_w, group_stride,
     stride_wn, stride_w2n, stride_rb, stride_rc, stride_rh, stride_rw,
-    KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, W4: gl.constexpr, SPLIT_K: gl.constexpr,
-    HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
+    KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, UP: gl.constexpr, W4: gl.constexpr,
+    SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
@@ -135,7 +137,7 @@ def _qconv_wgmma_kernel(
     ih0 = oh * STRIDE - pad_h
     iw0 = ow * STRIDE - pad_w
     CX = C + C2  # a pixel's codes: the first range's C channels, then the second's C2 (0 without one)
-    x_rows = x_ptr + (b.to(gl.int64) * H * W * CX)[:, None]
+    x_rows = x_ptr + (b.to(gl.int64) * (H // UP) * (W // UP) * CX)[:, None]  # the stored (H/UP × W/UP) image
     m_ok = rm < M
     n_ok = rn < N
 
@@ -144,7 +146,7 @@ def _qconv_wgmma_kernel(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
     acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, ih0, iw0,
                   m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
-                  SPLIT_K, KH, KW, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
+                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
     acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)  # channels_last output: rows of N contiguous
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
@@ -153,7 +155,7 @@ def _qconv_wgmma_kernel(
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights, its own sum
         acc2 = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows + C,
                        ih0, iw0, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
-                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
+                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
         acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N)
         ezero2 = gl.load(zero2_ptr + eg)
     else:
@@ -168,7 +170,7 @@ def _qconv_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
+    key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_qconv_wgmma_kernel)
 
@@ -184,13 +186,13 @@ def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int, C: int, w_op2: t
 
 
 def launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables: tuple,
-           group_stride: int, padding, tail: dict, second: tuple, C: int) -> None:
-    """The wgmma kernel in `conv.qconv`'s place, same arguments (`tail`: qconv's KH, KW, STRIDE, SPLIT_K,
+           group_stride: int, padding, tail: dict, second: tuple, C: int, H: int, W: int) -> None:
+    """The wgmma kernel in `conv.qconv`'s place, same arguments (`tail`: qconv's KH, KW, STRIDE, UP, SPLIT_K,
     TWO_Q, HAS_BIAS, HAS_RES and output-quantizer constexprs; `second`: the second channel range's
     (weights, tap sums, scale, zero) — the first range's again without TWO_Q —, `C` the first range's
-    channels). With SPLIT_K > 1 it writes int32 partial sums to `part` and `qconv` runs its split-K
-    epilogue kernel after it, as for its own kernel."""
-    B, H, W, CX = x_nhwc.shape
+    channels, H × W the input the conv sees, UP times the codes' own). With SPLIT_K > 1 it writes int32
+    partial sums to `part` and `qconv` runs its split-K epilogue kernel after it, as for its own kernel."""
+    B, CX = x_nhwc.shape[0], x_nhwc.shape[3]
     N, CW = w_op.shape[0], w_op.shape[3]
     w_op2, w_tap_sum2, scale2, zero2 = second
     OH, OW = out.shape[2], out.shape[3]

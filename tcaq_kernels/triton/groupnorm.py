@@ -19,7 +19,12 @@ square deviation), then the codes. Elsewhere two kernels read x twice:
    the splits' partial statistics of its channels' groups (same formula, fixed order: deterministic),
    normalises, applies γ/β and SiLU in fp32, then quantizes exactly like quantize.py — per-sample
    timestep group read on the device, TCR `r_inv`, the products `(y·r_inv)·s_inv`, round half to even.
-Both paths also take quantize.py's split input (channels [c2, C) quantized with a second pair of
+A third, opt-in path (`_gn_looped_kernel`, TCAQ_GN_LOOPED=1, not yet timed on a GPU) serves every shape:
+one program per sample and ≥ 32-channel slice of whole groups sweeps its S rows three times (mean, squared
+deviations, codes), the slice small enough for the later sweeps to come from L2 — aimed at the one-pass
+kernel's narrow rows (2–8 channels a group on the embedded model: 8-byte code rows) and at its 4.4× gap
+to the memory floor (1.42 ms for the embedded model's 51 norms at batch 256 against ~0.32 ms, H200).
+All paths also take quantize.py's split input (channels [c2, C) quantized with a second pair of
 tables): the statistics do not depend on the quantizer, so only the codes' tail changes.
 
 The statistics are fp32 like torch's, but not summed in torch's order: a code may differ from
@@ -41,6 +46,11 @@ from .quantize import check_split, sample_tables, sample_tile, split_tables, til
 # TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs (0: always the two-kernel path; 2.70 / 7.04 ms in an
 # earlier call, where 8192 gave 2.35 / 6.17).
 ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
+# The looped kernel (`_gn_looped_kernel`) instead of the one-pass and two-kernel paths everywhere, for A/B runs
+# (TCAQ_GN_LOOPED=1); not yet timed on a GPU, so off by default.
+LOOPED = os.environ.get("TCAQ_GN_LOOPED", "0") == "1"
+# A looped program covers at least this many channels (whole norm groups): 64-byte bf16 rows, 32-byte code rows.
+_LOOPED_MIN_COLS = 32
 # Statistics programs wanted per SM before the elements of a group are split further.
 _STATS_PROGRAMS_PER_SM = 2
 _MIN_ELEMENTS_PER_SPLIT = 4096
@@ -163,6 +173,23 @@ def _normalised_out(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero
 
 
 @triton.jit
+def _group_columns(b, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr, group_stride, C, C2, CG,
+                   CODES: tl.constexpr, TWO_Q: tl.constexpr, GROUPS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(lanes, channels, channel mask, 1/s, z) of a program that holds GROUPS whole norm groups of sample b:
+    program_id(0)'s block of GROUPS·CG channels in BLOCK_C lanes, and each channel's quantizer (per column
+    for a split input; 1 and 0 for a plain GroupNorm, whose table pointers may be None)."""
+    if CODES:
+        g = tl.load(group_ptr + b * group_stride)
+        s_inv, zero, s_inv2, zero2 = sample_tables(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, g, TWO_Q)
+    else:
+        s_inv, zero, s_inv2, zero2 = 1.0, 0, 1.0, 0
+    local = tl.arange(0, BLOCK_C)
+    cols = tl.program_id(0) * GROUPS * CG + local
+    s_inv, zero = split_tables(cols, C2, s_inv, zero, s_inv2, zero2, TWO_Q)
+    return local, cols, (local < GROUPS * CG) & (cols < C), s_inv, zero
+
+
+@triton.jit
 def _gn_one_pass_kernel(
     x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
     S, C, C2, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
@@ -175,15 +202,8 @@ def _gn_one_pass_kernel(
     read of x. A column's group is picked with a one-hot [G_P2, BLOCK_C] mask (CG need not be a
     power of two)."""
     b = tl.program_id(1)
-    if CODES:
-        g = tl.load(group_ptr + b * group_stride)
-        s_inv, zero, s_inv2, zero2 = sample_tables(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, g, TWO_Q)
-    else:  # a plain GroupNorm: no quantizer tables (their pointers may be None)
-        s_inv, zero, s_inv2, zero2 = 1.0, 0, 1.0, 0
-    local = tl.arange(0, BLOCK_C)
-    cols = tl.program_id(0) * GROUPS * CG + local
-    s_inv, zero = split_tables(cols, C2, s_inv, zero, s_inv2, zero2, TWO_Q)
-    c_mask = (local < GROUPS * CG) & (cols < C)
+    local, cols, c_mask, s_inv, zero = _group_columns(b, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+                                                      group_stride, C, C2, CG, CODES, TWO_Q, GROUPS, BLOCK_C)
     rows = tl.arange(0, BLOCK_S)
     mask = (rows < S)[:, None] & c_mask[None, :]
     x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs + cols[None, :] * stride_xc
@@ -199,6 +219,65 @@ def _gn_one_pass_kernel(
                         HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
     tl.store(out_ptrs, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_looped_kernel(
+    x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+    S, C, C2, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
+    HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
+    SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr,
+    GROUPS: tl.constexpr, G_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """GROUPS whole norm groups of one sample, all S pixels, in three sweeps of BLOCK_S-row tiles: the
+    column sums (exact mean), the squared deviations from it (variance), then the codes. Rows of BLOCK_C
+    ≥ 32 channels keep the loads and stores whole sectors wide; a program's slice of x (S × BLOCK_C) is
+    small enough to be re-read from L2 by the second and third sweeps, so x comes from memory about once
+    whatever S is (the one-pass kernel needs S·C/G in registers)."""
+    b = tl.program_id(1)
+    local, cols, c_mask, s_inv, zero = _group_columns(b, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
+                                                      group_stride, C, C2, CG, CODES, TWO_Q, GROUPS, BLOCK_C)
+    x_cols = x_ptr + b.to(tl.int64) * stride_xb + cols[None, :] * stride_xc
+    out_cols = out_ptr + b.to(tl.int64) * stride_ob + cols[None, :]
+    onehot = (tl.arange(0, G_P2)[:, None] == (local // CG)[None, :]) & c_mask[None, :]
+    n = S * CG * 1.0  # the group's element count as fp32 (exact below 2^24)
+
+    col_sum = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        mask = (rows < S)[:, None] & c_mask[None, :]
+        col_sum += tl.sum(tl.load(x_cols + rows[:, None].to(tl.int64) * stride_xs, mask=mask, other=0.0)
+                          .to(tl.float32), axis=0)
+    mean_g = tl.sum(tl.where(onehot, col_sum[None, :], 0.0), axis=1) / n
+    mean = tl.sum(tl.where(onehot, mean_g[:, None], 0.0), axis=0)
+
+    col_sq = tl.zeros([BLOCK_C], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        mask = (rows < S)[:, None] & c_mask[None, :]
+        x = tl.load(x_cols + rows[:, None].to(tl.int64) * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, x - mean[None, :], 0.0)
+        col_sq += tl.sum(d * d, axis=0)
+    var_g = tl.sum(tl.where(onehot, col_sq[None, :], 0.0), axis=1) / n
+    rstd = tl.sum(tl.where(onehot, (1.0 / tl.sqrt_rn(var_g + eps))[:, None], 0.0), axis=0)
+
+    for s0 in range(0, S, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        mask = (rows < S)[:, None] & c_mask[None, :]
+        x = tl.load(x_cols + rows[:, None].to(tl.int64) * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        q = _normalised_out((x - mean[None, :]) * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr,
+                            s_inv, zero, HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
+        tl.store(out_cols + rows[:, None].to(tl.int64) * stride_os, q.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def looped_tile(S: int, C: int, num_groups: int) -> tuple[int, int, int]:
+    """(groups per program, BLOCK_S, BLOCK_C) of the looped kernel: the fewest whole groups (a divisor of
+    G) that cover `_LOOPED_MIN_COLS` channels, or all of them; tiles of about 4096 elements."""
+    cg = C // num_groups
+    groups = next((g for g in range(1, num_groups + 1) if num_groups % g == 0 and g * cg >= _LOOPED_MIN_COLS),
+                  num_groups)
+    block_c = triton.next_power_of_2(groups * cg)
+    return groups, min(triton.next_power_of_2(S), max(1, 4096 // block_c)), block_c
 
 
 def _stats_tiles(x3: torch.Tensor, num_groups: int) -> tuple[bool, int, int]:
@@ -238,6 +317,14 @@ def one_pass_tile(S: int, C: int, num_groups: int, max_groups: int | None = None
     return groups, block_s, max(triton.next_power_of_2(groups * cg), min(16, cap))
 
 
+def _fills_gpu(programs: int, device: torch.device) -> bool:
+    """Whether `programs` give every SM one (always true off the GPU): the looped kernel's programs each
+    sweep a whole slice, so fewer would leave SMs idle (the embedded model at batch 64 has 128–256)."""
+    if device.type != "cuda":
+        return True
+    return programs >= torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _groups_per_program(batch: int, num_groups: int, device: torch.device) -> int | None:
     """At most this many norm groups per one-pass program, for `_STATS_PROGRAMS_PER_SM` programs per SM."""
     if device.type != "cuda":
@@ -250,7 +337,8 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
                                 zero: torch.Tensor, group: torch.Tensor, group_stride: int, bits: int, r_inv,
                                 out: torch.Tensor, split: int | None = None,
                                 one_pass: bool | None = None, silu: bool = True, c2: int | None = None,
-                                s_inv2: torch.Tensor | None = None, zero2: torch.Tensor | None = None) -> torch.Tensor:
+                                s_inv2: torch.Tensor | None = None, zero2: torch.Tensor | None = None,
+                                looped: bool | None = None) -> torch.Tensor:
     """Launch on a [B, S, C] view (any strides) into int8 codes `out` [B, S, C] (last dim contiguous).
 
     `gamma`/`beta` [C] (or both None: no affine). Where a sample's norm group fits in one program's
@@ -258,7 +346,10 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     `split` (tests: it overrides `stats_split`) — the statistics kernel runs first and x is read twice.
     An `out` of another dtype than int8 receives the normalised values (SiLU unless `silu=False`), not codes.
     A split input (`c2`, `s_inv2`, `zero2`, int8 codes only) quantizes channels [c2, C) with the second
-    tables, as `quantize_bsc` does; `split` is unrelated (the statistics' split).
+    tables, as `quantize_bsc` does; `split` is unrelated (the statistics' split). `looped` (default: the
+    module's LOOPED, env TCAQ_GN_LOOPED=1) runs `_gn_looped_kernel` for every shape instead, unless
+    `one_pass` or `split` asks for one of the other paths — with the module's switch only where its
+    programs (one per sample and slice) give every SM one: SD-1.5 at batch 2 keeps the other paths.
     """
     B, S, C = x3.shape
     if C % num_groups:
@@ -274,13 +365,25 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     if out.numel() == 0:
         return out
     cg = C // num_groups
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    groups, block_s, block_c = looped_tile(S, C, num_groups)
+    if looped is None:  # the module's switch, where the looped programs fill the GPU (not SD-1.5 at batch 2)
+        looped = LOOPED and _fills_gpu(B * (num_groups // groups), x3.device)
+    if looped and split is None and one_pass is None:
+        _gn_looped_kernel[(num_groups // groups, B)](
+            x3, out, gamma, beta, r_inv, s_inv, zero, *tables2, group, S, C, c2, cg, eps, group_stride,
+            x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
+            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
+            CODES=codes, TWO_Q=two_q, GROUPS=groups, G_P2=triton.next_power_of_2(groups),
+            BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
+        )
+        return out
     tile = None
     if split is None and one_pass is not False:
         tile = one_pass_tile(S, C, num_groups, _groups_per_program(B, num_groups, x3.device))
     if one_pass and tile is None:
         raise ValueError(f"GroupNorm: one_pass=True, but a group of {S} pixels × {cg} channels exceeds "
                          f"ONE_PASS_ELEMENTS={ONE_PASS_ELEMENTS}" + (" (split given)" if split else ""))
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     if tile is not None:
         groups, block_s, block_c = tile
         _gn_one_pass_kernel[(triton.cdiv(num_groups, groups), B)](
@@ -314,10 +417,12 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     return out
 
 
-def groupnorm_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, out: torch.Tensor) -> torch.Tensor:
+def groupnorm_bsc(x3: torch.Tensor, num_groups: int, eps: float, gamma, beta, out: torch.Tensor,
+                  silu: bool = False) -> torch.Tensor:
     """A plain GroupNorm of the [B, S, C] view `x3` (any strides) into `out` [B, S, C] (last dim
-    contiguous, float): the same kernels without SiLU or quantize, and no quantizer tables."""
+    contiguous, float): the same kernels without quantize (and without SiLU unless `silu`), no
+    quantizer tables."""
     if out.dtype == torch.int8:
         raise ValueError("groupnorm_bsc writes float values; int8 codes come from groupnorm_silu_quantize_bsc")
     return groupnorm_silu_quantize_bsc(x3, num_groups, eps, gamma, beta, None, None, None, 0, 8, None, out,
-                                       silu=False)
+                                       silu=silu)

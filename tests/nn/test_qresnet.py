@@ -173,3 +173,22 @@ def test_fused_unet_on_gpu(ref_unet, ref_scheduler, ref_state_w8a8):
     assert rel < 1e-2, rel
     images = {f: ddim_sample(m, ref_scheduler, noise, 10, progress=False) for f, m in models.items()}
     assert (images[True] - images[False]).pow(2).mean().item() < 1e-4
+
+
+def test_output_norm_runs_as_one_kernel(models, rng, monkeypatch):
+    """convert(fuse_norm=True) runs conv_norm_out + conv_act as `triton_ops.groupnorm(silu=True)`: the same
+    output as torch's GroupNorm + SiLU to fp32 rounding, channels-last, and the module names unchanged."""
+    from tcaq_kernels.nn.qnorm_out import GroupNormSiLU
+
+    fused, plain = models[True], models[False]
+    assert fused.tcaq_info["norm_out"] == "fused" and "norm_out" not in plain.tcaq_info
+    assert type(fused.conv_norm_out) is GroupNormSiLU and isinstance(fused.conv_act, torch.nn.Identity)
+    x = torch.randn(2, plain.conv_norm_out.num_channels, 5, 4, generator=rng) * 3 + 1
+    calls = []
+    real = triton_ops.groupnorm
+    monkeypatch.setattr(triton_ops, "groupnorm", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    with torch.no_grad():
+        y = fused.conv_act(fused.conv_norm_out(x))
+        ref = plain.conv_act(plain.conv_norm_out(x))
+    assert calls == [True] and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from tcaq_kernels.ops import reference as R
+from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d
 from tcaq_kernels.quant import primitives as P
 
 
@@ -55,3 +56,19 @@ def conv_acc_ref(codes_nchw: torch.Tensor, w_int: torch.Tensor, t: Tables, strid
         return R.int_conv2d(codes_nchw, w_int, z, (stride, stride), (top, left))
     padded = F.pad(codes_nchw.double() - z.double(), (left, right, top, bottom)) + z.double()
     return R.int_conv2d(padded, w_int, z, (stride, stride), (0, 0))
+
+
+def assert_upsample_conv_exact(gen, device, case, w_bits):
+    """`qconv2d(..., upsample=2)` on fresh codes (B, C, H, W) with N outputs, a k×k kernel and padding `pad`
+    (case = (B, C, H, W, N, k, pad)), unit scales and fp32 output: exactly the reference conv of the
+    nearest-upsampled codes."""
+    B, C, H, W, N, k, pad = case
+    codes = rand_int(gen, (B, C, H, W), 8, device)
+    w = rand_int(gen, (N, C, k, k), w_bits, device)
+    t = Tables(gen, groups=3, batch=B, bits=8, device=device, unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                t.s_inv, t.scale, t.zero, t.group, 1, [pad], out_dtype=torch.float32, upsample=2)
+    up = codes.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    assert y.shape == (B, N, 2 * H, 2 * W)
+    assert torch.equal(y, conv_acc_ref(up, w, t, 1, (pad,) * 4).float())

@@ -7,7 +7,7 @@ from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d, quantize_a
 from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton.conv import conv_split_k, qconv
 
-from _tables import Tables, assert_float_close, conv_acc_ref, rand_int
+from _tables import Tables, assert_float_close, assert_upsample_conv_exact, conv_acc_ref, rand_int
 
 # (B, C, H, W, N, k, stride, padding): C_in = 3 and 4 (image / latent input), odd C, stride 2,
 # 1×1, non-square images, a spatial size that is not a multiple of the stride.
@@ -338,3 +338,44 @@ def test_split_input_large_shapes(gen, w_bits, case):
     ref = (conv_acc_ref(codes[:, :c2], w[:, :c2], t1, stride, (pad,) * 4)
            + conv_acc_ref(codes[:, c2:], w[:, c2:], t2, stride, (pad,) * 4))
     assert torch.equal(y, ref.float())
+
+
+# ------------------------------------------------------------- upsample=2 (a diffusers Upsample2D's interpolate + conv)
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", [(2, 37, 5, 3, 20, 3, 1), (3, 16, 4, 4, 24, 3, 1), (2, 33, 3, 5, 17, 1, 0)])
+def test_upsample_codes_exact_accumulator(gen, device, w_bits, case):
+    """The conv over the 2× nearest upsampling of the codes, read in place (pixel (ih, iw) ← (ih//2, iw//2)),
+    equals the reference conv of the upsampled codes exactly; the upsampled tensor is never made."""
+    assert_upsample_conv_exact(gen, device, case, w_bits)
+
+
+def test_upsample_float_input_matches_interpolate_then_conv(gen, device):
+    """Float input: quantizing at low resolution and reading the codes upsampled gives what diffusers'
+    path gives — `F.interpolate(nearest)`, then quantize and conv — bit for bit (the quantize is
+    elementwise, so it commutes with repeating pixels); with TCR, bias and a residual."""
+    B, C, H, W, N = 2, 12, 3, 4, 10
+    x, w, w_scale, bias, _, r_inv = _float_conv_inputs(gen, device, B, C, H, W, N, tcr=True)
+    residual = torch.randn(B, N, 2 * H, 2 * W, generator=gen).to(device)
+    t = Tables(gen, groups=4, batch=B, bits=8, device=device)
+    w_q, w_sum = prepare_conv_weight(w, 8)
+    args = (w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 1, [1], 8, r_inv, residual)
+    fused = qconv2d(x, *args, upsample=2)
+    plain = qconv2d(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"), *args)
+    assert torch.equal(fused, plain)
+
+
+def test_upsample_refusal(gen, device):
+    w_q, w_sum = prepare_conv_weight(rand_int(gen, (4, 8, 3, 3), 8, device), 8)
+    t = Tables(gen, groups=2, batch=1, bits=8, device=device)
+    with pytest.raises(ValueError, match="upsample must be 1 or 2"):
+        qconv2d(rand_int(gen, (1, 3, 3, 8), 8, device), w_q, w_sum, torch.ones(4, device=device), None,
+                t.s_inv, t.scale, t.zero, t.group, 1, [1], upsample=3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", [(256, 128, 8, 8, 128), (256, 128, 16, 16, 128), (2, 1280, 32, 32, 1280)])
+def test_upsample_large_shapes(gen, w_bits, case):
+    """The embedded model's and SD-1.5's Upsample2D convs (3×3, pad 1) on the GPU (wgmma where it routes)."""
+    assert_upsample_conv_exact(gen, "cuda", (*case, 3, 1), w_bits)

@@ -11,7 +11,7 @@ from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d
 from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import conv_wgmma as CW
 
-from _tables import Tables, assert_float_close, conv_acc_ref, rand_int
+from _tables import Tables, assert_float_close, assert_upsample_conv_exact, conv_acc_ref, rand_int
 from _wgmma import NEEDS_SM90, route_to_wgmma
 
 pytestmark = NEEDS_SM90
@@ -111,3 +111,11 @@ def test_split_input_two_accumulators(gen, wgmma, w_bits, case):
     ref = (conv_acc_ref(codes[:, :c2], w[:, :c2], t1, stride, (pad,) * 4)
            + conv_acc_ref(codes[:, c2:], w[:, c2:], t2, stride, (pad,) * 4))
     assert torch.equal(y, ref.float())
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_upsample_reads_codes_in_place(gen, wgmma, w_bits):
+    """upsample=2 (a diffusers Upsample2D's interpolate + conv): the gather reads code pixel (ih//2, iw//2);
+    with unit scales y equals the reference conv of the upsampled codes exactly, in the Gluon kernel."""
+    assert_upsample_conv_exact(gen, "cuda", (2, 64, 5, 4, 40, 3, 1), w_bits)
+    assert wgmma == [1]

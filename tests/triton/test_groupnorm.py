@@ -43,12 +43,20 @@ def _cpu(v):
 
 def _force(path, monkeypatch):
     """"auto": the launcher's choice (one pass wherever a group fits, as on these small shapes);
-    "two-kernel": the statistics kernel, then the codes kernel."""
+    "two-kernel": the statistics kernel, then the codes kernel; "looped": the looped kernel, its row
+    tiles cut to 8 so that each of its three sweeps takes several steps even on these small shapes."""
     if path == "two-kernel":
         monkeypatch.setattr(gn_module, "one_pass_tile", lambda *a, **k: None)
+    if path == "looped":
+        tile = gn_module.looped_tile
+        monkeypatch.setattr(gn_module, "LOOPED", True)
+        monkeypatch.setattr(gn_module, "looped_tile", lambda *a: (lambda g, s, c: (g, min(s, 8), c))(*tile(*a)))
 
 
-@pytest.mark.parametrize("path", ["auto", "two-kernel"])
+PATHS = ["auto", "two-kernel", "looped"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bits", [8, 4])
 def test_codes_match_reference(gen, device, case, bits, path, monkeypatch):
@@ -59,7 +67,7 @@ def test_codes_match_reference(gen, device, case, bits, path, monkeypatch):
     _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} A{bits}")
 
 
-@pytest.mark.parametrize("path", ["auto", "two-kernel"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_input_channels_last_no_affine(gen, device, dtype, path, monkeypatch):
     _force(path, monkeypatch)
@@ -140,10 +148,11 @@ SPLIT_CASES = [(3, 20, 5, 7, 4, 10), (3, 20, 5, 7, 4, 7), (2, 15, 31, 1, 3, 5), 
                (2, 36, 3, 5, 12, 18), (2, 36, 3, 5, 12, 17)]
 
 
-@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("path", [dict(one_pass=True), dict(one_pass=False), dict(looped=True)],
+                         ids=["one-pass", "two-kernel", "looped"])
 @pytest.mark.parametrize("case", SPLIT_CASES)
 @pytest.mark.parametrize("bits", [8, 4])
-def test_split_input_composes_unsplit_codes(gen, device, case, one_pass, bits):
+def test_split_input_composes_unsplit_codes(gen, device, case, path, bits):
     """A split input's codes are the unsplit kernel's with tables 1 on channels [0, c2) and with tables 2 on
     [c2, C), bit for bit: the statistics path is the same, only the quantizer differs. Per-sample groups
     (distinct), TCR, a strided [B, H·W, C] view of NCHW x, every output poisoned (a sentinel per call)."""
@@ -157,11 +166,20 @@ def test_split_input_composes_unsplit_codes(gen, device, case, one_pass, bits):
     def codes(tab, sentinel, **split):
         out = torch.full((B, H * W, C), sentinel, dtype=torch.int8, device=device)
         return groupnorm_silu_quantize_bsc(x3, G, 1e-5, gamma, beta, tab.s_inv, tab.zero, tab.group, 1, bits,
-                                           r_inv, out, one_pass=one_pass, **split)
+                                           r_inv, out, **path, **split)
 
     for s_split, s_ref in ((-77, 91), (91, -77)):  # an unwritten element keeps a sentinel the other output lacks
         ref = torch.cat([codes(t, s_ref)[..., :c2], codes(t2, s_ref)[..., c2:]], dim=-1)
         assert torch.equal(codes(t, s_split, c2=c2, s_inv2=t2.s_inv, zero2=t2.zero), ref)
+
+
+def test_looped_tiles():
+    """Whole groups covering ≥ 32 channels (a divisor of G), or every group when C is smaller; tiles of
+    about 4096 elements, never taller than the image."""
+    assert gn_module.looped_tile(1024, 64, 32) == (16, 128, 32)  # embedded model, 32×32: 2 channels a group
+    assert gn_module.looped_tile(4096, 320, 32) == (4, 64, 64)  # SD-1.5 64×64: 40 of 64 lanes live
+    assert gn_module.looped_tile(16, 24, 8) == (8, 16, 32)  # C < 32: one program per sample
+    assert gn_module.looped_tile(256, 1280, 32) == (1, 64, 64)
 
 
 def test_split_input_needs_codes(device):
@@ -195,7 +213,7 @@ def test_fake_impl_matches(device):
 @pytest.mark.parametrize("case", [(2, 320, 64, 64, 32), (2, 1280, 8, 8, 32), (8, 640, 32, 32, 32),
                                   (2, 2560, 16, 16, 32), (64, 128, 32, 32, 32), (64, 256, 4, 4, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["auto", "two-kernel"])
+@pytest.mark.parametrize("path", PATHS)
 def test_large_shapes(gen, case, dtype, path, monkeypatch):
     _force(path, monkeypatch)
     B, C, H, W, G = case
@@ -205,7 +223,7 @@ def test_large_shapes(gen, case, dtype, path, monkeypatch):
     _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} {dtype}")
 
 
-@pytest.mark.parametrize("path", ["auto", "two-kernel"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_plain_groupnorm_of_strided_tokens(gen, device, dtype, path, monkeypatch):
     """`groupnorm` (no SiLU, no quantize) of an attention block's tokens [B, L, C] — a transposed view,
