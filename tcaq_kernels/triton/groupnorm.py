@@ -19,7 +19,7 @@ square deviation), then the codes. Elsewhere two kernels read x twice:
    the splits' partial statistics of its channels' groups (same formula, fixed order: deterministic),
    normalises, applies γ/β and SiLU in fp32, then quantizes exactly like quantize.py — per-sample
    timestep group read on the device, TCR `r_inv`, the products `(y·r_inv)·s_inv`, round half to even.
-A third, opt-in path (`_gn_looped_kernel`, TCAQ_GN_LOOPED=1, not yet timed on a GPU) serves every shape:
+A third, opt-in path (`_gn_looped_kernel`, TCAQ_GN_LOOPED=1) serves every shape:
 one program per sample and ≥ 32-channel slice of whole groups sweeps its S rows three times (mean, squared
 deviations, codes), the slice small enough for the later sweeps to come from L2 — aimed at the one-pass
 kernel's narrow rows (2–8 channels a group on the embedded model: 8-byte code rows) and at its 4.4× gap
@@ -47,7 +47,11 @@ from .quantize import check_split, sample_tables, sample_tile, split_tables, til
 # earlier call, where 8192 gave 2.35 / 6.17).
 ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
 # The looped kernel (`_gn_looped_kernel`) instead of the one-pass and two-kernel paths everywhere, for A/B runs
-# (TCAQ_GN_LOOPED=1); not yet timed on a GPU, so off by default.
+# (TCAQ_GN_LOOPED=1). Off by default: on an H200 (28 Nov, kernels.py) it beat the one-pass kernel at the
+# embedded model's 8×8 and 4×4 levels at batch 256 (17.8 vs 36.8 µs for C256 8×8) and the two-kernel path at
+# C384 32×32 (376 vs 432 µs), but lost at 32×32 / 16×16 (112 vs 103 µs for C128 32×32) and on SD-1.5 shapes,
+# and the W8A8 step from CUDA graphs was no faster (5.79 vs 5.81 ms at batch 256, 2.43 vs 2.26 at 64).
+# Giving the one-pass kernel more programs per SM (8 or 32 instead of 2) did not help either (same day).
 LOOPED = os.environ.get("TCAQ_GN_LOOPED", "0") == "1"
 # A looped program covers at least this many channels (whole norm groups): 64-byte bf16 rows, 32-byte code rows.
 _LOOPED_MIN_COLS = 32
