@@ -18,7 +18,6 @@ from typing import Optional
 import torch
 from diffusers.models.upsampling import Upsample2D
 
-from ..ops import triton_ops
 from .qlayers import QConv2d
 
 
@@ -49,8 +48,5 @@ class FusedUpsample2D(Upsample2D):
         if args or kwargs.get("scale") is not None or not doubled:
             return super().forward(hidden_states, output_size, *args, **kwargs)
         conv: QConv2d = self.conv if self.name == "conv" else self.Conv2d_0
-        a = conv.act
-        return triton_ops.call(triton_ops.qconv2d, hidden_states, conv.triton_weight, conv.triton_wsum,
-                               conv.w_scale, conv.bias, a.s_inv, a.scale, a.zero, conv.groups.group, 1,
-                               list(conv.padding), a_bits=a.bits, r_inv=conv.r_inv, out_dtype=hidden_states.dtype,
-                               upsample=2)
+        return conv._triton(hidden_states, conv.act, conv.triton_weight, conv.triton_wsum, conv.r_inv, conv.bias,
+                            hidden_states.dtype, upsample=2)
