@@ -25,8 +25,8 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     ResnetBlock2D runs GroupNorm → SiLU → quantize as one kernel feeding its quantized convs, which also
     take the time-embedding and skip adds into their epilogues (nn/qresnet.py); `tcaq_info["fused_norms"]`
     counts the fused halves and `tcaq_info["unfused_norms"]` says why any block half was not fused.
-    It is the faster path (embedded model, H200, CUDA graphs, batch 64 / 256: W8A8 2.46 / 6.17 ms a
-    step fused against 3.96 / 10.81 unfused, benchmarks/results/latency.md); `fuse_norm=False` keeps
+    It is the faster path (embedded model, H200, CUDA graphs, batch 64 / 256: W8A8 2.25 / 5.76 ms a
+    step fused against 3.88 / 11.00 unfused, benchmarks/results/latency.md); `fuse_norm=False` keeps
     diffusers' own GroupNorm and SiLU, with the conv quantizing its float input. The same switch lets
     each Upsample2D's conv read the nearest 2× upsampling of its input's codes in place (nn/qupsample.py,
     bit-identical; `tcaq_info["fused_upsamplers"]`, and `["unfused_upsamplers"]` with the reasons), and
