@@ -31,7 +31,9 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     each Upsample2D's conv read the nearest 2× upsampling of its input's codes in place (nn/qupsample.py,
     bit-identical; `tcaq_info["fused_upsamplers"]`, and `["unfused_upsamplers"]` with the reasons), and
     runs the output norm and its SiLU before the float conv_out as one kernel (nn/qnorm_out.py;
-    `tcaq_info["norm_out"]` is "fused" or why not).
+    `tcaq_info["norm_out"]` is "fused" or why not), and lets the up blocks hand their ResnetBlocks the skip
+    connection apart, read in place instead of concatenated (nn/qupblock.py, bit-identical;
+    `tcaq_info["fused_up_blocks"]`, `["unfused_up_blocks"]`).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -55,6 +57,7 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
         from .nn.qnorm_out import fuse_norm_out
 
         out.tcaq_info.update(_fuse_resnets(out))
+        out.tcaq_info.update(_fuse_up_blocks(out))
         out.tcaq_info.update(_fuse_upsamplers(out))
         out.tcaq_info["norm_out"] = fuse_norm_out(out) or "fused"
     return out
@@ -73,6 +76,19 @@ def _fuse_resnets(model: torch.nn.Module) -> dict:
             fused += 2 - len(refusals)
             unfused.update({f"{name}.{half}": reason for half, reason in refusals.items()})
     return {"fused_norms": fused, "unfused_norms": unfused}
+
+
+def _fuse_up_blocks(model: torch.nn.Module) -> dict:
+    """Let every up block pass its skip connections apart (nn/qupblock.py); what was fused, and why not."""
+    from diffusers.models.unets.unet_2d_blocks import AttnUpBlock2D, CrossAttnUpBlock2D, UpBlock2D
+
+    from .nn.qupblock import fuse_up_block
+
+    kinds = (UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D)
+    reasons = {name: fuse_up_block(name, block) for name, block in list(model.named_modules())
+               if type(block) in kinds}
+    return {"fused_up_blocks": sum(r is None for r in reasons.values()),
+            "unfused_up_blocks": {name: r for name, r in reasons.items() if r is not None}}
 
 
 def _fuse_upsamplers(model: torch.nn.Module) -> dict:

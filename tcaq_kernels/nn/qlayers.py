@@ -229,6 +229,14 @@ class QConv2d(_QWeighted):
         return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
                             **self.split_args())
 
+    def forward_cat(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """`self(torch.cat([x, x2], 1))`; the triton kernels read the two parts in place (no concatenated
+        copy: a UNet up block's `cat([hidden, skip])` feeding a ResnetBlock's conv_shortcut)."""
+        if self.backend != "triton" or (self.input_split is not None and self.act_skip.bits != self.act.bits):
+            return self(torch.cat([x, x2], dim=1))
+        return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
+                            x2=x2, **self.split_args())
+
     def split_args(self) -> dict:
         """`qconv2d`'s keyword arguments of the second input range (the skip channels [input_split, C):
         their weights and quantizer tables), {} for an unsplit input."""

@@ -70,15 +70,29 @@ def fuse_resnet(name: str, block: ResnetBlock2D) -> dict[str, str]:
 
 
 def _norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
-                    residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes."""
+                    residual: Optional[torch.Tensor], x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes; with `x2`,
+    of `cat([x, x2], 1)` read in place."""
     a, group, split = conv.act, conv.groups.group, conv.split_args()
     norm_split = {k: split[k] for k in ("c2", "s_inv2", "zero2") if k in split}
+    if x2 is not None:
+        norm_split["x2"] = x2
     codes = triton_ops.call(triton_ops.groupnorm_silu_quantize, x, norm.weight, norm.bias, norm.num_groups, norm.eps,
                             a.s_inv, a.zero, group, a.bits, conv.r_inv, **norm_split)
     return triton_ops.call(triton_ops.qconv2d, codes, conv.triton_weight, conv.triton_wsum, conv.w_scale, conv.bias,
                            a.s_inv, a.scale, a.zero, group, conv.stride[0], list(conv.padding), a_bits=a.bits,
                            r_inv=conv.r_inv, residual=residual, out_dtype=x.dtype, **split)
+
+
+def _shortcut(block: ResnetBlock2D, x: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:
+    """The block's shortcut branch of its input `x` (`cat([x, x2], 1)` when x2 is given)."""
+    conv = block.conv_shortcut
+    if x2 is None:
+        return x if conv is None else conv(x)
+    if isinstance(conv, QConv2d):
+        return conv.forward_cat(x, x2)
+    x = torch.cat([x, x2], dim=1)
+    return x if conv is None else conv(x)
 
 
 def _conv_out_shape(conv: QConv2d, x: torch.Tensor) -> tuple[int, int, int, int]:
@@ -95,8 +109,14 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
     tcaq_fuse: tuple[bool, bool]
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.training or args or kwargs.get("scale") is not None:
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor, *args, skip: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        """diffusers' forward; `skip` (from the fused up blocks, nn/qupblock.py) means the input is
+        `cat([input_tensor, skip], 1)`, which the fused first half and a quantized shortcut read in place."""
+        diffusers_path = self.training or args or kwargs.get("scale") is not None
+        if skip is not None and (diffusers_path or not self.tcaq_fuse[0]):
+            input_tensor, skip = torch.cat([input_tensor, skip], dim=1), None
+        if diffusers_path:
             return super().forward(input_tensor, temb, *args, **kwargs)
         fuse1, fuse2 = self.tcaq_fuse
         if self.time_emb_proj is not None:
@@ -107,13 +127,13 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
         if fuse1:
             res = None if add_temb is None else add_temb.expand(_conv_out_shape(self.conv1, input_tensor))
-            hidden_states = _norm_silu_conv(self.norm1, self.conv1, input_tensor, res)
+            hidden_states = _norm_silu_conv(self.norm1, self.conv1, input_tensor, res, skip)
         else:
             hidden_states, input_tensor = self._first_half(input_tensor)
             if add_temb is not None:
                 hidden_states = hidden_states + add_temb
 
-        shortcut = self.conv_shortcut(input_tensor) if self.conv_shortcut is not None else input_tensor
+        shortcut = _shortcut(self, input_tensor, skip)
         if fuse2:
             out = _norm_silu_conv(self.norm2, self.conv2, hidden_states, shortcut)
         else:

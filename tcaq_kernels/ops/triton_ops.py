@@ -256,25 +256,45 @@ def groupnorm_silu_quantize(
     c2: Optional[int] = None,
     s_inv2: Optional[torch.Tensor] = None,
     zero2: Optional[torch.Tensor] = None,
+    x2: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """NHWC int8 codes of `silu(group_norm(x))` with the next conv's quantizer (see module doc)."""
+    """NHWC int8 codes of `silu(group_norm(x))` with the next conv's quantizer (see module doc); with `x2`
+    [B, C2, H, W], of the channel concatenation `cat([x, x2], 1)`, read from the two tensors in place."""
     if x.dim() != 4:
         raise ValueError(f"groupnorm_silu_quantize expects x [B, C, H, W], got {tuple(x.shape)}")
-    B, C, H, W = x.shape
+    B, C, H, W = _concat_shape("groupnorm_silu_quantize", x, x2)
     batch, gstride = _group_layout(group, B)
     if batch != B:
         raise ValueError(f"group has {group.numel()} entries for a batch of {B}")
     out = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
-    groupnorm_silu_quantize_bsc(x.permute(0, 2, 3, 1).reshape(B, H * W, C), num_groups, eps, weight, bias, s_inv,
-                                zero, group, gstride, bits, r_inv, out.view(B, H * W, C), c2=c2, s_inv2=s_inv2,
-                                zero2=zero2)
+    groupnorm_silu_quantize_bsc(_bsc(x), num_groups, eps, weight, bias, s_inv, zero, group, gstride, bits, r_inv,
+                                out.view(B, H * W, C), c2=c2, s_inv2=s_inv2, zero2=zero2,
+                                x2=None if x2 is None else _bsc(x2))
     return out
 
 
 @groupnorm_silu_quantize.register_fake
-def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None, c2=None, s_inv2=None, zero2=None):
-    B, C, H, W = x.shape
+def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None, c2=None, s_inv2=None, zero2=None,
+      x2=None):
+    B, C, H, W = _concat_shape("groupnorm_silu_quantize", x, x2)
     return x.new_empty((B, H, W, C), dtype=torch.int8)
+
+
+def _bsc(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] as a [B, H·W, C] view (a copy only where H and W cannot merge)."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+def _concat_shape(op: str, x: torch.Tensor, x2: Optional[torch.Tensor]) -> tuple[int, int, int, int]:
+    """Shape of `cat([x, x2], 1)` (x's without x2), checked: the kernels read the two parts in place."""
+    if x2 is None:
+        return tuple(x.shape)
+    if x2.dim() != 4 or x2.shape[0] != x.shape[0] or x2.shape[2:] != x.shape[2:] or x2.dtype != x.dtype:
+        raise ValueError(f"{op}: x2 {tuple(x2.shape)} {x2.dtype} is not the second part of a channel "
+                         f"concatenation with x {tuple(x.shape)} {x.dtype}")
+    B, C, H, W = x.shape
+    return B, C + x2.shape[1], H, W
 
 
 @_custom_op("tcaq::triton_groupnorm")
@@ -395,9 +415,11 @@ def qconv2d(
     scale2: Optional[torch.Tensor] = None,
     zero2: Optional[torch.Tensor] = None,
     upsample: int = 1,
+    x2: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Quantized conv2d (implicit GEMM on NHWC codes); returns a channels-last NCHW tensor, or NHWC
-    int8 codes for the next layer (see module doc)."""
+    int8 codes for the next layer (see module doc). A float `x` may come with `x2` [B, C2, H, W]: the conv
+    then reads `cat([x, x2], 1)`, quantized from the two tensors in place."""
     batch, gstride = _group_layout(group, x.shape[0])
     if batch != x.shape[0]:
         raise ValueError(f"group has {group.numel()} entries for a batch of {x.shape[0]}")
@@ -405,7 +427,9 @@ def qconv2d(
                    out_s_inv=out_s_inv, out_zero=out_zero, out_r_inv=out_r_inv, w_sum2=w_sum2, s_inv2=s_inv2,
                    scale2=scale2, zero2=zero2)
     dtype = _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits)
-    C = x.shape[3] if x.dtype == torch.int8 else x.shape[1]
+    if x2 is not None and x.dtype == torch.int8:
+        raise ValueError("qconv2d: x2 (the second part of a concatenation) goes with a float x, not int8 codes")
+    C = x.shape[3] if x.dtype == torch.int8 else _concat_shape("qconv2d", x, x2)[1]
     second = _second_range(C, c2, w_q, w_q2, w_sum2, s_inv2, scale2, zero2)
     if x.dtype == torch.int8:
         codes = x
@@ -415,11 +439,10 @@ def qconv2d(
             raise ValueError(f"qconv2d: int8 codes must be NHWC [B, H, W, C] with the weight's C, "
                              f"got {tuple(x.shape)} for weights {tuple(w_q.shape)}" + (f" and c2={c2}" if c2 else ""))
     else:
-        B, C, H, W = x.shape
-        x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+        B, _, H, W = x.shape
         codes = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
-        quantize_bsc(x3, s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C),
-                     c2=c2, s_inv2=s_inv2, zero2=zero2)
+        quantize_bsc(_bsc(x), s_inv, zero, group, gstride, a_bits, r_inv, False, False, codes.view(B, H * W, C),
+                     c2=c2, s_inv2=s_inv2, zero2=zero2, x2=None if x2 is None else _bsc(x2))
     result = _conv_out(x, w_q, stride, padding, dtype, upsample)
     out = result.permute(0, 3, 1, 2) if dtype == torch.int8 else result  # qconv writes through NCHW indices
     qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
@@ -453,7 +476,7 @@ def _second_range(C: int, c2, w_q, w_q2, w_sum2, s_inv2, scale2, zero2) -> Optio
 @qconv2d.register_fake
 def _(x, w_q, w_sum, w_scale, bias, s_inv, scale, zero, group, stride, padding, a_bits=8,
       r_inv=None, residual=None, out_dtype=None, split_k=None, out_s_inv=None, out_zero=None, out_r_inv=None,
-      out_bits=8, c2=None, w_q2=None, w_sum2=None, s_inv2=None, scale2=None, zero2=None, upsample=1):
+      out_bits=8, c2=None, w_q2=None, w_sum2=None, s_inv2=None, scale2=None, zero2=None, upsample=1, x2=None):
     return _conv_out(x, w_q, stride, padding,
                      _output_dtype(x, out_dtype, w_q.shape[0], out_s_inv, out_zero, out_r_inv, out_bits), upsample)
 

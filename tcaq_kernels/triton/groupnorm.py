@@ -26,6 +26,13 @@ kernel's narrow rows (2–8 channels a group on the embedded model: 8-byte code 
 to the memory floor (1.42 ms for the embedded model's 51 norms at batch 256 against ~0.32 ms, H200).
 All paths also take quantize.py's split input (channels [c2, C) quantized with a second pair of
 tables): the statistics do not depend on the quantizer, so only the codes' tail changes.
+They also read a concatenated input in place (`x2`: channels [C1, C) from a second tensor, quantize.py's
+`load_channels`): a UNet up block's `torch.cat([hidden, skip], dim=1)` goes into `norm1` (and the 1×1
+conv_shortcut) and nowhere else, so the concatenation need not be written. Norm groups may straddle C1;
+every element is loaded into the lane (and, for the statistics, the order) a load of the concatenation
+would give it, so the codes are the same bit for bit. The second part's arguments come last in every
+kernel: without TWO_X each compiles to the single-input instructions (sm_90; placed after x_ptr, the same
+code took ptxas 110 registers instead of 96 in the one-pass kernel).
 
 The statistics are fp32 like torch's, but not summed in torch's order: a code may differ from
 `quantize(silu(F.group_norm(x)))` by one where that value lies within a few fp32 ulps of a rounding
@@ -38,7 +45,7 @@ import triton
 import triton.language as tl
 
 from .numerics import interpreting, quantize_uniform, tuning_bench
-from .quantize import check_split, sample_tables, sample_tile, split_tables, tile_configs
+from .quantize import check_concat, check_split, load_channels, sample_tables, sample_tile, split_tables, tile_configs
 
 # Register budget of the one-pass kernel: elements of x one program holds (fp32, 32 a thread at 8 warps).
 # 8192 rather than 16384: smaller tiles, more programs in flight — the embedded model's W8A8 step from a
@@ -64,11 +71,12 @@ _MAX_SPLIT = 32
 @triton.jit
 def _gn_stats_kernel(
     x_ptr, part_ptr, S, CG, NG, per_split, part_stride,
-    stride_xb, stride_xs, stride_xc,
-    CHANNEL_FASTEST: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
+    stride_xb, stride_xs, stride_xc, x2_ptr, C1, stride_x2b, stride_x2s, stride_x2c,
+    CHANNEL_FASTEST: tl.constexpr, TWO_X: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """Partial (count, mean, M2) of BLOCK_G norm groups of one sample over one split of their
-    elements; element e of a group is (channel, pixel) in the order of the input's memory."""
+    elements; element e of a group is (channel, pixel) in the order of the input's memory (with TWO_X
+    the order `_stats_tiles` picks for both parts, each element read from the part its channel lies in)."""
     g_blocks = (NG + BLOCK_G - 1) // BLOCK_G
     b = tl.program_id(0) // g_blocks
     grp = (tl.program_id(0) % g_blocks) * BLOCK_G + tl.arange(0, BLOCK_G)
@@ -76,7 +84,8 @@ def _gn_stats_kernel(
     g_mask = grp < NG
     e_lo = split * per_split
     e_hi = tl.minimum(e_lo + per_split, CG * S)
-    base = x_ptr + b.to(tl.int64) * stride_xb + (grp * CG).to(tl.int64)[:, None] * stride_xc
+    x_b = x_ptr + b.to(tl.int64) * stride_xb
+    base = x_b + (grp * CG).to(tl.int64)[:, None] * stride_xc
 
     n = tl.full((BLOCK_G,), 0.0, tl.float32)
     mean = tl.full((BLOCK_G,), 0.0, tl.float32)
@@ -88,7 +97,12 @@ def _gn_stats_kernel(
         else:
             c, s = e // S, e % S
         mask = g_mask[:, None] & (e < e_hi)[None, :]
-        x = tl.load(base + (c * stride_xc + s.to(tl.int64) * stride_xs)[None, :], mask=mask, other=0.0)
+        if TWO_X:  # a group may straddle C1: each element's channel picks its part
+            x = load_channels((x_b + s.to(tl.int64) * stride_xs)[None, :],
+                              (x2_ptr + b.to(tl.int64) * stride_x2b + s.to(tl.int64) * stride_x2s)[None, :],
+                              (grp * CG)[:, None] + c[None, :], mask, C1, stride_xc, stride_x2c, True)
+        else:
+            x = tl.load(base + (c * stride_xc + s.to(tl.int64) * stride_xs)[None, :], mask=mask, other=0.0)
         x = x.to(tl.float32)
         n_t = tl.minimum(e_hi - e0, BLOCK_E).to(tl.float32)
         mean_t = tl.sum(x, axis=1) / n_t
@@ -130,10 +144,10 @@ def _group_moments(part_ptr, part_stride, bn, c_mask, SPLIT: tl.constexpr, SPLIT
 def _gn_silu_quantize_kernel(
     x_ptr, out_ptr, part_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
     S, C, C2, CG, NG, eps, part_stride, group_stride,
-    stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
+    stride_xb, stride_xs, stride_xc, stride_ob, stride_os, x2_ptr, C1, stride_x2b, stride_x2s, stride_x2c,
     SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr,
     QMIN: tl.constexpr, QMAX: tl.constexpr, SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+    TWO_X: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     if CODES:
         b, rows, cols, s_inv, zero, s_inv2, zero2 = sample_tile(s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
@@ -148,8 +162,9 @@ def _gn_silu_quantize_kernel(
     rstd = 1.0 / tl.sqrt_rn(var + eps)
 
     mask = (rows < S)[:, None] & c_mask[None, :]
-    x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs + cols[None, :] * stride_xc
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = load_channels(x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs,
+                      x2_ptr + b.to(tl.int64) * stride_x2b + rows[:, None].to(tl.int64) * stride_x2s,
+                      cols[None, :], mask, C1, stride_xc, stride_x2c, TWO_X).to(tl.float32)
     q = _normalised_out((x - mean[None, :]) * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr,
                         s_inv, zero, HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
     out_ptrs = out_ptr + b.to(tl.int64) * stride_ob + rows[:, None].to(tl.int64) * stride_os + cols[None, :]
@@ -197,8 +212,9 @@ def _group_columns(b, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr, gro
 def _gn_one_pass_kernel(
     x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
     S, C, C2, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
+    x2_ptr, C1, stride_x2b, stride_x2s, stride_x2c,
     HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-    SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr,
+    SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr, TWO_X: tl.constexpr,
     GROUPS: tl.constexpr, G_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """GROUPS whole norm groups of one sample (every pixel: S ≤ BLOCK_S) held in registers: the
@@ -210,8 +226,9 @@ def _gn_one_pass_kernel(
                                                       group_stride, C, C2, CG, CODES, TWO_Q, GROUPS, BLOCK_C)
     rows = tl.arange(0, BLOCK_S)
     mask = (rows < S)[:, None] & c_mask[None, :]
-    x_ptrs = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs + cols[None, :] * stride_xc
-    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x = load_channels(x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xs,
+                      x2_ptr + b.to(tl.int64) * stride_x2b + rows[:, None].to(tl.int64) * stride_x2s,
+                      cols[None, :], mask, C1, stride_xc, stride_x2c, TWO_X).to(tl.float32)
     onehot = (tl.arange(0, G_P2)[:, None] == (local // CG)[None, :]) & c_mask[None, :]
     n = tl.sum(tl.where(rows < S, 1.0, 0.0)) * CG  # S·CG as fp32 (exact), also when S and CG are constexpr 1
     mean_g = tl.sum(tl.where(onehot, tl.sum(x, axis=0)[None, :], 0.0), axis=1) / n
@@ -229,8 +246,9 @@ def _gn_one_pass_kernel(
 def _gn_looped_kernel(
     x_ptr, out_ptr, gamma_ptr, beta_ptr, r_inv_ptr, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
     S, C, C2, CG, eps, group_stride, stride_xb, stride_xs, stride_xc, stride_ob, stride_os,
+    x2_ptr, C1, stride_x2b, stride_x2s, stride_x2c,
     HAS_AFFINE: tl.constexpr, HAS_RINV: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-    SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr,
+    SILU: tl.constexpr, CODES: tl.constexpr, TWO_Q: tl.constexpr, TWO_X: tl.constexpr,
     GROUPS: tl.constexpr, G_P2: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """GROUPS whole norm groups of one sample, all S pixels, in three sweeps of BLOCK_S-row tiles: the
@@ -241,7 +259,7 @@ def _gn_looped_kernel(
     b = tl.program_id(1)
     local, cols, c_mask, s_inv, zero = _group_columns(b, s_inv_ptr, zero_ptr, s_inv2_ptr, zero2_ptr, group_ptr,
                                                       group_stride, C, C2, CG, CODES, TWO_Q, GROUPS, BLOCK_C)
-    x_cols = x_ptr + b.to(tl.int64) * stride_xb + cols[None, :] * stride_xc
+    x_b, x2_b = x_ptr + b.to(tl.int64) * stride_xb, x2_ptr + b.to(tl.int64) * stride_x2b
     out_cols = out_ptr + b.to(tl.int64) * stride_ob + cols[None, :]
     onehot = (tl.arange(0, G_P2)[:, None] == (local // CG)[None, :]) & c_mask[None, :]
     n = S * CG * 1.0  # the group's element count as fp32 (exact below 2^24)
@@ -250,8 +268,9 @@ def _gn_looped_kernel(
     for s0 in range(0, S, BLOCK_S):
         rows = s0 + tl.arange(0, BLOCK_S)
         mask = (rows < S)[:, None] & c_mask[None, :]
-        col_sum += tl.sum(tl.load(x_cols + rows[:, None].to(tl.int64) * stride_xs, mask=mask, other=0.0)
-                          .to(tl.float32), axis=0)
+        x = load_channels(x_b + rows[:, None].to(tl.int64) * stride_xs, x2_b + rows[:, None].to(tl.int64) * stride_x2s,
+                          cols[None, :], mask, C1, stride_xc, stride_x2c, TWO_X).to(tl.float32)
+        col_sum += tl.sum(x, axis=0)
     mean_g = tl.sum(tl.where(onehot, col_sum[None, :], 0.0), axis=1) / n
     mean = tl.sum(tl.where(onehot, mean_g[:, None], 0.0), axis=0)
 
@@ -259,7 +278,8 @@ def _gn_looped_kernel(
     for s0 in range(0, S, BLOCK_S):
         rows = s0 + tl.arange(0, BLOCK_S)
         mask = (rows < S)[:, None] & c_mask[None, :]
-        x = tl.load(x_cols + rows[:, None].to(tl.int64) * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        x = load_channels(x_b + rows[:, None].to(tl.int64) * stride_xs, x2_b + rows[:, None].to(tl.int64) * stride_x2s,
+                          cols[None, :], mask, C1, stride_xc, stride_x2c, TWO_X).to(tl.float32)
         d = tl.where(mask, x - mean[None, :], 0.0)
         col_sq += tl.sum(d * d, axis=0)
     var_g = tl.sum(tl.where(onehot, col_sq[None, :], 0.0), axis=1) / n
@@ -268,7 +288,8 @@ def _gn_looped_kernel(
     for s0 in range(0, S, BLOCK_S):
         rows = s0 + tl.arange(0, BLOCK_S)
         mask = (rows < S)[:, None] & c_mask[None, :]
-        x = tl.load(x_cols + rows[:, None].to(tl.int64) * stride_xs, mask=mask, other=0.0).to(tl.float32)
+        x = load_channels(x_b + rows[:, None].to(tl.int64) * stride_xs, x2_b + rows[:, None].to(tl.int64) * stride_x2s,
+                          cols[None, :], mask, C1, stride_xc, stride_x2c, TWO_X).to(tl.float32)
         q = _normalised_out((x - mean[None, :]) * rstd[None, :], cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr,
                             s_inv, zero, HAS_AFFINE, HAS_RINV, QMIN, QMAX, SILU, CODES)
         tl.store(out_cols + rows[:, None].to(tl.int64) * stride_os, q.to(out_ptr.dtype.element_ty), mask=mask)
@@ -284,13 +305,16 @@ def looped_tile(S: int, C: int, num_groups: int) -> tuple[int, int, int]:
     return groups, min(triton.next_power_of_2(S), max(1, 4096 // block_c)), block_c
 
 
-def _stats_tiles(x3: torch.Tensor, num_groups: int) -> tuple[bool, int, int]:
+def _stats_tiles(x3: torch.Tensor, num_groups: int, x2: torch.Tensor | None = None) -> tuple[bool, int, int]:
     """(channel fastest in memory, BLOCK_G, BLOCK_E) of the statistics kernel.
 
     Channels-last input reads several groups' channels together (contiguous bytes); NCHW input
     reads one group's contiguous planes. The interpreter takes every group of a sample at once.
+    A concatenated input (x2) is channel fastest where both parts are, as the model's `torch.cat` of
+    two channels-last tensors is, else read by planes as its NCHW concatenation: the same summation
+    order as the launcher on that concatenation.
     """
-    channel_fastest = x3.stride(2) == 1 and x3.shape[1] > 1
+    channel_fastest = x3.stride(2) == 1 and x3.shape[1] > 1 and (x2 is None or x2.stride(2) == 1)
     if interpreting():
         return channel_fastest, min(triton.next_power_of_2(num_groups), 32), 64
     return channel_fastest, 4 if channel_fastest else 1, 1024
@@ -342,7 +366,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
                                 out: torch.Tensor, split: int | None = None,
                                 one_pass: bool | None = None, silu: bool = True, c2: int | None = None,
                                 s_inv2: torch.Tensor | None = None, zero2: torch.Tensor | None = None,
-                                looped: bool | None = None) -> torch.Tensor:
+                                looped: bool | None = None, x2: torch.Tensor | None = None) -> torch.Tensor:
     """Launch on a [B, S, C] view (any strides) into int8 codes `out` [B, S, C] (last dim contiguous).
 
     `gamma`/`beta` [C] (or both None: no affine). Where a sample's norm group fits in one program's
@@ -354,8 +378,16 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     module's LOOPED, env TCAQ_GN_LOOPED=1) runs `_gn_looped_kernel` for every shape instead, unless
     `one_pass` or `split` asks for one of the other paths — with the module's switch only where its
     programs (one per sample and slice) give every SM one: SD-1.5 at batch 2 keeps the other paths.
+    With `x2` [B, S, C2'] (any strides, same dtype and device) the input is the channel concatenation of x3
+    and x2, read in place by every path (an up block's `cat(hidden, skip)` is never written); C, gamma/beta,
+    `c2`, `r_inv` and `out` count its channels, norm groups may straddle the boundary, and the result is the
+    launcher's on the concatenation bit for bit — on `torch.cat([x3, x2], -1)` where both parts are channels
+    fastest, else on the concatenation laid out by channel planes (NCHW), whose summation order the
+    two-kernel path's statistics then follow.
     """
-    B, S, C = x3.shape
+    x3, x2, c1, two_x = check_concat(x3, x2)
+    B, S = x3.shape[:2]
+    C = c1 + (x2.shape[2] if two_x else 0)
     if C % num_groups:
         raise ValueError(f"GroupNorm: {C} channels do not split into {num_groups} groups")
     if (gamma is None) != (beta is None):
@@ -376,9 +408,9 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     if looped and split is None and one_pass is None:
         _gn_looped_kernel[(num_groups // groups, B)](
             x3, out, gamma, beta, r_inv, s_inv, zero, *tables2, group, S, C, c2, cg, eps, group_stride,
-            x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
+            *x3.stride(), out.stride(0), out.stride(1), x2, c1, *x2.stride(),
             HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
-            CODES=codes, TWO_Q=two_q, GROUPS=groups, G_P2=triton.next_power_of_2(groups),
+            CODES=codes, TWO_Q=two_q, TWO_X=two_x, GROUPS=groups, G_P2=triton.next_power_of_2(groups),
             BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
         )
         return out
@@ -392,31 +424,31 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         groups, block_s, block_c = tile
         _gn_one_pass_kernel[(triton.cdiv(num_groups, groups), B)](
             x3, out, gamma, beta, r_inv, s_inv, zero, *tables2, group, S, C, c2, cg, eps, group_stride,
-            x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
+            *x3.stride(), out.stride(0), out.stride(1), x2, c1, *x2.stride(),
             HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
-            CODES=codes, TWO_Q=two_q, GROUPS=groups,
+            CODES=codes, TWO_Q=two_q, TWO_X=two_x, GROUPS=groups,
             G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s, BLOCK_C=block_c,
             num_warps=8 if block_s * block_c >= 8192 else 4,
         )
         return out
-    channel_fastest, block_g, block_e = _stats_tiles(x3, num_groups)
+    channel_fastest, block_g, block_e = _stats_tiles(x3, num_groups, x2 if two_x else None)
     group_blocks = triton.cdiv(num_groups, block_g)
     split = split or stats_split(B, group_blocks, cg * S, x3.device)
     part_stride = B * num_groups * split
     part = torch.empty(3 * part_stride, dtype=torch.float32, device=x3.device)
     _gn_stats_kernel[(B * group_blocks, split)](
         x3, part, S, cg, num_groups, triton.cdiv(cg * S, split), part_stride,
-        x3.stride(0), x3.stride(1), x3.stride(2),
-        CHANNEL_FASTEST=channel_fastest, BLOCK_G=block_g, BLOCK_E=block_e, num_warps=4,
+        *x3.stride(), x2, c1, *x2.stride(),
+        CHANNEL_FASTEST=channel_fastest, TWO_X=two_x, BLOCK_G=block_g, BLOCK_E=block_e, num_warps=4,
     )
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(C, meta["BLOCK_C"]), B)
     _gn_silu_quantize_kernel[grid](
         x3, out, part, gamma, beta,
         r_inv, s_inv, zero, *tables2, group,
         S, C, c2, cg, num_groups, eps, part_stride, group_stride,
-        x3.stride(0), x3.stride(1), x3.stride(2), out.stride(0), out.stride(1),
+        *x3.stride(), out.stride(0), out.stride(1), x2, c1, *x2.stride(),
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), HAS_AFFINE=gamma is not None,
-        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu, CODES=codes, TWO_Q=two_q,
+        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu, CODES=codes, TWO_Q=two_q, TWO_X=two_x,
     )
     return out
 

@@ -12,6 +12,7 @@ from tcaq_kernels.ops.triton_ops import groupnorm, groupnorm_silu_quantize, prep
 from tcaq_kernels.triton import groupnorm as gn_module
 from tcaq_kernels.triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
 
+from _concat import cat_like, part
 from _gn_band import assert_codes_within_band, band, reference
 from _tables import Tables, rand_int
 
@@ -171,6 +172,65 @@ def test_split_input_composes_unsplit_codes(gen, device, case, path, bits):
     for s_split, s_ref in ((-77, 91), (91, -77)):  # an unwritten element keeps a sentinel the other output lacks
         ref = torch.cat([codes(t, s_ref)[..., :c2], codes(t2, s_ref)[..., c2:]], dim=-1)
         assert torch.equal(codes(t, s_split, c2=c2, s_inv2=t2.s_inv, zero2=t2.zero), ref)
+
+
+# (B, S, C1, C2, norm groups, layout of x3, of x2, dtype): groups of 5 channels, one straddling C1 = 27
+# (25..29); the parts' boundary on a group edge; C1 < C/G (group 0 is 0..14, C1 = 12); 40 + 20 channels in
+# groups of 12, group 3 (36..47) straddling C1 like SD-1.5's 1280 + 640 in groups of 60 (group 21: 1260..1319).
+# Mixed layouts are exact in the interpreter; compiled (sm_90, Triton 3.6) the one-pass and looped tiles take
+# the second part's layout for their sums, so x3 channels-last + x2 NCHW matches `cat_like`'s NCHW there too.
+CONCAT_CASES = [(2, 35, 27, 13, 8, "nchw", "nchw", torch.float32), (3, 12, 16, 16, 4, "nhwc", "nhwc", torch.float32),
+                (2, 20, 12, 33, 3, "nhwc", "nchw", torch.float32), (2, 9, 40, 20, 5, "slice", "nhwc", torch.bfloat16)]
+CONCAT_PATHS = [dict(one_pass=True), dict(one_pass=False), dict(split=2), dict(looped=True)]
+
+
+@pytest.mark.parametrize("case", CONCAT_CASES, ids=lambda c: f"{c[2]}+{c[3]}-G{c[4]}-{c[5]}-{c[6]}-{str(c[7])[6:]}")
+@pytest.mark.parametrize("path", CONCAT_PATHS, ids=["one-pass", "two-kernel", "split2", "looped"])
+@pytest.mark.parametrize("quant", ["one-quantizer", "c2=C1", "c2=7", "float"])
+def test_concatenated_input_read_in_place(gen, device, case, path, quant, monkeypatch):
+    """`x2` (x3 and x2 concatenated along channels, read in place, norm groups straddling the boundary): every
+    path's output equals the launcher's on the materialised concatenation (`cat_like`: as the model's cat lays
+    it out, which fixes the statistics' summation order), bit for bit — codes with one quantizer or a split one
+    (c2 at the parts' boundary or elsewhere), TCR and affine, or the float GroupNorm + SiLU — into outputs
+    poisoned with different sentinels. The looped kernel's row tiles are cut to 8 (several steps a sweep)."""
+    if "looped" in path:
+        _force("looped", monkeypatch)
+    B, S, C1, C2, G, l3, l2, dtype = case
+    C = C1 + C2
+    x3 = part(gen, B, S, C1, l3, dtype, device, offset=4.0)  # a mean far from zero, as in `_inputs`
+    x2 = part(gen, B, S, C2, l2, dtype, device, offset=4.0)
+    _, gamma, beta, r_inv, t = _inputs(gen, device, B, C, 1, 1)
+    t.group = torch.randperm(3, generator=gen)[:B].to(t.group)  # distinct per-sample tables
+    split = {}
+    if quant.startswith("c2"):
+        t2 = Tables(gen, groups=3, batch=B, bits=8, device=device)
+        split = dict(c2=C1 if quant == "c2=C1" else 7, s_inv2=t2.s_inv, zero2=t2.zero)
+    out_dtype = torch.float32 if quant == "float" else torch.int8
+
+    def launch(sentinel, *x, **kw):
+        out = torch.full((B, S, C), sentinel, dtype=out_dtype, device=device)
+        return groupnorm_silu_quantize_bsc(x[0], G, 1e-5, gamma, beta, t.s_inv, t.zero, t.group, 1, 8, r_inv, out,
+                                           **path, **split, **kw)
+
+    assert torch.equal(launch(77, x3, x2=x2), launch(91, cat_like(x3, x2)))
+
+
+def test_concatenated_input_refusals(device):
+    """A second part that does not fit x3 (batch, pixels, dtype, device, rank) is refused, naming x2."""
+    B, S = 2, 6
+    x3 = torch.randn(B, S, 4, device=device)
+    one, z = torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    out = torch.empty(B, S, 8, dtype=torch.int8, device=device)
+    launch = lambda x2: groupnorm_silu_quantize_bsc(x3, 2, 1e-5, None, None, one, z, z, 0, 8, None, out, x2=x2)
+    for bad in (torch.randn(B + 1, S, 4), torch.randn(B, S - 1, 4), torch.randn(B, S * 4)):
+        with pytest.raises(ValueError, match=r"x2: shape .* is not \[B, S, C2\]"):
+            launch(bad.to(device))
+    with pytest.raises(ValueError, match="x2: dtype torch.bfloat16"):
+        launch(torch.randn(B, S, 4, dtype=torch.bfloat16, device=device))
+    with pytest.raises(ValueError, match="x2: on meta"):
+        launch(torch.empty(B, S, 4, device="meta"))
+    with pytest.raises(ValueError, match="9 channels do not split into 2 groups"):  # C counts both parts
+        launch(torch.randn(B, S, 5, device=device))
 
 
 def test_looped_tiles():

@@ -6,6 +6,7 @@ from tcaq_kernels.ops.triton_ops import quantize_act
 from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton.quantize import quantize_bsc
 
+from _concat import cat_like, part
 from _tables import Tables
 
 
@@ -147,6 +148,58 @@ def test_split_input_refusals(gen, device):
         launch(zero2=None)
     with pytest.raises(ValueError, match=r"s_inv2 has shape \(2,\)"):
         launch(s_inv2=t.s_inv[:2])
+
+
+# (C1, C2, layout of x3, of x2, dtype, TCR): odd parts, a boundary inside a 16-wide channel tile (and a packed
+# byte) or on a tile edge, the two parts in the same or in different layouts.
+CONCAT_CASES = [(24, 13, "nchw", "nchw", torch.float32, True), (16, 16, "nhwc", "nhwc", torch.float32, False),
+                (5, 30, "nhwc", "nchw", torch.float32, True), (21, 14, "slice", "nchw", torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("case", CONCAT_CASES,
+                         ids=lambda c: f"{c[0]}+{c[1]}-{c[2]}-{c[3]}-{str(c[4])[6:]}" + "-tcr" * c[5])
+@pytest.mark.parametrize("bits,pack4", [(8, False), (4, True)])
+@pytest.mark.parametrize("c2", [None, "C1", 9], ids=["one-quantizer", "c2=C1", "c2=9"])
+def test_concatenated_input_read_in_place(gen, device, case, bits, pack4, c2):
+    """`x2` (x3 and x2 concatenated along channels, read in place): the codes of the materialised concatenation,
+    bit for bit — with one quantizer or a split one (c2 at the parts' boundary or elsewhere), TCR, packed int4
+    (an odd C1 puts the boundary inside a byte), into outputs poisoned with different sentinels."""
+    C1, C2, l3, l2, dtype, tcr = case
+    B, S, C = 3, 45, C1 + C2
+    x3, x2 = (part(gen, B, S, c, lay, dtype, device) for c, lay in ((C1, l3), (C2, l2)))
+    t = Tables(gen, groups=4, batch=B, bits=bits, device=device)
+    t.group = torch.randperm(4, generator=gen)[:B].to(t.group)  # distinct per-sample tables
+    split = {}
+    if c2 is not None:
+        t2 = Tables(gen, groups=4, batch=B, bits=bits, device=device)
+        split = dict(c2=C1 if c2 == "C1" else c2, s_inv2=t2.s_inv, zero2=t2.zero)
+    r_inv = (torch.rand(C, generator=gen) + 0.5).to(device) if tcr else None
+    shape, out_dtype = (B, S, (C + 1) // 2 if pack4 else C), torch.uint8 if pack4 else torch.int8
+
+    def codes(sentinel, *x, **kw):
+        out = torch.full(shape, sentinel, dtype=out_dtype, device=device)
+        return quantize_bsc(x[0], t.s_inv, t.zero, t.group, 1, bits, r_inv, False, pack4, out, **split, **kw)
+
+    assert torch.equal(codes(77, x3, x2=x2), codes(91, cat_like(x3, x2)))
+
+
+def test_concatenated_input_refusals(gen, device):
+    """A second part that does not fit x3 (batch, pixels, dtype, device, rank), or log2 codes, is refused."""
+    B, S = 2, 5
+    x3 = torch.rand(B, S, 6, generator=gen).to(device)
+    t = Tables(gen, groups=3, batch=B, bits=8, device=device)
+    out = torch.empty(B, S, 10, dtype=torch.int8, device=device)
+    launch = lambda x2, log2=False: quantize_bsc(x3, t.s_inv, t.zero, t.group, 1, 8, None, log2, False,
+                                                 out.view(torch.uint8) if log2 else out, x2=x2)
+    for bad in (torch.rand(B + 1, S, 4), torch.rand(B, S + 1, 4), torch.rand(B, S * 4)):
+        with pytest.raises(ValueError, match=r"x2: shape .* is not \[B, S, C2\]"):
+            launch(bad.to(device))
+    with pytest.raises(ValueError, match="x2: dtype torch.float16"):
+        launch(torch.rand(B, S, 4).half().to(device))
+    with pytest.raises(ValueError, match="x2: on meta"):
+        launch(torch.empty(B, S, 4, device="meta"))
+    with pytest.raises(ValueError, match="x2: a concatenated input is for uniform codes, not log2"):
+        launch(torch.rand(B, S, 4).to(device), log2=True)
 
 
 def test_fake_impl_matches(device):
