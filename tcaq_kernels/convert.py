@@ -51,6 +51,7 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
             parent = modules[parent_name] if parent_name else out
             setattr(parent, child, _WEIGHTED[layer.kind].from_state(name, module, layer, groups, backend))
     out.add_module("tcaq_groups", groups)
+    groups.attach(out)
     out.register_forward_pre_hook(set_groups_hook, with_kwargs=True)
     out.tcaq_info = {"method": state.method, "bits": state.bits, "backend": backend, "groups": state.num_groups}
     if backend == "triton" and fuse_norm:

@@ -141,12 +141,12 @@ class QAttnProcessor(ExplicitAttnProcessor):
             return triton_ops.call(
                 triton_ops.qattention,
                 q, k, v, float(softmax_scale), *qkv_tables,
-                self.p.s_inv, self.p.scale, self.p.zero, self.p.kind_ids, self.groups.group,
+                self.p.s_inv, self.p.scale, self.p.zero, self.p.kind_ids, self.groups.current(self.name),
                 q_bits=self.q.bits, k_bits=self.k.bits, v_bits=self.v.bits, p_bits=self.p.bits,
                 p_row_norm=self.row_norm, p_row_max=self.row_max, p_kinds=self.p_kinds,
                 out_dtype=q.dtype if q.is_floating_point() else torch.float32)
         exact = self.backend == "reference"
-        g = self.groups.group
+        g = self.groups.current(self.name)
         codes = {}
         scales = {}
         for name, x in (("q", q), ("k", k), ("v", v)):

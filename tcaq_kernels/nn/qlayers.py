@@ -116,7 +116,7 @@ class _QWeighted(torch.nn.Module):
     def _accumulate(self, x: torch.Tensor, tables: ActTables, lo: int, hi: int, w_int: torch.Tensor):
         """(zero-point-corrected accumulator, per-sample s_a) of input channels [lo, hi)."""
         x, r_inv = x.narrow(self.channel_dim, lo, hi - lo), self._r_inv(lo, hi)
-        s, s_inv, z = tables.lookup(self.groups.group, x, self.name)
+        s, s_inv, z = tables.lookup(self.groups.current(self.name), x, self.name)
         if self.backend == "simulate":
             # Integer-valued fp32 codes with a straight-through gradient, multiplied in fp32: the
             # partial sums stay exact while below 2^24, so this differentiable path reproduces the
@@ -191,7 +191,8 @@ class QLinear(_QWeighted):
         from ..ops import triton_ops
 
         return triton_ops.call(triton_ops.qlinear, x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero,
-                               self.groups.group, a_bits=a.bits, r_inv=r_inv, residual=residual, out_dtype=out_dtype)
+                               self.groups.current(self.name), a_bits=a.bits, r_inv=r_inv, residual=residual,
+                               out_dtype=out_dtype)
 
 
 class QConv2d(_QWeighted):
@@ -250,5 +251,5 @@ class QConv2d(_QWeighted):
         from ..ops import triton_ops
 
         return triton_ops.call(triton_ops.qconv2d, x, w_op, w_sum, self.w_scale, bias, a.s_inv, a.scale, a.zero,
-                               self.groups.group, self.stride[0], list(self.padding), a_bits=a.bits, r_inv=r_inv,
-                               out_dtype=out_dtype, **split)
+                               self.groups.current(self.name), self.stride[0], list(self.padding), a_bits=a.bits,
+                               r_inv=r_inv, out_dtype=out_dtype, **split)

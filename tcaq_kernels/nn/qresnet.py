@@ -73,7 +73,7 @@ def _norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
                     residual: Optional[torch.Tensor], x2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes; with `x2`,
     of `cat([x, x2], 1)` read in place."""
-    a, group, split = conv.act, conv.groups.group, conv.split_args()
+    a, group, split = conv.act, conv.groups.current(conv.name), conv.split_args()
     norm_split = {k: split[k] for k in ("c2", "s_inv2", "zero2") if k in split}
     if x2 is not None:
         norm_split["x2"] = x2

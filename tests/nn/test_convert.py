@@ -282,3 +282,46 @@ def test_group_index_is_device_side_and_graph_capturable(ref_unet, ref_state_w8a
         t.fill_(900)
         graph.replay()
     torch.testing.assert_close(out, eager)
+
+
+def test_a_deep_copied_part_refuses_a_stale_timestep_group(converted, ref_unet, ref_state_w8a8, rng):
+    """A deep copy of one block is not updated by any UNet forward: its layers refuse to run (naming the
+    layer) until its group is set; then it computes what the block inside the UNet computes. A copy of the
+    whole model stays attached to its own copy."""
+    model = converted["reference"]
+    name = next(n for n, l in ref_state_w8a8.layers.items() if l.kind == "conv2d" and n.startswith("up_blocks.0"))
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    inp = _layer_inputs(ref_unet, [name], x, 37)[name]
+    model.tcaq_groups.update(37, 2)
+    part = copy.deepcopy(model.up_blocks[0])
+    layer = part.get_submodule(name.removeprefix("up_blocks.0."))
+    with pytest.raises(RuntimeError, match=f"layer '{name}': deep-copied apart from the converted UNet"):
+        layer(inp)
+    layer.groups.update(37, 2)
+    with torch.no_grad():
+        assert torch.equal(layer(inp), model.get_submodule(name)(inp))
+
+    whole = copy.deepcopy(model)
+    assert whole.tcaq_groups is not model.tcaq_groups
+    assert whole.get_submodule(name).groups is whole.tcaq_groups  # the copy's layers share the copy's index
+    with torch.no_grad():
+        assert torch.equal(whole(x, 999).sample, model(x, 999).sample)
+        assert whole.tcaq_groups.group.tolist() == [3, 3]
+
+
+def test_a_pickled_model_runs_and_reattaches(converted, rng):
+    """torch.save / torch.load of a whole converted model: the index's weak owner reference does not travel,
+    the loaded model's forward sets it again, and a part copied from the loaded model is refused as above."""
+    import io
+
+    model = converted["reference"]
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 3, 32, 32, generator=rng)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, 420).sample, model(x, 420).sample)
+    part = copy.deepcopy(loaded.down_blocks[0])
+    with pytest.raises(RuntimeError, match="deep-copied apart"):
+        part.resnets[0].conv1(torch.randn(2, part.resnets[0].conv1.weight_shape[1], 8, 8, generator=rng))
