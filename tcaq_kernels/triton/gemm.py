@@ -229,10 +229,15 @@ AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
 #: 0.55×, conv 0.59× vs 0.54×; the gain is at batch 2); float inputs stay on `tl.dot`, whose fused
 #: quantize was faster (0.58× vs 0.45×: Gluon stores the codes through shared memory).
 #: `TCAQ_WGMMA=1`: "all" supported calls; `TCAQ_WGMMA=0`: "off".
-_WGMMA_SWITCH = os.environ.get("TCAQ_WGMMA", "")
-if _WGMMA_SWITCH not in ("", "1", "0"):  # e.g. the removed "persistent": say so, not fall back
-    raise ValueError(f"TCAQ_WGMMA={_WGMMA_SWITCH!r}: expected unset, '1' (all) or '0' (off)")
-WGMMA = {"": "codes", "1": "all", "0": "off"}[_WGMMA_SWITCH]
+def wgmma_policy(switch: str) -> str:
+    """The routing policy a TCAQ_WGMMA value names; any other value (e.g. the removed "persistent") is an
+    error, not the default."""
+    if switch not in ("", "1", "0"):
+        raise ValueError(f"TCAQ_WGMMA={switch!r}: expected unset, '1' (all) or '0' (off)")
+    return {"": "codes", "1": "all", "0": "off"}[switch]
+
+
+WGMMA = wgmma_policy(os.environ.get("TCAQ_WGMMA", ""))
 
 
 def use_wgmma(a: torch.Tensor) -> bool:

@@ -198,13 +198,15 @@ def test_strided_tables_are_refused_by_name(gen):
 
 
 def test_an_unknown_routing_switch_is_an_error_not_the_default():
-    """`TCAQ_WGMMA=persistent` named a kernel that was removed (27 Nov): importing must say so."""
+    """`TCAQ_WGMMA=persistent` named a kernel that was removed (27 Nov): importing must say so (one
+    subprocess: the import-time check; the values themselves in process)."""
     import os
     import subprocess
     import sys
 
-    run = lambda value: subprocess.run([sys.executable, "-c", "import tcaq_kernels.triton.gemm as g; print(g.WGMMA)"],  # noqa: E731
-                                       env={**os.environ, "TCAQ_WGMMA": value}, capture_output=True, text=True)
-    bad = run("persistent")
+    bad = subprocess.run([sys.executable, "-c", "import tcaq_kernels.triton.gemm"],
+                         env={**os.environ, "TCAQ_WGMMA": "persistent"}, capture_output=True, text=True)
     assert bad.returncode != 0 and "TCAQ_WGMMA='persistent'" in bad.stderr
-    assert run("0").stdout.strip() == "off" and run("1").stdout.strip() == "all"
+    assert [G.wgmma_policy(v) for v in ("", "0", "1")] == ["codes", "off", "all"]
+    with pytest.raises(ValueError, match="TCAQ_WGMMA='2'"):
+        G.wgmma_policy("2")
