@@ -227,16 +227,20 @@ class QConv2d(_QWeighted):
         """One kernel call (quantize, then the conv), a split input included: see `split_args`."""
         if self.input_split is not None and self.act_skip.bits != self.act.bits:
             return super()._triton_forward(x)  # two widths: one call per range
-        return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
-                            **self.split_args())
+        return self.fused_call(x, x.dtype)
+
+    def fused_call(self, x: torch.Tensor, out_dtype: torch.dtype, **kwargs) -> torch.Tensor:
+        """The layer's single qconv2d call on `x` (float, or int8 codes from a fused norm), a split input's
+        second range included; `kwargs` are further qconv2d options (`x2`, `residual`, `upsample`)."""
+        return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, out_dtype,
+                            **self.split_args(), **kwargs)
 
     def forward_cat(self, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """`self(torch.cat([x, x2], 1))`; the triton kernels read the two parts in place (no concatenated
         copy: a UNet up block's `cat([hidden, skip])` feeding a ResnetBlock's conv_shortcut)."""
         if self.backend != "triton" or (self.input_split is not None and self.act_skip.bits != self.act.bits):
             return self(torch.cat([x, x2], dim=1))
-        return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
-                            x2=x2, **self.split_args())
+        return self.fused_call(x, x.dtype, x2=x2)
 
     def split_args(self) -> dict:
         """`qconv2d`'s keyword arguments of the second input range (the skip channels [input_split, C):

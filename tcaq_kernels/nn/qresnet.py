@@ -79,8 +79,7 @@ def _norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
         norm_split["x2"] = x2
     codes = triton_ops.call(triton_ops.groupnorm_silu_quantize, x, norm.weight, norm.bias, norm.num_groups, norm.eps,
                             a.s_inv, a.zero, group, a.bits, conv.r_inv, **norm_split)
-    return conv._triton(codes, a, conv.triton_weight, conv.triton_wsum, conv.r_inv, conv.bias, x.dtype,
-                        residual=residual, **split)
+    return conv.fused_call(codes, x.dtype, residual=residual)
 
 
 def _shortcut(block: ResnetBlock2D, x: torch.Tensor, x2: Optional[torch.Tensor]) -> torch.Tensor:

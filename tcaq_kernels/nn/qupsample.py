@@ -48,5 +48,4 @@ class FusedUpsample2D(Upsample2D):
         if args or kwargs.get("scale") is not None or not doubled:
             return super().forward(hidden_states, output_size, *args, **kwargs)
         conv: QConv2d = self.conv if self.name == "conv" else self.Conv2d_0
-        return conv._triton(hidden_states, conv.act, conv.triton_weight, conv.triton_wsum, conv.r_inv, conv.bias,
-                            hidden_states.dtype, upsample=2)
+        return conv.fused_call(hidden_states, hidden_states.dtype, upsample=2)
