@@ -34,6 +34,8 @@ for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
 
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
+"triton-w4a8-widen" (GEMM, conv; "-widen-fused" GEMM) is the W4A8 layer as TCAQ_W4_WIDEN=1 runs it:
+`widen.widen_int4` of the packed weight, then the int8 kernels (both launches timed);
 "triton-w8a8+quant" conv rows take the bf16 NCHW (channels_last) activation: quantize kernel + conv.
 
 Command (repo root, GPU machine; the shapes were traced once from diffusers' UNet2DConditionModel /
@@ -67,7 +69,7 @@ import triton
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
-from tcaq_kernels.triton import conv_wgmma, gemm_wgmma
+from tcaq_kernels.triton import conv_wgmma, gemm_wgmma, widen
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
 from tcaq_kernels.triton import groupnorm
 from tcaq_kernels.triton.groupnorm import _gn_silu_quantize_kernel
@@ -169,6 +171,17 @@ def bench(fn) -> tuple[float, float]:
     return gpu_ms, (time.perf_counter() - t0) * 1e3 / 50
 
 
+def _widened(fn):
+    """`fn` run with TCAQ_W4_WIDEN's per-call widening on (whatever the environment says), for the -widen rows."""
+    def call():
+        before, widen.WIDEN = widen.WIDEN, True
+        try:
+            return fn()
+        finally:
+            widen.WIDEN = before
+    return call
+
+
 def floor_ms(bytes_moved: float, ops: float, kind: str) -> float:
     """Roofline floor: the larger of HBM time for the bytes that must move and tensor-core time."""
     return max(bytes_moved / HBM_BYTES_PER_S, ops / PEAK_OPS[kind]) * 1e3
@@ -225,7 +238,11 @@ def run_gemm(model, shape, card, command):
         "triton-w4a8": (lambda: qlinear(a, *ops4, w_scale, bias, *tab), _qgemm_kernel),
         "triton-w8a8-fused": (lambda: qlinear(x, *ops8, w_scale, bias, *tab), _qgemm_kernel),
         "triton-w4a8-fused": (lambda: qlinear(x, *ops4, w_scale, bias, *tab), _qgemm_kernel),
+        "triton-w4a8-widen": (_widened(lambda: qlinear(a, *ops4, w_scale, bias, *tab)), _qgemm_kernel),
+        "triton-w4a8-widen-fused": (_widened(lambda: qlinear(x, *ops4, w_scale, bias, *tab)), _qgemm_kernel),
     }
+    floors["triton-w4a8-widen"] = floor_ms(M * K + N * K / 2 + 2 * N * K + out_b, ops, "int8")
+    floors["triton-w4a8-widen-fused"] = floor_ms(2 * M * K + N * K / 2 + 2 * N * K + out_b, ops, "int8")
     if gemm_wgmma.supported(a, ops4[0]):  # the Gluon kernel (sm_90, M ≥ 64), launched as qgemm would, unsplit
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         tables, meta = output_quantizer(out, None, None, None, 8)
@@ -361,7 +378,10 @@ def run_conv(model, shape, card, command):
         "triton-w8a8": (lambda: qconv2d(v.codes, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
         "triton-w4a8": (lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
         "triton-w8a8+quant": (lambda: qconv2d(v.x, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
+        "triton-w4a8-widen": (_widened(lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad)),
+                              _qconv_kernel),
     }
+    floors["triton-w4a8-widen"] = floor_ms(act + wts / 2 + 2 * wts + out_b, ops, "int8")
     if conv_wgmma.supported(v.codes, v.ops[4][0], M):  # the Gluon conv (sm_90), launched as qconv would, unsplit
         out = torch.empty(B, N, *_conv_out_hw(shape), device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
         tables, meta = output_quantizer(out, None, None, None, 8)

@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ..quant.primitives import pack_int4
 from . import gemm
+from . import widen
 from .gemm import AUTO_SPLIT_K, choose_split_k, output_quantizer
 from .numerics import grouped_tile, interpreting, quantize_output, quick_tuning, tuning_bench, unpack_int4_rows
 
@@ -353,6 +354,9 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
         split_k, C, C2 = 1, c2, C - c2
     else:
         w_op2, w_tap_sum2, scale2, zero2, C2 = w_op, w_tap_sum, scale, zero, 0
+    if widen.WIDEN and w_op.dtype == torch.uint8:  # TCAQ_W4_WIDEN=1: the int8 kernels on widened copies
+        w_op = widen.widen_int4(w_op, C)
+        w_op2 = widen.widen_int4(w_op2, C2) if second is not None else w_op
     sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda and AUTO_SPLIT_K else None
     split_k = conv_split_k(split_k, M, N, C, KH * KW, sms)
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=out.device) if split_k > 1 else out

@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ..quant.primitives import pack_int4, qrange
+from . import widen
 from .numerics import (grouped_tile, interpreting, quantize_output, quantize_uniform, quick_tuning, tuning_bench,
                        unpack_int4_rows)
 
@@ -294,7 +295,8 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
           split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8) -> torch.Tensor:
     """Launch on a2 [M, K] (int8 codes, or float when the prologue quantizes) into out [M, N].
 
-    `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉] (then the kernel widens int4 to int8).
+    `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉] (then the kernel widens int4 to int8, or with
+    `widen.WIDEN` one pass widens the whole weight ahead of the int8 kernel).
     `split_k`: None chooses (`choose_split_k`, CUDA only, with AUTO_SPLIT_K), 1 never splits, n > 1 splits K n ways
     (int32 partial sums, then a second kernel adds them in order and runs the epilogue: the
     integers are exact and the result deterministic; no host sync, so CUDA graphs capture it).
@@ -305,6 +307,8 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     N = w_op.shape[0]
     if M == 0 or N == 0:
         return out
+    if widen.WIDEN and w_op.dtype == torch.uint8:  # TCAQ_W4_WIDEN=1: the int8 kernels on a widened copy
+        w_op = widen.widen_int4(w_op, K)
     if split_k is None:
         auto = a2.is_cuda and AUTO_SPLIT_K
         split_k = choose_split_k(M, N, K, torch.cuda.get_device_properties(a2.device).multi_processor_count) if auto else 1
