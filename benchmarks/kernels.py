@@ -19,10 +19,8 @@ Ops: "gemm", "conv" (below), "groupnorm" — a ResBlock's GroupNorm + SiLU befor
 "torch-bf16+quant" (the same, then the quantize kernel: what the unfused triton UNet runs) and
 "triton-fused" (`groupnorm_silu_quantize`: one kernel reading x once where a sample's norm group fits
 in registers, else statistics kernel + a pass writing the conv's codes), "triton-fused-two-kernel"
-(always the latter, for comparison), "triton-fused-two-kernel-cols" (the same with `_gn_stats_cols_kernel`'s
-pixel rows × whole-group channel tiles for the statistics; opt-in in the UNet, TCAQ_GN_STATS=cols) and
-"triton-fused-looped" (`_gn_looped_kernel`: three sweeps over 32+-channel slices, the second and third
-meant to hit L2; opt-in in the UNet, TCAQ_GN_LOOPED=1);
+(always the latter, for comparison) and "triton-fused-looped" (`_gn_looped_kernel`: three sweeps over
+32+-channel slices, the second and third meant to hit L2; opt-in in the UNet, TCAQ_GN_LOOPED=1);
 the shapes and counts are the 44 norms of the 22 ResnetBlock2D of each UNet (derived from the
 diffusers configs), 32 groups — and "gemm-splitk", the GEMM shapes whose output tiles leave SMs
 idle (`choose_split_k` > 1 on this card), each Triton impl without split-K (`split_k=1`) and with
@@ -306,7 +304,6 @@ def run_norm(model, shape, card, command):
     floors = {"torch-bf16": floor_ms(2 * n + 2 * n, 0, "bf16"),  # read x, write y
               "triton-fused": floor_ms(2 * n * (1 if one_pass else 2) + n, 0, "int8"),  # x once or twice, codes
               "triton-fused-two-kernel": floor_ms(2 * n + 2 * n + n, 0, "int8"),
-              "triton-fused-two-kernel-cols": floor_ms(2 * n + 2 * n + n, 0, "int8"),
               "triton-fused-looped": floor_ms(2 * n + n, 0, "int8")}  # x from memory once if L2 holds the slices
     x3, out = x.permute(0, 2, 3, 1).reshape(B, S * S, C), torch.empty(B, S * S, C, dtype=torch.int8, device="cuda")
     impls = {
@@ -319,9 +316,6 @@ def run_norm(model, shape, card, command):
         "triton-fused-two-kernel": (lambda: groupnorm.groupnorm_silu_quantize_bsc(
             x3, NORM_GROUPS, 1e-5, w, b, t["s_inv"], t["zero"], t["group"], 1, 8, r_inv, out, one_pass=False),
             _gn_silu_quantize_kernel),
-        "triton-fused-two-kernel-cols": (lambda: groupnorm.groupnorm_silu_quantize_bsc(
-            x3, NORM_GROUPS, 1e-5, w, b, t["s_inv"], t["zero"], t["group"], 1, 8, r_inv, out, one_pass=False,
-            stats="cols"), _gn_silu_quantize_kernel),
         "triton-fused-looped": (lambda: groupnorm.groupnorm_silu_quantize_bsc(
             x3, NORM_GROUPS, 1e-5, w, b, t["s_inv"], t["zero"], t["group"], 1, 8, r_inv, out, looped=True), None),
     }

@@ -19,13 +19,6 @@ square deviation), then the codes. Elsewhere two kernels read x twice:
    the splits' partial statistics of its channels' groups (same formula, fixed order: deterministic),
    normalises, applies γ/β and SiLU in fp32, then quantizes exactly like quantize.py — per-sample
    timestep group read on the device, TCR `r_inv`, the products `(y·r_inv)·s_inv`, round half to even.
-On channel-fastest input step 1 may instead run `_gn_stats_cols_kernel` (`stats="cols"`, TCAQ_GN_STATS=cols):
-`_gn_stats_kernel` reads a pixel's channels group by group, 4–16 bytes of bf16 at the embedded model's 2–8
-channels a group (a quarter of a 32-byte sector at 4), while the cols kernel's tiles are pixel rows × up to
-128 contiguous channels (whole groups), each group's tile moments taken from the column sums through a
-one-hot mask and merged the same way into the same partials, so step 2 is unchanged. Opt-in until an H200
-timing (benchmarks/kernels.py, "triton-fused-two-kernel-cols") shows it faster: so far it is only tested in
-the interpreter and cross-compiled for sm_90 (16-byte loads where `_gn_stats_kernel`'s are 2-byte).
 A third, opt-in path (`_gn_looped_kernel`, TCAQ_GN_LOOPED=1) serves every shape:
 one program per sample and ≥ 32-channel slice of whole groups sweeps its S rows three times (mean, squared
 deviations, codes), the slice small enough for the later sweeps to come from L2 — aimed at the one-pass
@@ -69,15 +62,6 @@ ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
 LOOPED = os.environ.get("TCAQ_GN_LOOPED", "0") == "1"
 # A looped program covers at least this many channels (whole norm groups): 64-byte bf16 rows, 32-byte code rows.
 _LOOPED_MIN_COLS = 32
-# The two-kernel path's statistics kernel on channel-fastest input: "groups" (`_gn_stats_kernel`) or "cols"
-# (`_gn_stats_cols_kernel`, whole-row tiles of several groups), for A/B runs (TCAQ_GN_STATS=cols). "groups" until
-# an H200 timing says otherwise; input that is not channel fastest always takes `_gn_stats_kernel`.
-STATS = os.environ.get("TCAQ_GN_STATS", "groups")
-_STATS_KERNELS = ("groups", "cols")
-# A cols statistics program covers at most this many channels (whole norm groups, at least one), in tiles of
-# about this many elements.
-_COLS_MAX_CHANNELS = 128
-_COLS_TILE_ELEMENTS = 4096
 # Statistics programs wanted per SM before the elements of a group are split further.
 _STATS_PROGRAMS_PER_SM = 2
 _MIN_ELEMENTS_PER_SPLIT = 4096
@@ -131,60 +115,6 @@ def _gn_stats_kernel(
         m2 += m2_t + delta * delta * n * w_t
         n += n_t
     idx = (b * NG + grp) * tl.num_programs(1) + split
-    tl.store(part_ptr + idx, n, mask=g_mask)
-    tl.store(part_ptr + part_stride + idx, mean, mask=g_mask)
-    tl.store(part_ptr + 2 * part_stride + idx, m2, mask=g_mask)
-
-
-@triton.jit
-def _gn_stats_cols_kernel(
-    x_ptr, part_ptr, S, NG, per_split, part_stride,
-    stride_xb, stride_xs, stride_xc, x2_ptr, C1, stride_x2b, stride_x2s, stride_x2c,
-    CG: tl.constexpr, TWO_X: tl.constexpr, GROUPS: tl.constexpr, G_P2: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """`_gn_stats_kernel`'s partials (same planes, same index) of GROUPS whole norm groups of one sample over
-    one split of its pixel rows ([split·per_split, min((split + 1)·per_split, S))), read as BLOCK_S rows ×
-    BLOCK_C contiguous channels: on channels-last input with 2–8 channels a group the group kernel reads CG
-    channels of a pixel together, this kernel up to 128. Each tile's per-group count, mean and
-    M2 = Σ(x − tile mean)² come from its column sums through a one-hot [G_P2, BLOCK_C] mask (CG need not be
-    a power of two), merged into the running ones with Chan et al.'s update. CG is a constexpr so that the
-    lanes' mask and groups are known at compile time, so a row's loads are 16 bytes wide (sm_90 PTX, bf16,
-    C = 64…320 with 2–10 channels a group; with CG a runtime int only as wide as GROUPS's power-of-two factor
-    allowed: 8 bytes at 20 groups of 4; `_gn_stats_kernel` loads 2 bytes at a time there)."""
-    c_blocks = NG // GROUPS
-    b = tl.program_id(0) // c_blocks
-    blk = tl.program_id(0) % c_blocks
-    split = tl.program_id(1)
-    local = tl.arange(0, BLOCK_C)
-    cols = blk * (GROUPS * CG) + local
-    c_mask = local < GROUPS * CG  # GROUPS divides NG: every program's groups exist
-    onehot = (tl.arange(0, G_P2)[:, None] == (local // CG)[None, :]) & c_mask[None, :]
-    s_lo = split * per_split
-    s_hi = tl.minimum(s_lo + per_split, S)
-    x_b, x2_b = x_ptr + b.to(tl.int64) * stride_xb, x2_ptr + b.to(tl.int64) * stride_x2b
-
-    n = tl.zeros([G_P2], tl.float32)
-    mean = tl.zeros([G_P2], tl.float32)
-    m2 = tl.zeros([G_P2], tl.float32)
-    for s0 in range(s_lo, s_hi, BLOCK_S):
-        rows = s0 + tl.arange(0, BLOCK_S)
-        mask = (rows < s_hi)[:, None] & c_mask[None, :]
-        x = load_channels(x_b + rows[:, None].to(tl.int64) * stride_xs, x2_b + rows[:, None].to(tl.int64) * stride_x2s,
-                          cols[None, :], mask, C1, stride_xc, stride_x2c, TWO_X).to(tl.float32)
-        n_t = (tl.minimum(s_hi - s0, BLOCK_S) * CG).to(tl.float32)  # each group's elements in the tile
-        mean_t = tl.sum(tl.where(onehot, tl.sum(x, axis=0)[None, :], 0.0), axis=1) / n_t
-        d = tl.where(mask, x - tl.sum(tl.where(onehot, mean_t[:, None], 0.0), axis=0)[None, :], 0.0)
-        m2_t = tl.sum(tl.where(onehot, tl.sum(d * d, axis=0)[None, :], 0.0), axis=1)
-        # Chan et al.'s merge of the running (n, mean, M2) with the tile's, as in `_gn_stats_kernel`
-        delta = mean_t - mean
-        w_t = n_t / (n + n_t)
-        mean += delta * w_t
-        m2 += m2_t + delta * delta * n * w_t
-        n += n_t
-    g = tl.arange(0, G_P2)
-    idx = (b * NG + blk * GROUPS + g) * tl.num_programs(1) + split
-    g_mask = g < GROUPS
     tl.store(part_ptr + idx, n, mask=g_mask)
     tl.store(part_ptr + part_stride + idx, mean, mask=g_mask)
     tl.store(part_ptr + 2 * part_stride + idx, m2, mask=g_mask)
@@ -390,19 +320,6 @@ def _stats_tiles(x3: torch.Tensor, num_groups: int, x2: torch.Tensor | None = No
     return channel_fastest, 4 if channel_fastest else 1, 1024
 
 
-def cols_tile(S: int, C: int, num_groups: int) -> tuple[int, int, int]:
-    """(groups per program, BLOCK_S, BLOCK_C) of `_gn_stats_cols_kernel`: the most whole groups (a divisor of
-    G) within `_COLS_MAX_CHANNELS` channels, at least one; tiles of about `_COLS_TILE_ELEMENTS`. The
-    interpreter takes 16 channels and 8 rows, so that the tests' small shapes run several programs a sample
-    and several tiles a split."""
-    cg = C // num_groups
-    most = 16 if interpreting() else _COLS_MAX_CHANNELS
-    groups = max(g for g in range(1, num_groups + 1) if num_groups % g == 0 and (g == 1 or g * cg <= most))
-    block_c = triton.next_power_of_2(groups * cg)
-    block_s = 8 if interpreting() else min(triton.next_power_of_2(S), max(1, _COLS_TILE_ELEMENTS // block_c))
-    return groups, block_s, block_c
-
-
 def stats_split(batch: int, group_blocks: int, elements: int, device: torch.device) -> int:
     """How many programs share one block of norm groups: enough statistics programs to fill the GPU
     (`_STATS_PROGRAMS_PER_SM` per SM), none with fewer than `_MIN_ELEMENTS_PER_SPLIT` elements."""
@@ -449,8 +366,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
                                 out: torch.Tensor, split: int | None = None,
                                 one_pass: bool | None = None, silu: bool = True, c2: int | None = None,
                                 s_inv2: torch.Tensor | None = None, zero2: torch.Tensor | None = None,
-                                looped: bool | None = None, x2: torch.Tensor | None = None,
-                                stats: str | None = None) -> torch.Tensor:
+                                looped: bool | None = None, x2: torch.Tensor | None = None) -> torch.Tensor:
     """Launch on a [B, S, C] view (any strides) into int8 codes `out` [B, S, C] (last dim contiguous).
 
     `gamma`/`beta` [C] (or both None: no affine). Where a sample's norm group fits in one program's
@@ -468,16 +384,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
     launcher's on the concatenation bit for bit — on `torch.cat([x3, x2], -1)` where both parts are channels
     fastest, else on the concatenation laid out by channel planes (NCHW), whose summation order the
     two-kernel path's statistics then follow.
-    `stats` (default: the module's STATS, env TCAQ_GN_STATS) picks the two-kernel path's statistics kernel:
-    "groups" (`_gn_stats_kernel`) or "cols" (`_gn_stats_cols_kernel`, whole-row tiles of several groups; only
-    where the input is channel fastest, `_gn_stats_kernel` elsewhere); an unknown value is refused on every
-    call, whichever path runs.
     """
-    if stats is None and STATS not in _STATS_KERNELS:
-        raise ValueError(f"GroupNorm: TCAQ_GN_STATS={STATS!r}, not one of {_STATS_KERNELS}")
-    if stats is not None and stats not in _STATS_KERNELS:
-        raise ValueError(f"GroupNorm: stats={stats!r}, not one of {_STATS_KERNELS}")
-    stats = stats or STATS
     x3, x2, c1, two_x = check_concat(x3, x2)
     B, S = x3.shape[:2]
     C = c1 + (x2.shape[2] if two_x else 0)
@@ -525,27 +432,15 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         )
         return out
     channel_fastest, block_g, block_e = _stats_tiles(x3, num_groups, x2 if two_x else None)
-    cols = stats == "cols" and channel_fastest
-    if cols:
-        groups, block_s, block_c = cols_tile(S, C, num_groups)
-        programs = num_groups // groups  # per sample and split
-    else:
-        programs = triton.cdiv(num_groups, block_g)
-    split = split or stats_split(B, programs, cg * S, x3.device)
+    group_blocks = triton.cdiv(num_groups, block_g)
+    split = split or stats_split(B, group_blocks, cg * S, x3.device)
     part_stride = B * num_groups * split
     part = torch.empty(3 * part_stride, dtype=torch.float32, device=x3.device)
-    if cols:
-        _gn_stats_cols_kernel[(B * programs, split)](
-            x3, part, S, num_groups, triton.cdiv(S, split), part_stride, *x3.stride(), x2, c1, *x2.stride(),
-            CG=cg, TWO_X=two_x, GROUPS=groups, G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s,
-            BLOCK_C=block_c, num_warps=4,
-        )
-    else:
-        _gn_stats_kernel[(B * programs, split)](
-            x3, part, S, cg, num_groups, triton.cdiv(cg * S, split), part_stride,
-            *x3.stride(), x2, c1, *x2.stride(),
-            CHANNEL_FASTEST=channel_fastest, TWO_X=two_x, BLOCK_G=block_g, BLOCK_E=block_e, num_warps=4,
-        )
+    _gn_stats_kernel[(B * group_blocks, split)](
+        x3, part, S, cg, num_groups, triton.cdiv(cg * S, split), part_stride,
+        *x3.stride(), x2, c1, *x2.stride(),
+        CHANNEL_FASTEST=channel_fastest, TWO_X=two_x, BLOCK_G=block_g, BLOCK_E=block_e, num_warps=4,
+    )
     grid = lambda meta: (triton.cdiv(S, meta["BLOCK_S"]), triton.cdiv(C, meta["BLOCK_C"]), B)
     _gn_silu_quantize_kernel[grid](
         x3, out, part, gamma, beta,

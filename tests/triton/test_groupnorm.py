@@ -42,106 +42,56 @@ def _cpu(v):
     return None if v is None else v.cpu()
 
 
-class _Spy:
-    """A statistics kernel that records its name in `seen` on every launch, then launches."""
-
-    def __init__(self, name, seen):
-        self.kernel, self.name, self.seen = getattr(gn_module, name), name, seen
-
-    def __getitem__(self, grid):
-        self.seen.append(self.name)
-        return self.kernel[grid]
-
-
-def _spy_stats(monkeypatch):
-    """The names of the statistics kernels the launcher runs from now on, one a launch."""
-    seen = []
-    for name in ("_gn_stats_kernel", "_gn_stats_cols_kernel"):
-        monkeypatch.setattr(gn_module, name, _Spy(name, seen))
-    return seen
-
-
 def _force(path, monkeypatch):
     """"auto": the launcher's choice (one pass wherever a group fits, as on these small shapes);
-    "two-kernel": the statistics kernel, then the codes kernel; "two-kernel-cols": the same with the
-    column-tiled statistics kernel where the input is channel fastest (the group kernel elsewhere);
-    "looped": the looped kernel, its row tiles cut to 8 so that each of its three sweeps takes several
-    steps even on these small shapes. Returns the statistics kernels launched (`_spy_stats`)."""
-    if path in ("two-kernel", "two-kernel-cols"):
+    "two-kernel": the statistics kernel, then the codes kernel; "looped": the looped kernel, its row
+    tiles cut to 8 so that each of its three sweeps takes several steps even on these small shapes."""
+    if path == "two-kernel":
         monkeypatch.setattr(gn_module, "one_pass_tile", lambda *a, **k: None)
-        monkeypatch.setattr(gn_module, "LOOPED", False)  # whatever TCAQ_GN_LOOPED says
-        monkeypatch.setattr(gn_module, "STATS", "cols" if path == "two-kernel-cols" else "groups")
     if path == "looped":
         tile = gn_module.looped_tile
         monkeypatch.setattr(gn_module, "LOOPED", True)
         monkeypatch.setattr(gn_module, "looped_tile", lambda *a: (lambda g, s, c: (g, min(s, 8), c))(*tile(*a)))
-    return _spy_stats(monkeypatch)
 
 
-PATHS = ["auto", "two-kernel", "two-kernel-cols", "looped"]
-
-
-def _stats_ran(path, channel_fastest):
-    """The statistics kernels a launch on `path` runs (None: not checked — the launcher's choice)."""
-    if path == "auto":
-        return None
-    cols = path == "two-kernel-cols" and channel_fastest
-    return [] if path == "looped" else ["_gn_stats_cols_kernel" if cols else "_gn_stats_kernel"]
+PATHS = ["auto", "two-kernel", "looped"]
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_codes_match_reference(gen, device, case, bits, layout, path, monkeypatch):
-    """Every path on NCHW and channels-last x (the column-tiled statistics run only on the latter; in the
-    interpreter in 8-row tiles and 16-channel programs: several of each here, lanes masked where 3 or 5
-    channels a group do not fill them)."""
-    seen = _force(path, monkeypatch)
+def test_codes_match_reference(gen, device, case, bits, path, monkeypatch):
+    _force(path, monkeypatch)
     B, C, H, W, G = case
     x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W, bits=bits)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
     codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, bits, r_inv)
-    _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} A{bits} {layout}")
-    assert _stats_ran(path, layout == "channels_last") in (None, seen)
+    _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} A{bits}")
 
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_input_channels_last_no_affine(gen, device, dtype, path, monkeypatch):
-    seen = _force(path, monkeypatch)
+    _force(path, monkeypatch)
     B, C, H, W, G = 2, 24, 6, 5, 8
     x, _, _, _, t = _inputs(gen, device, B, C, H, W, dtype=dtype, affine=False, tcr=False)
     x = x.to(memory_format=torch.channels_last)
     codes = groupnorm_silu_quantize(x, None, None, G, 1e-6, t.s_inv, t.zero, t.group, 8)
     _check(codes, x, G, None, None, 1e-6, None, t, f"{dtype} channels_last")
-    assert _stats_ran(path, True) in (None, seen)
 
 
 @pytest.mark.parametrize("split", [2, 3, 15])
-@pytest.mark.parametrize("case", [(2, 12, 31, 1, 3), (2, 20, 37, 1, 4)], ids=["CG4", "CG5"])
-@pytest.mark.parametrize("stats, layout", [("groups", "nchw"), ("groups", "nhwc"), ("cols", "nhwc")])
-def test_split_statistics_and_poisoned_output(gen, device, split, case, stats, layout, monkeypatch):
+def test_split_statistics_and_poisoned_output(gen, device, split):
     """Statistics summed over several programs per group (the GPU's choice on small batches), an
-    empty split included (15 splits of 4·31 elements: 9 each; of 31 rows: 3 each, the last four empty
-    for the cols kernel), into an output poisoned with two sentinels. Both statistics kernels (the cols
-    one only runs on channel-fastest input), on odd S (several 8-row tiles a split in the interpreter),
-    4 or 5 channels a group."""
-    seen = _spy_stats(monkeypatch)
-    _check_poisoned(gen, device, case, f"split {split} {stats} {layout}", layout, split=split, stats=stats)
-    assert seen == 2 * ["_gn_stats_cols_kernel" if stats == "cols" else "_gn_stats_kernel"]
+    empty split included (15 splits of 4·31 elements: 9 each), into an output poisoned with two
+    sentinels."""
+    _check_poisoned(gen, device, (2, 12, 31, 1, 3), f"split {split}", split=split)
 
 
-def _check_poisoned(gen, device, case, what, layout="nchw", **launch):
-    """The launcher on a [B, H·W, C] column of pixels (NCHW's channel planes, or channels last) into outputs
-    poisoned with two sentinels."""
+def _check_poisoned(gen, device, case, what, **launch):
+    """The launcher on a [B, H·W, C] column of pixels into outputs poisoned with two sentinels."""
     B, C, H, W, G = case
     x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
-    if layout == "nhwc":
-        x = x.to(memory_format=torch.channels_last)
     x3 = x.permute(0, 2, 3, 1).reshape(B, H * W, C)
-    assert (x3.stride(2) == 1) == (layout == "nhwc")
     for sentinel in (-77, 91):
         out = torch.full((B, H, W, C), sentinel, dtype=torch.int8, device=device)
         groupnorm_silu_quantize_bsc(x3, G, 1e-5, gamma, beta, t.s_inv, t.zero, t.group, 1, 8, r_inv,
@@ -231,23 +181,20 @@ def test_split_input_composes_unsplit_codes(gen, device, case, path, bits):
 # the second part's layout for their sums, so x3 channels-last + x2 NCHW matches `cat_like`'s NCHW there too.
 CONCAT_CASES = [(2, 35, 27, 13, 8, "nchw", "nchw", torch.float32), (3, 12, 16, 16, 4, "nhwc", "nhwc", torch.float32),
                 (2, 20, 12, 33, 3, "nhwc", "nchw", torch.float32), (2, 9, 40, 20, 5, "slice", "nhwc", torch.bfloat16)]
-CONCAT_PATHS = [dict(one_pass=True), dict(one_pass=False), dict(split=2), dict(one_pass=False, stats="cols"),
-                dict(split=2, stats="cols"), dict(looped=True)]
+CONCAT_PATHS = [dict(one_pass=True), dict(one_pass=False), dict(split=2), dict(looped=True)]
 
 
 @pytest.mark.parametrize("case", CONCAT_CASES, ids=lambda c: f"{c[2]}+{c[3]}-G{c[4]}-{c[5]}-{c[6]}-{str(c[7])[6:]}")
-@pytest.mark.parametrize("path", CONCAT_PATHS, ids=["one-pass", "two-kernel", "split2", "two-kernel-cols",
-                                                    "split2-cols", "looped"])
+@pytest.mark.parametrize("path", CONCAT_PATHS, ids=["one-pass", "two-kernel", "split2", "looped"])
 @pytest.mark.parametrize("quant", ["one-quantizer", "c2=C1", "c2=7", "float"])
 def test_concatenated_input_read_in_place(gen, device, case, path, quant, monkeypatch):
     """`x2` (x3 and x2 concatenated along channels, read in place, norm groups straddling the boundary): every
     path's output equals the launcher's on the materialised concatenation (`cat_like`: as the model's cat lays
     it out, which fixes the statistics' summation order), bit for bit — codes with one quantizer or a split one
     (c2 at the parts' boundary or elsewhere), TCR and affine, or the float GroupNorm + SiLU — into outputs
-    poisoned with different sentinels. The looped kernel's row tiles are cut to 8 (several steps a sweep). The
-    cols statistics kernel runs where both parts are channel fastest (in the interpreter in 16-lane programs of
-    whole groups, one holding the group of 12 that straddles C1 = 40), else the group kernel."""
-    seen = _force("looped", monkeypatch) if "looped" in path else _spy_stats(monkeypatch)
+    poisoned with different sentinels. The looped kernel's row tiles are cut to 8 (several steps a sweep)."""
+    if "looped" in path:
+        _force("looped", monkeypatch)
     B, S, C1, C2, G, l3, l2, dtype = case
     C = C1 + C2
     x3 = part(gen, B, S, C1, l3, dtype, device, offset=4.0)  # a mean far from zero, as in `_inputs`
@@ -266,38 +213,6 @@ def test_concatenated_input_read_in_place(gen, device, case, path, quant, monkey
                                            **path, **split, **kw)
 
     assert torch.equal(launch(77, x3, x2=x2), launch(91, cat_like(x3, x2)))
-    if "stats" in path:
-        cols = x3.stride(2) == 1 and x2.stride(2) == 1
-        assert seen == 2 * ["_gn_stats_cols_kernel" if cols else "_gn_stats_kernel"]
-
-
-def test_stats_switch_refuses_unknown_values(device, monkeypatch):
-    """An unknown statistics kernel is refused, naming where it came from (argument or TCAQ_GN_STATS) and the
-    choices, before any path is picked (here the one-pass kernel would run)."""
-    x3 = torch.randn(1, 6, 8, device=device)
-    one, z = torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
-    out = torch.empty(1, 6, 8, dtype=torch.int8, device=device)
-    launch = lambda **kw: groupnorm_silu_quantize_bsc(x3, 2, 1e-5, None, None, one, z, z, 0, 8, None, out, **kw)
-    with pytest.raises(ValueError, match=r"stats='rows', not one of \('groups', 'cols'\)"):
-        launch(stats="rows")
-    monkeypatch.setattr(gn_module, "STATS", "col")
-    with pytest.raises(ValueError, match=r"TCAQ_GN_STATS='col', not one of \('groups', 'cols'\)"):
-        launch()
-    launch(stats="cols")  # the argument overrides the module's switch
-
-
-def test_cols_tiles(monkeypatch):
-    """The cols statistics kernel takes the most whole groups (a divisor of G) within 128 channels, at least
-    one, in tiles of about 4096 elements (never taller than the image); 16 channels and 8 rows in the
-    interpreter."""
-    assert gn_module.cols_tile(31, 12, 3) == (3, 8, 16)
-    assert gn_module.cols_tile(37, 20, 4) == (2, 8, 16)  # 10 of 16 lanes live
-    monkeypatch.setattr(gn_module, "interpreting", lambda: False)
-    assert gn_module.cols_tile(1024, 64, 32) == (32, 64, 64)  # embedded model, 32×32: 2 channels a group
-    assert gn_module.cols_tile(4096, 320, 32) == (8, 32, 128)  # SD-1.5 64×64: 80 of 128 lanes live
-    assert gn_module.cols_tile(256, 2560, 32) == (1, 32, 128)
-    assert gn_module.cols_tile(16, 5120, 32) == (1, 16, 256)  # a group wider than 128 channels
-    assert gn_module.cols_tile(4, 64, 32) == (32, 4, 64)
 
 
 def test_concatenated_input_refusals(device):
