@@ -34,8 +34,9 @@ for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
 
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
-"triton-w4a8-widen" (GEMM, conv; "-widen-fused" GEMM) is the W4A8 layer as TCAQ_W4_WIDEN=1 runs it:
-`widen.widen_int4` of the packed weight, then the int8 kernels (both launches timed);
+"triton-w4a8-widen" (GEMM, conv; "-widen-fused" GEMM) is the W4A8 layer as the UNet runs it by default:
+`widen.widen_int4` of the packed weight, then the int8 kernels (both launches timed); the other W4 rows
+("triton-w4a8", "-fused", "gluon-w4a8", the split-K tables) time the kernels' in-loop widening;
 "triton-w8a8+quant" conv rows take the bf16 NCHW (channels_last) activation: quantize kernel + conv.
 
 Command (repo root, GPU machine; the shapes were traced once from diffusers' UNet2DConditionModel /
@@ -171,10 +172,11 @@ def bench(fn) -> tuple[float, float]:
     return gpu_ms, (time.perf_counter() - t0) * 1e3 / 50
 
 
-def _widened(fn):
-    """`fn` run with TCAQ_W4_WIDEN's per-call widening on (whatever the environment says), for the -widen rows."""
+def _widening(fn, on: bool):
+    """`fn` run with the per-call widening of packed int4 weights (`widen.WIDEN`) on or off, whatever the
+    environment says: the "-widen" rows on, the other W4 rows off (the kernels' in-loop widening)."""
     def call():
-        before, widen.WIDEN = widen.WIDEN, True
+        before, widen.WIDEN = widen.WIDEN, on
         try:
             return fn()
         finally:
@@ -235,11 +237,12 @@ def run_gemm(model, shape, card, command):
         "scaled_mm-fp8": (lambda: torch._scaled_mm(x8, wf8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16),
                           None),
         "triton-w8a8": (lambda: qlinear(a, *ops8, w_scale, bias, *tab), _qgemm_kernel),
-        "triton-w4a8": (lambda: qlinear(a, *ops4, w_scale, bias, *tab), _qgemm_kernel),
+        "triton-w4a8": (_widening(lambda: qlinear(a, *ops4, w_scale, bias, *tab), False), _qgemm_kernel),
         "triton-w8a8-fused": (lambda: qlinear(x, *ops8, w_scale, bias, *tab), _qgemm_kernel),
-        "triton-w4a8-fused": (lambda: qlinear(x, *ops4, w_scale, bias, *tab), _qgemm_kernel),
-        "triton-w4a8-widen": (_widened(lambda: qlinear(a, *ops4, w_scale, bias, *tab)), _qgemm_kernel),
-        "triton-w4a8-widen-fused": (_widened(lambda: qlinear(x, *ops4, w_scale, bias, *tab)), _qgemm_kernel),
+        "triton-w4a8-fused": (_widening(lambda: qlinear(x, *ops4, w_scale, bias, *tab), False), _qgemm_kernel),
+        "triton-w4a8-widen": (_widening(lambda: qlinear(a, *ops4, w_scale, bias, *tab), True), _qgemm_kernel),
+        "triton-w4a8-widen-fused": (_widening(lambda: qlinear(x, *ops4, w_scale, bias, *tab), True),
+                                    _qgemm_kernel),
     }
     floors["triton-w4a8-widen"] = floor_ms(M * K + N * K / 2 + 2 * N * K + out_b, ops, "int8")
     floors["triton-w4a8-widen-fused"] = floor_ms(2 * M * K + N * K / 2 + 2 * N * K + out_b, ops, "int8")
@@ -282,9 +285,9 @@ def run_gemm_splitk(model, shape, card, command):
     for name, inp, bits in (("w8a8", a, 8), ("w4a8", a, 4), ("w8a8-fused", x, 8)):
         # the heuristic's count passed explicitly: split_k=None splits only with TCAQ_AUTO_SPLIT_K=1
         for suffix, split_k in (("", 1), ("-splitk", chosen)):
-            impls[f"triton-{name}{suffix}"] = (
+            impls[f"triton-{name}{suffix}"] = (_widening(  # the W4 rows: in-loop widening
                 lambda inp=inp, bits=bits, split_k=split_k: qlinear(inp, *ops[bits], w_scale, bias, *tab,
-                                                                    split_k=split_k),
+                                                                    split_k=split_k), False),
                 _qgemm_kernel, f" split{split}" if split_k != 1 else "")
     return _time_all("gemm-splitk", model, f"{M}x{N}x{K}", count, 2.0 * M * N * K, impls, {}, "cublas-bf16", card,
                      command)
@@ -373,13 +376,13 @@ def run_conv(model, shape, card, command):
         "triton-w4a8": floor_ms(act + wts / 2 + out_b, ops, "int8"),
         "triton-w8a8+quant": floor_ms(2 * act + act + act + wts + out_b, ops, "int8"),
     }
+    w4_conv = lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad)
     impls = {
         "cudnn-bf16": (lambda: F.conv2d(v.x_cudnn, v.w, v.bias, stride, v.pad_cudnn), None),
         "triton-w8a8": (lambda: qconv2d(v.codes, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
-        "triton-w4a8": (lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
+        "triton-w4a8": (_widening(w4_conv, False), _qconv_kernel),
         "triton-w8a8+quant": (lambda: qconv2d(v.x, *v.ops[8], v.w_scale, v.bias, *v.tab, stride, pad), _qconv_kernel),
-        "triton-w4a8-widen": (_widened(lambda: qconv2d(v.codes, *v.ops[4], v.w_scale, v.bias, *v.tab, stride, pad)),
-                              _qconv_kernel),
+        "triton-w4a8-widen": (_widening(w4_conv, True), _qconv_kernel),
     }
     floors["triton-w4a8-widen"] = floor_ms(act + wts / 2 + 2 * wts + out_b, ops, "int8")
     if conv_wgmma.supported(v.codes, v.ops[4][0], M):  # the Gluon conv (sm_90), launched as qconv would, unsplit
@@ -416,9 +419,9 @@ def run_conv_splitk(model, shape, card, command):
     impls = {"cudnn-bf16": (lambda: F.conv2d(v.x_cudnn, v.w, v.bias, stride, v.pad_cudnn), None)}
     for name, inp, bits in (("w8a8", v.codes, 8), ("w4a8", v.codes, 4), ("w8a8+quant", v.x, 8)):
         for suffix, split_k in (("", 1), ("-splitk", _conv_split(shape))):
-            impls[f"triton-{name}{suffix}"] = (
+            impls[f"triton-{name}{suffix}"] = (_widening(  # the W4 rows: in-loop widening
                 lambda inp=inp, bits=bits, split_k=split_k: qconv2d(inp, *v.ops[bits], v.w_scale, v.bias, *v.tab,
-                                                                    stride, list(pads), split_k=split_k),
+                                                                    stride, list(pads), split_k=split_k), False),
                 _qconv_kernel, f" split{split_k}" if split_k != 1 else "")
     return _time_all("conv-splitk", model, label, count, 2.0 * M * N * C * k * k, impls, {}, "cudnn-bf16", card,
                      command)

@@ -13,7 +13,8 @@ Channel counts that are not tile multiples (C_in = 3, 4, 960, …) are masked, n
 masked lanes meet zero weights.
 
 Weights come from `prepare_conv_weight`: [N, KH, KW, C] int8 (C contiguous, K-major for wgmma), or
-packed int4 [N, KH, KW, ⌈C/2⌉] widened to int8 in registers (Hopper has no 4-bit MMA).
+packed int4 [N, KH, KW, ⌈C/2⌉] (Hopper has no 4-bit MMA): widened to int8 by `widen.py` ahead of the
+int8 kernel by default, in registers with TCAQ_W4_WIDEN=0.
 
 Split-K: the deep, small layers (SD's 8×8 and 16×16 levels at batch 2: M = 128–512 pixels, K up to
 9·2560) give far fewer output tiles than SMs. The reduction steps (tap, channel block) are then
@@ -354,7 +355,7 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
         split_k, C, C2 = 1, c2, C - c2
     else:
         w_op2, w_tap_sum2, scale2, zero2, C2 = w_op, w_tap_sum, scale, zero, 0
-    if widen.WIDEN and w_op.dtype == torch.uint8:  # TCAQ_W4_WIDEN=1: the int8 kernels on widened copies
+    if widen.WIDEN and w_op.dtype == torch.uint8:  # the int8 kernels on widened copies (TCAQ_W4_WIDEN=0: not)
         w_op = widen.widen_int4(w_op, C)
         w_op2 = widen.widen_int4(w_op2, C2) if second is not None else w_op
     sms = torch.cuda.get_device_properties(out.device).multi_processor_count if out.is_cuda and AUTO_SPLIT_K else None

@@ -7,8 +7,9 @@ registers (`A_FLOAT`: the standalone quantize pass and its int8 round trip throu
 disappear). The row's timestep group g(m) = group[m // rows_per_sample] is read on the device.
 
 Weights are [N, K] int8, K contiguous — the K-major operand int8 wgmma needs — or packed int4
-[N, ⌈K/2⌉] (`pack_int4`, low nibble = even k) widened to int8 in registers: Hopper has no 4-bit
-MMA (DESIGN.md §4), so int4 halves the weight bytes but multiplies as int8.
+[N, ⌈K/2⌉] (`pack_int4`, low nibble = even k): Hopper has no 4-bit MMA (DESIGN.md §4), so int4
+halves the weight bytes but multiplies as int8. By default `widen.py` widens the whole packed weight
+ahead of the int8 kernel (faster, see below); with TCAQ_W4_WIDEN=0 this kernel widens tiles in registers.
 Accumulation is int32 through `tl.dot` on int8; `Σ_k w` is precomputed offline, so the zero-point
 correction is one multiply-subtract per output in the epilogue.
 
@@ -28,7 +29,7 @@ Performance limits (measured, benchmarks/results/kernels.md): Triton 3.6 issues 
 synchronously — its MMAv3 pipeliner keeps a dot asynchronous only for fp32 accumulators — so the
 tensor cores idle while each k-step's MMA is waited on, and the int8 kernel runs at about bf16
 cuBLAS speed (≈740 TOPS at best), not at the 2× the int8 peak allows. Register-side operands (int4
-widening, the float prologue) also round-trip through shared memory, hence W4A8 ≈ 0.5× W8A8.
+widening, the float prologue) also round-trip through shared memory, hence in-loop W4A8 ≈ 0.5× W8A8.
 """
 import os
 
@@ -295,8 +296,8 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
           split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8) -> torch.Tensor:
     """Launch on a2 [M, K] (int8 codes, or float when the prologue quantizes) into out [M, N].
 
-    `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉] (then the kernel widens int4 to int8, or with
-    `widen.WIDEN` one pass widens the whole weight ahead of the int8 kernel).
+    `w_op` is int8 [N, K] or packed uint8 [N, ⌈K/2⌉]: by default (`widen.WIDEN`) one pass widens the whole
+    packed weight ahead of the int8 kernel; with TCAQ_W4_WIDEN=0 the kernel widens int4 tiles in registers.
     `split_k`: None chooses (`choose_split_k`, CUDA only, with AUTO_SPLIT_K), 1 never splits, n > 1 splits K n ways
     (int32 partial sums, then a second kernel adds them in order and runs the epilogue: the
     integers are exact and the result deterministic; no host sync, so CUDA graphs capture it).
@@ -307,7 +308,7 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     N = w_op.shape[0]
     if M == 0 or N == 0:
         return out
-    if widen.WIDEN and w_op.dtype == torch.uint8:  # TCAQ_W4_WIDEN=1: the int8 kernels on a widened copy
+    if widen.WIDEN and w_op.dtype == torch.uint8:  # the int8 kernels on a widened copy (TCAQ_W4_WIDEN=0: not)
         w_op = widen.widen_int4(w_op, K)
     if split_k is None:
         auto = a2.is_cuda and AUTO_SPLIT_K

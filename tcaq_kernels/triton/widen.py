@@ -2,10 +2,13 @@
 
 Hopper has no 4-bit MMA (DESIGN.md §4): the W4A8 kernels widen each weight tile in registers and pass it
 through shared memory to wgmma, which costs them more than the halved weight bytes save (W4A8 ≈ 0.5× the
-W8A8 kernels' speed, benchmarks/results/kernels.md). With `TCAQ_W4_WIDEN=1`, `gemm.qgemm` and `conv.qconv`
-instead widen the layer's whole packed weight with this memory-bound pass (`pack_int4` [R, ⌈K/2⌉] →
-int8 [R, K], a temporary the size of the int8 weight) and run the W8A8 kernels on it. The model keeps its
-4-bit weights; the integers multiplied are the same, so the outputs equal the in-loop widening's bit for bit.
+W8A8 kernels' speed at every SD-1.5 shape, M = 2 included: benchmarks/results/kernels.md). So by default
+`gemm.qgemm` and `conv.qconv` instead widen the layer's whole packed weight with this memory-bound pass
+(`pack_int4` [R, ⌈K/2⌉] → int8 [R, K], a temporary the size of the int8 weight) and run the W8A8 kernels on
+it: the embedded UNet's W4A8 step from a CUDA graph went from 2.74 / 6.82 to 2.35 / 5.66 ms at batch 64 / 256,
+W8A8 2.25 / 5.46 (H200, one call: benchmarks/results/w4-widen-h200/). The model keeps its 4-bit weights; the
+integers multiplied are the same, so the outputs equal the in-loop widening's bit for bit.
+`TCAQ_W4_WIDEN=0` keeps the in-loop widening (A/B runs).
 """
 import os
 
@@ -14,7 +17,7 @@ import triton
 import triton.language as tl
 
 #: Whether W4 GEMMs and convs widen their weights per call (`widen_int4`) and run the int8 kernels.
-WIDEN = os.environ.get("TCAQ_W4_WIDEN", "0") == "1"
+WIDEN = os.environ.get("TCAQ_W4_WIDEN", "1") != "0"
 
 
 @triton.jit
