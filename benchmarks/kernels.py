@@ -385,16 +385,17 @@ def run_conv(model, shape, card, command):
         "triton-w4a8-widen": (_widening(w4_conv, True), _qconv_kernel),
     }
     floors["triton-w4a8-widen"] = floor_ms(act + wts / 2 + 2 * wts + out_b, ops, "int8")
-    if conv_wgmma.supported(v.codes, v.ops[4][0], M):  # the Gluon conv (sm_90), launched as qconv would, unsplit
+    w4_op = v.ops[4][0]
+    if conv_wgmma.supported(v.codes, w4_op, M, C, w4_op):  # the Gluon conv (sm_90), launched as qconv would, unsplit
         out = torch.empty(B, N, *_conv_out_hw(shape), device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
         tables, meta = output_quantizer(out, None, None, None, 8)
         _, scale, zero, group = v.tab  # the conv takes codes: no s_inv
-        tail = dict(KH=k, KW=k, STRIDE=stride, SPLIT_K=1, HAS_BIAS=True, HAS_RES=False, **meta)
+        tail = dict(KH=k, KW=k, STRIDE=stride, SPLIT_K=1, HAS_BIAS=True, HAS_RES=False, UP=1, TWO_Q=False, **meta)
         for bits in (8, 4):
             floors[f"gluon-w{bits}a8"] = floors[f"triton-w{bits}a8"]
-            impls[f"gluon-w{bits}a8"] = (lambda bits=bits: conv_wgmma.launch(
-                v.codes, *v.ops[bits], v.w_scale, v.bias, out, out, out, scale, zero, group, tables, 1, pads, tail),
-                conv_wgmma._tuned)
+            impls[f"gluon-w{bits}a8"] = (lambda w_op=v.ops[bits][0], w_sum=v.ops[bits][1]: conv_wgmma.launch(
+                v.codes, w_op, w_sum, v.w_scale, v.bias, out, out, out, scale, zero, group, tables, 1, pads, tail,
+                (w_op, w_sum, scale, zero), C, H, W), conv_wgmma._tuned)
     return _time_all("conv", model, label, count, ops, impls, floors, "cudnn-bf16", card, command)
 
 
