@@ -64,14 +64,17 @@ def test_triton_backend_rejects_cpu_without_interpreter(ref_unet, ref_state_w8a8
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("split_skip", [False, True], ids=["unsplit", "split_skip"])
-def test_triton_unet_matches_reference_on_gpu(ref_unet, ref_scheduler, ref_state_w8a8, split_skip):
+@pytest.mark.parametrize("layout", ["unsplit", "split_skip", "w4a8"])
+def test_triton_unet_matches_reference_on_gpu(ref_unet, ref_scheduler, ref_state_w8a8, layout):
     """The whole UNet, triton (fused norms; with split_skip the tcaq/qdiffusion layout: 24 split-input convs,
-    one kernel each) against the reference backend."""
+    one kernel each; w4a8: packed int4 weights, widened per call by default) against the reference backend."""
     state = ref_state_w8a8
+    split_skip = layout == "split_skip"
+    if layout != "unsplit":
+        state = tcaq_kernels.calibrate(ref_unet, scheduler=ref_scheduler, bits="W4A8" if layout == "w4a8" else "W8A8",
+                                       num_samples=4, num_steps=8, timestep_groups=2, batch_size=4,
+                                       split_skip=split_skip, progress=False)
     if split_skip:
-        state = tcaq_kernels.calibrate(ref_unet, scheduler=ref_scheduler, bits="W8A8", num_samples=4, num_steps=8,
-                                       timestep_groups=2, batch_size=4, split_skip=True, progress=False)
         assert sum(layer.input_split is not None for layer in state.layers.values()) == 24
     unet = copy.deepcopy(ref_unet).cuda()
     models = {b: tcaq_kernels.convert(unet, state, backend=b) for b in ("reference", "triton")}
