@@ -1,7 +1,8 @@
 """Kernel micro-benchmarks: the Triton W8A8 / W4A8 GEMM and conv against the vendor libraries.
 
 Every GEMM and conv shape of the SD-1.5 UNet (512 px, 64×64 latent) at batch 2 and 8 and of the
-DDPM-CIFAR10 layout (channels 128/256/256/256, 32×32 … 4×4) at batch 256, side by side in one run:
+DDPM-CIFAR10 layout (channels 128/256/256/256, 32×32 … 4×4) at batch 256 (and with `--models embedded-b64,
+embedded-b256` the embedded model's, whose step benchmarks/latency.py times), side by side in one run:
 bf16 cuBLAS (`F.linear`), `torch._int_mm` (int32 out, no epilogue), fp8 `torch._scaled_mm`
 (bf16 out), cuDNN bf16 conv (channels_last), and the Triton kernels. Time is the median of
 `triton.testing.do_bench` over replays of a CUDA graph holding one call (L2 cleared before every
@@ -98,7 +99,15 @@ GEMM = {
         (4096, 256, 256, 4), (16384, 256, 256, 12), (65536, 256, 256, 8),
     ],
 }
-BATCH = {"sd15-b2": 2, "sd15-b8": 8, "ddpm-cifar10-b256": 256}
+# The embedded model (tcaq_kernels/models/ddpm-cifar10-small: channels 64/128/128/128, attention at 16×16), whose
+# UNet step benchmarks/latency.py times: its Linear layers as (tokens per sample, N, K, count per UNet call),
+# traced from the model (tests/triton/test_kernels_bench.py re-traces them) — not in the default `--models`.
+_EMBEDDED_GEMMS = [(1, 64, 256, 5), (1, 128, 256, 17), (1, 256, 64, 1), (1, 256, 256, 1), (16, 128, 128, 4),
+                   (256, 128, 128, 20)]
+EMBEDDED = {"embedded-b64": 64, "embedded-b256": 256}
+GEMM.update({name: [(B * L, N, K, n) for L, N, K, n in _EMBEDDED_GEMMS] for name, B in EMBEDDED.items()})
+BATCH = {"sd15-b2": 2, "sd15-b8": 8, "ddpm-cifar10-b256": 256, **EMBEDDED}
+DEFAULT_MODELS = ("sd15-b2", "sd15-b8", "ddpm-cifar10-b256")  # the issue's sets
 
 
 def _sd_convs(B):
@@ -134,7 +143,21 @@ def _ddpm_convs(B):
     return convs
 
 
-CONV = {"sd15-b2": _sd_convs(2), "sd15-b8": _sd_convs(8), "ddpm-cifar10-b256": _ddpm_convs(256)}
+def _embedded_convs(B):
+    """The embedded model's convs (traced like `_EMBEDDED_GEMMS`; its downsamplers pad 1 on every side)."""
+    rows = [
+        (3, 32, 64, 3, 1, 1), (64, 16, 128, 1, 1, 1), (64, 16, 128, 3, 1, 1), (64, 32, 3, 3, 1, 1),
+        (64, 32, 64, 3, 1, 7), (64, 32, 64, 3, 2, 1), (128, 4, 128, 3, 1, 11), (128, 8, 128, 3, 1, 8),
+        (128, 8, 128, 3, 2, 1), (128, 16, 128, 3, 1, 7), (128, 16, 128, 3, 2, 1), (128, 32, 64, 1, 1, 2),
+        (128, 32, 64, 3, 1, 2), (128, 32, 128, 3, 1, 1), (192, 16, 128, 1, 1, 1), (192, 16, 128, 3, 1, 1),
+        (192, 32, 64, 1, 1, 1), (192, 32, 64, 3, 1, 1), (256, 4, 128, 1, 1, 3), (256, 4, 128, 3, 1, 3),
+        (256, 8, 128, 1, 1, 3), (256, 8, 128, 3, 1, 3), (256, 16, 128, 1, 1, 2), (256, 16, 128, 3, 1, 2),
+    ]
+    return [(B, C, S, S, N, k, s, (k // 2,) * 4, n) for C, S, N, k, s, n in rows]
+
+
+CONV = {"sd15-b2": _sd_convs(2), "sd15-b8": _sd_convs(8), "ddpm-cifar10-b256": _ddpm_convs(256),
+        **{name: _embedded_convs(B) for name, B in EMBEDDED.items()}}
 
 # ResnetBlock2D norms (norm1 and norm2 of every block): (C, H = W, count per UNet call). Up blocks'
 # norm1 sees the concatenated skip input (e.g. SD 1280 + 1280 = 2560 channels at 8×8).
@@ -143,8 +166,12 @@ _SD_NORMS = [(320, 64, 7), (640, 64, 2), (960, 64, 1), (320, 32, 1), (640, 32, 6
              (2560, 8, 3)]
 _DDPM_NORMS = [(128, 32, 7), (256, 32, 2), (384, 32, 1), (128, 16, 1), (256, 16, 6), (384, 16, 1), (512, 16, 2),
                (256, 8, 7), (512, 8, 3), (256, 4, 11), (512, 4, 3)]
+# The embedded model's GroupNorms on feature maps (ResnetBlock2D's two and the output norm; traced).
+_EMBEDDED_NORMS = [(64, 16, 1), (64, 32, 8), (128, 4, 11), (128, 8, 7), (128, 16, 6), (128, 32, 2), (192, 16, 1),
+                   (192, 32, 1), (256, 4, 3), (256, 8, 3), (256, 16, 2)]
 NORM = {"sd15-b2": [(2, *n) for n in _SD_NORMS], "sd15-b8": [(8, *n) for n in _SD_NORMS],
-        "ddpm-cifar10-b256": [(256, *n) for n in _DDPM_NORMS]}
+        "ddpm-cifar10-b256": [(256, *n) for n in _DDPM_NORMS],
+        **{name: [(B, *n) for n in _EMBEDDED_NORMS] for name, B in EMBEDDED.items()}}
 NORM_GROUPS = 32
 
 
@@ -550,7 +577,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--ops", default="gemm,conv,groupnorm,gemm-splitk,conv-splitk")
-    p.add_argument("--models", default=",".join(GEMM))
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                   help=f"','-separated, of {', '.join(GEMM)} (the embedded-* sets: the model latency.py times)")
     p.add_argument("--shapes", default="", help="only these shape labels, ';'-separated as the tables print them "
                    "(e.g. '2x320x1280;B2 C320 64x64 N320 k3 s1 p1')")
     p.add_argument("--impls", default="", help="only these columns (','-separated, e.g. "
@@ -563,6 +591,9 @@ def main():
                    help="no GPU: rewrite --out/kernels.md from --out/kernels.json (e.g. after merging the attention "
                         "rows of tests/triton/test_attention.py --bench)")
     args = p.parse_args()
+    unknown = [m for m in args.models.split(",") if m not in GEMM]
+    if unknown:
+        p.error(f"--models: unknown {', '.join(unknown)}; known: {', '.join(GEMM)}")
     if args.render:
         from tcaq_kernels.atomic import atomic_write_text  # here: the stub package above has no atomic.py
 
