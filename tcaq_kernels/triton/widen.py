@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .numerics import unpack_int4_rows
+
 #: Whether W4 GEMMs and convs widen their weights per call (`widen_int4`) and run the int8 kernels.
 WIDEN = os.environ.get("TCAQ_W4_WIDEN", "1") != "0"
 
@@ -23,16 +25,14 @@ WIDEN = os.environ.get("TCAQ_W4_WIDEN", "1") != "0"
 @triton.jit
 def _widen_int4_kernel(p_ptr, out_ptr, R, K, KP, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
     """A BLOCK_R × BLOCK_J tile of packed bytes → BLOCK_R × 2·BLOCK_J int8 values (low nibble first, as
-    `pack_int4` stores them); a row's padding nibble (odd K) is not stored."""
+    `pack_int4` stores them) by the kernels' own `unpack_int4_rows`; a row's padding nibble (odd K) is not
+    stored."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
     r_mask = (rows < R)[:, None]
     p = tl.load(p_ptr + rows[:, None].to(tl.int64) * KP + j[None, :], mask=r_mask & (j < KP)[None, :], other=0)
-    p = p.to(tl.int32)
-    lo = ((p & 0xF) ^ 8) - 8  # sign extension of a 4-bit two's complement nibble
-    hi = ((p >> 4) ^ 8) - 8
     k = tl.program_id(1) * 2 * BLOCK_J + tl.arange(0, 2 * BLOCK_J)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + k[None, :], tl.interleave(lo, hi).to(tl.int8),
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + k[None, :], unpack_int4_rows(p, BLOCK_R, 2 * BLOCK_J),
              mask=r_mask & (k < K)[None, :])
 
 
@@ -45,9 +45,9 @@ def widen_int4(packed: torch.Tensor, length: int) -> torch.Tensor:
     if kp != (length + 1) // 2:
         raise ValueError(f"widen_int4: {kp} packed bytes a row do not hold {length} codes")
     out = torch.empty((*packed.shape[:-1], length), dtype=torch.int8, device=packed.device)
-    rows = packed.numel() // max(kp, 1)
     if out.numel() == 0:
         return out
+    rows = packed.numel() // kp
     block_j = min(triton.next_power_of_2(kp), 512)
     block_r = max(1, 4096 // block_j)
     _widen_int4_kernel[(triton.cdiv(rows, block_r), triton.cdiv(kp, block_j))](
