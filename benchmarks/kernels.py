@@ -110,8 +110,13 @@ BATCH = {"sd15-b2": 2, "sd15-b8": 8, "ddpm-cifar10-b256": 256, **EMBEDDED}
 DEFAULT_MODELS = ("sd15-b2", "sd15-b8", "ddpm-cifar10-b256")  # the issue's sets
 
 
+def _square_convs(B, rows):
+    """(B, C, H, W, N, k, stride, (top, bottom, left, right), count) of rows (C, H = W, N, k, stride, count)
+    padded k // 2 on every side."""
+    return [(B, C, S, S, N, k, s, (k // 2,) * 4, n) for C, S, N, k, s, n in rows]
+
+
 def _sd_convs(B):
-    # (B, C, H, W, N, k, stride, (top, bottom, left, right), count)
     rows = [
         (4, 64, 320, 3, 1, 1), (320, 32, 640, 1, 1, 1), (320, 32, 640, 3, 1, 1), (320, 64, 4, 3, 1, 1),
         (320, 64, 320, 1, 1, 10), (320, 64, 320, 3, 1, 7), (320, 64, 320, 3, 2, 1),
@@ -125,7 +130,7 @@ def _sd_convs(B):
         (1920, 32, 640, 3, 1, 1), (2560, 8, 1280, 1, 1, 3), (2560, 8, 1280, 3, 1, 3),
         (2560, 16, 1280, 1, 1, 2), (2560, 16, 1280, 3, 1, 2),
     ]
-    return [(B, C, S, S, N, k, s, (k // 2,) * 4, n) for C, S, N, k, s, n in rows]
+    return _square_convs(B, rows)
 
 
 def _ddpm_convs(B):
@@ -137,7 +142,7 @@ def _ddpm_convs(B):
         (512, 4, 256, 3, 1, 3), (512, 8, 256, 1, 1, 3), (512, 8, 256, 3, 1, 3), (512, 16, 256, 1, 1, 2),
         (512, 16, 256, 3, 1, 2),
     ]
-    convs = [(B, C, S, S, N, k, s, (k // 2,) * 4, n) for C, S, N, k, s, n in rows]
+    convs = _square_convs(B, rows)
     # Downsample2D(padding=0): F.pad(x, (0, 1, 0, 1)) then 3×3 stride 2 — the pad fused as (0, 1, 0, 1).
     convs += [(B, C, S, S, C, 3, 2, (0, 1, 0, 1), 1) for C, S in ((128, 32), (256, 16), (256, 8))]
     return convs
@@ -153,7 +158,7 @@ def _embedded_convs(B):
         (192, 32, 64, 1, 1, 1), (192, 32, 64, 3, 1, 1), (256, 4, 128, 1, 1, 3), (256, 4, 128, 3, 1, 3),
         (256, 8, 128, 1, 1, 3), (256, 8, 128, 3, 1, 3), (256, 16, 128, 1, 1, 2), (256, 16, 128, 3, 1, 2),
     ]
-    return [(B, C, S, S, N, k, s, (k // 2,) * 4, n) for C, S, N, k, s, n in rows]
+    return _square_convs(B, rows)
 
 
 CONV = {"sd15-b2": _sd_convs(2), "sd15-b8": _sd_convs(8), "ddpm-cifar10-b256": _ddpm_convs(256),
