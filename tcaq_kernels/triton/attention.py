@@ -47,6 +47,12 @@ Two launches:
    the same pass (one row reduction per tile, an IEEE division per row) — stored as the output
    dtype into [B, heads, Lq, d].
 
+Short key sequences (Lk ≤ SHORT_KEYS, 32 by default) take one launch instead: `_qattn_short_kernel` quantizes
+q, k and v in registers (`_quantize_rows`, the same codes), computes the scores once, takes the row max and
+sum from them and finishes as pass 2 does (the same formula for y, codes and epilogue). It saves the quantize
+launch and the round trip of the codes through memory, which dominate at a few keys (the embedded model's
+mid block: 16), but loses from 77 keys up (see SHORT_KEYS).
+
 Cost per score (MUFU is the limit: two exponentials, one per pass — one with p_row_max): the exponentials are
 `ex2.approx.ftz` on the scores in log2 units, one FFMA + one MUFU each; pass 2 folds log2(s_inv/sum)
 into the exponent, so y comes straight out of the exp; the uniform code is rint(min(y, QMAX − z)) + z
@@ -66,6 +72,7 @@ P codes, so the tests check each stage.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -82,6 +89,14 @@ KINDS_BOTH = KINDS_UNIFORM | KINDS_LOG2
 QKV_CODES, QKV_WARPS = 4096, 4
 VSUM_CODES = tl.constexpr(2048)  # Σ_j v partial sums the attention kernel loads at once (≥ 8 rows: DP ≤ 256)
 MAX_HEAD_DIM = 256
+# Key sequences up to this length take the one-launch, one-pass `_qattn_short_kernel` (0: never; TCAQ_ATTN_SHORT_KEYS
+# for A/B runs, up to SHORT_KEYS_MAX). 32: one 32-key tile, the size measured to win — on an H200 (28 Nov, graph
+# medians, full tuning, benchmarks/results/attention-short-h200/) B256 H1 L16 d128 took 12.3 µs against 26.6 for
+# the two launches (bf16 SDPA 13.7), while at 77 and 256 keys it lost 1.5× and 3.2× (45.7 vs 30.8 µs for SD-1.5's
+# cross-attention at batch 2, 236 vs 74 µs for B256 L256 d128): k and v quantized in registers reach wgmma's
+# shared-memory operand through byte-wide stores, and its 255 registers leave one program per SM.
+SHORT_KEYS_MAX = 256
+SHORT_KEYS = min(int(os.environ.get("TCAQ_ATTN_SHORT_KEYS", 32)), SHORT_KEYS_MAX)
 
 
 def _configs():
@@ -234,15 +249,37 @@ def _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP: tl.constexpr, MASK: t
 
 
 @triton.jit
+def _uniform_codes(y, k_max, magic_z):
+    """quantize_uniform of y = P·s_inv ≥ 0: clamp(rint(y) + z, QMIN, QMAX) = rint(min(y, QMAX − z)) + z,
+    the rint read off the bits of min(·) + 1.5·2^23 (exact below 2^22), z folded into the subtrahend
+    magic_z = 0x4B400000 − z; k_max = QMAX − z."""
+    return (tl.minimum(y, k_max) + 12582912.0).to(tl.int32, bitcast=True) - magic_z
+
+
+@triton.jit
+def _log2_levels(y, LEVEL_MIN: tl.constexpr):
+    """quantize_log2 + dequantize of y = P·s_inv as one bit trick: y = 1.m·2^e rounds to 2^(e + [m > √2
+    mantissa]), i.e. the exponent field after adding 0x800000 − 0x3504F4 (the carry is the rounding);
+    code ≥ 0 caps it at 1, and levels below 2^-L (and y = 0) become the zero code's 0."""
+    level = ((y.to(tl.int32, bitcast=True) + 0x4AFB0C) & 0x7F800000).to(tl.float32, bitcast=True)
+    level = tl.minimum(level, 1.0)
+    return tl.where(level >= LEVEL_MIN, level, 0.0)
+
+
+@triton.jit
+def _log2_codes(level, ZERO_CODE: tl.constexpr):
+    """The log2 codes of `_log2_levels` (debug output): c for 2^-c, the zero code for 0."""
+    return tl.where(level == 0.0, ZERO_CODE, 127 - (level.to(tl.int32, bitcast=True) >> 23))
+
+
+@triton.jit
 def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z, p_zero, acc, mass,
                      dbg_ptrs, DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr,
                      ROW_NORM: tl.constexpr, SUM_Y: tl.constexpr):
     y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
     if SUM_Y:  # the row-max map's row sum, in units of s_p (masked keys have y = 0)
         mass += tl.sum(y, axis=1)
-    # quantize_uniform for y ≥ 0: clamp(rint(y) + z, QMIN, QMAX) = rint(min(y, QMAX − z)) + z, the
-    # rint read off the bits of min(·) + 1.5·2^23 (exact below 2^22), z folded into the subtrahend
-    c = (tl.minimum(y, k_max) + 12582912.0).to(tl.int32, bitcast=True) - magic_z
+    c = _uniform_codes(y, k_max, magic_z)
     if DEBUG:
         tl.store(dbg_ptrs + n0, c, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
     if ROW_NORM:  # Σ_j (c − z): masked keys have y = 0, code z, and add nothing
@@ -259,15 +296,9 @@ def _pv_log2_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, 
     y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
     if SUM_Y:
         mass += tl.sum(y, axis=1)
-    # quantize_log2 + dequantize as one bit trick: y = 1.m·2^e rounds to 2^(e + [m > √2 mantissa]),
-    # i.e. the exponent field after adding 0x800000 − 0x3504F4 (the carry is the rounding); code ≥ 0
-    # caps it at 1, and levels below 2^-L (and y = 0) become the zero code's 0.
-    level = ((y.to(tl.int32, bitcast=True) + 0x4AFB0C) & 0x7F800000).to(tl.float32, bitcast=True)
-    level = tl.minimum(level, 1.0)
-    level = tl.where(level >= LEVEL_MIN, level, 0.0)
+    level = _log2_levels(y, LEVEL_MIN)
     if DEBUG:
-        code = tl.where(level == 0.0, ZERO_CODE, 127 - (level.to(tl.int32, bitcast=True) >> 23))
-        tl.store(dbg_ptrs + n0, code, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+        tl.store(dbg_ptrs + n0, _log2_codes(level, ZERO_CODE), mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
     if ROW_NORM:
         mass += tl.sum(level, axis=1)
     vt = tl.load(vt_base + rd[:, None] * LK_PAD + (n0 + rn)[None, :])  # fp16 v codes
@@ -281,6 +312,15 @@ def _row_scale(mass, s_p, s_v):
     m = mass.to(tl.float32)
     pos = m > 0
     return tl.where(pos, tl.math.div_rn(tl.zeros_like(m) + s_v, tl.where(pos, m, 1.0)), s_p * s_v)
+
+
+@triton.jit
+def _scaled_out(acc, mass, s_p, s_v, ROW_SCALE: tl.constexpr):
+    """The P·V accumulator (fp32, zero-point term removed) times s_p·s_v — the scale product formed first,
+    as the reference does — or, ROW_SCALE, times each row's `_row_scale` of its mass."""
+    if ROW_SCALE:
+        return acc * _row_scale(mass, s_p, s_v)[:, None]
+    return acc * (s_p * s_v)
 
 
 @triton.autotune(configs=_configs(), key=["Lq", "Lk", "DP", "DEBUG", "ROW_NORM", "ROW_MAX"],
@@ -349,10 +389,7 @@ def _qattn_kernel(
             acc_f, mass_f = _pv_log2_step(qc, kc_base, v16_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, acc_f,
                                           mass_f, dbg_p_ptr + dbg_offs, LEVEL_MIN, ZERO_CODE, DP, True, DEBUG, FAST,
                                           ROW_NORM, SUM_Y)
-        if ROW_NORM or SUM_Y:
-            y = acc_f * _row_scale(mass_f, s_p, s_v)[:, None]
-        else:
-            y = acc_f * (s_p * s_v)
+        y = _scaled_out(acc_f, mass_f, s_p, s_v, ROW_NORM or SUM_Y)
     else:  # uniform
         vt_base = vt_ptr + bh * DP * LK_PAD
         p_zero = tl.load(p_zero_ptr + g)
@@ -380,15 +417,122 @@ def _qattn_kernel(
             part = tl.load(vpart_ptr + (bh * V_BLOCKS + i + rv)[:, None] * DP + rd[None, :],
                            mask=(i + rv < V_BLOCKS)[:, None], other=0)
             vsum += tl.sum(part, axis=0)
-        acc_u = (acc_i - p_zero * vsum[None, :]).to(tl.float32)
-        if ROW_NORM or SUM_Y:
-            y = acc_u * _row_scale(mass_i, s_p, s_v)[:, None]
-        else:
-            y = acc_u * (s_p * s_v)
+        y = _scaled_out((acc_i - p_zero * vsum[None, :]).to(tl.float32), mass_i, s_p, s_v, ROW_NORM or SUM_Y)
 
     out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
                 + rm[:, None].to(tl.int64) * stride_ol + rd[None, :] * stride_od)
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(rm < Lq)[:, None] & (rd < D)[None, :])
+
+
+# ------------------------------------------------------------------------- short key sequences
+
+
+def _short_configs():
+    cfg = lambda bm, w: triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=1)
+    if interpreting():
+        return [cfg(32, 4)]
+    # the first config _short_prune keeps is the one quick tuning (the GPU tests) uses
+    return [cfg(64, 4), cfg(64, 8), cfg(128, 8), cfg(128, 4), cfg(32, 4)]
+
+
+def _short_prune(configs, named_args, **kwargs):
+    """Register budget: the int32 scores and fp32 y of BLOCK_M × LK_P2 keys, and the BLOCK_M × DP
+    accumulator, at most 64 values a thread each; no tiles far past Lq."""
+    lk, dp, lq = kwargs["LK_P2"], kwargs["DP"], named_args["Lq"]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_M"] * max(lk, dp) <= 64 * 32 * c.num_warps
+            and c.kwargs["BLOCK_M"] <= max(64, triton.next_power_of_2(lq))]
+    keep = keep or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], -c.num_warps))]
+    return keep[:1] if quick_tuning() else keep
+
+
+@triton.autotune(configs=_short_configs(), key=["Lq", "Lk", "DP", "LK_P2", "DEBUG", "ROW_NORM", "ROW_MAX"],
+                 prune_configs_by={"early_config_prune": _short_prune}, do_bench=tuning_bench)
+@triton.jit
+def _qattn_short_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, dbg_s_ptr, dbg_p_ptr,
+    q_s_inv_ptr, q_zero_ptr, q_scale_ptr, k_s_inv_ptr, k_zero_ptr, k_scale_ptr, v_s_inv_ptr, v_zero_ptr, v_scale_ptr,
+    p_s_inv_ptr, p_zero_ptr, p_scale_ptr, p_kind_ptr, group_ptr,
+    softmax_scale, H, Lq, Lk, D, group_stride,
+    stride_qb, stride_qh, stride_ql, stride_qd, stride_kb, stride_kh, stride_kl, stride_kd,
+    stride_vb, stride_vh, stride_vl, stride_vd, stride_ob, stride_oh, stride_ol, stride_od,
+    Q_QMIN: tl.constexpr, Q_QMAX: tl.constexpr, K_QMIN: tl.constexpr, K_QMAX: tl.constexpr,
+    V_QMIN: tl.constexpr, V_QMAX: tl.constexpr, P_QMAX: tl.constexpr, LEVEL_MIN: tl.constexpr,
+    ZERO_CODE: tl.constexpr, DP: tl.constexpr, LK_P2: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr,
+    ROW_NORM: tl.constexpr, ROW_MAX: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The whole attention of BLOCK_M query rows when every key fits one tile (Lk ≤ LK_P2): q, k and v
+    read as floats and quantized in registers (`_quantize_rows`, the quantize kernel's codes), the scores
+    computed once, the row max and sum taken from them, then P·s_inv = 2^(S·c2 + b2) with the final max
+    and sum — the two-pass kernel's pass 2 formula — quantized and multiplied by V. One launch and one
+    QKᵀ instead of the q/k/v quantize launch plus two passes: at a few hundred keys (the DDPM/embedded
+    16×16 level, every cross-attention over 77 text tokens) that launch and its round trip through
+    memory cost as much as the attention itself. k and v are quantized by every program of a head
+    (Lq / BLOCK_M of them, from L2)."""
+    SUM_Y: tl.constexpr = ROW_MAX and not ROW_NORM
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    g = tl.load(group_ptr + b * group_stride)
+    c2 = ((tl.load(q_scale_ptr + g) * tl.load(k_scale_ptr + g)) * softmax_scale) * 1.4426950408889634
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, LK_P2)
+    rd = tl.arange(0, DP)
+    qc = _quantize_rows(q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, stride_ql, stride_qd,
+                        rm, rd, Lq, D, tl.load(q_s_inv_ptr + g), tl.load(q_zero_ptr + g), Q_QMIN, Q_QMAX)
+    kc = _quantize_rows(k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh, stride_kl, stride_kd,
+                        rn, rd, Lk, D, tl.load(k_s_inv_ptr + g), tl.load(k_zero_ptr + g), K_QMIN, K_QMAX)
+
+    acc = tl.dot(qc, tl.trans(kc), out_dtype=tl.int32)
+    key_ok = (rn < Lk)[None, :]
+    dbg_offs = pid_bh.to(tl.int64) * Lq * Lk + rm[:, None].to(tl.int64) * Lk + rn[None, :]
+    dbg_mask = (rm < Lq)[:, None] & key_ok
+    if DEBUG:
+        tl.store(dbg_s_ptr + dbg_offs, acc, mask=dbg_mask)
+    acc = tl.where(key_ok, acc, -2147483647)
+    m2 = tl.max(acc, axis=1).to(tl.float32) * c2
+    s = acc.to(tl.float32) * c2
+    if ROW_MAX:
+        b2 = tl.math.log2(tl.load(p_s_inv_ptr + g)) - m2
+    else:
+        e = tl.where(key_ok, _exp2(s - m2[:, None], FAST), 0.0)
+        b2 = tl.math.log2(tl.load(p_s_inv_ptr + g) / tl.sum(e, axis=1)) - m2
+    y = tl.where(key_ok, _exp2(s + b2[:, None], FAST), 0.0)
+
+    # v codes transposed, [DP, LK_P2] (keys contiguous: the K-major B operand int8 wgmma requires), loaded
+    # only now so that its registers are not held through the softmax
+    vt = _quantize_rows(v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh, stride_vd, stride_vl,
+                        rd, rn, D, Lk, tl.load(v_s_inv_ptr + g), tl.load(v_zero_ptr + g), V_QMIN, V_QMAX)
+    s_p = tl.load(p_scale_ptr + g)
+    s_v = tl.load(v_scale_ptr + g)
+    if tl.load(p_kind_ptr + g) == 1:  # log2
+        level = _log2_levels(y, LEVEL_MIN)
+        if DEBUG:
+            tl.store(dbg_p_ptr + dbg_offs, _log2_codes(level, ZERO_CODE), mask=dbg_mask)
+        if ROW_NORM:
+            mass_f = tl.sum(level, axis=1)
+        else:  # the row-max map's Σ_j y (unused without SUM_Y)
+            mass_f = tl.sum(y, axis=1)
+        acc_f = tl.dot(level.to(tl.float16), tl.trans(vt.to(tl.float16)), out_dtype=tl.float32)
+        out = _scaled_out(acc_f, mass_f, s_p, s_v, ROW_NORM or SUM_Y)
+    else:  # uniform; masked keys have y = 0, code z, v codes 0: they add nothing to P·V or the mass
+        p_zero = tl.load(p_zero_ptr + g)
+        c = _uniform_codes(y, (P_QMAX - p_zero).to(tl.float32), 0x4B400000 - p_zero)
+        if DEBUG:
+            tl.store(dbg_p_ptr + dbg_offs, c, mask=dbg_mask)
+        if ROW_NORM:
+            mass_u = tl.sum(c - p_zero, axis=1)
+        else:
+            mass_u = tl.sum(y, axis=1)
+        acc_i = tl.dot(c.to(tl.int8), tl.trans(vt), out_dtype=tl.int32)
+        vsum = tl.sum(vt.to(tl.int32), axis=1)
+        out = _scaled_out((acc_i - p_zero * vsum[None, :]).to(tl.float32), mass_u, s_p, s_v, ROW_NORM or SUM_Y)
+
+    out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + rm[:, None].to(tl.int64) * stride_ol + rd[None, :] * stride_od)
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rm < Lq)[:, None] & (rd < D)[None, :])
 
 
 # --------------------------------------------------------------------------------------- launch
@@ -492,12 +636,51 @@ def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab,
     Returns `out`, or with `debug` (out, int32 scores [B, H, Lq, Lk], int32 P codes [B, H, Lq, Lk]).
     """
     check_shapes(q, k, v)
-    ops = quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride, bits, p_kinds)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
     dbg = None
     if debug:
-        B, H, Lq, _ = q.shape
-        dbg = tuple(torch.full((B, H, Lq, k.shape[2]), -(1 << 30), dtype=torch.int32, device=q.device)
-                    for _ in range(2))
-    attention_core(ops, q.shape[2], k.shape[2], q.shape[3], softmax_scale, q_tab[2], k_tab[2], v_tab[2], p_tab,
-                   p_kind_ids, group, group_stride, bits[3], out, dbg, p_row_norm, p_row_max)
+        dbg = tuple(torch.full((B, H, Lq, Lk), -(1 << 30), dtype=torch.int32, device=q.device) for _ in range(2))
+    if Lq == 0:
+        pass
+    elif uses_short_kernel(Lk, D):
+        attention_short(q, k, v, softmax_scale, q_tab, k_tab, v_tab, p_tab, p_kind_ids, group, group_stride, bits,
+                        out, dbg, p_row_norm, p_row_max)
+    else:
+        ops = quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride, bits, p_kinds)
+        attention_core(ops, Lq, Lk, D, softmax_scale, q_tab[2], k_tab[2], v_tab[2], p_tab,
+                       p_kind_ids, group, group_stride, bits[3], out, dbg, p_row_norm, p_row_max)
     return (out, *dbg) if debug else out
+
+
+def short_kernel_fits(Lk: int, D: int) -> bool:
+    """Whether `_qattn_short_kernel` (all keys in one tile) serves Lk keys of head dim D: Lk ≤ SHORT_KEYS_MAX
+    and a key tile of at most 256 × 128 codes (the register budget of its scores and its k/v tiles)."""
+    return Lk <= SHORT_KEYS_MAX and max(32, triton.next_power_of_2(Lk)) * padded_head_dim(D) <= 256 * 128
+
+
+def uses_short_kernel(Lk: int, D: int) -> bool:
+    """Whether `qattention_launch` takes `_qattn_short_kernel` for Lk keys of head dim D (Lk ≤ SHORT_KEYS)."""
+    return Lk <= SHORT_KEYS and short_kernel_fits(Lk, D)
+
+
+def attention_short(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab, p_kind_ids, group, group_stride: int,
+                    bits: Sequence[int], out: torch.Tensor, debug: Optional[Sequence[torch.Tensor]] = None,
+                    p_row_norm: bool = False, p_row_max: bool = False) -> torch.Tensor:
+    """`_qattn_short_kernel` into `out` (arguments as `qattention_launch`'s; `debug` as `attention_core`'s)."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    lo = [-(1 << (b_ - 1)) for b_ in bits[:3]]
+    p_bits = bits[3]
+    level_max = min((1 << p_bits) - 2, 24)
+    dbg_s, dbg_p = debug if debug is not None else (out, out)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
+    _qattn_short_kernel[grid](
+        q, k, v, out, dbg_s, dbg_p, *q_tab, *k_tab, *v_tab, *p_tab, p_kind_ids, group,
+        float(softmax_scale), H, Lq, Lk, D, group_stride, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        Q_QMIN=lo[0], Q_QMAX=-lo[0] - 1, K_QMIN=lo[1], K_QMAX=-lo[1] - 1, V_QMIN=lo[2], V_QMAX=-lo[2] - 1,
+        P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1,
+        DP=padded_head_dim(D), LK_P2=max(32, triton.next_power_of_2(Lk)), DEBUG=debug is not None,
+        FAST=not interpreting(), ROW_NORM=bool(p_row_norm), ROW_MAX=bool(p_row_max),
+    )
+    return out

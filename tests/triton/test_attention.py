@@ -26,12 +26,13 @@ What is asserted, and why:
 
 CPU (interpreter): small odd shapes. `@pytest.mark.cuda`: SD-1.5 self-attention at the 64×64
 level (B 2, heads 8, L 4096, d 40 → padded to 64), its cross-attention (77 tokens), and the
-DDPM-CIFAR10 attention (B 64, heads 1, L 256, d 128).
+DDPM-CIFAR10 attention (B 64, heads 1, L 256, d 128), and the embedded model's mid-block attention (B 256, 16 keys).
+Kernel tests run once per path (`path`): the one-launch short kernel and the two-pass kernels.
 
 Timing (GPU; rows for benchmarks/results/kernels.json, stdout as JSON lines), from the repo root:
     TCAQ_TRITON_TUNING= PYTHONPATH=.:tests/triton python tests/triton/test_attention.py --bench OUT.json
-(every SD-1.5 attention level at batch 2 and the DDPM-CIFAR10 one; `benchmarks/kernels.py --render` puts
-the rows into kernels.md).
+(every SD-1.5 attention level at batch 2 and 8, the DDPM-CIFAR10 one and the embedded model's; a third argument,
+e.g. `sd15-b2,embedded-b256`, keeps those sets; `benchmarks/kernels.py --render` puts the rows into kernels.md).
 """
 from __future__ import annotations
 
@@ -293,6 +294,30 @@ def check_end_to_end(case: Case, flips, codes, is_log2, out_dtype=torch.float32)
     _assert_pv(y_tri, y_ref, case, codes_proc, codes["v"], is_log2, extra=extra, what="the op against the reference processor")
 
 
+# ------------------------------------------------------------------------------------ the two paths
+
+
+@pytest.fixture(params=["short", "two-pass"])
+def path(request, monkeypatch):
+    """Runs a test once per attention path — `_qattn_short_kernel` (one launch; SHORT_KEYS raised to its
+    maximum, so that every shape it can serve takes it) and the q/k/v quantize kernel + two-pass `_qattn_kernel`
+    (SHORT_KEYS = 0) — and asserts that every launch of the test took that path."""
+    calls = {"short": 0, "two-pass": 0}
+
+    def counted(name, fn):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(A, "attention_short", counted("short", A.attention_short))
+    monkeypatch.setattr(A, "attention_core", counted("two-pass", A.attention_core))
+    monkeypatch.setattr(A, "SHORT_KEYS", A.SHORT_KEYS_MAX if request.param == "short" else 0)
+    yield request.param
+    other = "two-pass" if request.param == "short" else "short"
+    assert calls[request.param] > 0 and calls[other] == 0, f"launches by path: {calls}"
+
+
 # ------------------------------------------------------------------------------------ CPU shapes
 
 # (B, H, Lq, Lk, D): odd lengths and a padded head dim; cross-attention (77 keys); Lk < one tile;
@@ -303,7 +328,7 @@ SHAPES = [(2, 2, 37, 45, 40), (2, 1, 19, 77, 32), (3, 1, 33, 7, 64), (1, 2, 17, 
 @pytest.mark.parametrize("row_norm", [False, True], ids=["plain", "rownorm"])
 @pytest.mark.parametrize("kinds", list(KINDS))
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_stages(gen, device, shape, kinds, row_norm):
+def test_stages(gen, device, path, shape, kinds, row_norm):
     case = Case(gen, device, *shape, kinds, row_norm=row_norm)
     out, flips, codes, is_log2 = check_stages(case)
     check_end_to_end(case, flips, codes, is_log2)
@@ -311,7 +336,7 @@ def test_stages(gen, device, shape, kinds, row_norm):
 
 @pytest.mark.parametrize("row_norm", [False, True], ids=["rowmax", "rowmax-rownorm"])
 @pytest.mark.parametrize("shape", SHAPES[:3])
-def test_row_max_maps(gen, device, shape, row_norm):
+def test_row_max_maps(gen, device, path, shape, row_norm):
     """p_row_max (CalibState v4): the map exp(S − row max), its largest code the one for 1·s_inv; pass 1
     finds only the max, pass 2 sums y beside P·V (or, with row_norm, the quantized mass)."""
     case = Case(gen, device, *shape, "mixed", row_norm=row_norm, row_max=True)
@@ -323,7 +348,7 @@ def test_row_max_maps(gen, device, shape, row_norm):
 
 
 @pytest.mark.parametrize("shape", SHAPES[3:])
-def test_wide_heads(gen, device, shape):
+def test_wide_heads(gen, device, path, shape):
     case = Case(gen, device, *shape, "mixed", groups=torch.tensor([1] * shape[0], dtype=torch.int32))
     check_stages(case)
 
@@ -331,7 +356,7 @@ def test_wide_heads(gen, device, shape):
 @pytest.mark.parametrize("mode", ["plain", "rownorm", "rowmax"])
 @pytest.mark.parametrize("bits", [(8, 8, 8, 6), (6, 8, 6, 4)])
 @pytest.mark.parametrize("kinds", ["uniform", "log2"])
-def test_low_bits(gen, device, bits, kinds, mode):
+def test_low_bits(gen, device, path, bits, kinds, mode):
     """6/4-bit P (log2: levels 2^0 … 2^-14 and the zero code 15), 6-bit q and v."""
     case = Case(gen, device, 2, 1, 21, 50, 24, kinds, bits=bits, row_norm=mode == "rownorm", row_max=mode == "rowmax")
     out, flips, codes, is_log2 = check_stages(case)
@@ -382,14 +407,14 @@ def test_qkv_operands(gen, device, monkeypatch, shape, kinds):
                        case.groups.group, 1, case.bits, 0)
 
 
-def test_nonzero_qkv_zero_points(gen, device):
+def test_nonzero_qkv_zero_points(gen, device, path):
     """q/k/v zero points ≠ 0: codes as the reference makes them, and the head-dim pad stays code 0."""
     case = Case(gen, device, 2, 1, 13, 29, 24, "mixed", qkv_zero=True)
     out, flips, codes, is_log2 = check_stages(case)
     check_end_to_end(case, flips, codes, is_log2)
 
 
-def test_bf16_io_and_shared_group(gen, device):
+def test_bf16_io_and_shared_group(gen, device, path):
     """bf16 q/k/v in, bf16 out, one group for the whole batch (a one-element `group`)."""
     case = Case(gen, device, 2, 2, 25, 30, 40, "mixed", dtype=torch.bfloat16,
                 groups=torch.tensor([1], dtype=torch.int32))
@@ -412,7 +437,7 @@ def test_row_norm_rows_without_mass(gen, device):
     check_end_to_end(case, flips, codes, is_log2)
 
 
-def test_row_norm_is_a_convex_combination(gen, device):
+def test_row_norm_is_a_convex_combination(gen, device, path):
     """Row-normalised outputs stay inside each column's range of dequantized V, however much mass a
     coarse P moves (4-bit uniform over 120 keys of a flat map, q at a third of the usual gain), and they
     are the plain outputs divided by each row's quantized mass Σ p̂·s_p (a row of zero codes: 0 both)."""
@@ -476,14 +501,16 @@ CUDA_SHAPES = {
     "sd15-self-64x64": (2, 8, 4096, 4096, 40),
     "sd15-cross-64x64": (2, 8, 4096, 77, 40),
     "ddpm-cifar10-b64": (64, 1, 256, 256, 128),
+    "embedded-mid-b256": (256, 1, 16, 16, 128),  # the embedded model's 4×4 mid block: the default short path
 }
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["plain", "rownorm", "rowmax"])
 @pytest.mark.parametrize("kinds", ["uniform", "log2", "mixed"])
-@pytest.mark.parametrize("name", list(CUDA_SHAPES))
-def test_full_shapes_cuda(gen, name, kinds, mode):
+@pytest.mark.parametrize("name, path", [(n, p) for n, s in CUDA_SHAPES.items() for p in ("short", "two-pass")
+                                         if p == "two-pass" or A.short_kernel_fits(s[3], s[4])], indirect=["path"])
+def test_full_shapes_cuda(gen, name, path, kinds, mode):
     B = CUDA_SHAPES[name][0]
     groups = torch.arange(B, dtype=torch.int32) % 3  # every group, hence every kind of "mixed", present
     case = Case(gen, "cuda", *CUDA_SHAPES[name], kinds, dtype=torch.bfloat16, groups=groups, row_norm=mode == "rownorm",
@@ -496,7 +523,7 @@ def test_full_shapes_cuda(gen, name, kinds, mode):
 # ------------------------------------------------------------------------------------ benchmark
 
 
-def bench(path: str) -> None:
+def bench(path: str, models: str = "") -> None:
     """Kernel vs bf16 SDPA on random bf16 inputs: `ms` is the median of triton.testing.do_bench over
     replays of a CUDA graph holding one call (GPU time; do_bench clears L2 before each), `eager_ms`
     the median of do_bench over eager calls (host launch path included). See the module doc."""
@@ -505,11 +532,12 @@ def bench(path: str) -> None:
     import torch.nn.functional as F
     import triton
 
-    from tcaq_kernels.triton.attention import _qattn_kernel, attention_core, quantize_qkv
+    from tcaq_kernels.triton.attention import _qattn_kernel, _qattn_short_kernel, attention_core, quantize_qkv
 
     gen = torch.Generator().manual_seed(0)
     card = torch.cuda.get_device_name()
     command = "TCAQ_TRITON_TUNING= PYTHONPATH=.:tests/triton python tests/triton/test_attention.py --bench OUT.json"
+    command += f" {models}" if models else ""
 
     def graph_ms(fn):
         fn()
@@ -524,10 +552,34 @@ def bench(path: str) -> None:
     # block's 8), self-attention and cross-attention to the 77 text tokens
     # (what, shape, count): count = attention blocks at that level in the UNet (SD-1.5: down 2 + up 3,
     # mid 1; the reference DDPM: down 2 + up 3 at 16×16, its 8×8 mid block not timed)
-    sd = [(what, (2, 8, L, L if what == "self" else 77, d), 1 if L == 64 else 5)
-          for L, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)) for what in ("self", "cross")]
-    shapes = {"sd15-b2": sd, "ddpm-cifar10-b64": [("self", CUDA_SHAPES["ddpm-cifar10-b64"], 5)]}
+    sd = lambda B: [(what, (B, 8, L, L if what == "self" else 77, d), 1 if L == 64 else 5)
+                    for L, d in ((4096, 40), (1024, 80), (256, 160), (64, 160)) for what in ("self", "cross")]
+    # the embedded model latency.py times: one head of 128 channels at 16×16 (down 2 + up 3) and in the 4×4 mid block
+    shapes = {"sd15-b2": sd(2), "sd15-b8": sd(8), "ddpm-cifar10-b64": [("self", CUDA_SHAPES["ddpm-cifar10-b64"], 5)],
+              "embedded-b256": [("self", (256, 1, 256, 256, 128), 5), ("self", (256, 1, 16, 16, 128), 1)]}
+
+    def two_pass(fn):  # the q/k/v quantize kernel + `_qattn_kernel` where the short kernel would run
+        def call():
+            saved, A.SHORT_KEYS = A.SHORT_KEYS, 0
+            try:
+                return fn()
+            finally:
+                A.SHORT_KEYS = saved
+        return call
+
+    def config_of(short):
+        if short:
+            c = _qattn_short_kernel.best_config
+            return f"short {c.kwargs['BLOCK_M']} w{c.num_warps}"
+        c = _qattn_kernel.best_config
+        return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+
+    unknown = set(models.split(",")) - set(shapes) - {""}
+    if unknown:
+        sys.exit(f"unknown models {sorted(unknown)}; known: {sorted(shapes)}")
     for model, items in shapes.items():
+        if models and model not in models.split(","):
+            continue
         for what, (B, H, Lq, Lk, D), count in items:
             shape = f"{what} B{B} H{H} Lq{Lq} Lk{Lk} d{D}"
             flops = 4.0 * B * H * Lq * Lk * D
@@ -542,11 +594,14 @@ def bench(path: str) -> None:
                 proc = case.procs["triton"]
                 fn = lambda proc=proc, sc=case.scale: proc.attention(q, k, v, sc, None)
                 fn()
-                c = _qattn_kernel.best_config
+                short = A.uses_short_kernel(Lk, D)
                 impl = f"triton-qattn-{kinds}" + (f"-{mode}" if mode else "")
-                configs[impl] = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
-                print(f"{model} {shape}: autotune {getattr(_qattn_kernel, 'configs_timings', None)}", flush=True)
+                configs[impl] = config_of(short)
                 timed[impl] = fn
+                if short:
+                    timed[impl + "-twopass"] = two_pass(fn)
+                    timed[impl + "-twopass"]()
+                    configs[impl + "-twopass"] = config_of(False)
                 if kinds == "uniform":  # the attention kernel alone, and (once) the q/k/v quantize kernel
                     t = case.tabs
                     tabs = [(a.s_inv, a.zero, a.scale) for a in (t.q, t.k, t.v)]
@@ -558,7 +613,11 @@ def bench(path: str) -> None:
                     timed[impl + "-core"] = lambda t=t, ops=ops, out=out, g=g, sc=sc, rm=bool(mode): attention_core(
                         ops, Lq, Lk, D, sc, t.q.scale, t.k.scale, t.v.scale, (t.p.s_inv, t.p.zero, t.p.scale),
                         t.p.kind_ids, g, 1, 8, out, p_row_max=rm)
-                    configs[impl + "-core"] = configs[impl]
+                    ops_out = attention_core(ops, Lq, Lk, D, case.scale, t.q.scale, t.k.scale, t.v.scale,
+                                             (t.p.s_inv, t.p.zero, t.p.scale), t.p.kind_ids, g, 1, 8, out,
+                                             p_row_max=bool(mode))
+                    assert ops_out is out
+                    configs[impl + "-core"] = config_of(False)
                     if not mode:
                         timed["triton-qattn-qkv-quantize"] = qkv
             ms = {impl: graph_ms(fn) for impl, fn in timed.items()}
@@ -577,7 +636,7 @@ def bench(path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--bench":
-        bench(sys.argv[2])
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "--bench":
+        bench(*sys.argv[2:])
     else:
-        sys.exit(f"usage: {sys.argv[0]} --bench OUT.json")
+        sys.exit(f"usage: {sys.argv[0]} --bench OUT.json [MODEL,…]")
