@@ -535,7 +535,6 @@ def bench(path: str, models: str = "") -> None:
     from tcaq_kernels.triton.attention import _qattn_kernel, _qattn_short_kernel, attention_core, quantize_qkv
 
     gen = torch.Generator().manual_seed(0)
-    card = torch.cuda.get_device_name()
     command = "TCAQ_TRITON_TUNING= PYTHONPATH=.:tests/triton python tests/triton/test_attention.py --bench OUT.json"
     command += f" {models}" if models else ""
 
@@ -557,6 +556,10 @@ def bench(path: str, models: str = "") -> None:
     # the embedded model latency.py times: one head of 128 channels at 16×16 (down 2 + up 3) and in the 4×4 mid block
     shapes = {"sd15-b2": sd(2), "sd15-b8": sd(8), "ddpm-cifar10-b64": [("self", CUDA_SHAPES["ddpm-cifar10-b64"], 5)],
               "embedded-b256": [("self", (256, 1, 256, 256, 128), 5), ("self", (256, 1, 16, 16, 128), 1)]}
+    unknown = set(models.split(",")) - set(shapes) - {""}
+    if unknown:  # before anything touches the GPU
+        sys.exit(f"unknown models {sorted(unknown)}; known: {sorted(shapes)}")
+    card = torch.cuda.get_device_name()
 
     def two_pass(fn):  # the q/k/v quantize kernel + `_qattn_kernel` where the short kernel would run
         def call():
@@ -574,9 +577,6 @@ def bench(path: str, models: str = "") -> None:
         c = _qattn_kernel.best_config
         return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
 
-    unknown = set(models.split(",")) - set(shapes) - {""}
-    if unknown:
-        sys.exit(f"unknown models {sorted(unknown)}; known: {sorted(shapes)}")
     for model, items in shapes.items():
         if models and model not in models.split(","):
             continue
