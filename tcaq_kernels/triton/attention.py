@@ -315,6 +315,20 @@ def _row_scale(mass, s_p, s_v):
 
 
 @triton.jit
+def _score_scale_log2(q_scale_ptr, k_scale_ptr, g, softmax_scale):
+    """The reference's score scale (s_q·s_k)·softmax_scale of group g in fp32, in log2 units for exp2."""
+    return ((tl.load(q_scale_ptr + g) * tl.load(k_scale_ptr + g)) * softmax_scale) * 1.4426950408889634
+
+
+@triton.jit
+def _store_out(out_ptr, y, b, h, rm, rd, Lq, D, stride_ob, stride_oh, stride_ol, stride_od):
+    """Rows `rm` × head dims `rd` of y into out [B, H, Lq, D] of (b, h), as the output dtype (pads masked)."""
+    out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+                + rm[:, None].to(tl.int64) * stride_ol + rd[None, :] * stride_od)
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(rm < Lq)[:, None] & (rd < D)[None, :])
+
+
+@triton.jit
 def _scaled_out(acc, mass, s_p, s_v, ROW_SCALE: tl.constexpr):
     """The P·V accumulator (fp32, zero-point term removed) times s_p·s_v — the scale product formed first,
     as the reference does — or, ROW_SCALE, times each row's `_row_scale` of its mass."""
@@ -343,7 +357,7 @@ def _qattn_kernel(
     bh = pid_bh.to(tl.int64)
     g = tl.load(group_ptr + b * group_stride)
     # the reference's score scale (s_q·s_k)·softmax_scale in fp32, in log2 units for exp2
-    c2 = ((tl.load(q_scale_ptr + g) * tl.load(k_scale_ptr + g)) * softmax_scale) * 1.4426950408889634
+    c2 = _score_scale_log2(q_scale_ptr, k_scale_ptr, g, softmax_scale)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
@@ -419,9 +433,7 @@ def _qattn_kernel(
             vsum += tl.sum(part, axis=0)
         y = _scaled_out((acc_i - p_zero * vsum[None, :]).to(tl.float32), mass_i, s_p, s_v, ROW_NORM or SUM_Y)
 
-    out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + rm[:, None].to(tl.int64) * stride_ol + rd[None, :] * stride_od)
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=(rm < Lq)[:, None] & (rd < D)[None, :])
+    _store_out(out_ptr, y, b, h, rm, rd, Lq, D, stride_ob, stride_oh, stride_ol, stride_od)
 
 
 # ------------------------------------------------------------------------- short key sequences
@@ -475,7 +487,7 @@ def _qattn_short_kernel(
     b = pid_bh // H
     h = pid_bh % H
     g = tl.load(group_ptr + b * group_stride)
-    c2 = ((tl.load(q_scale_ptr + g) * tl.load(k_scale_ptr + g)) * softmax_scale) * 1.4426950408889634
+    c2 = _score_scale_log2(q_scale_ptr, k_scale_ptr, g, softmax_scale)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.arange(0, LK_P2)
@@ -530,12 +542,28 @@ def _qattn_short_kernel(
         vsum = tl.sum(vt.to(tl.int32), axis=1)
         out = _scaled_out((acc_i - p_zero * vsum[None, :]).to(tl.float32), mass_u, s_p, s_v, ROW_NORM or SUM_Y)
 
-    out_ptrs = (out_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-                + rm[:, None].to(tl.int64) * stride_ol + rd[None, :] * stride_od)
-    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=(rm < Lq)[:, None] & (rd < D)[None, :])
+    _store_out(out_ptr, out, b, h, rm, rd, Lq, D, stride_ob, stride_oh, stride_ol, stride_od)
 
 
 # --------------------------------------------------------------------------------------- launch
+
+
+def _qkv_ranges(bits: Sequence[int]) -> dict:
+    """The q/k/v code ranges (signed, `bits[:3]` bits) as the kernels' constexprs."""
+    lo = [-(1 << (b_ - 1)) for b_ in bits[:3]]
+    return dict(Q_QMIN=lo[0], Q_QMAX=-lo[0] - 1, K_QMIN=lo[1], K_QMAX=-lo[1] - 1, V_QMIN=lo[2], V_QMAX=-lo[2] - 1)
+
+
+def _p_constants(p_bits: int) -> dict:
+    """The P map's constexprs: the uniform code's top, the smallest log2 level kept (2^-L, at most 2^-24 —
+    fp16's smallest subnormal), the log2 zero code."""
+    level_max = min((1 << p_bits) - 2, 24)
+    return dict(P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1)
+
+
+def _short_key_tile(Lk: int) -> int:
+    """The short kernel's key tile: Lk rounded up to a power of two ≥ 32 (int8 MMA's K)."""
+    return max(32, triton.next_power_of_2(Lk))
 
 
 def padded_head_dim(d: int) -> int:
@@ -569,14 +597,12 @@ def quantize_qkv(q, k, v, q_tab, k_tab, v_tab, group, group_stride: int, bits: S
     kc = torch.empty((B * H, lk_pad, dp), dtype=torch.int8, device=dev)
     vt = torch.empty(vt_shape(v_i8), dtype=torch.int8, device=dev)
     vt16 = torch.empty(vt_shape(v_f16), dtype=torch.float16, device=dev)
-    lo = [-(1 << (b_ - 1)) for b_ in bits[:3]]
     block_l = qkv_block_rows(dp)
     vpart = torch.empty((B * H, lk_pad // block_l, dp) if v_i8 else (1,), dtype=torch.int32, device=dev)
     _quantize_qkv_kernel[((lq_pad + 2 * lk_pad) // block_l, B * H)](
         q, k, v, qc, kc, vt, vt16, vpart, q_tab[0], q_tab[1], k_tab[0], k_tab[1], v_tab[0], v_tab[1],
         group, group_stride, H, Lq, Lk, D, lq_pad, lk_pad, *q.stride(), *k.stride(), *v.stride(),
-        Q_QMIN=lo[0], Q_QMAX=-lo[0] - 1, K_QMIN=lo[1], K_QMAX=-lo[1] - 1, V_QMIN=lo[2], V_QMAX=-lo[2] - 1,
-        DP=dp, BLOCK_L=block_l, V_I8=v_i8, V_F16=v_f16, num_warps=QKV_WARPS,
+        **_qkv_ranges(bits), DP=dp, BLOCK_L=block_l, V_I8=v_i8, V_F16=v_f16, num_warps=QKV_WARPS,
     )
     return qc, kc, vt, vt16, vpart
 
@@ -596,15 +622,13 @@ def attention_core(ops, Lq: int, Lk: int, D: int, softmax_scale: float, q_scale,
     if Lq == 0:
         return out
     dbg_s, dbg_p = debug if debug is not None else (vpart, vpart)
-    level_max = min((1 << p_bits) - 2, 24)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     _qattn_kernel[grid](
         qc, kc, vt, vt16, vpart, out, dbg_s, dbg_p,
         q_scale, k_scale, v_scale, p_tab[0], p_tab[1], p_tab[2], p_kind_ids, group,
         float(softmax_scale), H, Lq, Lk, qc.shape[1], kc.shape[1], vpart.shape[1] if vpart.dim() == 3 else 0, D,
         group_stride, *out.stride(),
-        P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1,
-        DP=dp, DEBUG=debug is not None, FAST=not interpreting(), ROW_NORM=bool(p_row_norm),
+        **_p_constants(p_bits), DP=dp, DEBUG=debug is not None, FAST=not interpreting(), ROW_NORM=bool(p_row_norm),
         ROW_MAX=bool(p_row_max),
     )
     return out
@@ -641,9 +665,7 @@ def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab,
     dbg = None
     if debug:
         dbg = tuple(torch.full((B, H, Lq, Lk), -(1 << 30), dtype=torch.int32, device=q.device) for _ in range(2))
-    if Lq == 0:
-        pass
-    elif uses_short_kernel(Lk, D):
+    if uses_short_kernel(Lk, D):
         attention_short(q, k, v, softmax_scale, q_tab, k_tab, v_tab, p_tab, p_kind_ids, group, group_stride, bits,
                         out, dbg, p_row_norm, p_row_max)
     else:
@@ -656,7 +678,7 @@ def qattention_launch(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab,
 def short_kernel_fits(Lk: int, D: int) -> bool:
     """Whether `_qattn_short_kernel` (all keys in one tile) serves Lk keys of head dim D: Lk ≤ SHORT_KEYS_MAX
     and a key tile of at most 256 × 128 codes (the register budget of its scores and its k/v tiles)."""
-    return Lk <= SHORT_KEYS_MAX and max(32, triton.next_power_of_2(Lk)) * padded_head_dim(D) <= 256 * 128
+    return Lk <= SHORT_KEYS_MAX and _short_key_tile(Lk) * padded_head_dim(D) <= 256 * 128
 
 
 def uses_short_kernel(Lk: int, D: int) -> bool:
@@ -670,17 +692,15 @@ def attention_short(q, k, v, softmax_scale: float, q_tab, k_tab, v_tab, p_tab, p
     """`_qattn_short_kernel` into `out` (arguments as `qattention_launch`'s; `debug` as `attention_core`'s)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    lo = [-(1 << (b_ - 1)) for b_ in bits[:3]]
-    p_bits = bits[3]
-    level_max = min((1 << p_bits) - 2, 24)
+    if Lq == 0:
+        return out
     dbg_s, dbg_p = debug if debug is not None else (out, out)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)
     _qattn_short_kernel[grid](
         q, k, v, out, dbg_s, dbg_p, *q_tab, *k_tab, *v_tab, *p_tab, p_kind_ids, group,
         float(softmax_scale), H, Lq, Lk, D, group_stride, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        Q_QMIN=lo[0], Q_QMAX=-lo[0] - 1, K_QMIN=lo[1], K_QMAX=-lo[1] - 1, V_QMIN=lo[2], V_QMAX=-lo[2] - 1,
-        P_QMAX=(1 << (p_bits - 1)) - 1, LEVEL_MIN=2.0 ** -level_max, ZERO_CODE=(1 << p_bits) - 1,
-        DP=padded_head_dim(D), LK_P2=max(32, triton.next_power_of_2(Lk)), DEBUG=debug is not None,
+        **_qkv_ranges(bits), **_p_constants(bits[3]), DP=padded_head_dim(D), LK_P2=_short_key_tile(Lk),
+        DEBUG=debug is not None,
         FAST=not interpreting(), ROW_NORM=bool(p_row_norm), ROW_MAX=bool(p_row_max),
     )
     return out
