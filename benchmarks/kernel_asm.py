@@ -147,15 +147,15 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     c1, c_2 = (C, 0) if c2 is None else (c2, C - c2)
     cw = lambda c: (c + 1) // 2 if w4 else c
     w_ty = "*u8" if w4 else "*i8"
-    ptrs = dict(x_ptr="*i8", w_ptr=w_ty, w_tap_sum_ptr="*i32", w_scale_ptr="*fp32", bias_ptr="*bf16",
+    ptrs = dict(x_ptr="*i8", w_ptr=w_ty, w_pad_sum_ptr="*i32", w_scale_ptr="*fp32", bias_ptr="*bf16",
                 res_ptr="*bf16", out_ptr="*bf16", part_ptr="*i32" if split_k > 1 else "*bf16", scale_ptr="*fp32", zero_ptr="*i32", group_ptr="*i32",
                 out_s_inv_ptr="*bf16", out_zero_ptr="*bf16", out_r_inv_ptr="*bf16",
-                w2_ptr=w_ty, w2_tap_sum_ptr="*i32", scale2_ptr="*fp32", zero2_ptr="*i32")
+                w2_ptr=w_ty, w2_pad_sum_ptr="*i32", scale2_ptr="*fp32", zero2_ptr="*i32")
     ints = dict(B=B, H=H, W=W, C=c1, CW=cw(c1), C2=c_2, CW2=cw(c_2 or c1), N=N, OH=OH, OW=OW, pad_h=k // 2,
-                pad_w=k // 2, group_stride=1, stride_wn=k * k * cw(c1), stride_w2n=k * k * cw(c_2 or c1),
+                pad_w=k // 2, clip_b=k // 2, clip_l=k // 2, clip_r=k // 2, group_stride=1, stride_wn=k * k * cw(c1), stride_w2n=k * k * cw(c_2 or c1),
                 stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
-    constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
+    constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
                       TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
                       OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel

@@ -232,9 +232,10 @@ def _tables(B, G=10, dev="cuda"):
                 group=torch.randint(0, G, (B,), device=dev, dtype=torch.int32, generator=g))
 
 
-def _best(kernel) -> str:
-    c = getattr(kernel, "best_config", None)
-    if c is None:  # the impl routed this shape to another kernel (e.g. the Gluon one) and never ran it
+def _best(kernels) -> str:
+    """The config of whichever of `kernels` (autotuners whose `best_config` `_time_all` cleared) the impl ran."""
+    c = next((k.best_config for k in kernels if getattr(k, "best_config", None) is not None), None)
+    if c is None:  # none of them ran
         return "-"
     if "BLOCK_M" not in c.kwargs:
         return " ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w{c.num_warps}"
@@ -379,8 +380,8 @@ def _conv_inputs(shape):
         w=w.contiguous(memory_format=torch.channels_last),
         bias=torch.randn(N, device="cuda", dtype=torch.bfloat16),
         codes=torch.randint(-128, 128, (B, H, W, C), device="cuda", dtype=torch.int8),
-        ops={8: prepare_conv_weight(torch.randint(-128, 128, (N, C, k, k), device="cuda", dtype=torch.int8), 8),
-             4: prepare_conv_weight(torch.randint(-8, 8, (N, C, k, k), device="cuda", dtype=torch.int8), 4)},
+        ops={8: prepare_conv_weight(torch.randint(-128, 128, (N, C, k, k), device="cuda", dtype=torch.int8), 8, pads),
+             4: prepare_conv_weight(torch.randint(-8, 8, (N, C, k, k), device="cuda", dtype=torch.int8), 4, pads)},
         w_scale=torch.rand(N, device="cuda") * 1e-3,
         tab=(t["s_inv"], t["scale"], t["zero"], t["group"]),
     )
@@ -438,7 +439,8 @@ def run_conv(model, shape, card, command):
         out = torch.empty(B, N, *_conv_out_hw(shape), device="cuda", dtype=torch.bfloat16, memory_format=torch.channels_last)
         tables, meta = output_quantizer(out, None, None, None, 8)
         _, scale, zero, group = v.tab  # the conv takes codes: no s_inv
-        tail = dict(KH=k, KW=k, STRIDE=stride, SPLIT_K=1, HAS_BIAS=True, HAS_RES=False, UP=1, TWO_Q=False, **meta)
+        tail = dict(KH=k, KW=k, STRIDE=stride, PADDED=any(pads), SPLIT_K=1, HAS_BIAS=True, HAS_RES=False, UP=1,
+                    TWO_Q=False, **meta)
         for bits in (8, 4):
             floors[f"gluon-w{bits}a8"] = floors[f"triton-w{bits}a8"]
             impls[f"gluon-w{bits}a8"] = (lambda w_op=v.ops[bits][0], w_sum=v.ops[bits][1]: conv_wgmma.launch(
@@ -510,6 +512,10 @@ def _profile_all(op, model, shape, impls):
     return []
 
 
+# the kernels a Triton impl's launcher may route a call to besides its own (timed rows report the one that ran)
+ROUTES = {_qgemm_kernel: (gemm_wgmma._tuned,), _qconv_kernel: (conv_wgmma._tuned,)}
+
+
 def _time_all(op, model, shape, count, flops, impls, floors, base, card, command):
     if ONLY_SHAPES and shape not in ONLY_SHAPES:
         return []
@@ -519,10 +525,15 @@ def _time_all(op, model, shape, count, flops, impls, floors, base, card, command
         return _profile_all(op, model, shape, impls)
     rows, base_ms = [], None
     for impl, (fn, kernel, *note) in impls.items():
+        # the routes' kernels (a Triton impl may send a shape to the Gluon kernel): cleared, so that the config
+        # reported is the one of this call, not a kernel's last from an earlier shape
+        kernels = (kernel, *ROUTES.get(kernel, ())) if kernel is not None else ()
+        for k in kernels:
+            k.best_config = None
         try:
             fn()
             torch.cuda.synchronize()
-            config = _best(kernel) + "".join(note) if kernel is not None else None
+            config = _best(kernels) + "".join(note) if kernel is not None else None
             ms, eager_ms = bench(fn)
         except (RuntimeError, ValueError) as e:  # e.g. _int_mm needs M > 16
             print(f"  {op} {model} {shape} {impl}: not run ({str(e).splitlines()[0][:100]})")

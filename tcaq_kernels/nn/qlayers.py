@@ -87,7 +87,7 @@ class _QWeighted(torch.nn.Module):
             _require_triton(name, device)
             w_int = layer.weight_int().to(device)
             for suffix, (lo, hi) in zip(("", "_skip"), self.channel_ranges):
-                w_op, w_sum = self._prepare_triton(w_int[:, lo:hi].contiguous(), layer.w_bits)
+                w_op, w_sum = self._prepare_triton(w_int[:, lo:hi].contiguous(), layer.w_bits, module)
                 self.register_buffer(f"triton_weight{suffix}", w_op)
                 self.register_buffer(f"triton_wsum{suffix}", w_sum)
         else:
@@ -164,7 +164,7 @@ class QLinear(_QWeighted):
     channel_dim = -1
 
     @staticmethod
-    def _prepare_triton(w_int, bits):
+    def _prepare_triton(w_int, bits, module):  # a linear layer's weight sums need nothing of `module`
         from ..ops.triton_ops import prepare_linear_weight
 
         return prepare_linear_weight(w_int, bits)
@@ -212,10 +212,10 @@ class QConv2d(_QWeighted):
         self.stride, self.padding, self.dilation = tuple(module.stride), tuple(module.padding), tuple(module.dilation)
 
     @staticmethod
-    def _prepare_triton(w_int, bits):
+    def _prepare_triton(w_int, bits, module):
         from ..ops.triton_ops import prepare_conv_weight
 
-        return prepare_conv_weight(w_int, bits)
+        return prepare_conv_weight(w_int, bits, module.padding)
 
     def _int_product(self, q, w_int, z):
         return ref.int_conv2d(q, w_int, z, self.stride, self.padding, self.dilation)

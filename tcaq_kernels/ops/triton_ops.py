@@ -60,10 +60,11 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         x: float NCHW [B, C, H, W] in any memory format (quantized to NHWC codes first: two
         kernels), or int8 NHWC codes [B, H, W, C] from `quantize_act(..., channel_dim=1)` or
         `groupnorm_silu_quantize` (no quantize pass; s_inv and r_inv are then unused).
-        (w_q, w_sum) from `prepare_conv_weight(w_int [N, C, KH, KW], bits)`: int8 [N, KH, KW, C]
-        or packed uint8 [N, KH, KW, ⌈C/2⌉], and per-tap weight sums int32 [N, KH·KW]. stride: int; padding: [p], [ph, pw] or
-        [top, bottom, left, right],
-        filled with the code z[g]. residual: NCHW-shaped [B, N, OH, OW], any memory format.
+        (w_q, w_sum) from `prepare_conv_weight(w_int [N, C, KH, KW], bits, padding)`: int8 [N, KH, KW, C]
+        or packed uint8 [N, KH, KW, ⌈C/2⌉], and the weight sums of that padding's clipped filters, int32
+        [pt+1, pb+1, pl+1, pr+1, N] (one of a narrower padding is refused). stride: int; padding: [p],
+        [ph, pw] or [top, bottom, left, right], filled with the code z[g]. residual: NCHW-shaped
+        [B, N, OH, OW], any memory format.
         split_k: like qlinear's, over the reduction taps × C (`triton/conv.conv_split_k`): None
         splits when the output tiles cannot fill the GPU (deep layers at small batch), 1 never,
         n > 1 up to n ways; the result does not depend on it. out_s_inv / out_zero / out_r_inv /
@@ -100,7 +101,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..triton.attention import check_shapes, qattention_launch
-from ..triton.conv import prepare_conv_weight, qconv
+from ..triton.conv import conv_pads, prepare_conv_weight, qconv
 from ..triton.gemm import prepare_linear_weight, qgemm
 from ..triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
 from ..triton.quantize import quantize_bsc
@@ -140,16 +141,6 @@ def _group_layout(group: torch.Tensor, batch: int) -> tuple[int, int]:
     if group.dim() != 1:
         raise ValueError(f"group must have shape [B] or one element, got {tuple(group.shape)}")
     return group.numel(), group.stride(0)
-
-
-def _pads(padding: Sequence[int]) -> tuple[int, int, int, int]:
-    if len(padding) == 1:
-        return (padding[0],) * 4
-    if len(padding) == 2:
-        return padding[0], padding[0], padding[1], padding[1]
-    if len(padding) == 4:
-        return tuple(padding)
-    raise ValueError(f"padding must have 1, 2 or 4 entries, got {list(padding)}")
 
 
 def _float_out(x: torch.Tensor, out_dtype: Optional[torch.dtype]) -> torch.dtype:
@@ -372,7 +363,7 @@ def _conv_out_shape(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Se
     H, W = (x.shape[1], x.shape[2]) if x.dtype == torch.int8 else (x.shape[2], x.shape[3])
     H, W = H * upsample, W * upsample
     N, KH, KW, _ = w_q.shape
-    top, bottom, left, right = _pads(padding)
+    top, bottom, left, right = conv_pads(padding, KH, KW)
     return [B, N, (H + top + bottom - KH) // stride + 1, (W + left + right - KW) // stride + 1]
 
 
@@ -445,7 +436,7 @@ def qconv2d(
                      c2=c2, s_inv2=s_inv2, zero2=zero2, x2=None if x2 is None else _bsc(x2))
     result = _conv_out(x, w_q, stride, padding, dtype, upsample)
     out = result.permute(0, 3, 1, 2) if dtype == torch.int8 else result  # qconv writes through NCHW indices
-    qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, _pads(padding),
+    qconv(codes, w_q, w_sum, w_scale, bias, scale, zero, group, gstride, stride, conv_pads(padding, *w_q.shape[1:3]),
           residual, out, split_k, out_s_inv, out_zero, out_r_inv, out_bits, second, upsample)
     return result
 

@@ -7,8 +7,13 @@ into one loop so that the software pipeline spans the whole reduction, not one t
 
 Padding is in the quantized domain with the code z[g] (DESIGN.md §3). The main loop reads
 out-of-image taps as 0 (zero-filled async copies: the A tile goes to the MMA straight from shared
-memory), and the epilogue subtracts z·Σ_c w over the taps inside the image only, from per-tap weight
-sums precomputed offline: `Σ w·(a − z)` with the padding read as z, the reference's accumulator.
+memory), and the epilogue subtracts z·Σ w over the taps inside the image only: `Σ w·(a − z)` with the
+padding read as z, the reference's accumulator. Which taps are inside depends only on how many filter
+rows a pixel loses at the top and bottom and columns at the left and right, so `prepare_conv_weight`
+tabulates Σ w over the kept taps for every such clipping the padding allows ([pt+1, pb+1, pl+1, pr+1, N]
+int32) and the epilogue reads one table row per pixel: one integer multiply-add per output. (Summing
+per-tap sums tap by tap in the epilogue cost more instructions than a 64-channel conv's main loop; on an
+H200 the table made the 3×3 convs 1.2–1.5× faster, benchmarks/results/conv-padding-table-h200/.)
 Channel counts that are not tile multiples (C_in = 3, 4, 960, …) are masked, not rejected; the
 masked lanes meet zero weights.
 
@@ -36,6 +41,8 @@ int8 activation codes of the fp32 y (bias and residual added), `quantize_uniform
 s_inv[g], z[g] and r_inv[n]. They come NHWC [B, OH, OW, N] — the input layout of the next conv —
 so a conv feeding a conv hands over one byte per value and skips the separate quantize pass.
 """
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -67,17 +74,18 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(),
-                 key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "W4", "SPLIT_K", "OUT_Q"],
+                 key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K",
+                      "OUT_Q"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})
 @triton.jit
 def _qconv_kernel(
-    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, w_pad_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
-    w2_ptr, w2_tap_sum_ptr, scale2_ptr, zero2_ptr,
-    B, H, W, C, C2, N, OH, OW, pad_h, pad_w, group_stride,
+    w2_ptr, w2_pad_sum_ptr, scale2_ptr, zero2_ptr,
+    B, H, W, C, C2, N, OH, OW, pad_h, pad_w, clip_b, clip_l, clip_r, group_stride,
     stride_wn, stride_w2n, stride_rb, stride_rc, stride_rh, stride_rw,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, UP: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, UP: tl.constexpr, PADDED: tl.constexpr,
     W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, TWO_Q: tl.constexpr,
     OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -108,11 +116,11 @@ def _qconv_kernel(
         part = part_ptr + tl.program_id(1).to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :]
         tl.store(part, acc, mask=(rm < M)[:, None] & (rn < N)[None, :])
     else:
-        conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
-                      w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+        conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W, clip_b, clip_l, clip_r,
+                      w_pad_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                       out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
-                      KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
-                      acc2, zero2, w2_tap_sum_ptr, scale2_ptr, TWO_Q)
+                      KH, KW, PADDED, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
+                      acc2, zero2, w2_pad_sum_ptr, scale2_ptr, TWO_Q)
 
 
 @triton.jit
@@ -198,28 +206,31 @@ def _packed_weight_tile(w_rows, it, it_end, c_blocks, c_w, rkw, BLOCK_K: tl.cons
 
 
 @triton.jit
-def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
-                  w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W, clip_b, clip_l, clip_r,
+                  w_pad_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
-                  KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                  KH: tl.constexpr, KW: tl.constexpr, PADDED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_RES: tl.constexpr,
                   OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
-                  acc2, zero2, w2_tap_sum_ptr, scale2_ptr, TWO_Q: tl.constexpr):
+                  acc2, zero2, w2_pad_sum_ptr, scale2_ptr, TWO_Q: tl.constexpr):
     """Zero point and padding correction in int32, then acc·(s_w·s_a) + bias (+ residual) in fp32
     (scale formed first), stored to out[rm, rn] (NHWC rows = output pixels) — or, with OUT_Q, its
     int8 codes for the next layer (`quantize_output`).
 
     `acc` is Σ w·a with out-of-image taps read as 0; `ih0`/`iw0` are the rows' top-left input
-    coordinates, `zero`/`g` their zero points and timestep groups. With TWO_Q, `acc2` is the second
-    channel range's sum (its zero points `zero2`, tap sums and scales), added as ops/reference.py's
+    coordinates, `zero`/`g` their zero points and timestep groups; `w_pad_sum_ptr` a `prepare_conv_weight`
+    table of at least the call's padding (`clip_*`: its extents less one, as `_clip_pattern`). With TWO_Q,
+    `acc2` is the second channel range's sum (its zero points `zero2`, table and scales), added as ops/reference.py's
     `epilogue` adds it: acc·(s_w·s_a) + acc2·(s_w·s_a2), then the bias. Shared by the unsplit kernels
     and the split-K reduction, so all round the same way.
     """
     n_mask = rn < N
-    acc = _padding_corrected(acc, zero, w_tap_sum_ptr, rn, n_mask, ih0, iw0, H, W, KH, KW)
+    clip = _clip_pattern(ih0, iw0, H, W, clip_b, clip_l, clip_r, KH, KW)
+    acc = _padding_corrected(acc, zero, w_pad_sum_ptr, clip, rn, n_mask, N, PADDED)
     s_w = tl.load(w_scale_ptr + rn, mask=n_mask, other=0.0)[None, :]
     y = acc.to(tl.float32) * (s_w * tl.load(scale_ptr + g)[:, None])
     if TWO_Q:
-        acc2 = _padding_corrected(acc2, zero2, w2_tap_sum_ptr, rn, n_mask, ih0, iw0, H, W, KH, KW)
+        acc2 = _padding_corrected(acc2, zero2, w2_pad_sum_ptr, clip, rn, n_mask, N, PADDED)
         y = y + acc2.to(tl.float32) * (s_w * tl.load(scale2_ptr + g)[:, None])
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
@@ -236,26 +247,35 @@ def conv_epilogue(acc, rm, rn, b, oh, ow, ih0, iw0, zero, g, M, N, H, W,
 
 
 @triton.jit
-def _padding_corrected(acc, zero, w_tap_sum_ptr, rn, n_mask, ih0, iw0, H, W, KH: tl.constexpr, KW: tl.constexpr):
-    """acc − z·Σ_{taps inside the image} Σ_c w  =  Σ w·(a − z) with the padding read as z (DESIGN.md §3);
-    per-tap weight sums come precomputed. Applied tap by tap straight into acc, in a loop the compiler
-    does not unroll: a second BLOCK_M × BLOCK_N sum, or nine hoisted tap-sum vectors, would spill
-    registers."""
-    for tap in range(0, KH * KW):
-        ih = ih0 + tap // KW
-        iw = iw0 + tap % KW
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        tap_sum = tl.load(w_tap_sum_ptr + rn * (KH * KW) + tap, mask=n_mask, other=0)
-        acc -= tl.where(inside[:, None], zero[:, None] * tap_sum[None, :], 0)
-    return acc
+def _clip_pattern(ih0, iw0, H, W, clip_b, clip_l, clip_r, KH: tl.constexpr, KW: tl.constexpr):
+    """Per output row, its row of the padding table: the filter rows lost at the top (a) and bottom (b) and
+    columns at the left (c) and right (d) — at most the padding's, so within a table [·, clip_b + 1,
+    clip_l + 1, clip_r + 1] prepared for at least that padding — as a flat index."""
+    a = tl.maximum(-ih0, 0)
+    b = tl.maximum(ih0 + KH - H, 0)
+    c = tl.maximum(-iw0, 0)
+    d = tl.maximum(iw0 + KW - W, 0)
+    return ((a * (clip_b + 1) + b) * (clip_l + 1) + c) * (clip_r + 1) + d
+
+
+@triton.jit
+def _padding_corrected(acc, zero, w_pad_sum_ptr, clip, rn, n_mask, N, PADDED: tl.constexpr):
+    """acc − z·Σ_{taps inside the image} w  =  Σ w·(a − z) with the padding read as z (DESIGN.md §3): the
+    sums of the row's clipping pattern `clip` (one table row, contiguous over n), one multiply-add each.
+    Without padding every pixel keeps every tap: the table's one row, loaded once for all rows."""
+    if PADDED:
+        sums = tl.load(w_pad_sum_ptr + clip[:, None] * N + rn[None, :], mask=n_mask[None, :], other=0)
+    else:
+        sums = tl.load(w_pad_sum_ptr + rn, mask=n_mask, other=0)[None, :]
+    return acc - zero[:, None] * sums
 
 
 @triton.jit
 def _splitk_conv_epilogue_kernel(
-    part_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, zero_ptr, group_ptr,
+    part_ptr, w_pad_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, scale_ptr, zero_ptr, group_ptr,
     out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
-    H, W, N, OH, OW, M, pad_h, pad_w, group_stride, stride_rb, stride_rc, stride_rh, stride_rw,
-    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, SPLIT_K: tl.constexpr,
+    H, W, N, OH, OW, M, pad_h, pad_w, clip_b, clip_l, clip_r, group_stride, stride_rb, stride_rc, stride_rh, stride_rw,
+    KH: tl.constexpr, KW: tl.constexpr, STRIDE: tl.constexpr, PADDED: tl.constexpr, SPLIT_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -270,25 +290,55 @@ def _splitk_conv_epilogue_kernel(
         acc += tl.load(part, mask=mask, other=0)
         part += M * N
     conv_epilogue(acc, rm, rn, b, oh, ow, oh * STRIDE - pad_h, ow * STRIDE - pad_w, zero, g, M, N, H, W,
-                  w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  clip_b, clip_l, clip_r, w_pad_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
-                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
-                  acc, zero, w_tap_sum_ptr, scale_ptr, False)
+                  KH, KW, PADDED, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
+                  acc, zero, w_pad_sum_ptr, scale_ptr, False)
 
 
-def prepare_conv_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Offline: integer conv weights [N, C, KH, KW] → (kernel operand, per-tap Σ_c w as int32 [N, KH·KW]).
+def conv_pads(padding, KH: int, KW: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) from None (KH // 2, KW // 2: 'same' for odd kernels), an int, [p], [ph, pw] or
+    [top, bottom, left, right]."""
+    if padding is None:
+        padding = (KH // 2, KW // 2)
+    if isinstance(padding, int):
+        padding = (padding,)
+    padding = tuple(int(p) for p in padding)
+    pads = {1: padding * 4, 2: (padding[0],) * 2 + (padding[-1],) * 2, 4: padding}.get(len(padding))
+    if pads is None or min(pads) < 0:
+        raise ValueError(f"padding must be one, two or four non-negative ints, got {list(padding)}")
+    return pads
+
+
+def padding_sums(w_int: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
+    """Σ of the integer weights [N, C, KH, KW] over the taps a pixel keeps, for every clipping the padding
+    (top, bottom, left, right) allows: [pt+1, pb+1, pl+1, pr+1, N] int32, entry (a, b, c, d) summing filter
+    rows [a, KH − b) and columns [c, KW − d) (0 where that is empty) — the conv epilogue's zero-point term
+    (`_padding_corrected`). An output pixel loses at most the padding's rows and columns, whatever the input
+    size, so the table serves every input the layer sees."""
+    pt, pb, pl, pr = pads
+    N, _, KH, KW = w_int.shape
+    tap = w_int.to(torch.int32).sum(dim=1, dtype=torch.int32)  # [N, KH, KW]
+    table = torch.zeros((pt + 1, pb + 1, pl + 1, pr + 1, N), dtype=torch.int32, device=w_int.device)
+    for a, b, c, d in itertools.product(range(pt + 1), range(pb + 1), range(pl + 1), range(pr + 1)):
+        table[a, b, c, d] = tap[:, a:max(KH - b, a), c:max(KW - d, c)].sum(dim=(1, 2), dtype=torch.int32)
+    return table
+
+
+def prepare_conv_weight(w_int: torch.Tensor, bits: int, padding=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offline: integer conv weights [N, C, KH, KW] → (kernel operand, `padding_sums` for `padding`).
 
     The operand is [N, KH, KW, C] int8 (C contiguous), or for 4 bits `pack_int4` of it along C:
-    uint8 [N, KH, KW, ⌈C/2⌉] (an odd C padded with a zero nibble per tap). The per-tap sums give
-    the zero-point correction of border pixels, whose out-of-image taps read the code z.
+    uint8 [N, KH, KW, ⌈C/2⌉] (an odd C padded with a zero nibble per tap). The sums give the zero-point
+    correction of every pixel, border pixels' out-of-image taps reading the code z; they depend on the
+    padding (`conv_pads`: None is KH // 2, KW // 2); `qconv` takes it for any padding up to that one.
     """
     if w_int.dtype != torch.int8 or w_int.dim() != 4:
         raise TypeError(f"prepare_conv_weight expects int8 [N, C, KH, KW], got {w_int.dtype} {tuple(w_int.shape)}")
-    w_sum = w_int.to(torch.int32).sum(dim=1, dtype=torch.int32).flatten(1)
+    w_sums = padding_sums(w_int, conv_pads(padding, w_int.shape[2], w_int.shape[3]))
     w_nhwc = w_int.permute(0, 2, 3, 1).contiguous()
     w_op = pack_int4(w_nhwc) if bits == 4 else w_nhwc
-    return w_op.contiguous(), w_sum.contiguous()
+    return w_op.contiguous(), w_sums
 
 
 # The widest K tile of the configs: splits are capped at the reduction steps it leaves (KH·KW·⌈C/128⌉),
@@ -310,13 +360,32 @@ def conv_split_k(split_k: int | None, M: int, N: int, C: int, taps: int, sms: in
     return min(split_k, taps * triton.cdiv(C, _MAX_BLOCK_K))
 
 
+def _check_padding(padding, size, kernel, stride: int, out_size, N: int, w_pad_sum: torch.Tensor,
+                   name: str) -> tuple[int, int, int]:
+    """The padding table must cover this call's padding (its extents at least the pads plus one: a pixel's
+    filter loses at most the padding's rows and columns) and the output size must be the conv's, which that
+    bound assumes. Returns the table's bottom, left and right extents less one (the kernels' `clip_*`)."""
+    dims = tuple(w_pad_sum.shape)
+    if len(dims) != 5 or dims[4] != N or any(d < p + 1 for d, p in zip(dims, padding)):
+        raise ValueError(f"qconv: {name} of shape {dims} is no padding table for padding {tuple(padding)} "
+                         f"(top, bottom, left, right) and {N} channels, which needs "
+                         f"{tuple(p + 1 for p in padding) + (N,)} at least: prepare the weights with "
+                         f"prepare_conv_weight(w, bits, padding={list(padding)})")
+    expect = tuple((n + p0 + p1 - k) // stride + 1
+                   for n, p0, p1, k in zip(size, padding[::2], padding[1::2], kernel))
+    if tuple(out_size) != expect:
+        raise ValueError(f"qconv: out is {tuple(out_size)} pixels, a {kernel} conv of stride {stride} and padding "
+                         f"{tuple(padding)} over {tuple(size)} gives {expect}")
+    return dims[1] - 1, dims[2] - 1, dims[3] - 1
+
+
 def _conv_wgmma():
     """`conv_wgmma` (imported on first use: it imports this module)."""
     from . import conv_wgmma
     return conv_wgmma
 
 
-def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_scale: torch.Tensor, bias,
+def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_pad_sum: torch.Tensor, w_scale: torch.Tensor, bias,
           scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
           stride: int, padding: tuple[int, int, int, int], residual, out: torch.Tensor,
           split_k: int | None = None, out_s_inv=None, out_zero=None, out_r_inv=None, out_bits: int = 8,
@@ -329,8 +398,9 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     epilogue: the result is the unsplit one bit for bit; no host sync, so CUDA graphs capture it.
     `out_s_inv`, `out_zero` (and `out_r_inv`, `out_bits`): the next layer's quantizer; `out` is then
     int8 (an NHWC tensor seen as NCHW) and receives its codes of y (`gemm.output_quantizer`).
-    `second` = (c2, w_op2, w_tap_sum2, scale2, zero2): a split input — channels [c2, C) of the codes are
-    the second range, quantized with (scale2, zero2) and multiplied by their own weights (`w_op`, `w_tap_sum`
+    `w_pad_sum` is a `prepare_conv_weight` table of at least this padding (checked).
+    `second` = (c2, w_op2, w_pad_sum2, scale2, zero2): a split input — channels [c2, C) of the codes are
+    the second range, quantized with (scale2, zero2) and multiplied by their own weights (`w_op`, `w_pad_sum`
     then hold channels [0, c2)); one kernel keeps an int32 sum per range and combines them in the epilogue
     as ops/reference.py's `epilogue` does. No split-K with a split input.
     `upsample` = 2: the conv reads the nearest-neighbour 2× upsampling of the codes (pixel (ih, iw) of the
@@ -343,18 +413,22 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     H, W = H * upsample, W * upsample
     N, KH, KW, _ = w_op.shape
     OH, OW = out.shape[2], out.shape[3]
+    clips = _check_padding(padding, (H, W), (KH, KW), stride, (OH, OW), N, w_pad_sum, "w_pad_sum")
     if out.numel() == 0:
         return out
     M = B * OH * OW
     if second is not None:
-        c2, w_op2, w_tap_sum2, scale2, zero2 = second
+        c2, w_op2, w_pad_sum2, scale2, zero2 = second
         if not 0 < c2 < C:
             raise ValueError(f"qconv: the second channel range starts at c2={c2}, outside the codes' C={C}")
         if split_k is not None and split_k > 1:
             raise ValueError(f"qconv: split_k={split_k} with a split input (two channel ranges) is not supported")
         split_k, C, C2 = 1, c2, C - c2
+        if w_pad_sum2.shape != w_pad_sum.shape:
+            raise ValueError(f"qconv: the two ranges' padding tables differ, {tuple(w_pad_sum.shape)} and "
+                             f"{tuple(w_pad_sum2.shape)}: prepare both with the same padding")
     else:
-        w_op2, w_tap_sum2, scale2, zero2, C2 = w_op, w_tap_sum, scale, zero, 0
+        w_op2, w_pad_sum2, scale2, zero2, C2 = w_op, w_pad_sum, scale, zero, 0
     if widen.WIDEN and w_op.dtype == torch.uint8:  # the int8 kernels on widened copies (TCAQ_W4_WIDEN=0: not)
         w_op = widen.widen_int4(w_op, C)
         w_op2 = widen.widen_int4(w_op2, C2) if second is not None else w_op
@@ -365,28 +439,28 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_tap_sum: torch.Tensor, w_s
     bias_arg = bias if bias is not None else w_scale
     res_strides = (res.stride(0), res.stride(1), res.stride(2), res.stride(3))
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
-    tail = dict(KH=KH, KW=KW, STRIDE=stride, SPLIT_K=split_k, HAS_BIAS=bias is not None,
+    tail = dict(KH=KH, KW=KW, STRIDE=stride, PADDED=any(padding), SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
     conv_tail = dict(tail, UP=upsample, TWO_Q=second is not None)  # the conv kernels' (not split-K's epilogue)
-    second_args = (w_op2, w_tap_sum2, scale2, zero2)
+    second_args = (w_op2, w_pad_sum2, scale2, zero2)
     # split convs go to the Gluon kernel only under TCAQ_WGMMA=1 ("all") until its split-K has run on a GPU
     if (gemm.use_wgmma(x_nhwc) and (split_k == 1 or gemm.WGMMA == "all")
             and _conv_wgmma().supported(x_nhwc, w_op, M, C, w_op2)):
-        _conv_wgmma().launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables,
+        _conv_wgmma().launch(x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables,
                              group_stride, padding, conv_tail, second_args, C, H, W)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
         _qconv_kernel[grid](
-            x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part,
+            x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part,
             scale, zero, group, *out_tables, *second_args,
-            B, H, W, C, C2, N, OH, OW, padding[0], padding[2], group_stride,
+            B, H, W, C, C2, N, OH, OW, padding[0], padding[2], *clips, group_stride,
             w_op.stride(0), w_op2.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **conv_tail,
         )
     if split_k > 1:
         block_m, block_n = 32, 64
         _splitk_conv_epilogue_kernel[(triton.cdiv(M, block_m), triton.cdiv(N, block_n))](
-            part, w_tap_sum, w_scale, bias_arg, res, out, scale, zero, group, *out_tables,
-            H, W, N, OH, OW, M, padding[0], padding[2], group_stride, *res_strides,
+            part, w_pad_sum, w_scale, bias_arg, res, out, scale, zero, group, *out_tables,
+            H, W, N, OH, OW, M, padding[0], padding[2], *clips, group_stride, *res_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, **tail,
         )
     return out

@@ -5,7 +5,7 @@ same pipeline as that GEMM — a cp.async ring of STAGES buffers filled STAGES-1
 each MMA issued asynchronously and only the previous one waited for — over `conv.py`'s reduction: steps
 (filter tap, channel block) with channels fastest, the A tile gathered straight from NHWC codes (out-of-
 image taps zero-filled by the masked copy), packed int4 weights widened in registers through a double
-buffer. The epilogue is `conv.conv_epilogue` itself (padding read as z via the per-tap weight sums,
+buffer. The epilogue is `conv.conv_epilogue` itself (padding read as z via the padding table of weight sums,
 scales, bias, residual, float or next-layer codes), so the result is `_qconv_kernel`'s bit for bit.
 Split-K as `conv.py` splits: each program of a split reduces its share of the steps into int32 partial
 sums and `conv.qconv` finishes with the same split-K epilogue kernel.
@@ -109,12 +109,13 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_
 
 @gluon.jit
 def _qconv_wgmma_kernel(
-    x_ptr, w_ptr, w_tap_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
+    x_ptr, w_ptr, w_pad_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,
     scale_ptr, zero_ptr, group_ptr, out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr,
-    w2_ptr, w2_tap_sum_ptr, scale2_ptr, zero2_ptr,
-    B, H, W, C, CW, C2, CW2, N, OH, OW, pad_h, pad_w, group_stride,
+    w2_ptr, w2_pad_sum_ptr, scale2_ptr, zero2_ptr,
+    B, H, W, C, CW, C2, CW2, N, OH, OW, pad_h, pad_w, clip_b, clip_l, clip_r, group_stride,
     stride_wn, stride_w2n, stride_rb, stride_rc, stride_rh, stride_rw,
-    KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, UP: gl.constexpr, W4: gl.constexpr,
+    KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, UP: gl.constexpr, PADDED: gl.constexpr,
+    W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
@@ -161,16 +162,18 @@ def _qconv_wgmma_kernel(
     else:
         acc2, ezero2 = acc, ezero
     conv_epilogue(acc, em, en, eb, eoh, eow, eoh * STRIDE - pad_h, eow * STRIDE - pad_w, ezero, eg, M, N, H, W,
-                  w_tap_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                  clip_b, clip_l, clip_r,
+                  w_pad_sum_ptr, w_scale_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
                   out_s_inv_ptr, out_zero_ptr, out_r_inv_ptr, stride_rb, stride_rc, stride_rh, stride_rw,
-                  KH, KW, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
-                  acc2, ezero2, w2_tap_sum_ptr, scale2_ptr, TWO_Q)
+                  KH, KW, PADDED, HAS_BIAS, HAS_RES, OUT_Q, OUT_HAS_RINV, OUT_QMIN, OUT_QMAX,
+                  acc2, ezero2, w2_pad_sum_ptr, scale2_ptr, TWO_Q)
 
 
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
+    key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K", "HAS_RES",
+         "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_qconv_wgmma_kernel)
 
@@ -185,23 +188,24 @@ def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int, C: int, w_op2: t
             and C % 16 == 0 and x_nhwc.shape[3] % 16 == 0 and w_op.shape[3] % 16 == 0 and w_op2.shape[3] % 16 == 0)
 
 
-def launch(x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables: tuple,
+def launch(x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, zero, group, out_tables: tuple,
            group_stride: int, padding, tail: dict, second: tuple, C: int, H: int, W: int) -> None:
     """The wgmma kernel in `conv.qconv`'s place, same arguments (`tail`: qconv's KH, KW, STRIDE, UP, SPLIT_K,
     TWO_Q, HAS_BIAS, HAS_RES and output-quantizer constexprs; `second`: the second channel range's
-    (weights, tap sums, scale, zero) — the first range's again without TWO_Q —, `C` the first range's
+    (weights, padding table, scale, zero) — the first range's again without TWO_Q —, `C` the first range's
     channels, H × W the input the conv sees, UP times the codes' own). With SPLIT_K > 1 it writes int32
     partial sums to `part` and `qconv` runs its split-K epilogue kernel after it, as for its own kernel."""
     B, CX = x_nhwc.shape[0], x_nhwc.shape[3]
     N, CW = w_op.shape[0], w_op.shape[3]
-    w_op2, w_tap_sum2, scale2, zero2 = second
+    w_op2, w_pad_sum2, scale2, zero2 = second
     OH, OW = out.shape[2], out.shape[3]
     M = B * OH * OW
+    clips = tuple(d - 1 for d in w_pad_sum.shape[1:4])  # the table's extents (`conv._check_padding`)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), tail["SPLIT_K"])
     _tuned[grid](
-        x_nhwc, w_op, w_tap_sum, w_scale, bias_arg, res, out, part, scale, zero, group, *out_tables,
-        w_op2, w_tap_sum2, scale2, zero2,
-        B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], group_stride,
+        x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, zero, group, *out_tables,
+        w_op2, w_pad_sum2, scale2, zero2,
+        B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], *clips, group_stride,
         w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
         W4=w_op.dtype == torch.uint8, **tail,
     )

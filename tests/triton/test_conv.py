@@ -1,11 +1,13 @@
 """Implicit-GEMM conv against `ops/reference.int_conv2d`: int32 accumulators bit for bit."""
+import itertools
+
 import pytest
 import torch
 
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d, quantize_act
 from tcaq_kernels.quant import primitives as P
-from tcaq_kernels.triton.conv import conv_split_k, qconv
+from tcaq_kernels.triton.conv import conv_split_k, padding_sums, qconv
 
 from _tables import Tables, assert_float_close, assert_upsample_conv_exact, conv_acc_ref, rand_int
 
@@ -28,7 +30,7 @@ def test_int8_codes_exact_accumulator(gen, device, w_bits, case):
     codes = rand_int(gen, (B, C, H, W), 8, device)
     w = rand_int(gen, (N, C, k, k), w_bits, device)
     t = Tables(gen, groups=4, batch=B, bits=8, device=device, unit_scale=True)
-    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    w_q, w_sum = prepare_conv_weight(w, w_bits, pad)
     y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
                 t.s_inv, t.scale, t.zero, t.group, stride, [pad], out_dtype=torch.float32)
     ref = conv_acc_ref(codes, w, t, stride, (pad,) * 4)
@@ -38,15 +40,54 @@ def test_int8_codes_exact_accumulator(gen, device, w_bits, case):
 
 @pytest.mark.parametrize("w_bits", [8, 4])
 def test_asymmetric_padding_stride2(gen, device, w_bits):
-    """DDPM's Downsample2D pads (0, 1, 0, 1) then convolves 3×3 / 2 without padding."""
+    """DDPM's Downsample2D pads (0, 1, 0, 1) then convolves 3×3 / 2 without padding: with the padding table
+    of exactly that padding and with the default one (1 on every side), which covers it."""
     B, C, H, W, N = 2, 19, 8, 8, 12
     codes = rand_int(gen, (B, C, H, W), 8, device)
     w = rand_int(gen, (N, C, 3, 3), w_bits, device)
     t = Tables(gen, groups=3, batch=B, bits=8, device=device, unit_scale=True)
-    w_q, w_sum = prepare_conv_weight(w, w_bits)
-    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
-                t.s_inv, t.scale, t.zero, t.group, 2, [0, 1, 0, 1], out_dtype=torch.float32)
-    assert torch.equal(y, conv_acc_ref(codes, w, t, 2, (0, 1, 0, 1)).float())
+    ref = conv_acc_ref(codes, w, t, 2, (0, 1, 0, 1)).float()
+    for padding in ([0, 1, 0, 1], None):
+        w_q, w_sum = prepare_conv_weight(w, w_bits, padding)
+        y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                    t.s_inv, t.scale, t.zero, t.group, 2, [0, 1, 0, 1], out_dtype=torch.float32)
+        assert torch.equal(y, ref), padding
+
+
+def test_padding_sums_are_the_kept_taps(gen):
+    """Entry (a, b, c, d) sums the weights of filter rows [a, KH − b) and columns [c, KW − d) — by a mask over
+    the taps here —, zero where that is empty (pads past the kernel)."""
+    w = rand_int(gen, (5, 7, 3, 4), 8, "cpu")
+    pads = (3, 1, 0, 2)
+    table = padding_sums(w, pads)
+    assert table.shape == (4, 2, 1, 3, 5) and table.dtype == torch.int32
+    for a, b, c, d in itertools.product(*(range(p + 1) for p in pads)):
+        keep = torch.zeros(3, 4, dtype=torch.int64)
+        keep[a:3 - b, c:4 - d] = 1
+        assert torch.equal(table[a, b, c, d].long(), (w.long() * keep).sum(dim=(1, 2, 3))), (a, b, c, d)
+
+
+def test_padding_table_checks(gen, device):
+    """A table prepared for a wider padding serves a narrower one (the same result); a narrower one, or an
+    output size that is not the conv's, is refused with the fix named."""
+    B, C, H, W, N = 2, 9, 6, 5, 10
+    codes = rand_int(gen, (B, H, W, C), 8, device)
+    w = rand_int(gen, (N, C, 3, 3), 8, device)
+    t = Tables(gen, groups=2, batch=B, bits=8, device=device, unit_scale=True)
+    ones = torch.ones(N, device=device)
+    call = lambda w_sum: qconv2d(codes, w_q, w_sum, ones, None, t.s_inv, t.scale, t.zero, t.group, 1, [1],
+                                 out_dtype=torch.float32)
+    w_q, exact = prepare_conv_weight(w, 8, [1])
+    y = call(exact)
+    assert torch.equal(y, conv_acc_ref(codes.permute(0, 3, 1, 2), w, t, 1, (1,) * 4).float())
+    assert torch.equal(call(prepare_conv_weight(w, 8, [2, 1])[1]), y)
+    with pytest.raises(ValueError, match=r"prepare_conv_weight\(w, bits, padding=\[1, 1, 1, 1\]\)"):
+        call(prepare_conv_weight(w, 8, 0)[1])
+    out = torch.empty(B, N, H + 1, W, device=device).to(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match=r"out is \(7, 5\) pixels.* gives \(6, 5\)"):
+        qconv(codes, w_q, exact, ones, None, t.scale, t.zero, t.group, 1, 1, (1, 1, 1, 1), None, out)
+    with pytest.raises(ValueError, match="padding must be"):
+        prepare_conv_weight(w, 8, [1, 2, 3])
 
 
 def _float_conv_inputs(gen, device, B, C, H, W, N, tcr):
@@ -308,6 +349,8 @@ def test_split_input_refusals(gen, device):
         qconv2d(*base, c2=4, **second, **tables2)
     with pytest.raises(ValueError, match="split input"):
         qconv2d(*base, c2=8, split_k=2, **second, **tables2)
+    with pytest.raises(ValueError, match="two ranges' padding tables differ"):
+        qconv2d(*base, c2=8, **dict(second, w_sum2=prepare_conv_weight(w[:, 8:].contiguous(), 8, 2)[1]), **tables2)
 
 
 def test_split_input_fake_impl(device):
