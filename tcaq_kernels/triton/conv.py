@@ -42,6 +42,7 @@ s_inv[g], z[g] and r_inv[n]. They come NHWC [B, OH, OW, N] — the input layout 
 so a conv feeding a conv hands over one byte per value and skips the separate quantize pass.
 """
 import itertools
+import os
 
 import torch
 import triton
@@ -67,15 +68,16 @@ def _configs():
 
 
 def _prune(configs, named_args, **kwargs):
-    """BLOCK_K never much past C (C_in = 3/4 gets 32-channel tiles, the int8 MMA's minimum)."""
-    C = named_args["C"]
+    """BLOCK_K never much past C (C_in = 3/4 gets 32-channel tiles, the int8 MMA's minimum) — past the whole
+    KH·KW·C reduction with PACK_TAPS."""
+    C = named_args["C"] * (kwargs["KH"] * kwargs["KW"] if kwargs.get("PACK_TAPS") else 1)  # PACK_TAPS: 0 or C
     fit = [c for c in configs if c.kwargs["BLOCK_K"] <= max(32, triton.next_power_of_2(C))]
     return fit or configs
 
 
 @triton.autotune(configs=_configs(),
                  key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K",
-                      "OUT_Q"],
+                      "OUT_Q", "PACK_TAPS"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -89,7 +91,7 @@ def _qconv_kernel(
     W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, TWO_Q: tl.constexpr,
     OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_C: tl.constexpr,
+    EVEN_C: tl.constexpr, PACK_TAPS: tl.constexpr,
 ):
     M = B * OH * OW
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -102,8 +104,12 @@ def _qconv_kernel(
     iw0 = ow * STRIDE - pad_w
     CX = C + C2  # a pixel's codes: the first range's C channels, then the second's C2 (0 without one)
     x_rows = x_ptr + (b.to(tl.int64) * (H // UP) * (W // UP) * CX)[:, None]  # the stored (H/UP × W/UP) image
-    acc = _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, UP, W4, SPLIT_K,
-                  BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
+    if PACK_TAPS:  # = C: int8 weights, one channel range, no split (the launcher's condition)
+        acc = _reduce_packed_taps(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, CX, KH, KW, UP, PACK_TAPS,
+                                  BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        acc = _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, UP, W4, SPLIT_K,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights
         acc2 = _reduce(x_rows + C, ih0, iw0, w2_ptr, rn_in, stride_w2n, H, W, C2, CX, KH, KW, UP, W4, SPLIT_K,
                        BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
@@ -194,6 +200,32 @@ def output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr):
     b, oh, ow = pixel_coords(rm, M, OH, OW)
     g = tl.load(group_ptr + b * group_stride)
     return b, oh, ow, g, tl.load(zero_ptr + g)
+
+
+@triton.jit
+def _reduce_packed_taps(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, CX, KH: tl.constexpr, KW: tl.constexpr,
+                        UP: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """`_reduce` for a few input channels (an image's 3, a latent's 4): the reduction runs over k = (tap, c)
+    flattened, BLOCK_K of them a step, so 3×3 × 3 channels is one 32-wide step instead of nine steps of
+    which 3 / 32 are channels. The A tile is gathered code by code (pixel (ih0 + i, iw0 + j), channel c
+    for k = (i·KW + j)·C + c; out-of-image taps read 0, as `_reduce`'s); int8 weights [N, KH, KW, C] are
+    that very k order, contiguous (stride_wn = KH·KW·C). C is a compile-time constant here, so that the
+    (tap, channel) of each k is a multiply and shift, not a division."""
+    rk = tl.arange(0, BLOCK_K)
+    K = KH * KW * C
+    w_rows = w_ptr + rn_in[:, None].to(tl.int64) * stride_wn + rk[None, :]
+    acc = tl.full((BLOCK_M, BLOCK_N), 0, tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + rk
+        tap = k // C
+        ih = ih0[:, None] + (tap // KW)[None, :]
+        iw = iw0[:, None] + (tap % KW)[None, :]
+        ok = (k < K)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        a = tl.load(x_rows + ((ih // UP) * (W // UP) + iw // UP) * CX + (k - tap * C)[None, :], mask=ok, other=0)
+        w = tl.load(w_rows + k0, mask=(k < K)[None, :], other=0)
+        acc = tl.dot(a, tl.trans(w), acc, out_dtype=tl.int32)
+    return acc
 
 
 @triton.jit
@@ -341,6 +373,11 @@ def prepare_conv_weight(w_int: torch.Tensor, bits: int, padding=None) -> tuple[t
     return w_op.contiguous(), w_sums
 
 
+# Convs whose whole reduction KH·KW·C is at most this gather every tap's codes into one K tile (0: never;
+# TCAQ_CONV_PACK_TAPS). Off until timed: written on 29 Nov for the image and latent input convs (C = 3, 4:
+# nine 32-wide steps of which 3 / 32 are channels), exact under the interpreter, not yet run on a GPU.
+PACK_TAPS_K = int(os.environ.get("TCAQ_CONV_PACK_TAPS", "0"))
+
 # The widest K tile of the configs: splits are capped at the reduction steps it leaves (KH·KW·⌈C/128⌉),
 # so that no split is empty whatever tile the autotuner picks.
 _MAX_BLOCK_K = 128
@@ -377,6 +414,14 @@ def _check_padding(padding, size, kernel, stride: int, out_size, N: int, w_pad_s
         raise ValueError(f"qconv: out is {tuple(out_size)} pixels, a {kernel} conv of stride {stride} and padding "
                          f"{tuple(padding)} over {tuple(size)} gives {expect}")
     return dims[1] - 1, dims[2] - 1, dims[3] - 1
+
+
+def packs_taps(w_op: torch.Tensor, C: int, split_input: bool, split_k: int) -> bool:
+    """Whether the `tl.dot` conv reduces over (tap, channel) flattened (`_reduce_packed_taps`): int8 weights,
+    one channel range, no split, a multi-tap filter whose KH·KW·C reduction fits PACK_TAPS_K."""
+    taps = w_op.shape[1] * w_op.shape[2]
+    return (w_op.dtype == torch.int8 and not split_input and split_k == 1 and taps > 1
+            and taps * C <= PACK_TAPS_K)
 
 
 def _conv_wgmma():
@@ -455,6 +500,7 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_pad_sum: torch.Tensor, w_s
             scale, zero, group, *out_tables, *second_args,
             B, H, W, C, C2, N, OH, OW, padding[0], padding[2], *clips, group_stride,
             w_op.stride(0), w_op2.stride(0), *res_strides, W4=w_op.dtype == torch.uint8, **conv_tail,
+            PACK_TAPS=C if packs_taps(w_op, C, second is not None, split_k) else 0,
         )
     if split_k > 1:
         block_m, block_n = 32, 64

@@ -66,7 +66,7 @@ def assert_upsample_conv_exact(gen, device, case, w_bits):
     codes = rand_int(gen, (B, C, H, W), 8, device)
     w = rand_int(gen, (N, C, k, k), w_bits, device)
     t = Tables(gen, groups=3, batch=B, bits=8, device=device, unit_scale=True)
-    w_q, w_sum = prepare_conv_weight(w, w_bits)
+    w_q, w_sum = prepare_conv_weight(w, w_bits, pad)
     y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
                 t.s_inv, t.scale, t.zero, t.group, 1, [pad], out_dtype=torch.float32, upsample=2)
     up = codes.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)

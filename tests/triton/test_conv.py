@@ -7,6 +7,7 @@ import torch
 from tcaq_kernels.ops import reference as R
 from tcaq_kernels.ops.triton_ops import prepare_conv_weight, qconv2d, quantize_act
 from tcaq_kernels.quant import primitives as P
+from tcaq_kernels.triton import conv as conv_module
 from tcaq_kernels.triton.conv import conv_split_k, padding_sums, qconv
 
 from _tables import Tables, assert_float_close, assert_upsample_conv_exact, conv_acc_ref, rand_int
@@ -52,6 +53,45 @@ def test_asymmetric_padding_stride2(gen, device, w_bits):
         y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
                     t.s_inv, t.scale, t.zero, t.group, 2, [0, 1, 0, 1], out_dtype=torch.float32)
         assert torch.equal(y, ref), padding
+
+
+# (B, C, H, W, N, k, stride, padding): image and latent inputs, an odd C, stride 2, padding 2 (K = 63 of 64)
+PACK_CASES = [
+    (2, 3, 8, 8, 16, 3, 1, 1),
+    (2, 4, 7, 9, 24, 3, 1, 1),
+    (2, 5, 9, 6, 20, 3, 2, 1),
+    (1, 7, 6, 5, 9, 3, 1, 2),
+]
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("case", PACK_CASES)
+def test_packed_taps_exact_accumulator(gen, device, monkeypatch, w_bits, case):
+    """TCAQ_CONV_PACK_TAPS: (tap, channel) flattened into the K tile, the same int32 sums (int4 weights run
+    widened: int8 by the time they reach the kernel); plain 2× upsampling reads the same way."""
+    monkeypatch.setattr(conv_module, "PACK_TAPS_K", 64)
+    B, C, H, W, N, k, stride, pad = case
+    codes = rand_int(gen, (B, C, H, W), 8, device)
+    w = rand_int(gen, (N, C, k, k), w_bits, device)
+    t = Tables(gen, groups=3, batch=B, bits=8, device=device, unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, w_bits, pad)
+    assert w_bits == 4 or conv_module.packs_taps(w_q, C, False, 1)
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                t.s_inv, t.scale, t.zero, t.group, stride, [pad], out_dtype=torch.float32, split_k=1)
+    assert torch.equal(y, conv_acc_ref(codes, w, t, stride, (pad,) * 4).float())
+    if stride == 1 and pad == k // 2:  # the helper's 'same' upsampling conv
+        assert_upsample_conv_exact(gen, device, (B, C, H, W, N, k, pad), w_bits)
+
+
+def test_packed_taps_only_where_they_fit(monkeypatch):
+    monkeypatch.setattr(conv_module, "PACK_TAPS_K", 64)
+    w8 = lambda C, k=3: torch.zeros(4, k, k, C, dtype=torch.int8)
+    assert conv_module.packs_taps(w8(7), 7, False, 1) and not conv_module.packs_taps(w8(8), 8, False, 1)
+    assert not conv_module.packs_taps(w8(3, 1), 3, False, 1)  # one tap: nothing to pack
+    assert not conv_module.packs_taps(w8(3), 3, True, 1) and not conv_module.packs_taps(w8(3), 3, False, 2)
+    assert not conv_module.packs_taps(torch.zeros(4, 3, 3, 2, dtype=torch.uint8), 3, False, 1)
+    monkeypatch.setattr(conv_module, "PACK_TAPS_K", 0)
+    assert not conv_module.packs_taps(w8(3), 3, False, 1)
 
 
 def test_padding_sums_are_the_kept_taps(gen):
