@@ -77,7 +77,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(configs=_configs(),
                  key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K",
-                      "OUT_Q", "PACK_TAPS"],
+                      "OUT_Q", "PACK_TAPS", "HOIST"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -91,7 +91,7 @@ def _qconv_kernel(
     W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, TWO_Q: tl.constexpr,
     OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_C: tl.constexpr, PACK_TAPS: tl.constexpr,
+    EVEN_C: tl.constexpr, PACK_TAPS: tl.constexpr, HOIST: tl.constexpr,
 ):
     M = B * OH * OW
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -109,10 +109,10 @@ def _qconv_kernel(
                                   BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         acc = _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, UP, W4, SPLIT_K,
-                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C, HOIST)
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights
         acc2 = _reduce(x_rows + C, ih0, iw0, w2_ptr, rn_in, stride_w2n, H, W, C2, CX, KH, KW, UP, W4, SPLIT_K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C, HOIST)
         zero2 = tl.load(zero2_ptr + g)
     else:
         acc2, zero2 = acc, zero
@@ -132,12 +132,15 @@ def _qconv_kernel(
 @triton.jit
 def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.constexpr, KW: tl.constexpr,
             UP: tl.constexpr, W4: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr):
+            BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr, HOIST: tl.constexpr):
     """Σ w·a over this program's reduction steps (tap, channel block) of one channel range: C channels
     starting at `x_rows` in pixels of CX codes, weights [N, KH, KW, C] (packed: ⌈C/2⌉ bytes a tap). The
     input is H × W, stored as its (H/UP × W/UP) nearest-neighbour source: pixel (ih, iw) reads
-    (ih // UP, iw // UP)."""
+    (ih // UP, iw // UP). HOIST (UP = 1): rows' offsets and inside masks from `tap_rows`, once."""
     rk = tl.arange(0, BLOCK_K)
+    if HOIST:
+        row_off, rows_in, cols_in = tap_rows(ih0, iw0, H, W, CX, KH, KW)
+        x_rows = x_rows + row_off[:, None]
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
     if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S): balanced, and none empty while S ≤ n
@@ -161,12 +164,16 @@ def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.const
     for it in range(it_lo, it_hi):
         tap = it // c_blocks
         c0 = (it - tap * c_blocks) * BLOCK_K
-        ih = ih0 + tap // KW
-        iw = iw0 + tap % KW
-        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         # Out-of-image taps read 0 here (a zero-filled async copy, so the tile stays in shared
         # memory for the MMA); the epilogue turns them into the padding code z.
-        a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + rk[None, :]
+        if HOIST:
+            inside = tap_inside(rows_in, cols_in, tap // KW, tap % KW)
+            a_ptrs = x_rows + ((tap // KW * W + tap % KW) * CX + c0) + rk[None, :]
+        else:
+            ih = ih0 + tap // KW
+            iw = iw0 + tap % KW
+            inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + rk[None, :]
         if EVEN_C:
             a = tl.load(a_ptrs, mask=inside[:, None], other=0)
         else:
@@ -200,6 +207,27 @@ def output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr):
     b, oh, ow = pixel_coords(rm, M, OH, OW)
     g = tl.load(group_ptr + b * group_stride)
     return b, oh, ow, g, tl.load(zero_ptr + g)
+
+
+@triton.jit
+def tap_rows(ih0, iw0, H, W, CX, KH: tl.constexpr, KW: tl.constexpr):
+    """What every reduction step needs of each output row, computed once (TCAQ_CONV_HOIST): the code offset of
+    its top-left tap, pixel (ih0, iw0) of CX codes (outside the image for border rows — only masked loads
+    use it), and bit masks of its filter rows (bit i: input row ih0 + i inside) and columns inside the image.
+    A step then adds one uniform offset and tests two bits (`tap_inside`). UP = 1 only."""
+    rows_in = ih0 * 0
+    cols_in = iw0 * 0
+    for i in tl.static_range(KH):
+        rows_in = rows_in | (((ih0 + i >= 0) & (ih0 + i < H)).to(tl.int32) << i)
+    for j in tl.static_range(KW):
+        cols_in = cols_in | (((iw0 + j >= 0) & (iw0 + j < W)).to(tl.int32) << j)
+    return (ih0 * W + iw0) * CX, rows_in, cols_in
+
+
+@triton.jit
+def tap_inside(rows_in, cols_in, di, dj):
+    """Whether filter tap (di, dj) of each row reads inside the image, from `tap_rows`' masks."""
+    return ((rows_in >> di) & (cols_in >> dj) & 1) != 0
 
 
 @triton.jit
@@ -377,6 +405,10 @@ def prepare_conv_weight(w_int: torch.Tensor, bits: int, padding=None) -> tuple[t
 # TCAQ_CONV_PACK_TAPS). Off until timed: written on 29 Nov for the image and latent input convs (C = 3, 4:
 # nine 32-wide steps of which 3 / 32 are channels), exact under the interpreter, not yet run on a GPU.
 PACK_TAPS_K = int(os.environ.get("TCAQ_CONV_PACK_TAPS", "0"))
+# TCAQ_CONV_HOIST=1: the conv main loops take each row's offset and inside masks from `tap_rows`, once, instead
+# of recomputing coordinates, compares and the address every step (~15 instructions a row a step on sm_90a).
+# Off until timed (29 Nov): exact under the interpreter (`tl.dot` kernel), the Gluon kernel compiled, not run.
+HOIST_TAPS = os.environ.get("TCAQ_CONV_HOIST", "0") == "1"
 
 # The widest K tile of the configs: splits are capped at the reduction steps it leaves (KH·KW·⌈C/128⌉),
 # so that no split is empty whatever tile the autotuner picks.
@@ -486,7 +518,8 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_pad_sum: torch.Tensor, w_s
     out_tables, out_meta = output_quantizer(out, out_s_inv, out_zero, out_r_inv, out_bits)
     tail = dict(KH=KH, KW=KW, STRIDE=stride, PADDED=any(padding), SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
-    conv_tail = dict(tail, UP=upsample, TWO_Q=second is not None)  # the conv kernels' (not split-K's epilogue)
+    # the conv kernels' (not split-K's epilogue)
+    conv_tail = dict(tail, UP=upsample, TWO_Q=second is not None, HOIST=HOIST_TAPS and upsample == 1)
     second_args = (w_op2, w_pad_sum2, scale2, zero2)
     # split convs go to the Gluon kernel only under TCAQ_WGMMA=1 ("all") until its split-K has run on a GPU
     if (gemm.use_wgmma(x_nhwc) and (split_k == 1 or gemm.WGMMA == "all")

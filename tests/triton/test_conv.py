@@ -83,6 +83,33 @@ def test_packed_taps_exact_accumulator(gen, device, monkeypatch, w_bits, case):
         assert_upsample_conv_exact(gen, device, (B, C, H, W, N, k, pad), w_bits)
 
 
+@pytest.mark.parametrize("case", CASES + [(2, 19, 8, 8, 12, 3, 2, (0, 1, 0, 1))])
+def test_hoisted_rows_exact_accumulator(gen, device, monkeypatch, case):
+    """TCAQ_CONV_HOIST: each row's offset and inside masks once (`tap_rows`), the same int32 sums — also for a
+    split input's second range and an asymmetric padding; 2× upsampling keeps the per-step coordinates."""
+    monkeypatch.setattr(conv_module, "HOIST_TAPS", True)
+    B, C, H, W, N, k, stride, pad = case
+    pads = pad if isinstance(pad, tuple) else (pad,) * 4
+    codes = rand_int(gen, (B, C, H, W), 8, device)
+    w = rand_int(gen, (N, C, k, k), 8, device)
+    t = Tables(gen, groups=3, batch=B, bits=8, device=device, unit_scale=True)
+    w_q, w_sum = prepare_conv_weight(w, 8, list(pads))
+    y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                t.s_inv, t.scale, t.zero, t.group, stride, list(pads), out_dtype=torch.float32)
+    assert torch.equal(y, conv_acc_ref(codes, w, t, stride, pads).float())
+    if C > 16:  # a split input: the second range reads from its own channel offset
+        c2 = C // 2
+        t1, t2 = _split_tables(gen, 3, B, device, unit_scale=True)
+        (w_q, w_sum), (w_q2, w_sum2) = (prepare_conv_weight(w[:, lo:hi].contiguous(), 8, list(pads))
+                                        for lo, hi in ((0, c2), (c2, C)))
+        y = qconv2d(codes.permute(0, 2, 3, 1).contiguous(), w_q, w_sum, torch.ones(N, device=device), None,
+                    t1.s_inv, t1.scale, t1.zero, t1.group, stride, list(pads), out_dtype=torch.float32, c2=c2,
+                    w_q2=w_q2, w_sum2=w_sum2, s_inv2=t2.s_inv, scale2=t2.scale, zero2=t2.zero)
+        ref = (conv_acc_ref(codes[:, :c2], w[:, :c2], t1, stride, pads)
+               + conv_acc_ref(codes[:, c2:], w[:, c2:], t2, stride, pads))
+        assert torch.equal(y, ref.float())
+
+
 def test_packed_taps_only_where_they_fit(monkeypatch):
     monkeypatch.setattr(conv_module, "PACK_TAPS_K", 64)
     w8 = lambda C, k=3: torch.zeros(4, k, k, C, dtype=torch.int8)
