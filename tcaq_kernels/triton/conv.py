@@ -13,7 +13,8 @@ rows a pixel loses at the top and bottom and columns at the left and right, so `
 tabulates Σ w over the kept taps for every such clipping the padding allows ([pt+1, pb+1, pl+1, pr+1, N]
 int32) and the epilogue reads one table row per pixel: one integer multiply-add per output. (Summing
 per-tap sums tap by tap in the epilogue cost more instructions than a 64-channel conv's main loop; on an
-H200 the table made the 3×3 convs 1.2–1.5× faster, benchmarks/results/conv-padding-table-h200/.)
+H200 the table made the 3×3 convs 1.08× (SD-1.5) / 1.18× (embedded model) faster, median, up to 1.5×:
+benchmarks/results/conv-padding-table-h200/.)
 Channel counts that are not tile multiples (C_in = 3, 4, 960, …) are masked, not rejected; the
 masked lanes meet zero weights.
 
