@@ -139,6 +139,7 @@ def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.const
     input is H × W, stored as its (H/UP × W/UP) nearest-neighbour source: pixel (ih, iw) reads
     (ih // UP, iw // UP). HOIST (UP = 1): rows' offsets and inside masks from `tap_rows`, once."""
     rk = tl.arange(0, BLOCK_K)
+    tl.static_assert(UP == 1 or not HOIST, "HOIST's per-row offsets hold for UP = 1 only")
     if HOIST:
         row_off, rows_in, cols_in = tap_rows(ih0, iw0, H, W, CX, KH, KW)
         x_rows = x_rows + row_off[:, None]

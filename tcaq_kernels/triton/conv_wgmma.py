@@ -89,6 +89,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_
     steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
     every MMA and copy retired (so a second range may refill the ring). HOIST: the rows' offsets and masks
     once (`tap_rows`), handed to `_step_copies` in place of ih0 / iw0."""
+    gl.static_assert(UP == 1 or not HOIST, "HOIST's per-row offsets hold for UP = 1 only")
     if HOIST:
         row_off, rows_in, cols_in = tap_rows(ih0, iw0, H, W, CX, KH, KW)
         x_rows = x_rows + row_off[:, None]
