@@ -12,7 +12,11 @@ ints ≡ 0 mod 16 marked divisible, ints equal to 1 specialised) and reports:
   Triton 3.6 does with every int8 `tl.dot`; 1: one MMA in flight — the `…-wgmma` variants, the Gluon
   kernel of `gemm_wgmma.py` on int8 codes or bf16 input, int8 or packed int4 weights);
 * whether operands arrive by `cp.async` (software pipeline) or only by plain loads;
-* registers per thread, spill stores/loads (bytes) and shared memory per block.
+* registers per thread, spill stores/loads (bytes) and shared memory per block;
+* the machine code's instruction counts (`sass_profile`): each loop's body — the main loop's per-step cost,
+  marked * where it issues wgmma — and the straight-line tail after the last loop (the epilogue). Per-step
+  instructions × warps / 4 schedulers against the step's MMA cycles tells an issue-bound loop; a loop after
+  the MMA loop is an epilogue paid per tap or row (the conv's padding term once was: 235 × 9 per tile).
 
 `--probe` first compiles a bare K loop `acc = tl.dot(a, tl.trans(b), acc)` (operands straight from
 memory, nothing else) in int8, fp8 and bf16: the yardstick for what Triton's pipeliner does per dtype.
@@ -178,6 +182,30 @@ def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
             "spill_store_bytes": int(spill.group(1)) if spill else 0, "spill_load_bytes": int(spill.group(2)) if spill else 0}
 
 
+def sass_profile(cubin: bytes) -> dict:
+    """Instruction counts of the machine code (Triton's bundled cuobjdump): each loop — a backward branch's
+    body, i.e. one step's instructions, `mma` where it issues wgmma — in address order, and `tail`, the
+    instructions after the last loop (a kernel's epilogue; NOP padding not counted). A step's count times
+    the warps against its MMA cycles says whether a loop is issue-bound; a loop after the MMA loop is an
+    epilogue paid per tap or per row (the conv's padding term was one, 235 instructions × 9 taps)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(cubin)
+        text = subprocess.run([str(tool), "-sass", str(path)], capture_output=True, text=True, check=True).stdout
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", text)]
+    index = {a: i for i, (a, _) in enumerate(code)}
+    loops = []
+    for i, (addr, op) in enumerate(code):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            body = code[index[int(target.group(1), 16)]:i + 1]
+            loops.append({"instructions": len(body), "mma": any("GMMA" in o for _, o in body), "end": i})
+    after = code[loops[-1]["end"] + 1:] if loops else code
+    tail = sum(1 for _, op in after if not op.endswith("NOP") and not op.startswith("NOP"))
+    return {"loops": [{k: v for k, v in loop.items() if k != "end"} for loop in loops], "tail": tail}
+
+
 def describe(compiled) -> dict:
     ptx = compiled.asm["ptx"]
     mma = re.findall(r"(wgmma\.mma_async\S*|mma\.sync\S*)", ptx)
@@ -186,6 +214,7 @@ def describe(compiled) -> dict:
         "mma": sorted(set(mma)), "mma_count": len(mma), "max_wgmma_wait": max(waits) if waits else None,
         "cp_async": "cp.async" in ptx, "tma": "cp.async.bulk.tensor" in ptx,
         "shared_bytes": compiled.metadata.shared, **ptxas_usage(ptx),
+        **{f"sass_{k}": v for k, v in sass_profile(compiled.asm["cubin"]).items()},
     }
 
 
@@ -195,9 +224,10 @@ def configs_for(M: int, K: int) -> list[triton.Config]:
 
 def _print(r: dict) -> None:
     mma = ",".join(m.split(".")[0] + "." + m.split(".")[-3] for m in r["mma"]) or "-"
+    loops = "/".join(f"{x['instructions']}{'*' if x['mma'] else ''}" for x in r["sass_loops"]) or "-"
     print(f"{r['shape']:>22} {r['variant']:<11} {r['config']:<20} {mma:<18} wait≤{r['max_wgmma_wait']} "
           f"cp.async={r['cp_async']:d} regs={r['registers']} spill={r['spill_store_bytes']}/{r['spill_load_bytes']} B "
-          f"smem={r['shared_bytes'] // 1024} KB", flush=True)
+          f"smem={r['shared_bytes'] // 1024} KB loops={loops} tail={r['sass_tail']}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -96,6 +96,9 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     assert {r["variant"] for r in convs} == {"w8a8-conv-wgmma", "w4a8-conv-wgmma", "w4a8-conv-split-wgmma"}
     for r in [*convs, *(r for r in ours if r["variant"].endswith("-wgmma"))]:  # the point of the Gluon kernels
         assert r["max_wgmma_wait"] == 1 and r["cp_async"] and r["spill_store_bytes"] == 0, r
+        # the MMA loop is the last loop: the epilogue is straight-line code (the conv's padding term was once a
+        # per-tap loop after it, costing more instructions than the main loop)
+        assert r["sass_loops"] and r["sass_loops"][-1]["mma"] and r["sass_tail"] > 0, r
     for r in (r for r in ours if r["variant"].endswith("-wgmma")):  # the prune's arithmetic is the compiler's
         bm, bn, bk, warps, stages = (int(v) for v in re.findall(r"\d+", r["config"]))
         config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": stages}, num_warps=warps)
