@@ -42,9 +42,10 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tcaq_kernels.triton import conv_wgmma, gemm, gemm_wgmma  # noqa: E402
+from tcaq_kernels.triton import conv, conv_wgmma, gemm, gemm_wgmma  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # Triton's own ptxas, cuobjdump
 WGMMA_VARIANTS = ("w8a8-wgmma", "w4a8-wgmma", "w8a8-fused-wgmma", "w4a8-fused-wgmma", "w4a8-fused-split-wgmma")
 VARIANTS = {  # name: (A operand, packed int4 weights)
     "w8a8": ("*i8", False), "w4a8": ("*i8", True), "w8a8-fused": ("*bf16", False), "w4a8-fused": ("*bf16", True),
@@ -147,7 +148,7 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
-    OH, OW = (H + 2 * (k // 2) - k) // stride + 1, (W + 2 * (k // 2) - k) // stride + 1
+    OH, OW = conv.conv_output_size(H, W, k, k, stride, (k // 2,) * 4)
     c1, c_2 = (C, 0) if c2 is None else (c2, C - c2)
     cw = lambda c: (c + 1) // 2 if w4 else c
     w_ty = "*u8" if w4 else "*i8"
@@ -170,7 +171,7 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
 
 def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
     """Registers and spill bytes as ptxas reports them for `ptx` (Triton's own ptxas)."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    ptxas = NVIDIA_BIN / "ptxas"
     with tempfile.TemporaryDirectory() as d:
         src = Path(d) / "k.ptx"
         src.write_text(ptx)
@@ -188,7 +189,7 @@ def sass_profile(cubin: bytes) -> dict:
     instructions after the last loop (a kernel's epilogue; NOP padding not counted). A step's count times
     the warps against its MMA cycles says whether a loop is issue-bound; a loop after the MMA loop is an
     epilogue paid per tap or per row (the conv's padding term was one, 235 instructions × 9 taps)."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = NVIDIA_BIN / "cuobjdump"
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
         path.write_bytes(cubin)

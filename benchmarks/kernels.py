@@ -74,7 +74,7 @@ import triton
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton import conv as conv_module
-from tcaq_kernels.triton.conv import _qconv_kernel, conv_split_k
+from tcaq_kernels.triton.conv import _qconv_kernel, conv_output_size, conv_split_k
 from tcaq_kernels.triton import conv_wgmma, gemm_wgmma, widen
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
 from tcaq_kernels.triton import groupnorm
@@ -390,8 +390,8 @@ def _conv_inputs(shape):
 
 def _conv_out_hw(shape) -> tuple[int, int]:
     """(OH, OW) of a conv shape (pads: top, bottom, left, right)."""
-    B, C, H, W, N, k, stride, (top, bottom, left, right), count = shape
-    return (H + top + bottom - k) // stride + 1, (W + left + right - k) // stride + 1
+    B, C, H, W, N, k, stride, pads, count = shape
+    return conv_output_size(H, W, k, k, stride, pads)
 
 
 def _conv_geometry(shape):

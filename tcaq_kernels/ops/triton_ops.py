@@ -101,7 +101,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..triton.attention import check_shapes, qattention_launch
-from ..triton.conv import conv_pads, prepare_conv_weight, qconv
+from ..triton.conv import conv_output_size, conv_pads, prepare_conv_weight, qconv
 from ..triton.gemm import prepare_linear_weight, qgemm
 from ..triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
 from ..triton.quantize import quantize_bsc
@@ -363,8 +363,7 @@ def _conv_out_shape(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Se
     H, W = (x.shape[1], x.shape[2]) if x.dtype == torch.int8 else (x.shape[2], x.shape[3])
     H, W = H * upsample, W * upsample
     N, KH, KW, _ = w_q.shape
-    top, bottom, left, right = conv_pads(padding, KH, KW)
-    return [B, N, (H + top + bottom - KH) // stride + 1, (W + left + right - KW) // stride + 1]
+    return [B, N, *conv_output_size(H, W, KH, KW, stride, conv_pads(padding, KH, KW))]
 
 
 def _conv_out(x: torch.Tensor, w_q: torch.Tensor, stride: int, padding: Sequence[int],

@@ -372,6 +372,17 @@ def conv_pads(padding, KH: int, KW: int) -> tuple[int, int, int, int]:
     return pads
 
 
+def conv_output_size(H: int, W: int, KH: int, KW: int, stride: int, pads) -> tuple[int, int]:
+    """(OH, OW) of a KH × KW conv of `stride` over H × W with pads (top, bottom, left, right)."""
+    top, bottom, left, right = pads
+    return (H + top + bottom - KH) // stride + 1, (W + left + right - KW) // stride + 1
+
+
+def table_clips(w_pad_sum: torch.Tensor) -> tuple[int, int, int]:
+    """A padding table's bottom, left and right extents less one: the conv kernels' `clip_*` arguments."""
+    return tuple(d - 1 for d in w_pad_sum.shape[1:4])
+
+
 def padding_sums(w_int: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
     """Σ of the integer weights [N, C, KH, KW] over the taps a pixel keeps, for every clipping the padding
     (top, bottom, left, right) allows: [pt+1, pb+1, pl+1, pr+1, N] int32, entry (a, b, c, d) summing filter
@@ -435,19 +446,18 @@ def _check_padding(padding, size, kernel, stride: int, out_size, N: int, w_pad_s
                    name: str) -> tuple[int, int, int]:
     """The padding table must cover this call's padding (its extents at least the pads plus one: a pixel's
     filter loses at most the padding's rows and columns) and the output size must be the conv's, which that
-    bound assumes. Returns the table's bottom, left and right extents less one (the kernels' `clip_*`)."""
+    bound assumes. Returns its `table_clips`."""
     dims = tuple(w_pad_sum.shape)
     if len(dims) != 5 or dims[4] != N or any(d < p + 1 for d, p in zip(dims, padding)):
         raise ValueError(f"qconv: {name} of shape {dims} is no padding table for padding {tuple(padding)} "
                          f"(top, bottom, left, right) and {N} channels, which needs "
                          f"{tuple(p + 1 for p in padding) + (N,)} at least: prepare the weights with "
                          f"prepare_conv_weight(w, bits, padding={list(padding)})")
-    expect = tuple((n + p0 + p1 - k) // stride + 1
-                   for n, p0, p1, k in zip(size, padding[::2], padding[1::2], kernel))
+    expect = conv_output_size(*size, *kernel, stride, padding)
     if tuple(out_size) != expect:
         raise ValueError(f"qconv: out is {tuple(out_size)} pixels, a {kernel} conv of stride {stride} and padding "
                          f"{tuple(padding)} over {tuple(size)} gives {expect}")
-    return dims[1] - 1, dims[2] - 1, dims[3] - 1
+    return table_clips(w_pad_sum)
 
 
 def packs_taps(w_op: torch.Tensor, C: int, split_input: bool, split_k: int) -> bool:

@@ -19,7 +19,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
-from .conv import conv_epilogue, output_pixels, pixel_coords, tap_inside, tap_rows
+from .conv import conv_epilogue, output_pixels, pixel_coords, table_clips, tap_inside, tap_rows
 from .gemm_wgmma import _copy_layout, _epilogue_tile, _instr_n, _ready_w_operand, _store_partials, _warps
 from .numerics import tuning_bench
 
@@ -213,12 +213,11 @@ def launch(x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, ze
     w_op2, w_pad_sum2, scale2, zero2 = second
     OH, OW = out.shape[2], out.shape[3]
     M = B * OH * OW
-    clips = tuple(d - 1 for d in w_pad_sum.shape[1:4])  # the table's extents (`conv._check_padding`)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), tail["SPLIT_K"])
     _tuned[grid](
         x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, zero, group, *out_tables,
         w_op2, w_pad_sum2, scale2, zero2,
-        B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], *clips, group_stride,
+        B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], *table_clips(w_pad_sum), group_stride,
         w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
         W4=w_op.dtype == torch.uint8, **tail,
     )
