@@ -1,12 +1,15 @@
 """A/B of environment switches on the kernel benchmarks: `kernels.py` once per variant, each in its own process
 (the switches are read at import), then every row's time under each variant beside the default's.
 
-Why: experiments land on main behind off-by-default switches (TCAQ_CONV_HOIST, TCAQ_CONV_PACK_TAPS, …), and
+Why: experiments land on main behind off-by-default switches (TCAQ_GN_LOOPED, TCAQ_AUTO_SPLIT_K, …), and
 making one the default needs its times beside the default's, same card, same call. The vendor rows (cuDNN,
 cuBLAS) run in every process too: their ratios show how far two runs of the same code drift.
 
-    python benchmarks/ab_env.py --out DIR --variant hoist:TCAQ_CONV_HOIST=1 \\
-        --variant pack:TCAQ_CONV_PACK_TAPS=64 -- --ops conv --models embedded-b256 --impls triton-w8a8
+    python benchmarks/ab_env.py --out DIR --variant splitk:TCAQ_AUTO_SPLIT_K=1 \\
+        --variant tldot:TCAQ_WGMMA=0 -- --ops conv --models sd15-b2 --impls triton-w8a8
+
+A variant may also set PYTHONPATH to an older checkout of `tcaq_kernels` (`git archive REV tcaq_kernels`)
+to time the code before a change beside it.
 
 writes DIR/<name>/kernels.{json,md} for "default" and each variant, DIR/ab.json (the rows, each with its
 "variant") and DIR/ab.md: per row the default's µs and each variant's with default / variant (> 1: the

@@ -140,11 +140,11 @@ def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = Fals
 
 
 def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1, c2: int | None = None,
-                       up: int = 1, hoist: bool = False):
+                       up: int = 1):
     """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
     with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums; `c2`: a
     split input whose second channel range starts there, two int32 sums; `up` 2: the input read as the
-    nearest 2× upsampling of its codes, H × W being the upsampled size; `hoist`: TCAQ_CONV_HOIST's main loop)."""
+    nearest 2× upsampling of its codes, H × W being the upsampled size)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
@@ -160,7 +160,7 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
                 pad_w=k // 2, clip_b=k // 2, clip_l=k // 2, clip_r=k // 2, group_stride=1, stride_wn=k * k * cw(c1), stride_w2n=k * k * cw(c_2 or c1),
                 stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
-    constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, HOIST=hoist, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
+    constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
                       TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
                       OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel

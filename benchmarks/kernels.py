@@ -73,7 +73,6 @@ import triton
 
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
-from tcaq_kernels.triton import conv as conv_module
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_output_size, conv_split_k
 from tcaq_kernels.triton import conv_wgmma, gemm_wgmma, widen
 from tcaq_kernels.triton.gemm import _qgemm_kernel, choose_split_k, k_range_per_split, output_quantizer
@@ -441,7 +440,7 @@ def run_conv(model, shape, card, command):
         tables, meta = output_quantizer(out, None, None, None, 8)
         _, scale, zero, group = v.tab  # the conv takes codes: no s_inv
         tail = dict(KH=k, KW=k, STRIDE=stride, PADDED=any(pads), SPLIT_K=1, HAS_BIAS=True, HAS_RES=False, UP=1,
-                    TWO_Q=False, HOIST=conv_module.HOIST_TAPS, **meta)
+                    TWO_Q=False, **meta)
         for bits in (8, 4):
             floors[f"gluon-w{bits}a8"] = floors[f"triton-w{bits}a8"]
             impls[f"gluon-w{bits}a8"] = (lambda w_op=v.ops[bits][0], w_sum=v.ops[bits][1]: conv_wgmma.launch(

@@ -3,7 +3,12 @@
 Rows are output pixels m = (b, oh, ow), columns output channels n, and the reduction runs over
 (r, s, c) with c fastest, so each A tile is BLOCK_M pixels × BLOCK_K contiguous input channels of
 one filter tap — coalesced NHWC loads, no im2col buffer. The taps and channel blocks are flattened
-into one loop so that the software pipeline spans the whole reduction, not one tap.
+into one loop so that the software pipeline spans the whole reduction, not one tap. A step's gather
+needs, per output row, only its top-left tap's offset and which filter rows and columns are inside the
+image: `tap_rows` computes them once, a step adds a uniform offset and tests two bits (Gluon main loop
+177 → 145 sm_90a instructions a step; H200 29 Nov: the Gluon convs 1.03× (embedded b256) / 1.05×
+(SD-1.5 b8) faster, median). Convs of a few input channels (an image's 3, a latent's 4) flatten (tap,
+channel) into the K tile instead (`PACK_TAPS_K`).
 
 Padding is in the quantized domain with the code z[g] (DESIGN.md §3). The main loop reads
 out-of-image taps as 0 (zero-filled async copies: the A tile goes to the MMA straight from shared
@@ -43,7 +48,6 @@ s_inv[g], z[g] and r_inv[n]. They come NHWC [B, OH, OW, N] — the input layout 
 so a conv feeding a conv hands over one byte per value and skips the separate quantize pass.
 """
 import itertools
-import os
 
 import torch
 import triton
@@ -78,7 +82,7 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.autotune(configs=_configs(),
                  key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K",
-                      "OUT_Q", "PACK_TAPS", "HOIST"],
+                      "OUT_Q", "PACK_TAPS"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
 @triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})
 @triton.jit
@@ -92,7 +96,7 @@ def _qconv_kernel(
     W4: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT_K: tl.constexpr, TWO_Q: tl.constexpr,
     OUT_Q: tl.constexpr, OUT_HAS_RINV: tl.constexpr, OUT_QMIN: tl.constexpr, OUT_QMAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_C: tl.constexpr, PACK_TAPS: tl.constexpr, HOIST: tl.constexpr,
+    EVEN_C: tl.constexpr, PACK_TAPS: tl.constexpr,
 ):
     M = B * OH * OW
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -109,11 +113,16 @@ def _qconv_kernel(
         acc = _reduce_packed_taps(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, CX, KH, KW, UP, PACK_TAPS,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        acc = _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, UP, W4, SPLIT_K,
-                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C, HOIST)
+        if UP == 1:  # each row's top-left tap and inside masks once (`tap_rows`): a step adds an offset
+            row_off, rows, cols = tap_rows(ih0, iw0, H, W, CX, KH, KW)
+            x_rows = x_rows + row_off[:, None]
+        else:  # upsampled: a step divides its input coordinates by UP
+            rows, cols = ih0, iw0
+        acc = _reduce(x_rows, rows, cols, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, UP, W4, SPLIT_K,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights
-        acc2 = _reduce(x_rows + C, ih0, iw0, w2_ptr, rn_in, stride_w2n, H, W, C2, CX, KH, KW, UP, W4, SPLIT_K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C, HOIST)
+        acc2 = _reduce(x_rows + C, rows, cols, w2_ptr, rn_in, stride_w2n, H, W, C2, CX, KH, KW, UP, W4, SPLIT_K,
+                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
         zero2 = tl.load(zero2_ptr + g)
     else:
         acc2, zero2 = acc, zero
@@ -131,18 +140,15 @@ def _qconv_kernel(
 
 
 @triton.jit
-def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.constexpr, KW: tl.constexpr,
+def _reduce(x_rows, rows, cols, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.constexpr, KW: tl.constexpr,
             UP: tl.constexpr, W4: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr, HOIST: tl.constexpr):
+            BLOCK_K: tl.constexpr, EVEN_C: tl.constexpr):
     """Σ w·a over this program's reduction steps (tap, channel block) of one channel range: C channels
-    starting at `x_rows` in pixels of CX codes, weights [N, KH, KW, C] (packed: ⌈C/2⌉ bytes a tap). The
-    input is H × W, stored as its (H/UP × W/UP) nearest-neighbour source: pixel (ih, iw) reads
-    (ih // UP, iw // UP). HOIST (UP = 1): rows' offsets and inside masks from `tap_rows`, once."""
+    starting at `x_rows` in pixels of CX codes, weights [N, KH, KW, C] (packed: ⌈C/2⌉ bytes a tap).
+    UP = 1: `x_rows` is at each row's top-left tap and `rows` / `cols` are `tap_rows`' inside masks;
+    UP = 2: they are the top-left tap's coordinates (ih0, iw0) in the H × W input, stored as its
+    (H/UP × W/UP) nearest-neighbour source: pixel (ih, iw) reads (ih // UP, iw // UP)."""
     rk = tl.arange(0, BLOCK_K)
-    tl.static_assert(UP == 1 or not HOIST, "HOIST's per-row offsets hold for UP = 1 only")
-    if HOIST:
-        row_off, rows_in, cols_in = tap_rows(ih0, iw0, H, W, CX, KH, KW)
-        x_rows = x_rows + row_off[:, None]
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
     if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S): balanced, and none empty while S ≤ n
@@ -168,12 +174,12 @@ def _reduce(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, C, CX, KH: tl.const
         c0 = (it - tap * c_blocks) * BLOCK_K
         # Out-of-image taps read 0 here (a zero-filled async copy, so the tile stays in shared
         # memory for the MMA); the epilogue turns them into the padding code z.
-        if HOIST:
-            inside = tap_inside(rows_in, cols_in, tap // KW, tap % KW)
+        if UP == 1:
+            inside = tap_inside(rows, cols, tap // KW, tap % KW)
             a_ptrs = x_rows + ((tap // KW * W + tap % KW) * CX + c0) + rk[None, :]
         else:
-            ih = ih0 + tap // KW
-            iw = iw0 + tap % KW
+            ih = rows + tap // KW
+            iw = cols + tap % KW
             inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + rk[None, :]
         if EVEN_C:
@@ -213,7 +219,7 @@ def output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr):
 
 @triton.jit
 def tap_rows(ih0, iw0, H, W, CX, KH: tl.constexpr, KW: tl.constexpr):
-    """What every reduction step needs of each output row, computed once (TCAQ_CONV_HOIST): the code offset of
+    """What every reduction step needs of each output row, computed once: the code offset of
     its top-left tap, pixel (ih0, iw0) of CX codes (outside the image for border rows — only masked loads
     use it), and bit masks of its filter rows (bit i: input row ih0 + i inside) and columns inside the image.
     A step then adds one uniform offset and tests two bits (`tap_inside`). UP = 1 only."""
@@ -414,14 +420,10 @@ def prepare_conv_weight(w_int: torch.Tensor, bits: int, padding=None) -> tuple[t
     return w_op.contiguous(), w_sums
 
 
-# Convs whose whole reduction KH·KW·C is at most this gather every tap's codes into one K tile (0: never;
-# TCAQ_CONV_PACK_TAPS). Off until timed: written on 29 Nov for the image and latent input convs (C = 3, 4:
-# nine 32-wide steps of which 3 / 32 are channels), exact under the interpreter, not yet run on a GPU.
-PACK_TAPS_K = int(os.environ.get("TCAQ_CONV_PACK_TAPS", "0"))
-# TCAQ_CONV_HOIST=1: the conv main loops take each row's offset and inside masks from `tap_rows`, once, instead
-# of recomputing coordinates, compares and the address every step (~15 instructions a row a step on sm_90a).
-# Off until timed (29 Nov): exact under the interpreter (`tl.dot` kernel), the Gluon kernel compiled, not run.
-HOIST_TAPS = os.environ.get("TCAQ_CONV_HOIST", "0") == "1"
+# Convs whose whole reduction KH·KW·C is at most this gather every tap's codes into one K tile: the image and
+# latent input convs (C = 3, 4), which otherwise take nine 32-wide steps of which 3 / 32 are channels. H200,
+# 29 Nov (`benchmarks/results/conv-hoist-pack-h200/`): 3.2× (embedded C3 32×32) and 2.7× (SD-1.5 b8 C4 64×64).
+PACK_TAPS_K = 64
 
 # The widest K tile of the configs: splits are capped at the reduction steps it leaves (KH·KW·⌈C/128⌉),
 # so that no split is empty whatever tile the autotuner picks.
@@ -531,7 +533,7 @@ def qconv(x_nhwc: torch.Tensor, w_op: torch.Tensor, w_pad_sum: torch.Tensor, w_s
     tail = dict(KH=KH, KW=KW, STRIDE=stride, PADDED=any(padding), SPLIT_K=split_k, HAS_BIAS=bias is not None,
                 HAS_RES=residual is not None, **out_meta)
     # the conv kernels' (not split-K's epilogue)
-    conv_tail = dict(tail, UP=upsample, TWO_Q=second is not None, HOIST=HOIST_TAPS and upsample == 1)
+    conv_tail = dict(tail, UP=upsample, TWO_Q=second is not None)
     second_args = (w_op2, w_pad_sum2, scale2, zero2)
     # split convs go to the Gluon kernel only under TCAQ_WGMMA=1 ("all") until its split-K has run on a GPU
     if (gemm.use_wgmma(x_nhwc) and (split_k == 1 or gemm.WGMMA == "all")

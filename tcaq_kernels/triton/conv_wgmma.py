@@ -54,23 +54,22 @@ def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, ST
 
 
 @gluon.jit
-def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blocks, H, W, C, CX, CW,
-                 a_dst, w_dst, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr,
-                 HOIST: gl.constexpr):
+def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blocks, H, W, C, CX, CW,
+                 a_dst, w_dst, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
     """cp.async of reduction step `it` (tap, channel block) of both operands, as one commit group; zeros
     for out-of-image taps, channels past C and steps from `it_end` on (the ring's tail). A pixel holds CX
-    codes, of which this range reads C from `x_rows` on; the H × W input is stored as its (H/UP × W/UP)
-    nearest-neighbour source. HOIST: `x_rows` already at each row's top-left tap and ih0 / iw0 standing for
-    `tap_rows`' masks of rows and columns inside (conv.py `tap_rows`)."""
+    codes, of which this range reads C from `x_rows` on. UP = 1: `x_rows` is at each row's top-left tap and
+    `rows` / `cols` are `tap_rows`' inside masks; UP = 2: they are the top-left tap's input coordinates
+    (ih0, iw0) of the H × W input stored as its (H/UP × W/UP) nearest-neighbour source."""
     tap = it // c_blocks
     c0 = (it - tap * c_blocks) * BLOCK_K
     live = it < it_end
-    if HOIST:
-        inside = m_ok & tap_inside(ih0, iw0, tap // KW, tap % KW) & live
+    if UP == 1:
+        inside = m_ok & tap_inside(rows, cols, tap // KW, tap % KW) & live
         a_ptrs = x_rows + ((tap // KW * W + tap % KW) * CX + c0) + ka[None, :]
     else:
-        ih = ih0 + tap // KW
-        iw = iw0 + tap % KW
+        ih = rows + tap // KW
+        iw = cols + tap % KW
         inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & live
         a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + ka[None, :]
     async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
@@ -80,20 +79,14 @@ def _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blo
 
 
 @gluon.jit
-def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, H, W, C, CX, CW,
+def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, H, W, C, CX, CW,
             SPLIT_K: gl.constexpr, KH: gl.constexpr, KW: gl.constexpr, UP: gl.constexpr, W4: gl.constexpr,
             w_copy: gl.constexpr,
-            STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr,
-            HOIST: gl.constexpr):
+            STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
     """acc + Σ w·a over this program's reduction steps of one channel range, through the ring: STAGES-1
     steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
-    every MMA and copy retired (so a second range may refill the ring). HOIST: the rows' offsets and masks
-    once (`tap_rows`), handed to `_step_copies` in place of ih0 / iw0."""
-    gl.static_assert(UP == 1 or not HOIST, "HOIST's per-row offsets hold for UP = 1 only")
-    if HOIST:
-        row_off, rows_in, cols_in = tap_rows(ih0, iw0, H, W, CX, KH, KW)
-        x_rows = x_rows + row_off[:, None]
-        ih0, iw0 = rows_in, cols_in
+    every MMA and copy retired (so a second range may refill the ring). `x_rows`, `rows`, `cols`: as
+    `_step_copies` takes them."""
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
     if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S), as `conv._qconv_kernel`'s splits do
@@ -103,8 +96,8 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_
         it_lo = 0
         it_hi = n_iter
     for p in gl.static_range(STAGES - 1):
-        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + p, it_hi, c_blocks, H, W, C, CX, CW,
-                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK, HOIST)
+        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, it_lo + p, it_hi, c_blocks, H, W, C, CX, CW,
+                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK)
     for i in range(it_hi - it_lo):
         s = i % STAGES
         w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
@@ -112,8 +105,8 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, ih0, iw0, m_ok, ka, w_rows, n_
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
         j = i + STAGES - 1
-        _step_copies(x_rows, ih0, iw0, m_ok, ka, w_rows, n_ok, kw, it_lo + j, it_hi, c_blocks, H, W, C, CX, CW,
-                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK, HOIST)
+        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, it_lo + j, it_hi, c_blocks, H, W, C, CX, CW,
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     gl.thread_barrier()  # the last MMAs' buffers are free in every warpgroup
@@ -128,7 +121,7 @@ def _qconv_wgmma_kernel(
     B, H, W, C, CW, C2, CW2, N, OH, OW, pad_h, pad_w, clip_b, clip_l, clip_r, group_stride,
     stride_wn, stride_w2n, stride_rb, stride_rc, stride_rh, stride_rw,
     KH: gl.constexpr, KW: gl.constexpr, STRIDE: gl.constexpr, UP: gl.constexpr, PADDED: gl.constexpr,
-    HOIST: gl.constexpr, W4: gl.constexpr,
+    W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
@@ -152,15 +145,20 @@ def _qconv_wgmma_kernel(
     iw0 = ow * STRIDE - pad_w
     CX = C + C2  # a pixel's codes: the first range's C channels, then the second's C2 (0 without one)
     x_rows = x_ptr + (b.to(gl.int64) * (H // UP) * (W // UP) * CX)[:, None]  # the stored (H/UP × W/UP) image
+    if UP == 1:  # each row's top-left tap and inside masks once (`tap_rows`): a step adds an offset, tests 2 bits
+        row_off, rows, cols = tap_rows(ih0, iw0, H, W, CX, KH, KW)
+        x_rows = x_rows + row_off[:, None]
+    else:  # upsampled: a step divides its input coordinates by UP
+        rows, cols = ih0, iw0
     m_ok = rm < M
     n_ok = rn < N
 
     a_smem, w_smem, w8_smem = _int8_ring(gl.int8, w_ptr.dtype.element_ty, W4, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, WK)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
-    acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, ih0, iw0,
+    acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, rows, cols,
                   m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
-                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, HOIST)
+                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
     acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)  # channels_last output: rows of N contiguous
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
@@ -168,8 +166,8 @@ def _qconv_wgmma_kernel(
     eb, eoh, eow, eg, ezero = output_pixels(em, M, OH, OW, group_ptr, group_stride, zero_ptr)
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights, its own sum
         acc2 = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows + C,
-                       ih0, iw0, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
-                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, HOIST)
+                       rows, cols, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
+                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
         acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N)
         ezero2 = gl.load(zero2_ptr + eg)
     else:
@@ -186,7 +184,7 @@ _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
     key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K", "HAS_RES",
-         "OUT_Q", "HOIST"],
+         "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_qconv_wgmma_kernel)
 
