@@ -124,27 +124,28 @@ def compile_variant(M, N, K, variant: str, config: triton.Config):
     return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False, split_k: int = 1):
+def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False, split_k: int = 1,
+                  epi_mma: bool = False):
     """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output;
     `a_float`: bf16 activations quantized in registers; `w4`: packed int4 weights; `split_k` > 1: the
-    program writing int32 partial sums)."""
+    program writing int32 partial sums; `epi_mma`: the epilogue in the wgmma layout, TCAQ_WGMMA_EPILOGUE=mma)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, warps = config
     fn = gemm_wgmma._w8a8_wgmma_kernel
     args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", w4)  # the two kernels share these names
     constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
-                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
 
 def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1, c2: int | None = None,
-                       up: int = 1):
+                       up: int = 1, epi_mma: bool = False):
     """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
     with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums; `c2`: a
     split input whose second channel range starts there, two int32 sums; `up` 2: the input read as the
-    nearest 2× upsampling of its codes, H × W being the upsampled size)."""
+    nearest 2× upsampling of its codes, H × W being the upsampled size; `epi_mma`: TCAQ_WGMMA_EPILOGUE=mma)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
@@ -162,7 +163,8 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
     constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
                       TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
-                      OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+                      OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                      STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -239,6 +241,8 @@ def main(argv=None) -> int:
                    help="also the Gluon conv (int8 and int4 weights, every config) on this NHWC shape (repeatable)")
     p.add_argument("--variants", default=",".join([*VARIANTS, *WGMMA_VARIANTS]),
                    help="of the tl.dot kernel, and w{8,4}a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
+    p.add_argument("--epilogue", choices=("convert", "mma"), default="convert",
+                   help="the Gluon kernels' epilogue layout (mma: TCAQ_WGMMA_EPILOGUE=mma's)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     rows = []
@@ -254,9 +258,10 @@ def main(argv=None) -> int:
                 for cfg in gemm_wgmma.CONFIGS:
                     w4 = variant.startswith("w4")
                     info = describe(compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=w4,
-                                                  split_k=2 if "-split" in variant else 1))
+                                                  split_k=2 if "-split" in variant else 1,
+                                                  epi_mma=a.epilogue == "mma"))
                     rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
-                        *cfg[:3], w=cfg[4], s=cfg[3]), **info})
+                        *cfg[:3], w=cfg[4], s=cfg[3]), "epilogue": a.epilogue, **info})
                     _print(rows[-1])
                 continue
             for cfg in configs_for(M, K):
@@ -268,9 +273,9 @@ def main(argv=None) -> int:
         shape = tuple(int(v) for v in text.split(","))
         for w4, split_k in ((False, 1), (True, 1), (True, 2)):
             for cfg in conv_wgmma.CONFIGS:
-                info = describe(compile_conv_wgmma(shape, cfg, w4, split_k))
+                info = describe(compile_conv_wgmma(shape, cfg, w4, split_k, epi_mma=a.epilogue == "mma"))
                 variant = ("w4a8" if w4 else "w8a8") + ("-conv-split-wgmma" if split_k > 1 else "-conv-wgmma")
-                rows.append({"shape": "conv " + text, "variant": variant,
+                rows.append({"shape": "conv " + text, "variant": variant, "epilogue": a.epilogue,
                              "config": "{}x{}x{} w{w} s{s}".format(*cfg[:3], w=cfg[4], s=cfg[3]), **info})
                 _print(rows[-1])
     if a.json:

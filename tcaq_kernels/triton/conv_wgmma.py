@@ -20,6 +20,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from .conv import conv_epilogue, output_pixels, pixel_coords, table_clips, tap_inside, tap_rows
+from . import gemm_wgmma
 from .gemm_wgmma import _copy_layout, _epilogue_tile, _instr_n, _ready_w_operand, _store_partials, _warps
 from .numerics import tuning_bench
 
@@ -124,7 +125,8 @@ def _qconv_wgmma_kernel(
     W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    EPI_MMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
     M = B * OH * OW
@@ -159,7 +161,7 @@ def _qconv_wgmma_kernel(
     acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, rows, cols,
                   m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
                   SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
-    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)  # channels_last output: rows of N contiguous
+    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)  # channels_last output: rows of N contiguous
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
         return
@@ -168,7 +170,7 @@ def _qconv_wgmma_kernel(
         acc2 = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows + C,
                        rows, cols, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
                        H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
-        acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N)
+        acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
         ezero2 = gl.load(zero2_ptr + eg)
     else:
         acc2, ezero2 = acc, ezero
@@ -184,7 +186,7 @@ _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
     key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K", "HAS_RES",
-         "OUT_Q"],
+         "OUT_Q", "EPI_MMA"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_qconv_wgmma_kernel)
 
@@ -217,5 +219,5 @@ def launch(x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, ze
         w_op2, w_pad_sum2, scale2, zero2,
         B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], *table_clips(w_pad_sum), group_stride,
         w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        W4=w_op.dtype == torch.uint8, **tail,
+        W4=w_op.dtype == torch.uint8, EPI_MMA=gemm_wgmma.EPILOGUE_IN_MMA, **tail,
     )

@@ -20,6 +20,8 @@ sums, and `qgemm` finishes with the same split-K epilogue kernel.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.runtime.jit import constexpr_function
@@ -36,6 +38,23 @@ from .numerics import quantize_uniform, tuning_bench, unpack_int4_rows
 #: steps of 128).
 CONFIGS = [(128, 128, 128, 4, 8), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4),
            (128, 128, 64, 6, 8), (128, 64, 64, 6, 4)]
+
+
+def epilogue_policy(switch: str) -> bool:
+    """Whether the epilogues run in the wgmma layout (TCAQ_WGMMA_EPILOGUE=mma) or convert the accumulator to
+    `_epilogue_layout` first (unset, the default); any other value is refused rather than read as the default."""
+    if switch not in ("", "mma"):
+        raise ValueError(f"TCAQ_WGMMA_EPILOGUE={switch!r}: expected unset or 'mma'")
+    return switch == "mma"
+
+
+# TCAQ_WGMMA_EPILOGUE=mma: the epilogue works on the accumulator where the wgmma left it and stores from there
+# (each thread 2 adjacent columns of 8-row-apart rows), instead of first converting it through shared memory to
+# rows of 8 contiguous columns. Fewer instructions (sm_90a, `kernel_asm.py`, 29 Nov): the conv's epilogue
+# 1084 → 734 at 128×64×64 w4 (134 → 128 registers), the GEMM's 797 → 618 (8192×320×320, same config); but the
+# 128×128 w8 configs take 171–199 registers instead of 126–134, and the stores cover half of each 32-byte
+# sector. Off until timed and tested on a GPU.
+EPILOGUE_IN_MMA = epilogue_policy(os.environ.get("TCAQ_WGMMA_EPILOGUE", ""))
 
 
 @constexpr_function
@@ -115,10 +134,14 @@ def _ready_w_operand(w_smem, w8_smem, s, i, w_copy: gl.constexpr, W4: gl.constex
 
 
 @gluon.jit
-def _epilogue_tile(acc, off_m, off_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The accumulator in the epilogue's layout (`_epilogue_layout`) with its global rows and columns."""
-    epi: gl.constexpr = _epilogue_layout(BLOCK_N, gl.num_warps())
-    acc = gl.convert_layout(acc, epi)
+def _epilogue_tile(acc, off_m, off_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IN_MMA: gl.constexpr):
+    """The accumulator in the epilogue's layout (`_epilogue_layout`; IN_MMA: the wgmma layout it is in, see
+    EPILOGUE_IN_MMA) with its global rows and columns."""
+    if IN_MMA:
+        epi: gl.constexpr = acc.type.layout
+    else:
+        epi: gl.constexpr = _epilogue_layout(BLOCK_N, gl.num_warps())
+        acc = gl.convert_layout(acc, epi)
     em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
     en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
     return acc, em, en
@@ -150,7 +173,8 @@ def _w8a8_wgmma_kernel(
     A_FLOAT: gl.constexpr, HAS_RINV: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr, W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    EPI_MMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
     num_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -230,7 +254,7 @@ def _w8a8_wgmma_kernel(
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)
+    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
         return
@@ -243,7 +267,7 @@ def _w8a8_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
+    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q", "EPI_MMA"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_w8a8_wgmma_kernel)
 
@@ -273,5 +297,5 @@ def launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, part, r_inv, s_inv, sca
         M, N, K, w_op.shape[1], k_per_split, rows_per_sample, group_stride, a2.stride(0), w_op.stride(0),
         res.stride(0), res.stride(1), out.stride(0),
         A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None, QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
-        W4=w_op.dtype == torch.uint8, **tail,
+        W4=w_op.dtype == torch.uint8, EPI_MMA=EPILOGUE_IN_MMA, **tail,
     )

@@ -108,3 +108,21 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
     for r in ours:
         assert any(m.startswith("wgmma") for m in r["mma"]), r  # 64-row tiles and up use Hopper's MMA
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
+
+
+def test_the_wgmma_layout_epilogue_is_shorter(tmp_path):
+    """TCAQ_WGMMA_EPILOGUE=mma (off by default until a GPU times it) exists for one reason: the epilogue without
+    the accumulator's trip through shared memory is fewer instructions. Same configs, both layouts, sm_90a."""
+    rows = {}
+    for epilogue in ("convert", "mma"):
+        out = tmp_path / f"{epilogue}.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_asm.py"), "--shape", "200x96x320",
+                        "--variants", "w8a8-wgmma", "--conv", "2,64,9,7,40,3,1", "--epilogue", epilogue,
+                        "--json", str(out)], check=True, capture_output=True, text=True, timeout=600)
+        rows[epilogue] = {(r["shape"], r["variant"], r["config"]): r for r in json.loads(out.read_text())}
+    assert rows["convert"].keys() == rows["mma"].keys() and len(rows["mma"]) >= 20
+    for key, mma in rows["mma"].items():
+        conv = rows["convert"][key]
+        assert mma["epilogue"] == "mma" and conv["epilogue"] == "convert"
+        assert mma["max_wgmma_wait"] == 1 and mma["spill_store_bytes"] == 0 and mma["sass_loops"][-1]["mma"], key
+        assert mma["sass_tail"] < conv["sass_tail"], (key, conv["sass_tail"], mma["sass_tail"])
