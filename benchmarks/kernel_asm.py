@@ -141,11 +141,12 @@ def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = Fals
 
 
 def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1, c2: int | None = None,
-                       up: int = 1, epi_mma: bool = False):
+                       up: int = 1, epi_mma: bool = False, lean: bool = False):
     """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
     with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums; `c2`: a
     split input whose second channel range starts there, two int32 sums; `up` 2: the input read as the
-    nearest 2× upsampling of its codes, H × W being the upsampled size; `epi_mma`: TCAQ_WGMMA_EPILOGUE=mma)."""
+    nearest 2× upsampling of its codes, H × W being the upsampled size; `epi_mma`: TCAQ_WGMMA_EPILOGUE=mma;
+    `lean`: TCAQ_CONV_LEAN_STEPS=1)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
@@ -163,8 +164,8 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
     constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
                       TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
-                      OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                      STAGES=stages)
+                      OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean, BLOCK_M=bm, BLOCK_N=bn,
+                      BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -243,6 +244,7 @@ def main(argv=None) -> int:
                    help="of the tl.dot kernel, and w{8,4}a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
     p.add_argument("--epilogue", choices=("convert", "mma"), default="convert",
                    help="the Gluon kernels' epilogue layout (mma: TCAQ_WGMMA_EPILOGUE=mma's)")
+    p.add_argument("--lean-steps", action="store_true", help="the Gluon conv's TCAQ_CONV_LEAN_STEPS=1 main loop")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     rows = []
@@ -273,9 +275,11 @@ def main(argv=None) -> int:
         shape = tuple(int(v) for v in text.split(","))
         for w4, split_k in ((False, 1), (True, 1), (True, 2)):
             for cfg in conv_wgmma.CONFIGS:
-                info = describe(compile_conv_wgmma(shape, cfg, w4, split_k, epi_mma=a.epilogue == "mma"))
+                info = describe(compile_conv_wgmma(shape, cfg, w4, split_k, epi_mma=a.epilogue == "mma",
+                                                   lean=a.lean_steps))
                 variant = ("w4a8" if w4 else "w8a8") + ("-conv-split-wgmma" if split_k > 1 else "-conv-wgmma")
                 rows.append({"shape": "conv " + text, "variant": variant, "epilogue": a.epilogue,
+                             "lean_steps": a.lean_steps,
                              "config": "{}x{}x{} w{w} s{s}".format(*cfg[:3], w=cfg[4], s=cfg[3]), **info})
                 _print(rows[-1])
     if a.json:

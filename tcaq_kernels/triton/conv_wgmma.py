@@ -12,6 +12,8 @@ sums and `conv.qconv` finishes with the same split-K epilogue kernel.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -27,6 +29,12 @@ from .numerics import tuning_bench
 #: (BLOCK_M, BLOCK_N, BLOCK_K, STAGES, num_warps); BLOCK_K 64 divides every SD/DDPM channel count
 CONFIGS = [(128, 128, 64, 4, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
            (128, 128, 128, 4, 8), (64, 128, 128, 4, 4)]
+
+# TCAQ_CONV_LEAN_STEPS=1: a leaner main loop — the copied step's filter tap and channel block carried from step
+# to step instead of divided out of its index (a division by a runtime value: I2F, MUFU.RCP, F2I and ~20 more
+# instructions a step), and the activation copies masked only by what keeps them in bounds (see
+# `_step_copies`). Off until a GPU has run it.
+LEAN_STEPS = os.environ.get("TCAQ_CONV_LEAN_STEPS", "0") == "1"
 
 
 def _prune(configs, named_args, **kwargs):
@@ -55,26 +63,49 @@ def _int8_ring(a_smem_ty: gl.constexpr, w_ty: gl.constexpr, W4: gl.constexpr, ST
 
 
 @gluon.jit
-def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_blocks, H, W, C, CX, CW,
-                 a_dst, w_dst, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
-    """cp.async of reduction step `it` (tap, channel block) of both operands, as one commit group; zeros
-    for out-of-image taps, channels past C and steps from `it_end` on (the ring's tail). A pixel holds CX
-    codes, of which this range reads C from `x_rows` on. UP = 1: `x_rows` is at each row's top-left tap and
-    `rows` / `cols` are `tap_rows`' inside masks; UP = 2: they are the top-left tap's input coordinates
-    (ih0, iw0) of the H × W input stored as its (H/UP × W/UP) nearest-neighbour source."""
+def _step_coords(it, c_blocks, KW: gl.constexpr, BLOCK_K: gl.constexpr):
+    """(filter row, filter column, first channel) of reduction step `it` = (tap, channel block)."""
     tap = it // c_blocks
-    c0 = (it - tap * c_blocks) * BLOCK_K
-    live = it < it_end
+    return tap // KW, tap % KW, (it - tap * c_blocks) * BLOCK_K
+
+
+@gluon.jit
+def _next_step(di, dj, c0, C, KW: gl.constexpr, BLOCK_K: gl.constexpr):
+    """`_step_coords` of the step after (di, dj, c0): the next channel block, else the tap after — a few
+    uniform adds and compares where the step index's division by the channel blocks is ~25 instructions."""
+    c0 = c0 + BLOCK_K
+    wrap = (c0 >= C).to(gl.int32)
+    c0 = c0 * (1 - wrap)
+    dj = dj + wrap
+    wrap = (dj == KW).to(gl.int32)
+    return di + wrap, dj * (1 - wrap), c0
+
+
+@gluon.jit
+def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, live, H, W, C, CX, CW,
+                 a_dst, w_dst, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr,
+                 LEAN: gl.constexpr):
+    """cp.async of the reduction step at filter tap (di, dj), channels c0… of both operands, as one commit
+    group; zeros for out-of-image taps, channels past C and steps past the program's range (`live` false:
+    the ring's tail). A pixel holds CX codes, of which this range reads C from `x_rows` on. UP = 1: `x_rows`
+    is at each row's top-left tap and `rows` / `cols` are `tap_rows`' inside masks; UP = 2: they are the
+    top-left tap's input coordinates (ih0, iw0) of the H × W input stored as its (H/UP × W/UP)
+    nearest-neighbour source. LEAN: the activation copies skip the `m_ok` and `live` masks — rows past M
+    read real pixels (their coordinates wrap, `pixel_coords`) that no store keeps, and tail steps read
+    either the next split's taps or nothing (a tap past the filter is never inside) into ring slots no MMA
+    reads; the weight copies keep `live` (past the last tap their rows run off the tensor)."""
     if UP == 1:
-        inside = m_ok & tap_inside(rows, cols, tap // KW, tap % KW) & live
-        a_ptrs = x_rows + ((tap // KW * W + tap % KW) * CX + c0) + ka[None, :]
+        inside = tap_inside(rows, cols, di, dj)
+        a_ptrs = x_rows + ((di * W + dj) * CX + c0) + ka[None, :]
     else:
-        ih = rows + tap // KW
-        iw = cols + tap % KW
-        inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & live
+        ih = rows + di
+        iw = cols + dj
+        inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + ka[None, :]
+    if not LEAN:
+        inside = inside & m_ok & live
     async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
-    w_ptrs = w_rows + tap * CW + c0 * WK // BLOCK_K
+    w_ptrs = w_rows + (di * KW + dj) * CW + c0 * WK // BLOCK_K
     async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & (kw < CW - c0 * WK // BLOCK_K)[None, :])
     async_copy.commit_group()
 
@@ -82,12 +113,13 @@ def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, it, it_end, c_b
 @gluon.jit
 def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, H, W, C, CX, CW,
             SPLIT_K: gl.constexpr, KH: gl.constexpr, KW: gl.constexpr, UP: gl.constexpr, W4: gl.constexpr,
-            w_copy: gl.constexpr,
-            STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr):
+            w_copy: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+            WK: gl.constexpr, LEAN: gl.constexpr):
     """acc + Σ w·a over this program's reduction steps of one channel range, through the ring: STAGES-1
     steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
     every MMA and copy retired (so a second range may refill the ring). `x_rows`, `rows`, `cols`: as
-    `_step_copies` takes them."""
+    `_step_copies` takes them. LEAN (TCAQ_CONV_LEAN_STEPS): the copied step's (di, dj, c0) carried from step
+    to step (`_next_step`) instead of divided out of its index (`_step_coords`), and `_step_copies`' LEAN."""
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
     if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S), as `conv._qconv_kernel`'s splits do
@@ -96,18 +128,29 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, 
     else:
         it_lo = 0
         it_hi = n_iter
+    n = it_hi - it_lo
+    di, dj, c0 = _step_coords(it_lo, c_blocks, KW, BLOCK_K)
     for p in gl.static_range(STAGES - 1):
-        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, it_lo + p, it_hi, c_blocks, H, W, C, CX, CW,
-                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK)
-    for i in range(it_hi - it_lo):
+        if p > 0:
+            if LEAN:
+                di, dj, c0 = _next_step(di, dj, c0, C, KW, BLOCK_K)
+            else:
+                di, dj, c0 = _step_coords(it_lo + p, c_blocks, KW, BLOCK_K)
+        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, p < n, H, W, C, CX, CW,
+                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK, LEAN)
+    for i in range(n):
         s = i % STAGES
         w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
         acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
         gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
         j = i + STAGES - 1
-        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, it_lo + j, it_hi, c_blocks, H, W, C, CX, CW,
-                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK)
+        if LEAN:
+            di, dj, c0 = _next_step(di, dj, c0, C, KW, BLOCK_K)
+        else:
+            di, dj, c0 = _step_coords(it_lo + j, c_blocks, KW, BLOCK_K)
+        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, j < n, H, W, C, CX, CW,
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK, LEAN)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     gl.thread_barrier()  # the last MMAs' buffers are free in every warpgroup
@@ -125,7 +168,7 @@ def _qconv_wgmma_kernel(
     W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    EPI_MMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
@@ -160,7 +203,7 @@ def _qconv_wgmma_kernel(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
     acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, rows, cols,
                   m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
-                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
+                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN)
     acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)  # channels_last output: rows of N contiguous
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
@@ -169,7 +212,7 @@ def _qconv_wgmma_kernel(
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights, its own sum
         acc2 = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows + C,
                        rows, cols, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
-                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK)
+                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN)
         acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
         ezero2 = gl.load(zero2_ptr + eg)
     else:
@@ -186,7 +229,7 @@ _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
     key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K", "HAS_RES",
-         "OUT_Q", "EPI_MMA"],
+         "OUT_Q", "EPI_MMA", "LEAN"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
 )(_qconv_wgmma_kernel)
 
@@ -219,5 +262,6 @@ def launch(x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, ze
         w_op2, w_pad_sum2, scale2, zero2,
         B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], *table_clips(w_pad_sum), group_stride,
         w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        W4=w_op.dtype == torch.uint8, EPI_MMA=gemm_wgmma.EPILOGUE_IN_MMA, **tail,
+        W4=w_op.dtype == torch.uint8, EPI_MMA=gemm_wgmma.EPILOGUE_IN_MMA,
+        LEAN=LEAN_STEPS, **tail,
     )

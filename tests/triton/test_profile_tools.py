@@ -110,19 +110,23 @@ def test_kernel_asm_reports_what_the_gemm_compiles_to_on_hopper(tmp_path):
         assert 0 < r["registers"] <= 255 and r["shared_bytes"] > 0
 
 
-def test_the_wgmma_layout_epilogue_is_shorter(tmp_path):
-    """TCAQ_WGMMA_EPILOGUE=mma (off by default until a GPU times it) exists for one reason: the epilogue without
-    the accumulator's trip through shared memory is fewer instructions. Same configs, both layouts, sm_90a."""
+def test_the_off_by_default_gluon_variants_are_shorter(tmp_path):
+    """TCAQ_WGMMA_EPILOGUE=mma and TCAQ_CONV_LEAN_STEPS=1 (off until a GPU times them) exist for one reason:
+    fewer instructions — the epilogue without the accumulator's trip through shared memory, the conv's main
+    loop without the step index's division and redundant masks. Same configs, both ways, sm_90a."""
     rows = {}
-    for epilogue in ("convert", "mma"):
-        out = tmp_path / f"{epilogue}.json"
+    for name, flags in (("default", []), ("variants", ["--epilogue", "mma", "--lean-steps"])):
+        out = tmp_path / f"{name}.json"
         subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_asm.py"), "--shape", "200x96x320",
-                        "--variants", "w8a8-wgmma", "--conv", "2,64,9,7,40,3,1", "--epilogue", epilogue,
+                        "--variants", "w8a8-wgmma", "--conv", "2,64,9,7,40,3,1", *flags,
                         "--json", str(out)], check=True, capture_output=True, text=True, timeout=600)
-        rows[epilogue] = {(r["shape"], r["variant"], r["config"]): r for r in json.loads(out.read_text())}
-    assert rows["convert"].keys() == rows["mma"].keys() and len(rows["mma"]) >= 20
-    for key, mma in rows["mma"].items():
-        conv = rows["convert"][key]
-        assert mma["epilogue"] == "mma" and conv["epilogue"] == "convert"
-        assert mma["max_wgmma_wait"] == 1 and mma["spill_store_bytes"] == 0 and mma["sass_loops"][-1]["mma"], key
-        assert mma["sass_tail"] < conv["sass_tail"], (key, conv["sass_tail"], mma["sass_tail"])
+        rows[name] = {(r["shape"], r["variant"], r["config"]): r for r in json.loads(out.read_text())}
+    assert rows["default"].keys() == rows["variants"].keys() and len(rows["variants"]) >= 20
+    for key, new in rows["variants"].items():
+        old = rows["default"][key]
+        assert new["epilogue"] == "mma" and old["epilogue"] == "convert"
+        assert new["max_wgmma_wait"] == 1 and new["spill_store_bytes"] == 0 and new["sass_loops"][-1]["mma"], key
+        assert new["sass_tail"] < old["sass_tail"], (key, old["sass_tail"], new["sass_tail"])
+        if key[0].startswith("conv"):
+            assert new["lean_steps"] and not old["lean_steps"]
+            assert new["sass_loops"][-1]["instructions"] < old["sass_loops"][-1]["instructions"], key
