@@ -164,7 +164,8 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
     constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
                       TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
-                      OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean, BLOCK_M=bm, BLOCK_N=bn,
+                      OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean,
+                      EVEN_C=c1 % bk == 0 and c_2 % bk == 0, BLOCK_M=bm, BLOCK_N=bn,
                       BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)

@@ -84,7 +84,7 @@ def _next_step(di, dj, c0, C, KW: gl.constexpr, BLOCK_K: gl.constexpr):
 @gluon.jit
 def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, live, H, W, C, CX, CW,
                  a_dst, w_dst, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr,
-                 LEAN: gl.constexpr):
+                 LEAN: gl.constexpr, EVEN_C: gl.constexpr):
     """cp.async of the reduction step at filter tap (di, dj), channels c0… of both operands, as one commit
     group; zeros for out-of-image taps, channels past C and steps past the program's range (`live` false:
     the ring's tail). A pixel holds CX codes, of which this range reads C from `x_rows` on. UP = 1: `x_rows`
@@ -93,7 +93,8 @@ def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, liv
     nearest-neighbour source. LEAN: the activation copies skip the `m_ok` and `live` masks — rows past M
     read real pixels (their coordinates wrap, `pixel_coords`) that no store keeps, and tail steps read
     either the next split's taps or nothing (a tap past the filter is never inside) into ring slots no MMA
-    reads; the weight copies keep `live` (past the last tap their rows run off the tensor)."""
+    reads; the weight copies keep `live` (past the last tap their rows run off the tensor); with EVEN_C
+    (every channel block full) neither copy has a channel mask."""
     if UP == 1:
         inside = tap_inside(rows, cols, di, dj)
         a_ptrs = x_rows + ((di * W + dj) * CX + c0) + ka[None, :]
@@ -104,9 +105,15 @@ def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, liv
         a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + ka[None, :]
     if not LEAN:
         inside = inside & m_ok & live
-    async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
     w_ptrs = w_rows + (di * KW + dj) * CW + c0 * WK // BLOCK_K
-    async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & (kw < CW - c0 * WK // BLOCK_K)[None, :])
+    if LEAN and EVEN_C:  # compile-time true channel masks: the copies' predicates are the rows' alone
+        a_cols = ka >= 0
+        w_cols = kw >= 0
+    else:
+        a_cols = ka < C - c0
+        w_cols = kw < CW - c0 * WK // BLOCK_K
+    async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & a_cols[None, :])
+    async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & w_cols[None, :])
     async_copy.commit_group()
 
 
@@ -114,12 +121,13 @@ def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, liv
 def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, H, W, C, CX, CW,
             SPLIT_K: gl.constexpr, KH: gl.constexpr, KW: gl.constexpr, UP: gl.constexpr, W4: gl.constexpr,
             w_copy: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-            WK: gl.constexpr, LEAN: gl.constexpr):
+            WK: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr):
     """acc + Σ w·a over this program's reduction steps of one channel range, through the ring: STAGES-1
     steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
     every MMA and copy retired (so a second range may refill the ring). `x_rows`, `rows`, `cols`: as
     `_step_copies` takes them. LEAN (TCAQ_CONV_LEAN_STEPS): the copied step's (di, dj, c0) carried from step
-    to step (`_next_step`) instead of divided out of its index (`_step_coords`), and `_step_copies`' LEAN."""
+    to step (`_next_step`) instead of divided out of its index (`_step_coords`), and `_step_copies`' LEAN
+    (and EVEN_C)."""
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
     if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S), as `conv._qconv_kernel`'s splits do
@@ -137,7 +145,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, 
             else:
                 di, dj, c0 = _step_coords(it_lo + p, c_blocks, KW, BLOCK_K)
         _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, p < n, H, W, C, CX, CW,
-                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK, LEAN)
+                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
     for i in range(n):
         s = i % STAGES
         w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
@@ -150,7 +158,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, 
         else:
             di, dj, c0 = _step_coords(it_lo + j, c_blocks, KW, BLOCK_K)
         _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, j < n, H, W, C, CX, CW,
-                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK, LEAN)
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     gl.thread_barrier()  # the last MMAs' buffers are free in every warpgroup
@@ -168,7 +176,8 @@ def _qconv_wgmma_kernel(
     W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    BLOCK_K: gl.constexpr,
     STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
@@ -203,7 +212,7 @@ def _qconv_wgmma_kernel(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
     acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, rows, cols,
                   m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
-                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN)
+                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN, EVEN_C)
     acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)  # channels_last output: rows of N contiguous
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
@@ -212,7 +221,7 @@ def _qconv_wgmma_kernel(
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights, its own sum
         acc2 = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows + C,
                        rows, cols, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
-                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN)
+                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN, EVEN_C)
         acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
         ezero2 = gl.load(zero2_ptr + eg)
     else:
@@ -231,7 +240,8 @@ _tuned = triton.autotune(
     key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K", "HAS_RES",
          "OUT_Q", "EPI_MMA", "LEAN"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
-)(_qconv_wgmma_kernel)
+)(triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})(
+    _qconv_wgmma_kernel))
 
 
 def supported(x_nhwc: torch.Tensor, w_op: torch.Tensor, M: int, C: int, w_op2: torch.Tensor) -> bool:
