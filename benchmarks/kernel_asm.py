@@ -125,16 +125,17 @@ def compile_variant(M, N, K, variant: str, config: triton.Config):
 
 
 def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False, split_k: int = 1,
-                  epi_mma: bool = False):
+                  epi_mma: bool = False, lean: bool = False):
     """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output;
     `a_float`: bf16 activations quantized in registers; `w4`: packed int4 weights; `split_k` > 1: the
-    program writing int32 partial sums; `epi_mma`: the epilogue in the wgmma layout, TCAQ_WGMMA_EPILOGUE=mma)."""
+    program writing int32 partial sums; `epi_mma`: the epilogue in the wgmma layout, TCAQ_WGMMA_EPILOGUE=mma;
+    `lean`: TCAQ_WGMMA_LEAN_STEPS=1)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, warps = config
     fn = gemm_wgmma._w8a8_wgmma_kernel
     args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", w4)  # the two kernels share these names
     constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
-                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
@@ -146,7 +147,7 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums; `c2`: a
     split input whose second channel range starts there, two int32 sums; `up` 2: the input read as the
     nearest 2× upsampling of its codes, H × W being the upsampled size; `epi_mma`: TCAQ_WGMMA_EPILOGUE=mma;
-    `lean`: TCAQ_CONV_LEAN_STEPS=1)."""
+    `lean`: TCAQ_WGMMA_LEAN_STEPS=1)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
                    help="of the tl.dot kernel, and w{8,4}a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
     p.add_argument("--epilogue", choices=("convert", "mma"), default="convert",
                    help="the Gluon kernels' epilogue layout (mma: TCAQ_WGMMA_EPILOGUE=mma's)")
-    p.add_argument("--lean-steps", action="store_true", help="the Gluon conv's TCAQ_CONV_LEAN_STEPS=1 main loop")
+    p.add_argument("--lean-steps", action="store_true", help="the Gluon kernels' TCAQ_WGMMA_LEAN_STEPS=1 main loops")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     rows = []
@@ -262,9 +263,9 @@ def main(argv=None) -> int:
                     w4 = variant.startswith("w4")
                     info = describe(compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=w4,
                                                   split_k=2 if "-split" in variant else 1,
-                                                  epi_mma=a.epilogue == "mma"))
+                                                  epi_mma=a.epilogue == "mma", lean=a.lean_steps))
                     rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
-                        *cfg[:3], w=cfg[4], s=cfg[3]), "epilogue": a.epilogue, **info})
+                        *cfg[:3], w=cfg[4], s=cfg[3]), "epilogue": a.epilogue, "lean_steps": a.lean_steps, **info})
                     _print(rows[-1])
                 continue
             for cfg in configs_for(M, K):

@@ -12,8 +12,6 @@ sums and `conv.qconv` finishes with the same split-K epilogue kernel.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -30,11 +28,6 @@ from .numerics import tuning_bench
 CONFIGS = [(128, 128, 64, 4, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
            (128, 128, 128, 4, 8), (64, 128, 128, 4, 4)]
 
-# TCAQ_CONV_LEAN_STEPS=1: a leaner main loop — the copied step's filter tap and channel block carried from step
-# to step instead of divided out of its index (a division by a runtime value: I2F, MUFU.RCP, F2I and ~20 more
-# instructions a step), and the activation copies masked only by what keeps them in bounds (see
-# `_step_copies`). Off until a GPU has run it.
-LEAN_STEPS = os.environ.get("TCAQ_CONV_LEAN_STEPS", "0") == "1"
 
 
 def _prune(configs, named_args, **kwargs):
@@ -125,7 +118,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, 
     """acc + Σ w·a over this program's reduction steps of one channel range, through the ring: STAGES-1
     steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
     every MMA and copy retired (so a second range may refill the ring). `x_rows`, `rows`, `cols`: as
-    `_step_copies` takes them. LEAN (TCAQ_CONV_LEAN_STEPS): the copied step's (di, dj, c0) carried from step
+    `_step_copies` takes them. LEAN (gemm_wgmma.LEAN_STEPS): the copied step's (di, dj, c0) carried from step
     to step (`_next_step`) instead of divided out of its index (`_step_coords`), and `_step_copies`' LEAN
     (and EVEN_C)."""
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
@@ -273,5 +266,5 @@ def launch(x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, ze
         B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], *table_clips(w_pad_sum), group_stride,
         w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
         W4=w_op.dtype == torch.uint8, EPI_MMA=gemm_wgmma.EPILOGUE_IN_MMA,
-        LEAN=LEAN_STEPS, **tail,
+        LEAN=gemm_wgmma.LEAN_STEPS, **tail,
     )

@@ -55,6 +55,12 @@ def epilogue_policy(switch: str) -> bool:
 # 128×128 w8 configs take 171–199 registers instead of 126–134, and the stores cover half of each 32-byte
 # sector. Off until timed and tested on a GPU.
 EPILOGUE_IN_MMA = epilogue_policy(os.environ.get("TCAQ_WGMMA_EPILOGUE", ""))
+# TCAQ_WGMMA_LEAN_STEPS=1: leaner main loops in both Gluon kernels — copies without the channel / K masks where
+# every block is full (EVEN_K here, EVEN_C in the conv, `triton.heuristics` values) and, in the conv, the
+# copied step's tap and channel block carried from step to step instead of divided out of its index
+# (conv_wgmma.py). sm_90a (`kernel_asm.py --lean-steps`, 29 Nov): conv loop 145 → 116 instructions a step
+# (128×64×64 w4), GEMM 84 → 75 (128×128×64 w8). Off until a GPU has run it.
+LEAN_STEPS = os.environ.get("TCAQ_WGMMA_LEAN_STEPS", "0") == "1"
 
 
 @constexpr_function
@@ -156,12 +162,18 @@ def _store_partials(part_ptr, acc, em, en, M, N):
 
 
 @gluon.jit
-def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live):
+def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live, FULL_K: gl.constexpr):
     """cp.async of one K step of both operands (zeros past M, N and K, and for steps past this program's
     range: `live` false), as one commit group. `w_left` counts the weight row's remaining bytes (half of
-    `k_left`, rounded up, for packed int4)."""
-    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=(m_ok & live)[:, None] & (ka < k_left)[None, :])
-    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=(n_ok & live)[:, None] & (kw < w_left)[None, :])
+    `k_left`, rounded up, for packed int4). FULL_K: every K step is whole, no column masks."""
+    if FULL_K:
+        a_cols = ka >= 0
+        w_cols = kw >= 0
+    else:
+        a_cols = ka < k_left
+        w_cols = kw < w_left
+    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=(m_ok & live)[:, None] & a_cols[None, :])
+    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=(n_ok & live)[:, None] & w_cols[None, :])
     async_copy.commit_group()
 
 
@@ -173,8 +185,8 @@ def _w8a8_wgmma_kernel(
     A_FLOAT: gl.constexpr, HAS_RINV: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr, W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    EPI_MMA: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr,
+    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
     num_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -211,7 +223,7 @@ def _w8a8_wgmma_kernel(
     w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
     for p in gl.static_range(STAGES - 1):  # prologue: steps 0 … STAGES-2 in flight (empty masks past K)
         _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + p * BLOCK_K, w_ptrs + p * WK,
-                    m_ok, n_ok, ka, kw, K_rest - p * BLOCK_K, KW_rest - p * WK, p < num_k)
+                    m_ok, n_ok, ka, kw, K_rest - p * BLOCK_K, KW_rest - p * WK, p < num_k, LEAN and EVEN_K)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
@@ -250,7 +262,7 @@ def _w8a8_wgmma_kernel(
         gl.thread_barrier()
         j = i + STAGES - 1
         _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + j * BLOCK_K, w_ptrs + j * WK,
-                    m_ok, n_ok, ka, kw, K_rest - j * BLOCK_K, KW_rest - j * WK, j < num_k)
+                    m_ok, n_ok, ka, kw, K_rest - j * BLOCK_K, KW_rest - j * WK, j < num_k, LEAN and EVEN_K)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
@@ -267,9 +279,9 @@ def _w8a8_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q", "EPI_MMA"],
+    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q", "EPI_MMA", "LEAN"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
-)(_w8a8_wgmma_kernel)
+)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w8a8_wgmma_kernel))
 
 
 def supported(a2: torch.Tensor, w_op: torch.Tensor) -> bool:
@@ -297,5 +309,5 @@ def launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, part, r_inv, s_inv, sca
         M, N, K, w_op.shape[1], k_per_split, rows_per_sample, group_stride, a2.stride(0), w_op.stride(0),
         res.stride(0), res.stride(1), out.stride(0),
         A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None, QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
-        W4=w_op.dtype == torch.uint8, EPI_MMA=EPILOGUE_IN_MMA, **tail,
+        W4=w_op.dtype == torch.uint8, EPI_MMA=EPILOGUE_IN_MMA, LEAN=LEAN_STEPS, **tail,
     )

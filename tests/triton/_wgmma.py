@@ -4,7 +4,7 @@ import torch
 
 from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 from tcaq_kernels.triton import gemm as G
-from tcaq_kernels.triton import conv_wgmma, gemm_wgmma
+from tcaq_kernels.triton import gemm_wgmma
 
 from _tables import Tables, linear_acc_ref, rand_int
 
@@ -13,10 +13,9 @@ NEEDS_SM90 = [pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
 
 
-#: the off-by-default switches a test also runs under: "epilogue-mma" (TCAQ_WGMMA_EPILOGUE=mma, both kernels)
-#: and "lean-steps" (TCAQ_CONV_LEAN_STEPS=1, the conv)
-GEMM_VARIANTS = ("default", "epilogue-mma")
-CONV_VARIANTS = (*GEMM_VARIANTS, "lean-steps")
+#: the off-by-default switches a test also runs under: "epilogue-mma" (TCAQ_WGMMA_EPILOGUE=mma) and
+#: "lean-steps" (TCAQ_WGMMA_LEAN_STEPS=1), both for both kernels
+VARIANTS = ("default", "epilogue-mma", "lean-steps")
 
 
 def config_params(configs, variants) -> tuple[list, callable]:
@@ -33,7 +32,7 @@ def route_to_wgmma(monkeypatch, module, launcher: str, param: tuple, keep_prune:
     config_index, variant = param
     monkeypatch.setattr(G, "WGMMA", "all")
     monkeypatch.setattr(gemm_wgmma, "EPILOGUE_IN_MMA", variant == "epilogue-mma")
-    monkeypatch.setattr(conv_wgmma, "LEAN_STEPS", variant == "lean-steps")
+    monkeypatch.setattr(gemm_wgmma, "LEAN_STEPS", variant == "lean-steps")
     monkeypatch.setattr(module._tuned, "configs", [module._tuned.configs[config_index]])
     monkeypatch.setattr(module._tuned, "cache", {})
     if not keep_prune:

@@ -12,10 +12,10 @@ from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import conv_wgmma as CW
 
 from _tables import Tables, assert_float_close, assert_upsample_conv_exact, conv_acc_ref, rand_int
-from _wgmma import CONV_VARIANTS, NEEDS_SM90, config_params, route_to_wgmma
+from _wgmma import VARIANTS, NEEDS_SM90, config_params, route_to_wgmma
 
 pytestmark = NEEDS_SM90
-CONFIG_PARAMS, CONFIG_IDS = config_params(CW.CONFIGS, CONV_VARIANTS)
+CONFIG_PARAMS, CONFIG_IDS = config_params(CW.CONFIGS, VARIANTS)
 
 # (B, C, H, W, N, k, stride, pads): 3×3 with padding, stride 2 with DDPM's asymmetric pad, 1×1, N not a
 # tile multiple, C a multiple of 64 and of 128, pixels not a tile multiple

@@ -13,10 +13,10 @@ from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import gemm as G, gemm_wgmma as W
 
 from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
-from _wgmma import GEMM_VARIANTS, NEEDS_SM90, check_codes_accumulator, config_params, route_to_wgmma
+from _wgmma import VARIANTS, NEEDS_SM90, check_codes_accumulator, config_params, route_to_wgmma
 
 pytestmark = NEEDS_SM90
-CONFIG_PARAMS, CONFIG_IDS = config_params(W.CONFIGS, GEMM_VARIANTS)
+CONFIG_PARAMS, CONFIG_IDS = config_params(W.CONFIGS, VARIANTS)
 
 # (B, rows per sample, K, N): M from one tile to several, K not a BLOCK_K multiple (but K % 32 == 0, so
 # packed int4 rows stay 16-byte aligned and route), N not a tile multiple
