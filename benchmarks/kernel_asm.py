@@ -42,7 +42,8 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tcaq_kernels.triton import conv, conv_wgmma, gemm, gemm_wgmma  # noqa: E402
+from tcaq_kernels.triton import conv, conv_wgmma, gemm, gemm_wgmma, groupnorm  # noqa: E402
+from tcaq_kernels.triton.numerics import SILU_EXACT, SILU_FAST  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"  # Triton's own ptxas, cuobjdump
@@ -174,6 +175,28 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
 
+def compile_groupnorm(S: int, C: int, num_groups: int, silu: int):
+    """`groupnorm`'s one-pass GroupNorm + SiLU + quantize kernel as its launcher calls it for a bf16 NHWC input
+    of S pixels × C channels (affine, TCR, 8-bit codes; `silu`: a `numerics.silu` mode)."""
+    fn = _jit_function(groupnorm._gn_one_pass_kernel)
+    groups, block_s, block_c = groupnorm.one_pass_tile(S, C, num_groups)
+    p = lambda t: (t, None)
+    i32 = lambda v: ("i32", v)
+    args = dict(x_ptr=p("*bf16"), out_ptr=p("*i8"), gamma_ptr=p("*bf16"), beta_ptr=p("*bf16"), r_inv_ptr=p("*fp32"),
+                s_inv_ptr=p("*fp32"), zero_ptr=p("*fp32"), s_inv2_ptr=p("*fp32"), zero2_ptr=p("*fp32"),
+                group_ptr=p("*i32"), S=i32(S), C=i32(C), C2=i32(0), CG=i32(C // num_groups), eps=("fp32", 0),
+                group_stride=i32(1), stride_xb=i32(S * C), stride_xs=i32(C), stride_xc=i32(1), stride_ob=i32(S * C),
+                stride_os=i32(C), x2_ptr=p("*bf16"), C1=i32(C), stride_x2b=i32(S * C), stride_x2s=i32(C),
+                stride_x2c=i32(1))
+    constexprs = dict(HAS_AFFINE=True, HAS_RINV=True, QMIN=-128, QMAX=127, SILU=silu, CODES=True, TWO_Q=False,
+                      TWO_X=False, GROUPS=groups, G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s,
+                      BLOCK_C=block_c)
+    signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=TARGET, options={"num_warps": 8 if block_s * block_c >= 8192 else 4,
+                                                       "num_stages": 1})
+
+
 def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
     """Registers and spill bytes as ptxas reports them for `ptx` (Triton's own ptxas)."""
     ptxas = NVIDIA_BIN / "ptxas"
@@ -246,6 +269,9 @@ def main(argv=None) -> int:
                    help="of the tl.dot kernel, and w{8,4}a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
     p.add_argument("--epilogue", choices=("convert", "mma"), default="convert",
                    help="the Gluon kernels' epilogue layout (mma: TCAQ_WGMMA_EPILOGUE=mma's)")
+    p.add_argument("--groupnorm", action="append", default=[], metavar="S,C,G",
+                   help="also the one-pass GroupNorm + SiLU + quantize kernel (S pixels, C channels, G groups), "
+                        "with torch's SiLU formula and TCAQ_GN_FAST_SILU's (repeatable)")
     p.add_argument("--lean-steps", action="store_true", help="the Gluon kernels' TCAQ_WGMMA_LEAN_STEPS=1 main loops")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
@@ -284,6 +310,15 @@ def main(argv=None) -> int:
                              "lean_steps": a.lean_steps,
                              "config": "{}x{}x{} w{w} s{s}".format(*cfg[:3], w=cfg[4], s=cfg[3]), **info})
                 _print(rows[-1])
+    for text in a.groupnorm:
+        S, C, G = (int(v) for v in text.split(","))
+        if groupnorm.one_pass_tile(S, C, G) is None:
+            p.error(f"--groupnorm {text}: a group of {S} pixels × {C // G} channels does not fit the one-pass kernel")
+        for name, mode in (("exact", SILU_EXACT), ("fast", SILU_FAST)):
+            rows.append({"shape": "groupnorm " + text, "variant": f"gn-one-pass-silu-{name}",
+                         "config": "{}x{} groups {}".format(*groupnorm.one_pass_tile(S, C, G)[1:], G),
+                         **describe(compile_groupnorm(S, C, G, mode))})
+            _print(rows[-1])
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1) + "\n")
     return 0

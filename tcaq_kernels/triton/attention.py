@@ -79,7 +79,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import interpreting, quantize_uniform, quick_tuning, tuning_bench
+from .numerics import exp2_approx, interpreting, quantize_uniform, quick_tuning, tuning_bench
 
 LK_ALIGN = 128  # keys are padded to this; every BLOCK_N divides it
 KINDS_UNIFORM, KINDS_LOG2 = 1, 2  # `p_kinds` bits: which P kinds a layer's groups use
@@ -186,20 +186,6 @@ def _quantize_rows(base, stride_l, stride_d, rl, rd, L, D, s_inv, zero, QMIN: tl
 
 
 @triton.jit
-def _exp2(x, FAST: tl.constexpr):
-    """2^x: one MUFU.EX2 (`ex2.approx.ftz`) on the GPU; numpy's exp2 in the interpreter.
-
-    `tl.math.exp2` wraps the same instruction in a subnormal fix-up (four more instructions an
-    element); flushing results below 2^-126 to 0 changes no P code (they are all the zero code).
-    """
-    if FAST:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.math.exp2(x)
-
-
-@triton.jit
 def _scores(qc, kc_base, n0, rn, rd, DP: tl.constexpr):
     """int32 QKᵀ of one key tile (int8 MMA)."""
     k = tl.load(kc_base + (n0 + rn)[:, None] * DP + rd[None, :])
@@ -210,7 +196,8 @@ def _scores(qc, kc_base, n0, rn, rd, DP: tl.constexpr):
 def _stats_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_ptrs,
                 DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr):
     """Pass 1 on one key tile: running row max (of the int32 scores: the scale is positive, so
-    max(acc)·scale is the max of the scores) and row sum of exp(S − max), in log2 units."""
+    max(acc)·scale is the max of the scores) and row sum of exp(S − max), in log2 units. (FAST's
+    exponentials flush results below 2^-126 to 0, which changes no P code: they are all the zero code.)"""
     acc = _scores(qc, kc_base, n0, rn, rd, DP)
     if DEBUG:
         tl.store(dbg_ptrs + n0, acc, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
@@ -219,10 +206,10 @@ def _stats_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, c2, m_i, l, dbg_ptrs,
     m_new = tl.maximum(m_i, tl.max(acc, axis=1))
     m2_old = m_i.to(tl.float32) * c2
     m2 = m_new.to(tl.float32) * c2
-    e = _exp2(acc.to(tl.float32) * c2 - m2[:, None], FAST)
+    e = exp2_approx(acc.to(tl.float32) * c2 - m2[:, None], FAST)
     if MASK:
         e = tl.where((n0 + rn < Lk)[None, :], e, 0.0)
-    l = l * _exp2(m2_old - m2, FAST) + tl.sum(e, axis=1)
+    l = l * exp2_approx(m2_old - m2, FAST) + tl.sum(e, axis=1)
     return m_new, l
 
 
@@ -242,7 +229,7 @@ def _max_step(qc, kc_base, n0, rn, rd, rm, Lq, Lk, m_i, dbg_ptrs, DP: tl.constex
 def _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP: tl.constexpr, MASK: tl.constexpr, FAST: tl.constexpr):
     """Pass 2: y = P·s_inv = exp(S − max)·s_inv/sum = 2^(acc·c2 + b2), b2 = log2(s_inv/sum) − max₂."""
     acc = _scores(qc, kc_base, n0, rn, rd, DP)
-    y = _exp2(acc.to(tl.float32) * c2 + b2[:, None], FAST)
+    y = exp2_approx(acc.to(tl.float32) * c2 + b2[:, None], FAST)
     if MASK:
         y = tl.where((n0 + rn < Lk)[None, :], y, 0.0)
     return y
@@ -509,9 +496,9 @@ def _qattn_short_kernel(
     if ROW_MAX:
         b2 = tl.math.log2(tl.load(p_s_inv_ptr + g)) - m2
     else:
-        e = tl.where(key_ok, _exp2(s - m2[:, None], FAST), 0.0)
+        e = tl.where(key_ok, exp2_approx(s - m2[:, None], FAST), 0.0)
         b2 = tl.math.log2(tl.load(p_s_inv_ptr + g) / tl.sum(e, axis=1)) - m2
-    y = tl.where(key_ok, _exp2(s + b2[:, None], FAST), 0.0)
+    y = tl.where(key_ok, exp2_approx(s + b2[:, None], FAST), 0.0)
 
     # v codes transposed, [DP, LK_P2] (keys contiguous: the K-major B operand int8 wgmma requires), loaded
     # only now so that its registers are not held through the softmax

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .numerics import interpreting, quantize_uniform, tuning_bench
+from .numerics import SILU_EXACT, SILU_FAST, SILU_OFF, interpreting, quantize_uniform, silu, tuning_bench
 from .quantize import check_concat, check_split, load_channels, sample_tables, sample_tile, split_tables, tile_configs
 
 # Register budget of the one-pass kernel: elements of x one program holds (fp32, 32 a thread at 8 warps).
@@ -60,6 +60,19 @@ ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
 # and the W8A8 step from CUDA graphs was no faster (5.79 vs 5.81 ms at batch 256, 2.43 vs 2.26 at 64).
 # Giving the one-pass kernel more programs per SM (8 or 32 instead of 2) did not help either (same day).
 LOOPED = os.environ.get("TCAQ_GN_LOOPED", "0") == "1"
+# TCAQ_GN_FAST_SILU=1: SiLU as two MUFU instructions and a multiply (`numerics.silu`'s SILU_FAST) instead of
+# torch's formula as Triton lowers it (12 instructions an element of the ~50 the fused kernel spends, sm_90a);
+# the same codes. Off until a GPU has timed it.
+FAST_SILU = os.environ.get("TCAQ_GN_FAST_SILU", "0") == "1"
+
+
+def silu_mode(on: bool) -> int:
+    """The kernels' SILU constexpr: off, torch's formula, or (GPU, FAST_SILU) its MUFU-only form."""
+    if not on:
+        return SILU_OFF
+    return SILU_FAST if FAST_SILU and not interpreting() else SILU_EXACT
+
+
 # A looped program covers at least this many channels (whole norm groups): 64-byte bf16 rows, 32-byte code rows.
 _LOOPED_MIN_COLS = 32
 # Statistics programs wanted per SM before the elements of a group are split further.
@@ -182,8 +195,7 @@ def _normalised_out(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero
     if HAS_AFFINE:
         gamma = tl.load(gamma_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)
         y = y * gamma[None, :] + tl.load(beta_ptr + cols, mask=c_mask, other=0.0).to(tl.float32)[None, :]
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
+    y = silu(y, SILU)
     if CODES:
         if HAS_RINV:
             y = y * tl.load(r_inv_ptr + cols, mask=c_mask, other=1.0)[None, :]
@@ -409,7 +421,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         _gn_looped_kernel[(num_groups // groups, B)](
             x3, out, gamma, beta, r_inv, s_inv, zero, *tables2, group, S, C, c2, cg, eps, group_stride,
             *x3.stride(), out.stride(0), out.stride(1), x2, c1, *x2.stride(),
-            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
+            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu_mode(silu),
             CODES=codes, TWO_Q=two_q, TWO_X=two_x, GROUPS=groups, G_P2=triton.next_power_of_2(groups),
             BLOCK_S=block_s, BLOCK_C=block_c, num_warps=4,
         )
@@ -425,7 +437,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         _gn_one_pass_kernel[(triton.cdiv(num_groups, groups), B)](
             x3, out, gamma, beta, r_inv, s_inv, zero, *tables2, group, S, C, c2, cg, eps, group_stride,
             *x3.stride(), out.stride(0), out.stride(1), x2, c1, *x2.stride(),
-            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu,
+            HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu_mode(silu),
             CODES=codes, TWO_Q=two_q, TWO_X=two_x, GROUPS=groups,
             G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s, BLOCK_C=block_c,
             num_warps=8 if block_s * block_c >= 8192 else 4,
@@ -448,7 +460,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         S, C, c2, cg, num_groups, eps, part_stride, group_stride,
         *x3.stride(), out.stride(0), out.stride(1), x2, c1, *x2.stride(),
         SPLIT=split, SPLIT_P2=triton.next_power_of_2(split), HAS_AFFINE=gamma is not None,
-        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu, CODES=codes, TWO_Q=two_q, TWO_X=two_x,
+        HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu_mode(silu), CODES=codes, TWO_Q=two_q, TWO_X=two_x,
     )
     return out
 

@@ -68,17 +68,52 @@ def tuning_bench(fn, quantiles):
 
 
 @triton.jit
-def rint_f32(v):
-    """Round half-to-even of fp32 `v`, saturated at ±2^22 (far outside any code range)."""
-    v = tl.minimum(tl.maximum(v, -4194304.0), 4194304.0)
-    return (v + 12582912.0) - 12582912.0
+def exp2_approx(x, FAST: tl.constexpr):
+    """2^x: one MUFU.EX2 (`ex2.approx.ftz`) on the GPU (FAST); `tl.math.exp2` otherwise (the interpreter).
+
+    `tl.math.exp2` wraps the same instruction in a subnormal fix-up (four more instructions an
+    element); FAST flushes results below 2^-126 to 0 (callers say why that changes nothing of theirs).
+    """
+    if FAST:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.math.exp2(x)
+
+
+#: `silu`'s modes: 0 none, 1 torch's formula, 2 its MUFU-only form (GPU)
+SILU_OFF, SILU_EXACT, SILU_FAST = 0, 1, 2
+
+
+@triton.jit
+def silu(y, MODE: tl.constexpr):
+    """SiLU of fp32 y (MODE 0: y itself). SILU_EXACT: y / (1 + e^−y), as Triton lowers it — ex2.approx with
+    its subnormal fix-up, the quotient as div.full (a reciprocal with range scaling): 12 instructions.
+    SILU_FAST (GPU only, TCAQ_GN_FAST_SILU=1): e^−y as one `ex2.approx.ftz` of y·(−log2 e) and the quotient
+    as y·`rcp.approx.ftz`: the same MUFU results wherever they are normal, so the same value for every
+    y ≥ −87.3; below, −0 where the exact form gives ~−1e-36 (the same code once quantized)."""
+    if MODE == 2:
+        e = exp2_approx(y * -1.4426950408889634, True)
+        return y * tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [1.0 + e], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    elif MODE == 1:
+        return y / (1.0 + tl.exp(-y))
+    else:
+        return y
 
 
 @triton.jit
 def quantize_uniform(u, s_inv, zero, QMIN: tl.constexpr, QMAX: tl.constexpr):
-    """Signed uniform codes (int8) of fp32 `u` (already multiplied by r_inv): rint(u·s_inv) + z."""
-    v = rint_f32(u * s_inv) + zero.to(tl.float32)
-    return tl.minimum(tl.maximum(v, QMIN), QMAX).to(tl.int8)
+    """Signed uniform codes (int8) of fp32 `u` (already multiplied by r_inv): clamp(rint(u·s_inv) + z).
+
+    Clamped before rounding, to [QMIN − z, QMAX − z]: the bounds are integers, so rint(clamp(v)) =
+    clamp(rint(v)), and |v| then stays far below 2^22, where adding and subtracting 1.5·2^23 rounds half
+    to even — two min/max and three adds an element where rounding first took four and three (the
+    GroupNorm kernel's codes are ~50 instructions an element). NaN and ±inf get the bound min/max give
+    them, as before."""
+    z = zero.to(tl.float32)
+    v = tl.minimum(tl.maximum(u * s_inv, QMIN - z), QMAX - z)
+    return (((v + 12582912.0) - 12582912.0) + z).to(tl.int8)
 
 
 @triton.jit

@@ -131,3 +131,15 @@ def test_the_off_by_default_gluon_variants_are_shorter(tmp_path):
         block_k = int(key[2].split("x")[2].split()[0])
         if key[0].startswith("conv") or 320 % block_k == 0:  # the GEMM's K = 320: only 64-wide steps are whole
             assert new["sass_loops"][-1]["instructions"] < old["sass_loops"][-1]["instructions"], key
+
+
+def test_the_fast_silu_is_shorter(tmp_path):
+    """TCAQ_GN_FAST_SILU=1 (off until a GPU times it) exists for fewer instructions in the fused GroupNorm:
+    the embedded model's 32×32 level, both SiLU forms, sm_90a."""
+    out = tmp_path / "gn.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_asm.py"), "--groupnorm", "1024,128,32",
+                    "--json", str(out)], check=True, capture_output=True, text=True, timeout=600)
+    rows = {r["variant"]: r for r in json.loads(out.read_text())}
+    exact, fast = rows["gn-one-pass-silu-exact"], rows["gn-one-pass-silu-fast"]
+    assert fast["spill_store_bytes"] == 0 and not fast["sass_loops"]
+    assert fast["sass_tail"] < 0.9 * exact["sass_tail"], (exact["sass_tail"], fast["sass_tail"])
