@@ -76,8 +76,8 @@ def _next_step(di, dj, c0, C, KW: gl.constexpr, BLOCK_K: gl.constexpr):
 
 @gluon.jit
 def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, live, H, W, C, CX, CW,
-                 a_dst, w_dst, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr, WK: gl.constexpr,
-                 LEAN: gl.constexpr, EVEN_C: gl.constexpr):
+                 a_dst, w_dst, KH: gl.constexpr, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr,
+                 WK: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr):
     """cp.async of the reduction step at filter tap (di, dj), channels c0… of both operands, as one commit
     group; zeros for out-of-image taps, channels past C and steps past the program's range (`live` false:
     the ring's tail). A pixel holds CX codes, of which this range reads C from `x_rows` on. UP = 1: `x_rows`
@@ -86,8 +86,9 @@ def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, liv
     nearest-neighbour source. LEAN: the activation copies skip the `m_ok` and `live` masks — rows past M
     read real pixels (their coordinates wrap, `pixel_coords`) that no store keeps, and tail steps read
     either the next split's taps or nothing (a tap past the filter is never inside) into ring slots no MMA
-    reads; the weight copies keep `live` (past the last tap their rows run off the tensor); with EVEN_C
-    (every channel block full) neither copy has a channel mask."""
+    reads. The weight rows past N are wrapped onto real ones (the kernel) and a tail step's tap clamped to
+    the filter's last, so with EVEN_C (every channel block full) the weight copies carry no predicate and
+    the activation copies only the inside bits."""
     if UP == 1:
         inside = tap_inside(rows, cols, di, dj)
         a_ptrs = x_rows + ((di * W + dj) * CX + c0) + ka[None, :]
@@ -98,15 +99,15 @@ def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, liv
         a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + ka[None, :]
     if not LEAN:
         inside = inside & m_ok & live
-    w_ptrs = w_rows + (di * KW + dj) * CW + c0 * WK // BLOCK_K
-    if LEAN and EVEN_C:  # compile-time true channel masks: the copies' predicates are the rows' alone
-        a_cols = ka >= 0
-        w_cols = kw >= 0
+    if LEAN and EVEN_C:  # every address real, every channel block full: predicates of the taps alone
+        w_ptrs = w_rows + gl.minimum(di * KW + dj, KH * KW - 1) * CW + c0 * WK // BLOCK_K
+        async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka >= 0)[None, :])
+        async_copy.async_copy_global_to_shared(w_dst, w_ptrs)
     else:
-        a_cols = ka < C - c0
+        w_ptrs = w_rows + (di * KW + dj) * CW + c0 * WK // BLOCK_K
+        async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
         w_cols = kw < CW - c0 * WK // BLOCK_K
-    async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & a_cols[None, :])
-    async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & w_cols[None, :])
+        async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & w_cols[None, :])
     async_copy.commit_group()
 
 
@@ -138,7 +139,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, 
             else:
                 di, dj, c0 = _step_coords(it_lo + p, c_blocks, KW, BLOCK_K)
         _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, p < n, H, W, C, CX, CW,
-                     a_smem.index(p), w_smem.index(p), KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
+                     a_smem.index(p), w_smem.index(p), KH, KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
     for i in range(n):
         s = i % STAGES
         w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
@@ -151,7 +152,7 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, 
         else:
             di, dj, c0 = _step_coords(it_lo + j, c_blocks, KW, BLOCK_K)
         _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, j < n, H, W, C, CX, CW,
-                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KH, KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     gl.thread_barrier()  # the last MMAs' buffers are free in every warpgroup
@@ -199,6 +200,8 @@ def _qconv_wgmma_kernel(
         rows, cols = ih0, iw0
     m_ok = rm < M
     n_ok = rn < N
+    if LEAN:  # weight rows past N read real rows (wrapped) whose sums no store keeps
+        rn = rn % N
 
     a_smem, w_smem, w8_smem = _int8_ring(gl.int8, w_ptr.dtype.element_ty, W4, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, WK)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(

@@ -55,11 +55,12 @@ def epilogue_policy(switch: str) -> bool:
 # 128×128 w8 configs take 171–199 registers instead of 126–134, and the stores cover half of each 32-byte
 # sector. Off until timed and tested on a GPU.
 EPILOGUE_IN_MMA = epilogue_policy(os.environ.get("TCAQ_WGMMA_EPILOGUE", ""))
-# TCAQ_WGMMA_LEAN_STEPS=1: leaner main loops in both Gluon kernels — copies without the channel / K masks where
-# every block is full (EVEN_K here, EVEN_C in the conv, `triton.heuristics` values) and, in the conv, the
-# copied step's tap and channel block carried from step to step instead of divided out of its index
-# (conv_wgmma.py). sm_90a (`kernel_asm.py --lean-steps`, 29 Nov): conv loop 145 → 116 instructions a step
-# (128×64×64 w4), GEMM 84 → 75 (128×128×64 w8). Off until a GPU has run it.
+# TCAQ_WGMMA_LEAN_STEPS=1: leaner main loops in both Gluon kernels — rows past M / N wrapped onto real ones and
+# the ring's tail steps clamped onto the last real step, so that where every K block is full (EVEN_K here,
+# EVEN_C in the conv, `triton.heuristics` values) the weight copies (and the GEMM's activation copies) carry
+# no predicate at all; in the conv also the copied step's tap and channel block carried from step to step
+# instead of divided out of its index (conv_wgmma.py). sm_90a (`kernel_asm.py --lean-steps`, 29 Nov): conv
+# loop 145 → 116 instructions a step (128×64×64 w4), GEMM 84 → 63 (128×128×64 w8). Off until a GPU has run it.
 LEAN_STEPS = os.environ.get("TCAQ_WGMMA_LEAN_STEPS", "0") == "1"
 
 
@@ -162,18 +163,27 @@ def _store_partials(part_ptr, acc, em, en, M, N):
 
 
 @gluon.jit
-def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live, FULL_K: gl.constexpr):
+def _copied_step(j, num_k, LEAN: gl.constexpr):
+    """The K step whose tiles fill ring slot j: j itself, or with LEAN the last real step for the ring's tail
+    (j ≥ num_k), whose copies then read real elements into slots no MMA reads instead of being masked off."""
+    if LEAN:
+        return gl.minimum(j, num_k - 1)
+    else:
+        return j
+
+
+@gluon.jit
+def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live, UNMASKED: gl.constexpr):
     """cp.async of one K step of both operands (zeros past M, N and K, and for steps past this program's
     range: `live` false), as one commit group. `w_left` counts the weight row's remaining bytes (half of
-    `k_left`, rounded up, for packed int4). FULL_K: every K step is whole, no column masks."""
-    if FULL_K:
-        a_cols = ka >= 0
-        w_cols = kw >= 0
+    `k_left`, rounded up, for packed int4). UNMASKED: every address is a real element and every K step
+    whole (the lean loop's wrapped rows and clamped steps, EVEN_K), so the copies carry no predicate."""
+    if UNMASKED:
+        async_copy.async_copy_global_to_shared(a_smem, a_ptrs)
+        async_copy.async_copy_global_to_shared(w_smem, w_ptrs)
     else:
-        a_cols = ka < k_left
-        w_cols = kw < w_left
-    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=(m_ok & live)[:, None] & a_cols[None, :])
-    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=(n_ok & live)[:, None] & w_cols[None, :])
+        async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=(m_ok & live)[:, None] & (ka < k_left)[None, :])
+        async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=(n_ok & live)[:, None] & (kw < w_left)[None, :])
     async_copy.commit_group()
 
 
@@ -212,18 +222,22 @@ def _w8a8_wgmma_kernel(
     num_k = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
     K_rest = K - k_lo  # masks count from the split's first column
     KW_rest = KW - k_lo * WK // BLOCK_K
-    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + (k_lo + ka)[None, :]
-    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + (k_lo * WK // BLOCK_K + kw)[None, :]
     m_ok = rm < M
     n_ok = rn < N
+    if LEAN:  # rows past M / N read real rows (wrapped) whose sums no store keeps: no row masks needed
+        rm = rm % M
+        rn = rn % N
+    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + (k_lo + ka)[None, :]
+    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + (k_lo * WK // BLOCK_K + kw)[None, :]
 
     a_smem = gl.allocate_shared_memory(a_ty, [STAGES, BLOCK_M, BLOCK_K],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], a_ty))
     w_ty: gl.constexpr = w_ptr.dtype.element_ty
     w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
     for p in gl.static_range(STAGES - 1):  # prologue: steps 0 … STAGES-2 in flight (empty masks past K)
-        _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + p * BLOCK_K, w_ptrs + p * WK,
-                    m_ok, n_ok, ka, kw, K_rest - p * BLOCK_K, KW_rest - p * WK, p < num_k, LEAN and EVEN_K)
+        q = _copied_step(p, num_k, LEAN)
+        _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + q * BLOCK_K, w_ptrs + q * WK,
+                    m_ok, n_ok, ka, kw, K_rest - q * BLOCK_K, KW_rest - q * WK, p < num_k, LEAN and EVEN_K)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
@@ -261,8 +275,9 @@ def _w8a8_wgmma_kernel(
         # step i-1's MMA is done: its buffers take step i+STAGES-1 (every warpgroup past the wait first)
         gl.thread_barrier()
         j = i + STAGES - 1
-        _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + j * BLOCK_K, w_ptrs + j * WK,
-                    m_ok, n_ok, ka, kw, K_rest - j * BLOCK_K, KW_rest - j * WK, j < num_k, LEAN and EVEN_K)
+        q = _copied_step(j, num_k, LEAN)
+        _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + q * BLOCK_K, w_ptrs + q * WK,
+                    m_ok, n_ok, ka, kw, K_rest - q * BLOCK_K, KW_rest - q * WK, j < num_k, LEAN and EVEN_K)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
