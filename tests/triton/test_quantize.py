@@ -58,6 +58,26 @@ def test_ties_round_half_to_even(gen, device):
     assert torch.equal(quantize_act(x, t.s_inv, t.zero, t.group, 8), _ref_uniform(x, t, None, -1))
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_clamp_edges_and_huge_values(gen, device, bits):
+    """The kernel clamps to [QMIN − z, QMAX − z] before rounding (`numerics.quantize_uniform`), the reference
+    rounds first: the same codes at the range's edges ± ½ (ties included), far past them and at ±inf,
+    for zero points at both ends of the range."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    t = Tables(gen, groups=3, batch=3, bits=bits, device=device)
+    t.s_inv = torch.tensor([1.0, 1.0, 0.25], device=device)
+    t.zero = torch.tensor([qmin, qmax, 1], device=device, dtype=t.zero.dtype)
+    t.group = torch.tensor([0, 1, 2], device=device, dtype=t.group.dtype)
+    edges = torch.tensor([qmin, qmax], dtype=torch.float32)
+    offsets = torch.tensor([-1.5, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5])
+    rows = []
+    for z, s in ((qmin, 1.0), (qmax, 1.0), (1, 0.25)):
+        near = ((edges - z)[:, None] + offsets[None, :]).flatten() / s
+        rows.append(torch.cat([near, torch.tensor([1e30, -1e30, float("inf"), float("-inf"), 0.0, -0.0])]))
+    x = torch.stack(rows)[:, :, None].expand(-1, -1, 8).contiguous().to(device)  # [B, S, C]
+    assert torch.equal(quantize_act(x, t.s_inv, t.zero, t.group, bits), _ref_uniform(x, t, None, -1))
+
+
 def test_packed_int4(gen, device):
     B, C, H, W = 2, 7, 5, 5  # odd C: the last byte's high nibble is pack_int4's zero padding
     x = (torch.randn(B, C, H, W, generator=gen) * 2).to(device)
