@@ -190,7 +190,7 @@ def compile_groupnorm(S: int, C: int, num_groups: int, silu: int):
                 stride_x2c=i32(1))
     constexprs = dict(HAS_AFFINE=True, HAS_RINV=True, QMIN=-128, QMAX=127, SILU=silu, CODES=True, TWO_Q=False,
                       TWO_X=False, GROUPS=groups, G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s,
-                      BLOCK_C=block_c)
+                      BLOCK_C=block_c, FULL=groupnorm.full_tile(S, C // num_groups, (groups, block_s, block_c)))
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": 8 if block_s * block_c >= 8192 else 4,

@@ -110,6 +110,17 @@ def test_one_pass_tiles_and_poisoned_output(gen, device, max_groups, monkeypatch
     _check_poisoned(gen, device, (2, 15, 31, 1, 3), f"one pass {tile}", one_pass=True)
 
 
+@pytest.mark.parametrize("case", [(2, 64, 4, 4, 32), (3, 32, 8, 8, 4), (1, 128, 16, 16, 32)])
+def test_full_tiles_exact(gen, device, case):
+    """Shapes whose one-pass tile has no idle lane (the kernel's FULL: masks compile-time true) give the
+    reference's codes, as the masked shapes of CASES do."""
+    B, C, H, W, G = case
+    assert gn_module.full_tile(H * W, C // G, gn_module.one_pass_tile(H * W, C, G))
+    x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
+    codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, 8, r_inv)
+    _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case}")
+
+
 def test_one_pass_refuses_groups_too_large(device, monkeypatch):
     """A group of 8192 pixels × 4 channels exceeds the one-pass register budget: asked for, it is refused
     (not silently run two-pass); left to the launcher, the two-kernel path takes it."""
