@@ -136,7 +136,8 @@ def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = Fals
     fn = gemm_wgmma._w8a8_wgmma_kernel
     args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", w4)  # the two kernels share these names
     constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
-                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean,
+                      EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
@@ -164,7 +165,8 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
                 pad_w=k // 2, clip_b=k // 2, clip_l=k // 2, clip_r=k // 2, group_stride=1, stride_wn=k * k * cw(c1), stride_w2n=k * k * cw(c_2 or c1),
                 stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
-    constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False,
+    constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True,
+                      HAS_RES=False,
                       TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
                       OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean,
                       EVEN_C=c1 % bk == 0 and c_2 % bk == 0, BLOCK_M=bm, BLOCK_N=bn,

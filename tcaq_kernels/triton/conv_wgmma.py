@@ -29,7 +29,6 @@ CONFIGS = [(128, 128, 64, 4, 8), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 
            (128, 128, 128, 4, 8), (64, 128, 128, 4, 4)]
 
 
-
 def _prune(configs, named_args, **kwargs):
     """Channel blocks that tile C exactly where one does (a 128 block over C = 320 would load half-empty
     tiles), else the smallest."""
@@ -170,9 +169,8 @@ def _qconv_wgmma_kernel(
     W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    BLOCK_K: gl.constexpr,
-    STAGES: gl.constexpr,
+    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
     M = B * OH * OW
@@ -209,7 +207,8 @@ def _qconv_wgmma_kernel(
     acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, rows, cols,
                   m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
                   SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN, EVEN_C)
-    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)  # channels_last output: rows of N contiguous
+    # channels_last output: rows of N contiguous
+    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
         return
