@@ -222,13 +222,16 @@ def _w8a8_wgmma_kernel(
     num_k = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
     K_rest = K - k_lo  # masks count from the split's first column
     KW_rest = KW - k_lo * WK // BLOCK_K
+    if LEAN:  # rows past M / N read real rows (wrapped) whose sums no store keeps: no row masks needed
+        a_rows = rm % M
+        w_rows = rn % N
+    else:
+        a_rows = rm
+        w_rows = rn
+    a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * stride_am + (k_lo + ka)[None, :]
+    w_ptrs = w_ptr + w_rows.to(gl.int64)[:, None] * stride_wn + (k_lo * WK // BLOCK_K + kw)[None, :]
     m_ok = rm < M
     n_ok = rn < N
-    if LEAN:  # rows past M / N read real rows (wrapped) whose sums no store keeps: no row masks needed
-        rm = rm % M
-        rn = rn % N
-    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + (k_lo + ka)[None, :]
-    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + (k_lo * WK // BLOCK_K + kw)[None, :]
 
     a_smem = gl.allocate_shared_memory(a_ty, [STAGES, BLOCK_M, BLOCK_K],
                                        gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], a_ty))

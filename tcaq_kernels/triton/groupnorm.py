@@ -199,7 +199,7 @@ def _normalised_out(y, cols, c_mask, gamma_ptr, beta_ptr, r_inv_ptr, s_inv, zero
     if CODES:
         if HAS_RINV:
             y = y * tl.load(r_inv_ptr + cols, mask=c_mask, other=1.0)[None, :]
-        y = quantize_uniform(y, s_inv, zero, QMIN, QMAX)
+        y = quantize_uniform(y, s_inv, zero, QMIN, QMAX, CLAMP_FIRST=True)
     return y
 
 

@@ -103,17 +103,24 @@ def silu(y, MODE: tl.constexpr):
 
 
 @triton.jit
-def quantize_uniform(u, s_inv, zero, QMIN: tl.constexpr, QMAX: tl.constexpr):
+def quantize_uniform(u, s_inv, zero, QMIN: tl.constexpr, QMAX: tl.constexpr, CLAMP_FIRST: tl.constexpr = False):
     """Signed uniform codes (int8) of fp32 `u` (already multiplied by r_inv): clamp(rint(u·s_inv) + z).
 
-    Clamped before rounding, to [QMIN − z, QMAX − z]: the bounds are integers, so rint(clamp(v)) =
-    clamp(rint(v)), and |v| then stays far below 2^22, where adding and subtracting 1.5·2^23 rounds half
-    to even — two min/max and three adds an element where rounding first took four and three (the
-    GroupNorm kernel's codes are ~50 instructions an element). NaN and ±inf get the bound min/max give
-    them, as before."""
-    z = zero.to(tl.float32)
-    v = tl.minimum(tl.maximum(u * s_inv, QMIN - z), QMAX - z)
-    return (((v + 12582912.0) - 12582912.0) + z).to(tl.int8)
+    rint is round half to even by adding and subtracting 1.5·2^23, exact for |v| ≤ 2^22, so v is first
+    saturated at ±2^22 and the code clamped after. CLAMP_FIRST clamps v to [QMIN − z, QMAX − z] instead,
+    before rounding: the bounds are integers, so rint(clamp(v)) = clamp(rint(v)) — the same codes (also for
+    NaN and ±inf, which get the same bound) with two min/max an element fewer. For callers whose z is one
+    value per sample or per channel (GroupNorm, the quantize kernel); where z is one per row (the GEMMs'
+    fused quantize, the epilogues' output codes) the per-row bounds cost registers instead — 172 → 225
+    and spills in the fused GEMMs on sm_90a (`kernel_asm.py`, 29 Nov) — so they round first."""
+    if CLAMP_FIRST:
+        z = zero.to(tl.float32)
+        v = tl.minimum(tl.maximum(u * s_inv, QMIN - z), QMAX - z)
+        return (((v + 12582912.0) - 12582912.0) + z).to(tl.int8)
+    else:
+        v = tl.minimum(tl.maximum(u * s_inv, -4194304.0), 4194304.0)
+        v = ((v + 12582912.0) - 12582912.0) + zero.to(tl.float32)
+        return tl.minimum(tl.maximum(v, QMIN), QMAX).to(tl.int8)
 
 
 @triton.jit

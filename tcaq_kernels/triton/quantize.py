@@ -122,7 +122,7 @@ def _codes(x_ptrs, x2_ptrs, cols, row_mask, C, C1, C2, stride_xc, stride_x2c, r_
         if HAS_RINV:
             x = x * tl.load(r_inv_ptr + cols, mask=cols < C, other=1.0)[None, :]
         s_inv, zero = split_tables(cols, C2, s_inv, zero, s_inv2, zero2, TWO_Q)
-        q = quantize_uniform(x, s_inv, zero, -(1 << (BITS - 1)), (1 << (BITS - 1)) - 1).to(tl.int32)
+        q = quantize_uniform(x, s_inv, zero, -(1 << (BITS - 1)), (1 << (BITS - 1)) - 1, CLAMP_FIRST=True).to(tl.int32)
     return tl.where(mask, q, 0)
 
 
