@@ -314,11 +314,12 @@ def main(argv=None) -> int:
                 _print(rows[-1])
     for text in a.groupnorm:
         S, C, G = (int(v) for v in text.split(","))
-        if groupnorm.one_pass_tile(S, C, G) is None:
+        tile = groupnorm.one_pass_tile(S, C, G)
+        if tile is None:
             p.error(f"--groupnorm {text}: a group of {S} pixels × {C // G} channels does not fit the one-pass kernel")
         for name, mode in (("exact", SILU_EXACT), ("fast", SILU_FAST)):
             rows.append({"shape": "groupnorm " + text, "variant": f"gn-one-pass-silu-{name}",
-                         "config": "{}x{} groups {}".format(*groupnorm.one_pass_tile(S, C, G)[1:], G),
+                         "config": "{}x{} groups {}".format(*tile[1:], G),
                          **describe(compile_groupnorm(S, C, G, mode))})
             _print(rows[-1])
     if a.json:

@@ -113,11 +113,7 @@ def _qconv_kernel(
         acc = _reduce_packed_taps(x_rows, ih0, iw0, w_ptr, rn_in, stride_wn, H, W, CX, KH, KW, UP, PACK_TAPS,
                                   BLOCK_M, BLOCK_N, BLOCK_K)
     else:
-        if UP == 1:  # each row's top-left tap and inside masks once (`tap_rows`): a step adds an offset
-            row_off, rows, cols = tap_rows(ih0, iw0, H, W, CX, KH, KW)
-            x_rows = x_rows + row_off[:, None]
-        else:  # upsampled: a step divides its input coordinates by UP
-            rows, cols = ih0, iw0
+        x_rows, rows, cols = tap_rows(x_rows, ih0, iw0, H, W, CX, KH, KW, UP)
         acc = _reduce(x_rows, rows, cols, w_ptr, rn_in, stride_wn, H, W, C, CX, KH, KW, UP, W4, SPLIT_K,
                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_C)
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights
@@ -218,18 +214,25 @@ def output_pixels(rm, M, OH, OW, group_ptr, group_stride, zero_ptr):
 
 
 @triton.jit
-def tap_rows(ih0, iw0, H, W, CX, KH: tl.constexpr, KW: tl.constexpr):
-    """What every reduction step needs of each output row, computed once: the code offset of
-    its top-left tap, pixel (ih0, iw0) of CX codes (outside the image for border rows — only masked loads
-    use it), and bit masks of its filter rows (bit i: input row ih0 + i inside) and columns inside the image.
-    A step then adds one uniform offset and tests two bits (`tap_inside`). UP = 1 only."""
-    rows_in = ih0 * 0
-    cols_in = iw0 * 0
-    for i in tl.static_range(KH):
-        rows_in = rows_in | (((ih0 + i >= 0) & (ih0 + i < H)).to(tl.int32) << i)
-    for j in tl.static_range(KW):
-        cols_in = cols_in | (((iw0 + j >= 0) & (iw0 + j < W)).to(tl.int32) << j)
-    return (ih0 * W + iw0) * CX, rows_in, cols_in
+def tap_rows(x_rows, ih0, iw0, H, W, CX, KH: tl.constexpr, KW: tl.constexpr, UP: tl.constexpr):
+    """What every reduction step needs of each output row, computed once: (x_rows, rows, cols) as both conv
+    kernels' main loops take them. UP = 1: `x_rows` moved to the row's top-left tap, pixel (ih0, iw0) of CX
+    codes (outside the image for border rows — only masked loads use it), and bit masks of its filter rows
+    (bit i: input row ih0 + i inside) and columns inside the image: a step then adds one uniform offset and
+    tests two bits (`tap_inside`). UP = 2 (an upsampled input, whose coordinates a step divides by UP):
+    `x_rows` and the top-left coordinates (ih0, iw0) as they are."""
+    if UP == 1:
+        rows = ih0 * 0
+        cols = iw0 * 0
+        for i in tl.static_range(KH):
+            rows = rows | (((ih0 + i >= 0) & (ih0 + i < H)).to(tl.int32) << i)
+        for j in tl.static_range(KW):
+            cols = cols | (((iw0 + j >= 0) & (iw0 + j < W)).to(tl.int32) << j)
+        x_rows = x_rows + ((ih0 * W + iw0) * CX)[:, None]
+    else:
+        rows = ih0
+        cols = iw0
+    return x_rows, rows, cols
 
 
 @triton.jit

@@ -191,11 +191,7 @@ def _qconv_wgmma_kernel(
     iw0 = ow * STRIDE - pad_w
     CX = C + C2  # a pixel's codes: the first range's C channels, then the second's C2 (0 without one)
     x_rows = x_ptr + (b.to(gl.int64) * (H // UP) * (W // UP) * CX)[:, None]  # the stored (H/UP × W/UP) image
-    if UP == 1:  # each row's top-left tap and inside masks once (`tap_rows`): a step adds an offset, tests 2 bits
-        row_off, rows, cols = tap_rows(ih0, iw0, H, W, CX, KH, KW)
-        x_rows = x_rows + row_off[:, None]
-    else:  # upsampled: a step divides its input coordinates by UP
-        rows, cols = ih0, iw0
+    x_rows, rows, cols = tap_rows(x_rows, ih0, iw0, H, W, CX, KH, KW, UP)  # once for both channel ranges
     m_ok = rm < M
     n_ok = rn < N
     if LEAN:  # weight rows past N read real rows (wrapped) whose sums no store keeps
