@@ -125,31 +125,28 @@ def compile_variant(M, N, K, variant: str, config: triton.Config):
     return triton.compile(src, target=TARGET, options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
-def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False, split_k: int = 1,
-                  epi_mma: bool = False, lean: bool = False):
+def compile_wgmma(M, N, K, config: tuple, a_float: bool = False, w4: bool = False, split_k: int = 1):
     """`gemm_wgmma`'s Gluon kernel with one of its CONFIGS, as its launcher calls it (bias, bf16 output;
     `a_float`: bf16 activations quantized in registers; `w4`: packed int4 weights; `split_k` > 1: the
-    program writing int32 partial sums; `epi_mma`: the epilogue in the wgmma layout, TCAQ_WGMMA_EPILOGUE=mma;
-    `lean`: TCAQ_WGMMA_LEAN_STEPS=1)."""
+    program writing int32 partial sums)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     bm, bn, bk, stages, warps = config
     fn = gemm_wgmma._w8a8_wgmma_kernel
     args = kernel_args(M, N, K, "*bf16" if a_float else "*i8", w4)  # the two kernels share these names
     constexprs = dict(A_FLOAT=a_float, HAS_RINV=False, QMIN=-128, QMAX=127, W4=w4, SPLIT_K=split_k, HAS_BIAS=True, HAS_RES=False, OUT_Q=False,
-                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean,
-                      EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
+                      OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                      STAGES=stages)
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=TARGET, options={"num_warps": warps, "num_stages": 1})
 
 
 def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: int = 1, c2: int | None = None,
-                       up: int = 1, epi_mma: bool = False, lean: bool = False):
+                       up: int = 1):
     """`conv_wgmma`'s Gluon kernel for an NHWC conv (B, C, H, W, N, k, stride; padding k // 2), bf16 output
     with bias, int8 or packed int4 weights (`split_k` > 1: the program writing int32 partial sums; `c2`: a
     split input whose second channel range starts there, two int32 sums; `up` 2: the input read as the
-    nearest 2× upsampling of its codes, H × W being the upsampled size; `epi_mma`: TCAQ_WGMMA_EPILOGUE=mma;
-    `lean`: TCAQ_WGMMA_LEAN_STEPS=1)."""
+    nearest 2× upsampling of its codes, H × W being the upsampled size)."""
     from triton.experimental.gluon._runtime import GluonASTSource
     B, C, H, W, N, k, stride = shape
     bm, bn, bk, stages, warps = config
@@ -166,10 +163,8 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
                 stride_rb=N * OH * OW, stride_rc=1, stride_rh=OW * N, stride_rw=N)
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
     constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True,
-                      HAS_RES=False,
-                      TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False,
-                      OUT_QMIN=-128, OUT_QMAX=127, EPI_MMA=epi_mma, LEAN=lean,
-                      EVEN_C=c1 % bk == 0 and c_2 % bk == 0, BLOCK_M=bm, BLOCK_N=bn,
+                      HAS_RES=False, TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127,
+                      EVEN_C=c1 % bk == 0 and c_2 % bk == 0, EVEN_N=N % bn == 0, BLOCK_M=bm, BLOCK_N=bn,
                       BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
@@ -215,7 +210,8 @@ def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:
 
 def sass_profile(cubin: bytes) -> dict:
     """Instruction counts of the machine code (Triton's bundled cuobjdump): each loop — a backward branch's
-    body, i.e. one step's instructions, `mma` where it issues wgmma — in address order, and `tail`, the
+    body, i.e. one step's instructions, `mma` where it issues wgmma, `mufu` its special-function ops (a
+    division's reciprocal shows as MUFU.RCP) — in address order, and `tail`, the
     instructions after the last loop (a kernel's epilogue; NOP padding not counted). A step's count times
     the warps against its MMA cycles says whether a loop is issue-bound; a loop after the MMA loop is an
     epilogue paid per tap or per row (the conv's padding term was one, 235 instructions × 9 taps)."""
@@ -231,7 +227,8 @@ def sass_profile(cubin: bytes) -> dict:
         target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", op)
         if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
             body = code[index[int(target.group(1), 16)]:i + 1]
-            loops.append({"instructions": len(body), "mma": any("GMMA" in o for _, o in body), "end": i})
+            loops.append({"instructions": len(body), "mma": any("GMMA" in o for _, o in body),
+                          "mufu": sum("MUFU." in o for _, o in body), "end": i})
     after = code[loops[-1]["end"] + 1:] if loops else code
     tail = sum(1 for _, op in after if not op.endswith("NOP") and not op.startswith("NOP"))
     return {"loops": [{k: v for k, v in loop.items() if k != "end"} for loop in loops], "tail": tail}
@@ -269,12 +266,9 @@ def main(argv=None) -> int:
                    help="also the Gluon conv (int8 and int4 weights, every config) on this NHWC shape (repeatable)")
     p.add_argument("--variants", default=",".join([*VARIANTS, *WGMMA_VARIANTS]),
                    help="of the tl.dot kernel, and w{8,4}a8[-fused]-wgmma (the Gluon kernel of gemm_wgmma.py)")
-    p.add_argument("--epilogue", choices=("convert", "mma"), default="convert",
-                   help="the Gluon kernels' epilogue layout (mma: TCAQ_WGMMA_EPILOGUE=mma's)")
     p.add_argument("--groupnorm", action="append", default=[], metavar="S,C,G",
                    help="also the one-pass GroupNorm + SiLU + quantize kernel (S pixels, C channels, G groups), "
-                        "with torch's SiLU formula and TCAQ_GN_FAST_SILU's (repeatable)")
-    p.add_argument("--lean-steps", action="store_true", help="the Gluon kernels' TCAQ_WGMMA_LEAN_STEPS=1 main loops")
+                        "with torch's SiLU formula (the interpreter's) and the GPU's fast one (repeatable)")
     p.add_argument("--json", type=Path, help="also write the rows here")
     a = p.parse_args(argv)
     rows = []
@@ -290,10 +284,9 @@ def main(argv=None) -> int:
                 for cfg in gemm_wgmma.CONFIGS:
                     w4 = variant.startswith("w4")
                     info = describe(compile_wgmma(M, N, K, cfg, a_float="-fused" in variant, w4=w4,
-                                                  split_k=2 if "-split" in variant else 1,
-                                                  epi_mma=a.epilogue == "mma", lean=a.lean_steps))
+                                                  split_k=2 if "-split" in variant else 1))
                     rows.append({"shape": shape, "variant": variant, "config": "{}x{}x{} w{w} s{s}".format(
-                        *cfg[:3], w=cfg[4], s=cfg[3]), "epilogue": a.epilogue, "lean_steps": a.lean_steps, **info})
+                        *cfg[:3], w=cfg[4], s=cfg[3]), **info})
                     _print(rows[-1])
                 continue
             for cfg in configs_for(M, K):
@@ -305,11 +298,9 @@ def main(argv=None) -> int:
         shape = tuple(int(v) for v in text.split(","))
         for w4, split_k in ((False, 1), (True, 1), (True, 2)):
             for cfg in conv_wgmma.CONFIGS:
-                info = describe(compile_conv_wgmma(shape, cfg, w4, split_k, epi_mma=a.epilogue == "mma",
-                                                   lean=a.lean_steps))
+                info = describe(compile_conv_wgmma(shape, cfg, w4, split_k))
                 variant = ("w4a8" if w4 else "w8a8") + ("-conv-split-wgmma" if split_k > 1 else "-conv-wgmma")
-                rows.append({"shape": "conv " + text, "variant": variant, "epilogue": a.epilogue,
-                             "lean_steps": a.lean_steps,
+                rows.append({"shape": "conv " + text, "variant": variant,
                              "config": "{}x{}x{} w{w} s{s}".format(*cfg[:3], w=cfg[4], s=cfg[3]), **info})
                 _print(rows[-1])
     for text in a.groupnorm:

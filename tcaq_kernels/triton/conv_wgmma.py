@@ -20,7 +20,6 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from .conv import conv_epilogue, output_pixels, pixel_coords, table_clips, tap_inside, tap_rows
-from . import gemm_wgmma
 from .gemm_wgmma import _copy_layout, _epilogue_tile, _instr_n, _ready_w_operand, _store_partials, _warps
 from .numerics import tuning_bench
 
@@ -76,18 +75,16 @@ def _next_step(di, dj, c0, C, KW: gl.constexpr, BLOCK_K: gl.constexpr):
 @gluon.jit
 def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, live, H, W, C, CX, CW,
                  a_dst, w_dst, KH: gl.constexpr, KW: gl.constexpr, UP: gl.constexpr, BLOCK_K: gl.constexpr,
-                 WK: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr):
+                 WK: gl.constexpr, MASKED: gl.constexpr, EVEN_C: gl.constexpr, EVEN_N: gl.constexpr):
     """cp.async of the reduction step at filter tap (di, dj), channels c0… of both operands, as one commit
-    group; zeros for out-of-image taps, channels past C and steps past the program's range (`live` false:
-    the ring's tail). A pixel holds CX codes, of which this range reads C from `x_rows` on. UP = 1: `x_rows`
-    is at each row's top-left tap and `rows` / `cols` are `tap_rows`' inside masks; UP = 2: they are the
-    top-left tap's input coordinates (ih0, iw0) of the H × W input stored as its (H/UP × W/UP)
-    nearest-neighbour source. LEAN: the activation copies skip the `m_ok` and `live` masks — rows past M
-    read real pixels (their coordinates wrap, `pixel_coords`) that no store keeps, and tail steps read
-    either the next split's taps or nothing (a tap past the filter is never inside) into ring slots no MMA
-    reads. The weight rows past N are wrapped onto real ones (the kernel) and a tail step's tap clamped to
-    the filter's last, so with EVEN_C (every channel block full) the weight copies carry no predicate and
-    the activation copies only the inside bits."""
+    group; zeros for out-of-image taps and channels past C. A pixel holds CX codes, of which this range
+    reads C from `x_rows` on. UP = 1: `x_rows` is at each row's top-left tap and `rows` / `cols` are
+    `tap_rows`' inside masks; UP = 2: they are the top-left tap's input coordinates (ih0, iw0) of the H × W
+    input stored as its (H/UP × W/UP) nearest-neighbour source. MASKED (the ring's first steps, which may lie
+    past a short range: `live` false copies zeros): every mask. Else (the main loop's steps, all live) only
+    what can be false — the taps' inside bits, channels where a block is partial (not EVEN_C), weight rows
+    where N is (not EVEN_N); rows past M read real pixels (`pixel_coords` wraps them) that no store keeps —
+    so with both whole the weight copies carry no predicate and the activation copies only the inside bits."""
     if UP == 1:
         inside = tap_inside(rows, cols, di, dj)
         a_ptrs = x_rows + ((di * W + dj) * CX + c0) + ka[None, :]
@@ -96,31 +93,51 @@ def _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, liv
         iw = cols + dj
         inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         a_ptrs = x_rows + (((ih // UP) * (W // UP) + iw // UP) * CX + c0)[:, None] + ka[None, :]
-    if not LEAN:
+    w_ptrs = w_rows + (di * KW + dj) * CW + c0 * WK // BLOCK_K
+    w_cols = kw < CW - c0 * WK // BLOCK_K
+    if MASKED:
         inside = inside & m_ok & live
-    if LEAN and EVEN_C:  # every address real, every channel block full: predicates of the taps alone
-        w_ptrs = w_rows + gl.minimum(di * KW + dj, KH * KW - 1) * CW + c0 * WK // BLOCK_K
-        async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka >= 0)[None, :])
-        async_copy.async_copy_global_to_shared(w_dst, w_ptrs)
-    else:
-        w_ptrs = w_rows + (di * KW + dj) * CW + c0 * WK // BLOCK_K
         async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
-        w_cols = kw < CW - c0 * WK // BLOCK_K
         async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=(n_ok & live)[:, None] & w_cols[None, :])
+    else:
+        if EVEN_C:
+            async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka >= 0)[None, :])
+        else:
+            async_copy.async_copy_global_to_shared(a_dst, a_ptrs, mask=inside[:, None] & (ka < C - c0)[None, :])
+        if EVEN_C and EVEN_N:
+            async_copy.async_copy_global_to_shared(w_dst, w_ptrs)
+        else:
+            async_copy.async_copy_global_to_shared(w_dst, w_ptrs, mask=n_ok[:, None] & w_cols[None, :])
     async_copy.commit_group()
+
+
+@gluon.jit
+def _mma_step(acc, a_smem, w_smem, w8_smem, i, w_copy: gl.constexpr, W4: gl.constexpr, STAGES: gl.constexpr,
+              BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Ring step i: wait for its copies, issue its MMA asynchronously and wait for the one before, whose
+    buffers are then free in every warpgroup."""
+    s = i % STAGES
+    w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
+    acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
+    gl.thread_barrier()
+    return acc
 
 
 @gluon.jit
 def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, H, W, C, CX, CW,
             SPLIT_K: gl.constexpr, KH: gl.constexpr, KW: gl.constexpr, UP: gl.constexpr, W4: gl.constexpr,
             w_copy: gl.constexpr, STAGES: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-            WK: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr):
+            WK: gl.constexpr, EVEN_C: gl.constexpr, EVEN_N: gl.constexpr):
     """acc + Σ w·a over this program's reduction steps of one channel range, through the ring: STAGES-1
     steps copied ahead, each MMA issued asynchronously and only the previous one waited for; returns with
     every MMA and copy retired (so a second range may refill the ring). `x_rows`, `rows`, `cols`: as
-    `_step_copies` takes them. LEAN (gemm_wgmma.LEAN_STEPS): the copied step's (di, dj, c0) carried from step
-    to step (`_next_step`) instead of divided out of its index (`_step_coords`), and `_step_copies`' LEAN
-    (and EVEN_C)."""
+    `_step_copies` takes them. The copied step's (di, dj, c0) is carried from step to step (`_next_step`)
+    instead of divided out of its index, and the loop is split in two — steps that copy a live step ahead,
+    with only the masks that can be false (`_step_copies`' MASKED false), then the ring's last STAGES-1
+    steps, which copy nothing (an empty commit group keeps the waits' count) — so no step carries a predicate
+    or a branch for the ring's tail. (Against one loop of masked copies and a division a step: 1.13× median
+    on SD-1.5 b8, 1.07× on the embedded model at b256, H200, benchmarks/results/wgmma-variants-h200/.)"""
     c_blocks = (C + BLOCK_K - 1) // BLOCK_K
     n_iter = KH * KW * c_blocks
     if SPLIT_K > 1:  # split s runs steps [s·n/S, (s+1)·n/S), as `conv._qconv_kernel`'s splits do
@@ -131,27 +148,22 @@ def _reduce(acc, a_smem, w_smem, w8_smem, x_rows, rows, cols, m_ok, ka, w_rows, 
         it_hi = n_iter
     n = it_hi - it_lo
     di, dj, c0 = _step_coords(it_lo, c_blocks, KW, BLOCK_K)
-    for p in gl.static_range(STAGES - 1):
+    for p in gl.static_range(STAGES - 1):  # masked: steps past a short range copy zeros
         if p > 0:
-            if LEAN:
-                di, dj, c0 = _next_step(di, dj, c0, C, KW, BLOCK_K)
-            else:
-                di, dj, c0 = _step_coords(it_lo + p, c_blocks, KW, BLOCK_K)
-        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, p < n, H, W, C, CX, CW,
-                     a_smem.index(p), w_smem.index(p), KH, KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
-    for i in range(n):
-        s = i % STAGES
-        w_op = _ready_w_operand(w_smem, w8_smem, s, i, w_copy, W4, True, STAGES, BLOCK_N, BLOCK_K)
-        acc = warpgroup_mma(a_smem.index(s), w_op, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc,))
-        gl.thread_barrier()  # step i-1's buffers are free in every warpgroup
-        j = i + STAGES - 1
-        if LEAN:
             di, dj, c0 = _next_step(di, dj, c0, C, KW, BLOCK_K)
-        else:
-            di, dj, c0 = _step_coords(it_lo + j, c_blocks, KW, BLOCK_K)
-        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, j < n, H, W, C, CX, CW,
-                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KH, KW, UP, BLOCK_K, WK, LEAN, EVEN_C)
+        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, p < n, H, W, C, CX, CW,
+                     a_smem.index(p), w_smem.index(p), KH, KW, UP, BLOCK_K, WK, True, EVEN_C, EVEN_N)
+    n_copying = gl.maximum(n - (STAGES - 1), 0)
+    for i in range(n_copying):
+        acc = _mma_step(acc, a_smem, w_smem, w8_smem, i, w_copy, W4, STAGES, BLOCK_N, BLOCK_K)
+        j = i + STAGES - 1
+        di, dj, c0 = _next_step(di, dj, c0, C, KW, BLOCK_K)
+        _step_copies(x_rows, rows, cols, m_ok, ka, w_rows, n_ok, kw, di, dj, c0, True, H, W, C, CX, CW,
+                     a_smem.index(j % STAGES), w_smem.index(j % STAGES), KH, KW, UP, BLOCK_K, WK, False,
+                     EVEN_C, EVEN_N)
+    for i in range(n_copying, n):
+        acc = _mma_step(acc, a_smem, w_smem, w8_smem, i, w_copy, W4, STAGES, BLOCK_N, BLOCK_K)
+        async_copy.commit_group()
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
     gl.thread_barrier()  # the last MMAs' buffers are free in every warpgroup
@@ -169,7 +181,7 @@ def _qconv_wgmma_kernel(
     W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr, TWO_Q: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, EVEN_C: gl.constexpr,
+    EVEN_C: gl.constexpr, EVEN_N: gl.constexpr,
     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
@@ -194,17 +206,15 @@ def _qconv_wgmma_kernel(
     x_rows, rows, cols = tap_rows(x_rows, ih0, iw0, H, W, CX, KH, KW, UP)  # once for both channel ranges
     m_ok = rm < M
     n_ok = rn < N
-    if LEAN:  # weight rows past N read real rows (wrapped) whose sums no store keeps
-        rn = rn % N
 
     a_smem, w_smem, w8_smem = _int8_ring(gl.int8, w_ptr.dtype.element_ty, W4, STAGES, BLOCK_M, BLOCK_N, BLOCK_K, WK)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
     acc = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows, rows, cols,
                   m_ok, ka, w_ptr + rn.to(gl.int64)[:, None] * stride_wn + kw[None, :], n_ok, kw, H, W, C, CX, CW,
-                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN, EVEN_C)
+                  SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, EVEN_C, EVEN_N)
     # channels_last output: rows of N contiguous
-    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
+    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
         return
@@ -212,8 +222,8 @@ def _qconv_wgmma_kernel(
     if TWO_Q:  # the second range: its own codes (channels C…CX of each pixel) and weights, its own sum
         acc2 = _reduce(gl.zeros((BLOCK_M, BLOCK_N), gl.int32, mma_layout), a_smem, w_smem, w8_smem, x_rows + C,
                        rows, cols, m_ok, ka, w2_ptr + rn.to(gl.int64)[:, None] * stride_w2n + kw[None, :], n_ok, kw,
-                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, LEAN, EVEN_C)
-        acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
+                       H, W, C2, CX, CW2, SPLIT_K, KH, KW, UP, W4, w_copy, STAGES, BLOCK_N, BLOCK_K, WK, EVEN_C, EVEN_N)
+        acc2, _, _ = _epilogue_tile(acc2, off_m, off_n, BLOCK_M, BLOCK_N)
         ezero2 = gl.load(zero2_ptr + eg)
     else:
         acc2, ezero2 = acc, ezero
@@ -229,9 +239,10 @@ _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
     key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K", "HAS_RES",
-         "OUT_Q", "EPI_MMA", "LEAN"],
+         "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
-)(triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})(
+)(triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0,
+                     "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(
     _qconv_wgmma_kernel))
 
 
@@ -263,6 +274,5 @@ def launch(x_nhwc, w_op, w_pad_sum, w_scale, bias_arg, res, out, part, scale, ze
         w_op2, w_pad_sum2, scale2, zero2,
         B, H, W, C, CW, CX - C, w_op2.shape[3], N, OH, OW, padding[0], padding[2], *table_clips(w_pad_sum), group_stride,
         w_op.stride(0), w_op2.stride(0), res.stride(0), res.stride(1), res.stride(2), res.stride(3),
-        W4=w_op.dtype == torch.uint8, EPI_MMA=gemm_wgmma.EPILOGUE_IN_MMA,
-        LEAN=gemm_wgmma.LEAN_STEPS, **tail,
+        W4=w_op.dtype == torch.uint8, **tail,
     )

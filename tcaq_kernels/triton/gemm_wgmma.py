@@ -20,8 +20,6 @@ sums, and `qgemm` finishes with the same split-K epilogue kernel.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 from triton.runtime.jit import constexpr_function
@@ -38,30 +36,6 @@ from .numerics import quantize_uniform, tuning_bench, unpack_int4_rows
 #: steps of 128).
 CONFIGS = [(128, 128, 128, 4, 8), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 4),
            (128, 128, 64, 6, 8), (128, 64, 64, 6, 4)]
-
-
-def epilogue_policy(switch: str) -> bool:
-    """Whether the epilogues run in the wgmma layout (TCAQ_WGMMA_EPILOGUE=mma) or convert the accumulator to
-    `_epilogue_layout` first (unset, the default); any other value is refused rather than read as the default."""
-    if switch not in ("", "mma"):
-        raise ValueError(f"TCAQ_WGMMA_EPILOGUE={switch!r}: expected unset or 'mma'")
-    return switch == "mma"
-
-
-# TCAQ_WGMMA_EPILOGUE=mma: the epilogue works on the accumulator where the wgmma left it and stores from there
-# (each thread 2 adjacent columns of 8-row-apart rows), instead of first converting it through shared memory to
-# rows of 8 contiguous columns. Fewer instructions (sm_90a, `kernel_asm.py`, 29 Nov): the conv's epilogue
-# 1084 → 734 at 128×64×64 w4 (134 → 128 registers), the GEMM's 797 → 618 (8192×320×320, same config); but the
-# 128×128 w8 configs take 171–199 registers instead of 126–134, and the stores cover half of each 32-byte
-# sector. Off until timed and tested on a GPU.
-EPILOGUE_IN_MMA = epilogue_policy(os.environ.get("TCAQ_WGMMA_EPILOGUE", ""))
-# TCAQ_WGMMA_LEAN_STEPS=1: leaner main loops in both Gluon kernels — rows past M / N wrapped onto real ones and
-# the ring's tail steps clamped onto the last real step, so that where every K block is full (EVEN_K here,
-# EVEN_C in the conv, `triton.heuristics` values) the weight copies (and the GEMM's activation copies) carry
-# no predicate at all; in the conv also the copied step's tap and channel block carried from step to step
-# instead of divided out of its index (conv_wgmma.py). sm_90a (`kernel_asm.py --lean-steps`, 29 Nov): conv
-# loop 145 → 116 instructions a step (128×64×64 w4), GEMM 84 → 63 (128×128×64 w8). Off until a GPU has run it.
-LEAN_STEPS = os.environ.get("TCAQ_WGMMA_LEAN_STEPS", "0") == "1"
 
 
 @constexpr_function
@@ -141,14 +115,12 @@ def _ready_w_operand(w_smem, w8_smem, s, i, w_copy: gl.constexpr, W4: gl.constex
 
 
 @gluon.jit
-def _epilogue_tile(acc, off_m, off_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IN_MMA: gl.constexpr):
-    """The accumulator in the epilogue's layout (`_epilogue_layout`; IN_MMA: the wgmma layout it is in, see
-    EPILOGUE_IN_MMA) with its global rows and columns."""
-    if IN_MMA:
-        epi: gl.constexpr = acc.type.layout
-    else:
-        epi: gl.constexpr = _epilogue_layout(BLOCK_N, gl.num_warps())
-        acc = gl.convert_layout(acc, epi)
+def _epilogue_tile(acc, off_m, off_n, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The accumulator in `_epilogue_layout` with its global rows and columns. (Working in the wgmma layout
+    instead — 20–35 % fewer epilogue instructions, but 142–200 registers at BLOCK_N = 128 and half-sector
+    stores — timed 0.92× (GEMM) and 0.96× (conv) median on an H200: benchmarks/results/wgmma-variants-h200/.)"""
+    epi: gl.constexpr = _epilogue_layout(BLOCK_N, gl.num_warps())
+    acc = gl.convert_layout(acc, epi)
     em = off_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, epi))
     en = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, epi))
     return acc, em, en
@@ -163,27 +135,12 @@ def _store_partials(part_ptr, acc, em, en, M, N):
 
 
 @gluon.jit
-def _copied_step(j, num_k, LEAN: gl.constexpr):
-    """The K step whose tiles fill ring slot j: j itself, or with LEAN the last real step for the ring's tail
-    (j ≥ num_k), whose copies then read real elements into slots no MMA reads instead of being masked off."""
-    if LEAN:
-        return gl.minimum(j, num_k - 1)
-    else:
-        return j
-
-
-@gluon.jit
-def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live, UNMASKED: gl.constexpr):
+def _load_stage(a_smem, w_smem, a_ptrs, w_ptrs, m_ok, n_ok, ka, kw, k_left, w_left, live):
     """cp.async of one K step of both operands (zeros past M, N and K, and for steps past this program's
     range: `live` false), as one commit group. `w_left` counts the weight row's remaining bytes (half of
-    `k_left`, rounded up, for packed int4). UNMASKED: every address is a real element and every K step
-    whole (the lean loop's wrapped rows and clamped steps, EVEN_K), so the copies carry no predicate."""
-    if UNMASKED:
-        async_copy.async_copy_global_to_shared(a_smem, a_ptrs)
-        async_copy.async_copy_global_to_shared(w_smem, w_ptrs)
-    else:
-        async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=(m_ok & live)[:, None] & (ka < k_left)[None, :])
-        async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=(n_ok & live)[:, None] & (kw < w_left)[None, :])
+    `k_left`, rounded up, for packed int4)."""
+    async_copy.async_copy_global_to_shared(a_smem, a_ptrs, mask=(m_ok & live)[:, None] & (ka < k_left)[None, :])
+    async_copy.async_copy_global_to_shared(w_smem, w_ptrs, mask=(n_ok & live)[:, None] & (kw < w_left)[None, :])
     async_copy.commit_group()
 
 
@@ -195,8 +152,7 @@ def _w8a8_wgmma_kernel(
     A_FLOAT: gl.constexpr, HAS_RINV: gl.constexpr, QMIN: gl.constexpr, QMAX: gl.constexpr, W4: gl.constexpr,
     SPLIT_K: gl.constexpr, HAS_BIAS: gl.constexpr, HAS_RES: gl.constexpr,
     OUT_Q: gl.constexpr, OUT_HAS_RINV: gl.constexpr, OUT_QMIN: gl.constexpr, OUT_QMAX: gl.constexpr,
-    EPI_MMA: gl.constexpr, LEAN: gl.constexpr, EVEN_K: gl.constexpr, BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
+    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr, STAGES: gl.constexpr,
 ):
     num_warps: gl.constexpr = gl.num_warps()
     num_m = (M + BLOCK_M - 1) // BLOCK_M
@@ -222,14 +178,8 @@ def _w8a8_wgmma_kernel(
     num_k = (k_hi - k_lo + BLOCK_K - 1) // BLOCK_K
     K_rest = K - k_lo  # masks count from the split's first column
     KW_rest = KW - k_lo * WK // BLOCK_K
-    if LEAN:  # rows past M / N read real rows (wrapped) whose sums no store keeps: no row masks needed
-        a_rows = rm % M
-        w_rows = rn % N
-    else:
-        a_rows = rm
-        w_rows = rn
-    a_ptrs = a_ptr + a_rows.to(gl.int64)[:, None] * stride_am + (k_lo + ka)[None, :]
-    w_ptrs = w_ptr + w_rows.to(gl.int64)[:, None] * stride_wn + (k_lo * WK // BLOCK_K + kw)[None, :]
+    a_ptrs = a_ptr + rm.to(gl.int64)[:, None] * stride_am + (k_lo + ka)[None, :]
+    w_ptrs = w_ptr + rn.to(gl.int64)[:, None] * stride_wn + (k_lo * WK // BLOCK_K + kw)[None, :]
     m_ok = rm < M
     n_ok = rn < N
 
@@ -238,9 +188,8 @@ def _w8a8_wgmma_kernel(
     w_ty: gl.constexpr = w_ptr.dtype.element_ty
     w_smem = gl.allocate_shared_memory(w_ty, [STAGES, BLOCK_N, WK], gl.NVMMASharedLayout.get_default_for([BLOCK_N, WK], w_ty))
     for p in gl.static_range(STAGES - 1):  # prologue: steps 0 … STAGES-2 in flight (empty masks past K)
-        q = _copied_step(p, num_k, LEAN)
-        _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + q * BLOCK_K, w_ptrs + q * WK,
-                    m_ok, n_ok, ka, kw, K_rest - q * BLOCK_K, KW_rest - q * WK, p < num_k, LEAN and EVEN_K)
+        _load_stage(a_smem.index(p), w_smem.index(p), a_ptrs + p * BLOCK_K, w_ptrs + p * WK,
+                    m_ok, n_ok, ka, kw, K_rest - p * BLOCK_K, KW_rest - p * WK, p < num_k)
 
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=_warps(BLOCK_M, num_warps), instr_shape=[16, _instr_n(BLOCK_M, BLOCK_N, num_warps), 32])
@@ -278,13 +227,12 @@ def _w8a8_wgmma_kernel(
         # step i-1's MMA is done: its buffers take step i+STAGES-1 (every warpgroup past the wait first)
         gl.thread_barrier()
         j = i + STAGES - 1
-        q = _copied_step(j, num_k, LEAN)
-        _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + q * BLOCK_K, w_ptrs + q * WK,
-                    m_ok, n_ok, ka, kw, K_rest - q * BLOCK_K, KW_rest - q * WK, j < num_k, LEAN and EVEN_K)
+        _load_stage(a_smem.index(j % STAGES), w_smem.index(j % STAGES), a_ptrs + j * BLOCK_K, w_ptrs + j * WK,
+                    m_ok, n_ok, ka, kw, K_rest - j * BLOCK_K, KW_rest - j * WK, j < num_k)
     acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
     async_copy.wait_group(0)
 
-    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N, EPI_MMA)
+    acc, em, en = _epilogue_tile(acc, off_m, off_n, BLOCK_M, BLOCK_N)
     if SPLIT_K > 1:
         _store_partials(part_ptr, acc, em, en, M, N)
         return
@@ -297,9 +245,9 @@ def _w8a8_wgmma_kernel(
 _tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
              for bm, bn, bk, st, w in CONFIGS],
-    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q", "EPI_MMA", "LEAN"],
+    key=["M", "N", "K", "A_FLOAT", "W4", "SPLIT_K", "HAS_RES", "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
-)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_w8a8_wgmma_kernel))
+)(_w8a8_wgmma_kernel)
 
 
 def supported(a2: torch.Tensor, w_op: torch.Tensor) -> bool:
@@ -327,5 +275,5 @@ def launch(a2, w_op, w_sum, w_scale, bias_arg, res, out, part, r_inv, s_inv, sca
         M, N, K, w_op.shape[1], k_per_split, rows_per_sample, group_stride, a2.stride(0), w_op.stride(0),
         res.stride(0), res.stride(1), out.stride(0),
         A_FLOAT=a_float, HAS_RINV=a_float and r_inv is not None, QMIN=-(1 << (a_bits - 1)), QMAX=(1 << (a_bits - 1)) - 1,
-        W4=w_op.dtype == torch.uint8, EPI_MMA=EPILOGUE_IN_MMA, LEAN=LEAN_STEPS, **tail,
+        W4=w_op.dtype == torch.uint8, **tail,
     )

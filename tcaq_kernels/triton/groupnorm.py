@@ -60,17 +60,14 @@ ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
 # and the W8A8 step from CUDA graphs was no faster (5.79 vs 5.81 ms at batch 256, 2.43 vs 2.26 at 64).
 # Giving the one-pass kernel more programs per SM (8 or 32 instead of 2) did not help either (same day).
 LOOPED = os.environ.get("TCAQ_GN_LOOPED", "0") == "1"
-# TCAQ_GN_FAST_SILU=1: SiLU as two MUFU instructions and a multiply (`numerics.silu`'s SILU_FAST) instead of
-# torch's formula as Triton lowers it (12 instructions an element of the ~50 the fused kernel spends, sm_90a);
-# the same codes. Off until a GPU has timed it.
-FAST_SILU = os.environ.get("TCAQ_GN_FAST_SILU", "0") == "1"
-
-
 def silu_mode(on: bool) -> int:
-    """The kernels' SILU constexpr: off, torch's formula, or (GPU, FAST_SILU) its MUFU-only form."""
+    """The kernels' SILU constexpr: off, or SiLU in two MUFU instructions and a multiply (`numerics.silu`'s
+    SILU_FAST: the same codes and floats as torch's formula, 13–16 % fewer instructions in the one-pass kernel,
+    1.02–1.03× median on an H200: benchmarks/results/wgmma-variants-h200/) — torch's formula itself under the
+    interpreter, which runs no inline PTX."""
     if not on:
         return SILU_OFF
-    return SILU_FAST if FAST_SILU and not interpreting() else SILU_EXACT
+    return SILU_EXACT if interpreting() else SILU_FAST
 
 
 # A looped program covers at least this many channels (whole norm groups): 64-byte bf16 rows, 32-byte code rows.

@@ -89,7 +89,7 @@ SILU_OFF, SILU_EXACT, SILU_FAST = 0, 1, 2
 def silu(y, MODE: tl.constexpr):
     """SiLU of fp32 y (MODE 0: y itself). SILU_EXACT: y / (1 + e^−y), as Triton lowers it — ex2.approx with
     its subnormal fix-up, the quotient as div.full (a reciprocal with range scaling): 12 instructions.
-    SILU_FAST (GPU only, TCAQ_GN_FAST_SILU=1): e^−y as one `ex2.approx.ftz` of y·(−log2 e) and the quotient
+    SILU_FAST (GPU only: inline PTX): e^−y as one `ex2.approx.ftz` of y·(−log2 e) and the quotient
     as y·`rcp.approx.ftz`: the same MUFU results wherever they are normal, so the same value for every
     y ≥ −87.3; below, −0 where the exact form gives ~−1e-36 (the same code once quantized)."""
     if MODE == 2:

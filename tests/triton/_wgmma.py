@@ -4,7 +4,6 @@ import torch
 
 from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 from tcaq_kernels.triton import gemm as G
-from tcaq_kernels.triton import gemm_wgmma
 
 from _tables import Tables, linear_acc_ref, rand_int
 
@@ -13,26 +12,11 @@ NEEDS_SM90 = [pytest.mark.cuda, pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs an sm_90 GPU")]
 
 
-#: the off-by-default switches a test also runs under: "epilogue-mma" (TCAQ_WGMMA_EPILOGUE=mma) and
-#: "lean-steps" (TCAQ_WGMMA_LEAN_STEPS=1), both for both kernels
-VARIANTS = ("default", "epilogue-mma", "lean-steps")
-
-
-def config_params(configs, variants) -> tuple[list, callable]:
-    """pytest params (config index, variant) over every config and variant, and their ids."""
-    params = [(i, v) for v in variants for i in range(len(configs))]
-    return params, lambda p: "x".join(map(str, configs[p[0]])) + "-" + p[1]
-
-
-def route_to_wgmma(monkeypatch, module, launcher: str, param: tuple, keep_prune: bool = False) -> list:
-    """Switch the routing on, force config `param[0]` of `module._tuned` (its prune off unless
-    `keep_prune`, so the config meets every shape; list and cache restored by monkeypatch) under the variant
-    `param[1]`, and spy on `module.<launcher>`: the returned list gets an entry for every call that reached
-    the Gluon kernel."""
-    config_index, variant = param
+def route_to_wgmma(monkeypatch, module, launcher: str, config_index: int, keep_prune: bool = False) -> list:
+    """Switch the routing on, force config `config_index` of `module._tuned` (its prune off unless
+    `keep_prune`, so the config meets every shape; list and cache restored by monkeypatch), and spy on
+    `module.<launcher>`: the returned list gets an entry for every call that reached the Gluon kernel."""
     monkeypatch.setattr(G, "WGMMA", "all")
-    monkeypatch.setattr(gemm_wgmma, "EPILOGUE_IN_MMA", variant == "epilogue-mma")
-    monkeypatch.setattr(gemm_wgmma, "LEAN_STEPS", variant == "lean-steps")
     monkeypatch.setattr(module._tuned, "configs", [module._tuned.configs[config_index]])
     monkeypatch.setattr(module._tuned, "cache", {})
     if not keep_prune:

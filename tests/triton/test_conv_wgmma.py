@@ -12,10 +12,9 @@ from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import conv_wgmma as CW
 
 from _tables import Tables, assert_float_close, assert_upsample_conv_exact, conv_acc_ref, rand_int
-from _wgmma import VARIANTS, NEEDS_SM90, config_params, route_to_wgmma
+from _wgmma import NEEDS_SM90, route_to_wgmma
 
 pytestmark = NEEDS_SM90
-CONFIG_PARAMS, CONFIG_IDS = config_params(CW.CONFIGS, VARIANTS)
 
 # (B, C, H, W, N, k, stride, pads): 3×3 with padding, stride 2 with DDPM's asymmetric pad, 1×1, N not a
 # tile multiple, C a multiple of 64 and of 128, pixels not a tile multiple
@@ -27,9 +26,9 @@ CASES = [
 ]
 
 
-@pytest.fixture(params=CONFIG_PARAMS, ids=CONFIG_IDS)
+@pytest.fixture(params=range(len(CW.CONFIGS)), ids=lambda i: "x".join(map(str, CW.CONFIGS[i])))
 def wgmma(request, monkeypatch):
-    """Routing on, one config and variant forced; the list of the calls that reached the kernel."""
+    """Routing on, one config forced; the list of the calls that reached the kernel."""
     return route_to_wgmma(monkeypatch, CW, "launch", request.param)
 
 

@@ -210,10 +210,3 @@ def test_an_unknown_routing_switch_is_an_error_not_the_default():
     assert [G.wgmma_policy(v) for v in ("", "0", "1")] == ["codes", "off", "all"]
     with pytest.raises(ValueError, match="TCAQ_WGMMA='2'"):
         G.wgmma_policy("2")
-
-
-def test_the_epilogue_switch_takes_two_values():
-    from tcaq_kernels.triton import gemm_wgmma
-    assert [gemm_wgmma.epilogue_policy(v) for v in ("", "mma")] == [False, True]
-    with pytest.raises(ValueError, match="TCAQ_WGMMA_EPILOGUE='1'"):
-        gemm_wgmma.epilogue_policy("1")

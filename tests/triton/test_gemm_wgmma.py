@@ -13,20 +13,19 @@ from tcaq_kernels.quant import primitives as P
 from tcaq_kernels.triton import gemm as G, gemm_wgmma as W
 
 from _tables import Tables, assert_float_close, linear_acc_ref, rand_int
-from _wgmma import VARIANTS, NEEDS_SM90, check_codes_accumulator, config_params, route_to_wgmma
+from _wgmma import NEEDS_SM90, check_codes_accumulator, route_to_wgmma
 
 pytestmark = NEEDS_SM90
-CONFIG_PARAMS, CONFIG_IDS = config_params(W.CONFIGS, VARIANTS)
 
 # (B, rows per sample, K, N): M from one tile to several, K not a BLOCK_K multiple (but K % 32 == 0, so
 # packed int4 rows stay 16-byte aligned and route), N not a tile multiple
 SHAPES = [(2, 37, 288, 45), (1, 200, 1280, 320), (4, 33, 96, 200), (2, 512, 5120, 1280)]
 
 
-@pytest.fixture(params=CONFIG_PARAMS, ids=CONFIG_IDS)
+@pytest.fixture(params=range(len(W.CONFIGS)), ids=lambda i: "x".join(map(str, W.CONFIGS[i])))
 def wgmma(request, monkeypatch):
-    """Routing on, one config and variant forced (the shared-memory prune kept: it only drops what
-    cannot launch); the list of the calls that reached the kernel."""
+    """Routing on, one config forced (the shared-memory prune kept: it only drops what cannot launch); the
+    list of the calls that reached the kernel."""
     return route_to_wgmma(monkeypatch, W, "launch", request.param, keep_prune=True)
 
 

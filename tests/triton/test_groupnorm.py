@@ -315,9 +315,8 @@ def test_plain_groupnorm_of_strided_tokens(gen, device, dtype, path, monkeypatch
     torch.testing.assert_close(out, ref, **tol)
 
 
-def test_fast_silu_stays_off_in_the_interpreter(monkeypatch):
-    """TCAQ_GN_FAST_SILU's form is inline PTX: under the interpreter the kernels keep torch's formula."""
-    monkeypatch.setattr(gn_module, "FAST_SILU", True)
+def test_fast_silu_stays_off_in_the_interpreter():
+    """The fast SiLU is inline PTX: under the interpreter the kernels keep torch's formula."""
     assert gn_module.silu_mode(False) == gn_module.SILU_OFF
     assert gn_module.silu_mode(True) == (gn_module.SILU_EXACT if gn_module.interpreting() else gn_module.SILU_FAST)
 
@@ -326,14 +325,14 @@ def test_fast_silu_stays_off_in_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("case", [(2, 320, 64, 64, 32), (8, 640, 32, 32, 32), (64, 128, 32, 32, 32)])
 @pytest.mark.parametrize("path", PATHS)
 def test_fast_silu_gives_the_same_outputs(gen, case, path, monkeypatch):
-    """TCAQ_GN_FAST_SILU=1 (two MUFU instructions, `numerics.silu`): the same codes, and the same floats for
-    the output norm's GroupNorm + SiLU, as torch's formula — bit for bit, not within a band."""
+    """The GPU's SiLU (two MUFU instructions, `numerics.silu`'s SILU_FAST): the same codes, and the same floats
+    for the output norm's GroupNorm + SiLU, as torch's formula (SILU_EXACT) — bit for bit, not within a band."""
     _force(path, monkeypatch)
     B, C, H, W, G = case
     x, gamma, beta, r_inv, t = _inputs(gen, "cuda", B, C, H, W, dtype=torch.bfloat16)
     runs = []
-    for fast in (False, True):
-        monkeypatch.setattr(gn_module, "FAST_SILU", fast)
+    for mode in (gn_module.SILU_EXACT, gn_module.SILU_FAST):
+        monkeypatch.setattr(gn_module, "silu_mode", lambda on, mode=mode: mode if on else gn_module.SILU_OFF)
         codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, 8, r_inv)
         tokens = x.flatten(2).transpose(1, 2)
         runs.append((codes, groupnorm(tokens, gamma, beta, G, 1e-5, silu=True)))
