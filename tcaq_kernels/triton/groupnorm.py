@@ -60,6 +60,8 @@ ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
 # and the W8A8 step from CUDA graphs was no faster (5.79 vs 5.81 ms at batch 256, 2.43 vs 2.26 at 64).
 # Giving the one-pass kernel more programs per SM (8 or 32 instead of 2) did not help either (same day).
 LOOPED = os.environ.get("TCAQ_GN_LOOPED", "0") == "1"
+
+
 def silu_mode(on: bool) -> int:
     """The kernels' SILU constexpr: off, or SiLU in two MUFU instructions and a multiply (`numerics.silu`'s
     SILU_FAST: the same codes and floats as torch's formula, 13–16 % fewer instructions in the one-pass kernel,
