@@ -27,7 +27,29 @@ def cuda_extensions():
         sources + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")),
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
     )
-    return [ext], {"build_ext": BuildExtension}
+    exts = [ext]
+    include = cutlass_include_dirs()
+    if include:  # csrc/sm90: CUTLASS kernels for Hopper, sm_90a only (an explicit -gencode replaces torch's arch list)
+        exts.append(CUDAExtension(
+            "tcaq_kernels._C_sm90",
+            sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "sm90").glob("*.cu")),
+            include_dirs=include,
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
+                                         "-gencode=arch=compute_90a,code=sm_90a"]},
+        ))
+    return exts, {"build_ext": BuildExtension}
+
+
+def cutlass_include_dirs() -> list:
+    """`tcaq_kernels.ops.cuda_ext.cutlass_include_dirs`, loaded from its file (the package itself imports more
+    than a build has): the nvidia-cutlass wheel's headers, or [] where it is not installed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_tcaq_cuda_ext", ROOT / "tcaq_kernels" / "ops" / "cuda_ext.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.cutlass_include_dirs()
 
 
 ext_modules, cmdclass = cuda_extensions()
@@ -55,8 +77,10 @@ setup(
         # The kernels are developed and measured on Triton 3.6 (the GPU machine's); 3.9's interpreter
         # rejects their int4 masks, so newer releases wait until they are tested.
         "triton": ["triton>=3.6,<3.7"],
+        # The CUTLASS / CuTe headers csrc/sm90 builds against (tests compile it wherever nvcc is).
+        "cutlass": ["nvidia-cutlass>=4.2,<4.3"],
         # numpy < 2.4: Triton 3.6's interpreter (the CPU test path) breaks on numpy 2.4 (triton-lang/triton#9171)
-        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.6,<3.7", "numpy<2.4"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "triton>=3.6,<3.7", "numpy<2.4", "nvidia-cutlass>=4.2,<4.3"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

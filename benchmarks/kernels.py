@@ -33,7 +33,9 @@ batch), cuDNN bf16 beside them.
 `--profile` times nothing and writes nothing: it calls each impl once between cudaProfilerStart/Stop,
 for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
 
-Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm); the "-fused" GEMM
+Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm), as does "cutlass-w8a8" (the
+CUTLASS Hopper GEMM of csrc/sm90, TMA and warp-specialized wgmma, sm_90 only; its per-row z / s_a tables
+are made once per shape, outside the timing, as a UNet call would share them); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
 "triton-w4a8-widen" (GEMM, conv; "-widen-fused" GEMM) is the W4A8 layer as the UNet runs it by default:
 `widen.widen_int4` of the packed weight, then the int8 kernels (both launches timed); the other W4 rows
@@ -71,6 +73,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from tcaq_kernels.ops import cuda_ext
 from tcaq_kernels.ops.triton_ops import (groupnorm_silu_quantize, prepare_conv_weight, prepare_linear_weight,
                                          qconv2d, qlinear, quantize_act)
 from tcaq_kernels.triton.conv import _qconv_kernel, conv_output_size, conv_split_k
@@ -288,7 +291,7 @@ def run_gemm(model, shape, card, command):
         out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
         tables, meta = output_quantizer(out, None, None, None, 8)
         tail = dict(HAS_BIAS=True, HAS_RES=False, SPLIT_K=1, **meta)
-        layout = (M // B, 1) if M % B == 0 else (M, 0)  # (rows per sample, group stride)
+        layout = _row_layout(M, B)
         for bits, (w_op, w_sum) in ((8, ops8), (4, ops4)):
             for suffix, inp in (("", a), ("-fused", x)):
                 name = f"gluon-w{bits}a8{suffix}"
@@ -296,7 +299,33 @@ def run_gemm(model, shape, card, command):
                 impls[name] = (lambda inp=inp, w_op=w_op, w_sum=w_sum: gemm_wgmma.launch(
                     inp, w_op, w_sum, w_scale, bias, out, out, out, None, t["s_inv"], t["scale"], t["zero"], t["group"],
                     tables, K, 1, *layout, 8, tail), gemm_wgmma._tuned)
+    if K % 16 == 0 and N % 8 == 0 and _cutlass_available():  # csrc/sm90, its per-row tables made once per M
+        z_row, s_row = cuda_ext.row_tables(M, t["scale"], t["zero"], t["group"], *_row_layout(M, B))
+        out_c, bias32 = torch.empty(M, N, device="cuda", dtype=torch.bfloat16), bias.float()
+        impls["cutlass-w8a8"] = (lambda: torch.ops.tcaq_sm90.gemm_w8a8_out(a, *ops8, w_scale, bias32, z_row, s_row,
+                                                                            out_c), None)
+        floors["cutlass-w8a8"] = floors["triton-w8a8"]
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
+
+
+def _row_layout(M: int, B: int) -> tuple[int, int]:
+    """(rows per sample, group stride) of an M-row GEMM over B samples: per sample where M splits evenly."""
+    return (M // B, 1) if M % B == 0 else (M, 0)
+
+
+_CUTLASS = {}
+
+
+def _cutlass_available() -> bool:
+    """Whether csrc/sm90's CUTLASS GEMM loads here (built or JIT-built once); says why once when it does not."""
+    if "ok" not in _CUTLASS:
+        try:
+            cuda_ext.load_sm90()
+            _CUTLASS["ok"] = True
+        except Exception as e:  # no sm_90, no headers, or a build error: the column is left out, with the reason
+            print(f"  cutlass-w8a8: not run ({str(e).splitlines()[0][:160]})")
+            _CUTLASS["ok"] = False
+    return _CUTLASS["ok"]
 
 
 def split_k_shapes(model):
