@@ -34,8 +34,9 @@ batch), cuDNN bf16 beside them.
 for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
 
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm), as does "cutlass-w8a8" (the
-CUTLASS Hopper GEMM of csrc/sm90, TMA and warp-specialized wgmma, sm_90 only; its per-row z / s_a tables
-are made once per shape, outside the timing, as a UNet call would share them); the "-fused" GEMM
+CUTLASS Hopper GEMM of csrc/sm90, TMA and warp-specialized wgmma, sm_90 only, with its own tile choice, and
+"cutlass-w8a8-<tile>" with each tile forced; the per-row z / s_a tables are made once per shape, outside the
+timing, as a UNet call would share them); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
 "triton-w4a8-widen" (GEMM, conv; "-widen-fused" GEMM) is the W4A8 layer as the UNet runs it by default:
 `widen.widen_int4` of the packed weight, then the int8 kernels (both launches timed); the other W4 rows
@@ -302,9 +303,11 @@ def run_gemm(model, shape, card, command):
     if K % 16 == 0 and N % 8 == 0 and _cutlass_available():  # csrc/sm90, its per-row tables made once per M
         z_row, s_row = cuda_ext.row_tables(M, t["scale"], t["zero"], t["group"], *_row_layout(M, B))
         out_c, bias32 = torch.empty(M, N, device="cuda", dtype=torch.bfloat16), bias.float()
-        impls["cutlass-w8a8"] = (lambda: torch.ops.tcaq_sm90.gemm_w8a8_out(a, *ops8, w_scale, bias32, z_row, s_row,
-                                                                            out_c), None)
-        floors["cutlass-w8a8"] = floors["triton-w8a8"]
+        for tile in ("auto", "128x128", "64x128", "128x256"):
+            name = "cutlass-w8a8" + ("" if tile == "auto" else f"-{tile}")
+            impls[name] = (lambda tile=tile: torch.ops.tcaq_sm90.gemm_w8a8_out(a, *ops8, w_scale, bias32, z_row,
+                                                                              s_row, out_c, tile), None)
+            floors[name] = floors["triton-w8a8"]
     return _time_all("gemm", model, f"{M}x{N}x{K}", count, ops, impls, floors, "cublas-bf16", card, command)
 
 

@@ -1,6 +1,7 @@
 """csrc/: it compiles with nvcc wherever nvcc exists (CI too), and on a GPU it is bit-exact."""
 from __future__ import annotations
 
+import concurrent.futures
 import shutil
 import subprocess
 import sysconfig
@@ -43,20 +44,28 @@ def test_cuda_sources_compile_for_hopper(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None or not cuda_ext.cutlass_include_dirs(),
                     reason="needs nvcc and the nvidia-cutlass headers")
 def test_cutlass_gemm_compiles_to_unserialized_wgmma_and_tma(tmp_path):
-    """csrc/sm90 with the flags the builds use (cuda_ext.SM90_FLAGS): it compiles, ptxas does not serialize its
-    wgmmas (warning C7510, which CUTLASS's device asserts cause without -DNDEBUG), and the machine code has
-    integer wgmma (IGMMA) and TMA loads."""
+    """csrc/sm90 with the flags the builds use (cuda_ext.SM90_FLAGS): every file compiles (two at a time), ptxas
+    does not serialize a tile's wgmmas (warning C7510, which CUTLASS's device asserts cause without -DNDEBUG),
+    and each tile's machine code has integer wgmma (IGMMA) and TMA loads."""
     includes = _torch_includes(tmp_path) + [Path(d) for d in cuda_ext.cutlass_include_dirs()]
-    for source in sorted((CSRC / "sm90").glob("*.cu")):
-        obj = tmp_path / (source.stem + ".o")
-        cmd = ["nvcc", "-c", str(source), "-o", str(obj), *cuda_ext.SM90_FLAGS,
+    sources = sorted((CSRC / "sm90").glob("*.cu"))
+    tiles = [s for s in sources if s.stem.startswith("gemm_w8a8_")]
+    assert len(tiles) == 3 and len(sources) == 4
+
+    def compile_one(source):
+        cmd = ["nvcc", "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), *cuda_ext.SM90_FLAGS,
                "-DTORCH_EXTENSION_NAME=tcaq_kernels_C_sm90", *(f"-I{p}" for p in includes)]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        assert result.returncode == 0, f"{source.name} failed to compile:\n{result.stderr[-4000:]}"
-        assert "C7510" not in result.stderr, result.stderr[-2000:]
-        cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
-        assert "IGMMA" in sass and "UTMALDG" in sass, f"{source.name}: no integer wgmma / TMA load in its SASS"
+        return source, subprocess.run(cmd, capture_output=True, text=True)
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for source, result in pool.map(compile_one, sources):
+            assert result.returncode == 0, f"{source.name} failed to compile:\n{result.stderr[-4000:]}"
+            assert "C7510" not in result.stderr, result.stderr[-2000:]
+            if source in tiles:
+                sass = subprocess.run([str(cuobjdump), "-sass", str(tmp_path / (source.stem + ".o"))],
+                                      capture_output=True, text=True, check=True).stdout
+                assert "IGMMA" in sass and "UTMALDG" in sass, f"{source.name}: no integer wgmma / TMA load in its SASS"
 
 
 def test_row_tables_follow_each_rows_sample():
@@ -94,8 +103,9 @@ def test_quantize_act_bit_exact(shape, channel_dim, dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("tile", ["auto", "128x128", "64x128", "128x256"])
 @pytest.mark.parametrize("B,L,K,N", [(2, 100, 96, 72), (4, 256, 1280, 320), (2, 77, 768, 640), (1, 8192, 320, 2560)])
-def test_cutlass_gemm_matches_the_triton_kernel(B, L, K, N):
+def test_cutlass_gemm_matches_the_triton_kernel(B, L, K, N, tile):
     """The CUTLASS W8A8 GEMM (csrc/sm90) gives the Triton `qlinear`'s bf16 outputs bit for bit — the same integer
     sum and the same epilogue order — with per-sample timestep groups, M not a tile multiple, and a poisoned
     output (two poisons: an unwritten element cannot match both runs)."""
@@ -116,5 +126,6 @@ def test_cutlass_gemm_matches_the_triton_kernel(B, L, K, N):
     outs = []
     for poison in (float("nan"), 3.0):
         out = torch.full((B * L, N), poison, device="cuda", dtype=torch.bfloat16)
-        outs.append(cuda_ext.gemm_w8a8_sm90(a.reshape(B * L, K), w_q, w_sum, w_scale, bias, z_row, s_row, out).clone())
+        outs.append(cuda_ext.gemm_w8a8_sm90(a.reshape(B * L, K), w_q, w_sum, w_scale, bias, z_row, s_row, out,
+                                            tile).clone())
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], expect)
