@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import triton
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
 from tcaq_kernels.ops import cuda_ext
 from tcaq_kernels.quant.primitives import quantize_uniform
@@ -44,16 +45,18 @@ def test_cuda_sources_compile_for_hopper(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None or not cuda_ext.cutlass_include_dirs(),
                     reason="needs nvcc and the nvidia-cutlass headers")
 def test_cutlass_gemm_compiles_to_unserialized_wgmma_and_tma(tmp_path):
-    """csrc/sm90 with the flags the builds use (cuda_ext.SM90_FLAGS): every file compiles (two at a time), ptxas
-    does not serialize a tile's wgmmas (warning C7510, which CUTLASS's device asserts cause without -DNDEBUG),
-    and each tile's machine code has integer wgmma (IGMMA) and TMA loads."""
+    """csrc/sm90 with the flags the builds use (torch's COMMON_NVCC_FLAGS, which turn off CUDA's half / bfloat16
+    operators, then cuda_ext.SM90_FLAGS): every file compiles (two at a time), ptxas does not serialize a tile's
+    wgmmas (warning C7510, which CUTLASS's device asserts cause without -DNDEBUG), and each tile's machine code
+    has integer wgmma (IGMMA) and TMA loads."""
     includes = _torch_includes(tmp_path) + [Path(d) for d in cuda_ext.cutlass_include_dirs()]
     sources = sorted((CSRC / "sm90").glob("*.cu"))
     tiles = [s for s in sources if s.stem.startswith("gemm_w8a8_")]
     assert len(tiles) == 3 and len(sources) == 4
 
     def compile_one(source):
-        cmd = ["nvcc", "-c", str(source), "-o", str(tmp_path / (source.stem + ".o")), *cuda_ext.SM90_FLAGS,
+        obj = tmp_path / (source.stem + ".o")
+        cmd = ["nvcc", "-c", str(source), "-o", str(obj), *COMMON_NVCC_FLAGS, *cuda_ext.SM90_FLAGS,
                "-DTORCH_EXTENSION_NAME=tcaq_kernels_C_sm90", *(f"-I{p}" for p in includes)]
         return source, subprocess.run(cmd, capture_output=True, text=True)
 
@@ -63,8 +66,9 @@ def test_cutlass_gemm_compiles_to_unserialized_wgmma_and_tma(tmp_path):
             assert result.returncode == 0, f"{source.name} failed to compile:\n{result.stderr[-4000:]}"
             assert "C7510" not in result.stderr, result.stderr[-2000:]
             if source in tiles:
-                sass = subprocess.run([str(cuobjdump), "-sass", str(tmp_path / (source.stem + ".o"))],
-                                      capture_output=True, text=True, check=True).stdout
+                obj = tmp_path / (source.stem + ".o")
+                sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True,
+                                      check=True).stdout
                 assert "IGMMA" in sass and "UTMALDG" in sass, f"{source.name}: no integer wgmma / TMA load in its SASS"
 
 
