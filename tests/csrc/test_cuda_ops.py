@@ -48,7 +48,7 @@ def test_cutlass_gemm_compiles_to_unserialized_wgmma_and_tma(tmp_path):
     """csrc/sm90 with the flags the builds use (torch's COMMON_NVCC_FLAGS, which turn off CUDA's half / bfloat16
     operators, then cuda_ext.SM90_FLAGS): every file compiles (two at a time), ptxas does not serialize a tile's
     wgmmas (warning C7510, which CUTLASS's device asserts cause without -DNDEBUG), and each tile's machine code
-    has integer wgmma (IGMMA) and TMA loads."""
+    has integer wgmma (IGMMA) and TMA loads; linked as one library, the tile entry points resolve."""
     includes = _torch_includes(tmp_path) + [Path(d) for d in cuda_ext.cutlass_include_dirs()]
     sources = sorted((CSRC / "sm90").glob("*.cu"))
     tiles = [s for s in sources if s.stem.startswith("gemm_w8a8_")]
@@ -56,8 +56,8 @@ def test_cutlass_gemm_compiles_to_unserialized_wgmma_and_tma(tmp_path):
 
     def compile_one(source):
         obj = tmp_path / (source.stem + ".o")
-        cmd = ["nvcc", "-c", str(source), "-o", str(obj), *COMMON_NVCC_FLAGS, *cuda_ext.SM90_FLAGS,
-               "-DTORCH_EXTENSION_NAME=tcaq_kernels_C_sm90", *(f"-I{p}" for p in includes)]
+        cmd = ["nvcc", "-c", str(source), "-o", str(obj), "-Xcompiler", "-fPIC", *COMMON_NVCC_FLAGS,
+               *cuda_ext.SM90_FLAGS, "-DTORCH_EXTENSION_NAME=tcaq_kernels_C_sm90", *(f"-I{p}" for p in includes)]
         return source, subprocess.run(cmd, capture_output=True, text=True)
 
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -70,6 +70,14 @@ def test_cutlass_gemm_compiles_to_unserialized_wgmma_and_tma(tmp_path):
                 sass = subprocess.run([str(cuobjdump), "-sass", str(obj)], capture_output=True, text=True,
                                       check=True).stdout
                 assert "IGMMA" in sass and "UTMALDG" in sass, f"{source.name}: no integer wgmma / TMA load in its SASS"
+    # the dispatcher's tile entry points resolve within the library (torch's own symbols stay undefined here)
+    lib = tmp_path / "libsm90.so"
+    linked = subprocess.run(["nvcc", "-shared", "-o", str(lib), *(str(tmp_path / (s.stem + ".o")) for s in sources)],
+                            capture_output=True, text=True)
+    assert linked.returncode == 0, linked.stderr[-3000:]
+    undefined = subprocess.run(["nm", "-C", "--undefined-only", str(lib)], capture_output=True, text=True,
+                               check=True).stdout
+    assert "tcaq::sm90" not in undefined, [line for line in undefined.splitlines() if "tcaq::sm90" in line]
 
 
 def test_row_tables_follow_each_rows_sample():
