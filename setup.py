@@ -28,28 +28,27 @@ def cuda_extensions():
         extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
     )
     exts = [ext]
-    include = cutlass_include_dirs()
+    cuda_ext = _cuda_ext_module()
+    include = cuda_ext.cutlass_include_dirs()
     if include:  # csrc/sm90: CUTLASS kernels for Hopper, sm_90a only (an explicit -gencode replaces torch's arch list)
         exts.append(CUDAExtension(
             "tcaq_kernels._C_sm90",
             sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "sm90").glob("*.cu")),
             include_dirs=include,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
-                                         "-gencode=arch=compute_90a,code=sm_90a"]},
+            extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": cuda_ext.SM90_FLAGS},
         ))
     return exts, {"build_ext": BuildExtension}
 
 
-def cutlass_include_dirs() -> list:
-    """`tcaq_kernels.ops.cuda_ext.cutlass_include_dirs`, loaded from its file (the package itself imports more
-    than a build has): the nvidia-cutlass wheel's headers, or [] where it is not installed."""
+def _cuda_ext_module():
+    """`tcaq_kernels/ops/cuda_ext.py` loaded from its file (the package itself imports more than a build has),
+    for its CUTLASS header lookup and sm_90a flags: one definition for setup.py and the JIT build."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_tcaq_cuda_ext", ROOT / "tcaq_kernels" / "ops" / "cuda_ext.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.cutlass_include_dirs()
+    return module
 
 
 ext_modules, cmdclass = cuda_extensions()
