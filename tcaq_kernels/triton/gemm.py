@@ -218,10 +218,10 @@ def prepare_linear_weight(w_int: torch.Tensor, bits: int) -> tuple[torch.Tensor,
 _MIN_K_PER_SPLIT = 256
 _K_ALIGN = 128
 _MAX_SPLIT_K = 16
-#: Whether `split_k=None` may split (GEMM and conv). Off until the split kernels have run on a GPU:
-#: they are exact in Triton's interpreter and compile for sm_90, but the default path stays the
-#: unsplit kernel measured on the H100. `TCAQ_AUTO_SPLIT_K=1` turns the heuristic on; an explicit
-#: `split_k=n` always splits.
+#: Whether `split_k=None` may split (GEMM and conv). Off: timed on an H200 (SD-1.5 b2 GEMMs,
+#: benchmarks/results/wgmma-variants-h200/splitk-sd15-b2/), the heuristic's splits help the in-loop W4 and
+#: fused-quantize kernels at M = 2 but slow the W8A8 kernel wherever M ≥ 128 (512×1280×1280: 10.2 → 16.0 µs).
+#: `TCAQ_AUTO_SPLIT_K=1` turns the heuristic on; an explicit `split_k=n` always splits.
 AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
 #: Which calls go to the Gluon kernels of `gemm_wgmma.py` / `conv_wgmma.py` where they can (sm_90,
 #: M ≥ 64, 16-byte-aligned rows), which keep one int8 wgmma in flight
