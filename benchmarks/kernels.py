@@ -35,7 +35,8 @@ for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
 
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm), as does "cutlass-w8a8" (the
 CUTLASS Hopper GEMM of csrc/sm90, TMA and warp-specialized wgmma, sm_90 only, with its own tile choice, and
-"cutlass-w8a8-<tile>" with each tile forced, and "cutlass-w8a8+quant" from the bf16 input through the
+"cutlass-w8a8-<tile>" with each tile forced, "cutlass-w4a8" with packed int4 weights widened in registers, and
+"cutlass-w8a8+quant" from the bf16 input through the
 quantize kernel first, to set against "triton-w8a8-fused"; the per-row z / s_a tables are made once per shape,
 outside the timing, as a UNet call would share them); the "-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
@@ -306,12 +307,16 @@ def run_gemm(model, shape, card, command):
         out_c, bias32 = torch.empty(M, N, device="cuda", dtype=torch.bfloat16), bias.float()
         for tile in ("auto", "128x128", "64x128", "128x256"):
             name = "cutlass-w8a8" + ("" if tile == "auto" else f"-{tile}")
-            impls[name] = (lambda tile=tile: torch.ops.tcaq_sm90.gemm_w8a8_out(a, *ops8, w_scale, bias32, z_row,
-                                                                              s_row, out_c, tile), None)
+            impls[name] = (lambda tile=tile: torch.ops.tcaq_sm90.gemm_out(a, *ops8, w_scale, bias32, z_row, s_row,
+                                                                         out_c, tile), None)
             floors[name] = floors["triton-w8a8"]
+        if K % 32 == 0:  # the packed int4 weights widened in registers
+            impls["cutlass-w4a8"] = (lambda: torch.ops.tcaq_sm90.gemm_out(a, *ops4, w_scale, bias32, z_row, s_row,
+                                                                         out_c, "auto"), None)
+            floors["cutlass-w4a8"] = floors["triton-w4a8"]
         if M % B == 0:  # the float input through the quantize kernel first: against "triton-w8a8-fused"
             xs = x.view(B, M // B, K)
-            impls["cutlass-w8a8+quant"] = (lambda: torch.ops.tcaq_sm90.gemm_w8a8_out(
+            impls["cutlass-w8a8+quant"] = (lambda: torch.ops.tcaq_sm90.gemm_out(
                 quantize_act(xs, t["s_inv"], t["zero"], t["group"]).view(M, K), *ops8, w_scale, bias32, z_row, s_row,
                 out_c, "auto"), None)
             floors["cutlass-w8a8+quant"] = floors["triton-w8a8-fused"]

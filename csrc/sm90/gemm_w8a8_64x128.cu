@@ -1,5 +1,5 @@
-// One tile of gemm_w8a8.cuh's GEMM per translation unit (each compiles for minutes; they build in parallel).
+// One tile of gemm.cuh's GEMMs per translation unit (each compiles for minutes; they build in parallel).
 #define TCAQ_SM90_GEMM_IMPL
-#include "gemm_w8a8.cuh"
+#include "gemm.cuh"
 
-TCAQ_SM90_GEMM_TILE(64x128, 64, 128, KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized)
+TCAQ_SM90_GEMM_TILE(w8a8_64x128, false, 64, 128, KernelTmaWarpSpecializedPingpong, TmaWarpSpecialized)

@@ -91,17 +91,18 @@ def row_tables(rows: int, scale: torch.Tensor, zero: torch.Tensor, group: torch.
     return zero[g].to(torch.int32).contiguous(), scale[g].to(torch.float32).contiguous()
 
 
-def gemm_w8a8_sm90(a: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
-                   bias: Optional[torch.Tensor], zero_row: torch.Tensor, scale_row: torch.Tensor,
-                   out: Optional[torch.Tensor] = None, tile: str = "auto") -> torch.Tensor:
-    """bf16 [M, N] = s_w[n]·s_a[m]·(Σ_k a·w − z[m]·Σw[n]) + bias[n] for int8 codes a [M, K] and int8 weights
-    w [N, K] on the CUTLASS Hopper kernel (csrc/sm90; the epilogue in the Triton kernels' order). `zero_row` /
-    `scale_row`: per-row tables (`row_tables`); K % 16 == 0 and N % 8 == 0 (TMA alignment); `tile`: "auto",
-    "128x128", "64x128" (pingpong) or "128x256"."""
+def gemm_sm90(a: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
+              bias: Optional[torch.Tensor], zero_row: torch.Tensor, scale_row: torch.Tensor,
+              out: Optional[torch.Tensor] = None, tile: str = "auto") -> torch.Tensor:
+    """bf16 [M, N] = s_w[n]·s_a[m]·(Σ_k a·w − z[m]·Σw[n]) + bias[n] for int8 codes a [M, K] and weights w — int8
+    [N, K] or `pack_int4`'s uint8 [N, ⌈K/2⌉] (`prepare_linear_weight`'s operands) — on the CUTLASS Hopper kernels
+    (csrc/sm90; the epilogue in the Triton kernels' order). `zero_row` / `scale_row`: per-row tables
+    (`row_tables`); K % 16 == 0 (int4: 32) and N % 8 == 0 (TMA alignment); `tile`: "auto", or for int8 weights
+    "128x128", "64x128" (pingpong) or "128x256", for int4 "128x128"."""
     load_sm90()
     if out is None:
         out = torch.empty(a.shape[0], w.shape[0], dtype=torch.bfloat16, device=a.device)
     bias32 = None if bias is None else bias.to(torch.float32).contiguous()
-    return torch.ops.tcaq_sm90.gemm_w8a8_out(a.contiguous(), w.contiguous(), w_sum.to(torch.int32).contiguous(),
-                                              w_scale.to(torch.float32).contiguous(), bias32, zero_row, scale_row,
-                                              out, tile)
+    return torch.ops.tcaq_sm90.gemm_out(a.contiguous(), w.contiguous(), w_sum.to(torch.int32).contiguous(),
+                                        w_scale.to(torch.float32).contiguous(), bias32, zero_row, scale_row, out,
+                                        tile)

@@ -51,8 +51,8 @@ def test_cutlass_gemm_compiles_to_unserialized_wgmma_and_tma(tmp_path):
     has integer wgmma (IGMMA) and TMA loads; linked as one library, the tile entry points resolve."""
     includes = _torch_includes(tmp_path) + [Path(d) for d in cuda_ext.cutlass_include_dirs()]
     sources = sorted((CSRC / "sm90").glob("*.cu"))
-    tiles = [s for s in sources if s.stem.startswith("gemm_w8a8_")]
-    assert len(tiles) == 3 and len(sources) == 4
+    tiles = [s for s in sources if s.stem.startswith(("gemm_w8a8_", "gemm_w4a8_"))]
+    assert len(tiles) == 4 and len(sources) == 5
 
     def compile_one(source):
         obj = tmp_path / (source.stem + ".o")
@@ -115,18 +115,20 @@ def test_quantize_act_bit_exact(shape, channel_dim, dtype):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
                     reason="needs an sm_90 GPU")
-@pytest.mark.parametrize("tile", ["auto", "128x128", "64x128", "128x256"])
+@pytest.mark.parametrize("bits,tile", [(8, "auto"), (8, "128x128"), (8, "64x128"), (8, "128x256"), (4, "auto")])
 @pytest.mark.parametrize("B,L,K,N", [(2, 100, 96, 72), (4, 256, 1280, 320), (2, 77, 768, 640), (1, 8192, 320, 2560)])
-def test_cutlass_gemm_matches_the_triton_kernel(B, L, K, N, tile):
-    """The CUTLASS W8A8 GEMM (csrc/sm90) gives the Triton `qlinear`'s bf16 outputs bit for bit — the same integer
-    sum and the same epilogue order — with per-sample timestep groups, M not a tile multiple, and a poisoned
-    output (two poisons: an unwritten element cannot match both runs)."""
+def test_cutlass_gemm_matches_the_triton_kernel(B, L, K, N, bits, tile):
+    """The CUTLASS GEMMs (csrc/sm90; int8 weights, and packed int4 widened in registers) give the Triton
+    `qlinear`'s bf16 outputs bit for bit — the same integer sum and the same epilogue order — with per-sample
+    timestep groups, M not a tile multiple, and a poisoned output (two poisons: an unwritten element cannot
+    match both runs)."""
     from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
 
     g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    lo, hi = (-128, 128) if bits == 8 else (-8, 8)
     a = torch.randint(-128, 128, (B, L, K), device="cuda", dtype=torch.int8, generator=g)
-    w = torch.randint(-128, 128, (N, K), device="cuda", dtype=torch.int8, generator=g)
-    w_q, w_sum = prepare_linear_weight(w, 8)
+    w = torch.randint(lo, hi, (N, K), device="cuda", dtype=torch.int8, generator=g)
+    w_q, w_sum = prepare_linear_weight(w, bits)
     w_scale = torch.rand(N, device="cuda", generator=g) * 1e-2 + 1e-4
     bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
     scale = torch.rand(4, device="cuda", generator=g) * 0.2 + 0.05
@@ -138,6 +140,6 @@ def test_cutlass_gemm_matches_the_triton_kernel(B, L, K, N, tile):
     outs = []
     for poison in (float("nan"), 3.0):
         out = torch.full((B * L, N), poison, device="cuda", dtype=torch.bfloat16)
-        outs.append(cuda_ext.gemm_w8a8_sm90(a.reshape(B * L, K), w_q, w_sum, w_scale, bias, z_row, s_row, out,
-                                            tile).clone())
+        outs.append(cuda_ext.gemm_sm90(a.reshape(B * L, K), w_q, w_sum, w_scale, bias, z_row, s_row, out,
+                                       tile).clone())
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], expect)
