@@ -94,8 +94,8 @@ def row_tables(rows: int, scale: torch.Tensor, zero: torch.Tensor, group: torch.
 def gemm_sm90(a: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
               bias: Optional[torch.Tensor], zero_row: torch.Tensor, scale_row: torch.Tensor,
               out: Optional[torch.Tensor] = None, tile: str = "auto") -> torch.Tensor:
-    """bf16 [M, N] = s_w[n]·s_a[m]·(Σ_k a·w − z[m]·Σw[n]) + bias[n] for int8 codes a [M, K] and weights w — int8
-    [N, K] or `pack_int4`'s uint8 [N, ⌈K/2⌉] (`prepare_linear_weight`'s operands) — on the CUTLASS Hopper kernels
+    """bf16 [M, N] = s_w[n]·s_a[m]·(Σ_k a·w − z[m]·Σw[n]) + bias[n] for int8 codes a [M, K] and weights w —
+    int8 [N, K] or `pack_int4`'s uint8 [N, ⌈K/2⌉] (`prepare_linear_weight`'s operands) — on the CUTLASS kernels
     (csrc/sm90; the epilogue in the Triton kernels' order). `zero_row` / `scale_row`: per-row tables
     (`row_tables`); K % 16 == 0 (int4: 32) and N % 8 == 0 (TMA alignment); `tile`: "auto", or for int8 weights
     "128x128", "64x128" (pingpong) or "128x256", for int4 "128x128"."""
