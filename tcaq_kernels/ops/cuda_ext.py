@@ -85,10 +85,13 @@ def load_sm90() -> None:
 def row_tables(rows: int, scale: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, rows_per_sample: int,
                group_stride: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(z, s_a) of each of `rows` GEMM rows — row m belongs to sample m // rows_per_sample, whose timestep group
-    is group[sample · group_stride] (stride 0: one group for all) — gathered on the device, no host sync."""
-    sample = torch.arange(rows, device=group.device) // rows_per_sample
+    is group[sample · group_stride] (stride 0: one group for all) — gathered on the device, no host sync. The
+    vectors are views of buffers padded to a multiple of 4 entries: the W4A8 kernel reads them as its problem's
+    row vectors in 16-byte pieces, the last of which may pass `rows`."""
+    padded = -(-rows // 4) * 4
+    sample = torch.arange(padded, device=group.device).clamp(max=rows - 1) // rows_per_sample
     g = group.reshape(-1)[sample * group_stride].long()
-    return zero[g].to(torch.int32).contiguous(), scale[g].to(torch.float32).contiguous()
+    return zero[g].to(torch.int32)[:rows], scale[g].to(torch.float32)[:rows]
 
 
 def gemm_sm90(a: torch.Tensor, w: torch.Tensor, w_sum: torch.Tensor, w_scale: torch.Tensor,
