@@ -22,13 +22,12 @@ def cuda_extensions():
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
     if not sources or torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
-    ext = CUDAExtension(
+    cuda_ext = _cuda_ext_module()
+    exts = [CUDAExtension(
         "tcaq_kernels._C",
         sources + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp")),
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
-    )
-    exts = [ext]
-    cuda_ext = _cuda_ext_module()
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": cuda_ext.NVCC_FLAGS},
+    )]
     include = cuda_ext.cutlass_include_dirs()
     if include:  # csrc/sm90: CUTLASS kernels for Hopper, sm_90a only (an explicit -gencode replaces torch's arch list)
         exts.append(CUDAExtension(
@@ -42,7 +41,7 @@ def cuda_extensions():
 
 def _cuda_ext_module():
     """`tcaq_kernels/ops/cuda_ext.py` loaded from its file (the package itself imports more than a build has),
-    for its CUTLASS header lookup and sm_90a flags: one definition for setup.py and the JIT build."""
+    for its nvcc flags and CUTLASS header lookup: one definition for setup.py and the JIT build."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("_tcaq_cuda_ext", ROOT / "tcaq_kernels" / "ops" / "cuda_ext.py")

@@ -164,8 +164,8 @@ def compile_conv_wgmma(shape: tuple, config: tuple, w4: bool = False, split_k: i
     args = {**{n: (t, None) for n, t in ptrs.items()}, **{n: ("i32", v) for n, v in ints.items()}}
     constexprs = dict(KH=k, KW=k, STRIDE=stride, UP=up, PADDED=k > 1, W4=w4, SPLIT_K=split_k, HAS_BIAS=True,
                       HAS_RES=False, TWO_Q=c2 is not None, OUT_Q=False, OUT_HAS_RINV=False, OUT_QMIN=-128, OUT_QMAX=127,
-                      EVEN_C=c1 % bk == 0 and c_2 % bk == 0, EVEN_N=N % bn == 0, BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_K=bk, STAGES=stages)
+                      EVEN_C=conv.even_channel_blocks(dict(C=c1, C2=c_2, BLOCK_K=bk)), EVEN_N=N % bn == 0,
+                      BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages)
     fn = conv_wgmma._qconv_wgmma_kernel
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -176,7 +176,8 @@ def compile_groupnorm(S: int, C: int, num_groups: int, silu: int):
     """`groupnorm`'s one-pass GroupNorm + SiLU + quantize kernel as its launcher calls it for a bf16 NHWC input
     of S pixels × C channels (affine, TCR, 8-bit codes; `silu`: a `numerics.silu` mode)."""
     fn = _jit_function(groupnorm._gn_one_pass_kernel)
-    groups, block_s, block_c = groupnorm.one_pass_tile(S, C, num_groups)
+    tile = groupnorm.one_pass_tile(S, C, num_groups)
+    groups, block_s, block_c = tile
     p = lambda t: (t, None)
     i32 = lambda v: ("i32", v)
     args = dict(x_ptr=p("*bf16"), out_ptr=p("*i8"), gamma_ptr=p("*bf16"), beta_ptr=p("*bf16"), r_inv_ptr=p("*fp32"),
@@ -187,11 +188,10 @@ def compile_groupnorm(S: int, C: int, num_groups: int, silu: int):
                 stride_x2c=i32(1))
     constexprs = dict(HAS_AFFINE=True, HAS_RINV=True, QMIN=-128, QMAX=127, SILU=silu, CODES=True, TWO_Q=False,
                       TWO_X=False, GROUPS=groups, G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s,
-                      BLOCK_C=block_c, FULL=groupnorm.full_tile(S, C // num_groups, (groups, block_s, block_c)))
+                      BLOCK_C=block_c, FULL=groupnorm.full_tile(S, C // num_groups, tile))
     signature, constexprs, attrs = specialise(fn.arg_names, args, constexprs)
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=TARGET, options={"num_warps": 8 if block_s * block_c >= 8192 else 4,
-                                                       "num_stages": 1})
+    return triton.compile(src, target=TARGET, options={"num_warps": groupnorm.one_pass_warps(tile), "num_stages": 1})
 
 
 def ptxas_usage(ptx: str, arch: str = "sm_90a") -> dict:

@@ -36,9 +36,9 @@ for Nsight Compute (`ncu --profile-from-start off …`), to explain a ratio.
 Impls: "triton-w8a8" / "triton-w4a8" take int8 codes (GEMM only, like int_mm), as does "cutlass-w8a8" (the
 CUTLASS Hopper GEMM of csrc/sm90, TMA and warp-specialized wgmma, sm_90 only, with its own tile choice, and
 "cutlass-w8a8-<tile>" with each tile forced, "cutlass-w4a8" with packed int4 weights widened in registers, and
-"cutlass-w8a8+quant" from the bf16 input through the
-quantize kernel first, to set against "triton-w8a8-fused"; the per-row z / s_a tables are made once per shape,
-outside the timing, as a UNet call would share them); the "-fused" GEMM
+"cutlass-w8a8+quant" from the bf16 input through the quantize kernel first, to set against "triton-w8a8-fused";
+the per-row z / s_a tables are made once per shape, outside the timing, as a UNet call would share them); the
+"-fused" GEMM
 rows take the bf16 activation and quantize it in the GEMM prologue (the whole layer, one kernel);
 "triton-w4a8-widen" (GEMM, conv; "-widen-fused" GEMM) is the W4A8 layer as the UNet runs it by default:
 `widen.widen_int4` of the packed weight, then the int8 kernels (both launches timed); the other W4 rows
@@ -65,6 +65,7 @@ ops triton; do ln -sfn $PWD/tcaq_kernels/$d /tmp/pk/tcaq_kernels/$d; done` and r
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -328,19 +329,15 @@ def _row_layout(M: int, B: int) -> tuple[int, int]:
     return (M // B, 1) if M % B == 0 else (M, 0)
 
 
-_CUTLASS = {}
-
-
+@functools.cache
 def _cutlass_available() -> bool:
     """Whether csrc/sm90's CUTLASS GEMM loads here (built or JIT-built once); says why once when it does not."""
-    if "ok" not in _CUTLASS:
-        try:
-            cuda_ext.load_sm90()
-            _CUTLASS["ok"] = True
-        except Exception as e:  # no sm_90, no headers, or a build error: the column is left out, with the reason
-            print(f"  cutlass-w8a8: not run ({str(e).splitlines()[0][:160]})")
-            _CUTLASS["ok"] = False
-    return _CUTLASS["ok"]
+    try:
+        cuda_ext.load_sm90()
+        return True
+    except Exception as e:  # no sm_90, no headers, or a build error: the columns are left out, with the reason
+        print(f"  cutlass-*: not run ({str(e).splitlines()[0][:160]})")
+        return False
 
 
 def split_k_shapes(model):

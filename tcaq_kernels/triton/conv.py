@@ -80,11 +80,17 @@ def _prune(configs, named_args, **kwargs):
     return fit or configs
 
 
+def even_channel_blocks(args: dict) -> bool:
+    """The conv kernels' EVEN_C heuristic: every channel block of both ranges full (C and C2 multiples of
+    BLOCK_K), so the copies need no channel mask."""
+    return args["C"] % args["BLOCK_K"] == 0 and args["C2"] % args["BLOCK_K"] == 0
+
+
 @triton.autotune(configs=_configs(),
                  key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K",
                       "OUT_Q", "PACK_TAPS"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench)
-@triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0})
+@triton.heuristics({"EVEN_C": even_channel_blocks})
 @triton.jit
 def _qconv_kernel(
     x_ptr, w_ptr, w_pad_sum_ptr, w_scale_ptr, bias_ptr, res_ptr, out_ptr, part_ptr,

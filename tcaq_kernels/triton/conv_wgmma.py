@@ -19,7 +19,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
-from .conv import conv_epilogue, output_pixels, pixel_coords, table_clips, tap_inside, tap_rows
+from .conv import (conv_epilogue, even_channel_blocks, output_pixels, pixel_coords, table_clips, tap_inside,
+                   tap_rows)
 from .gemm_wgmma import _copy_layout, _epilogue_tile, _instr_n, _ready_w_operand, _store_partials, _warps
 from .numerics import tuning_bench
 
@@ -241,8 +242,7 @@ _tuned = triton.autotune(
     key=["B", "H", "W", "C", "C2", "N", "OH", "OW", "KH", "KW", "STRIDE", "UP", "PADDED", "W4", "SPLIT_K", "HAS_RES",
          "OUT_Q"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuning_bench,
-)(triton.heuristics({"EVEN_C": lambda a: a["C"] % a["BLOCK_K"] == 0 and a["C2"] % a["BLOCK_K"] == 0,
-                     "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(
+)(triton.heuristics({"EVEN_C": even_channel_blocks, "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})(
     _qconv_wgmma_kernel))
 
 

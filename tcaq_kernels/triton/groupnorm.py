@@ -365,6 +365,12 @@ def one_pass_tile(S: int, C: int, num_groups: int, max_groups: int | None = None
     return groups, block_s, max(triton.next_power_of_2(groups * cg), min(16, cap))
 
 
+def one_pass_warps(tile: tuple[int, int, int]) -> int:
+    """The one-pass kernel's warps for a `one_pass_tile`: 8 from 8192 elements a program (32 a thread), else 4."""
+    _, block_s, block_c = tile
+    return 8 if block_s * block_c >= 8192 else 4
+
+
 def full_tile(S: int, cg: int, tile: tuple[int, int, int]) -> bool:
     """Whether a `one_pass_tile` has no idle lane for S pixels of norm groups CG channels wide: S rows in
     BLOCK_S, the program's groups in BLOCK_C (the one-pass kernel's FULL: its masks are then known true)."""
@@ -455,7 +461,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
             HAS_AFFINE=gamma is not None, HAS_RINV=r_inv is not None, QMIN=qmin, QMAX=qmax, SILU=silu_mode(silu),
             CODES=codes, TWO_Q=two_q, TWO_X=two_x, GROUPS=groups,
             G_P2=triton.next_power_of_2(groups), BLOCK_S=block_s, BLOCK_C=block_c,
-            FULL=full_tile(S, cg, tile), num_warps=8 if block_s * block_c >= 8192 else 4,
+            FULL=full_tile(S, cg, tile), num_warps=one_pass_warps(tile),
         )
         return out
     channel_fastest, block_g, block_e = _stats_tiles(x3, num_groups, x2 if two_x else None)
