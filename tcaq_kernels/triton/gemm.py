@@ -41,6 +41,7 @@ from ..quant.primitives import pack_int4, qrange
 from . import widen
 from .numerics import (grouped_tile, interpreting, quantize_output, quantize_uniform, quick_tuning, tuning_bench,
                        unpack_int4_rows)
+from .quantize import quantize_bsc
 
 
 def _configs():
@@ -228,8 +229,9 @@ AUTO_SPLIT_K = os.environ.get("TCAQ_AUTO_SPLIT_K", "0") == "1"
 #: where Triton's `tl.dot` waits on each. "codes" (default): calls whose activations arrive as int8
 #: codes — on an H100 (SD-1.5 b2+b8 medians, benchmarks/results/gluon-h100/) they matched `tl.dot` at
 #: W8A8 (GEMM 0.99× cuBLAS bf16 both; conv 1.09× vs 1.07× cuDNN) and beat it at W4A8 (GEMM 0.62× vs
-#: 0.55×, conv 0.59× vs 0.54×; the gain is at batch 2); float inputs stay on `tl.dot`, whose fused
-#: quantize was faster (0.58× vs 0.45×: Gluon stores the codes through shared memory).
+#: 0.55×, conv 0.59× vs 0.54×; the gain is at batch 2); float inputs left to the prologue (GEMMs under
+#: `PREQUANTIZE_MIN_M` rows, or with TCAQ_PREQUANTIZE=0) stay on `tl.dot`, whose fused quantize was faster
+#: (0.58× vs 0.45×: Gluon stores the codes through shared memory).
 #: `TCAQ_WGMMA=1`: "all" supported calls; `TCAQ_WGMMA=0`: "off".
 def wgmma_policy(switch: str) -> str:
     """The routing policy a TCAQ_WGMMA value names; any other value (e.g. the removed "persistent") is an
@@ -240,6 +242,30 @@ def wgmma_policy(switch: str) -> str:
 
 
 WGMMA = wgmma_policy(os.environ.get("TCAQ_WGMMA", ""))
+
+
+#: Float activations of calls with at least `PREQUANTIZE_MIN_M` rows are quantized first by the quantize kernel
+#: (one read of x, int8 codes out) and the GEMM then runs on codes — on the Gluon kernel where it applies —
+#: instead of quantizing in the GEMM's prologue, which re-reads and re-quantizes each A tile once per column of
+#: output tiles (N / BLOCK_N times) and keeps the call on `tl.dot`. On an H200 (29 Nov, one `ab_env.py` run,
+#: benchmarks/results/cutlass-gemm-h200/) float-input W8A8 GEMMs went from 0.43× to 0.74× cuBLAS bf16 (SD-1.5
+#: b8 median; 512×1280×5120 103 → 24 µs), W4A8 0.21× → 0.47×; only at 65536×128×128 (one column of tiles: A
+#: read once either way) the prologue stayed faster (22 vs 26 µs). The codes are the same integers (both
+#: quantize with `numerics.quantize_uniform`), so the outputs agree bit for bit. `TCAQ_PREQUANTIZE=0`: always fuse.
+PREQUANTIZE = os.environ.get("TCAQ_PREQUANTIZE", "1") != "0"
+PREQUANTIZE_MIN_M = 64
+
+
+def prequantized(a2: torch.Tensor, s_inv: torch.Tensor, zero: torch.Tensor, group: torch.Tensor, group_stride: int,
+                 rows_per_sample: int, a_bits: int, r_inv) -> torch.Tensor:
+    """int8 codes [M, K] of float activations a2 [M, K] (row m in sample m // rows_per_sample), by the quantize
+    kernel: what the GEMM's A_FLOAT prologue would compute."""
+    M, K = a2.shape
+    samples = M // rows_per_sample if group_stride else 1
+    codes = torch.empty((M, K), dtype=torch.int8, device=a2.device)
+    quantize_bsc(a2.unflatten(0, (samples, M // samples)), s_inv, zero, group, group_stride, a_bits, r_inv,
+                 log2=False, pack4=False, out=codes.view(samples, M // samples, K))
+    return codes
 
 
 def use_wgmma(a: torch.Tensor) -> bool:
@@ -313,6 +339,8 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     if split_k is None:
         auto = a2.is_cuda and AUTO_SPLIT_K
         split_k = choose_split_k(M, N, K, torch.cuda.get_device_properties(a2.device).multi_processor_count) if auto else 1
+    if PREQUANTIZE and a2.dtype != torch.int8 and M >= PREQUANTIZE_MIN_M:
+        a2, r_inv = prequantized(a2, s_inv, zero, group, group_stride, rows_per_sample, a_bits, r_inv), None
     per_split, split_k = k_range_per_split(K, split_k)
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=a2.device) if split_k > 1 else out
     a_float = a2.dtype != torch.int8

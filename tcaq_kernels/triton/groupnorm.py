@@ -8,8 +8,8 @@ re-reads them (GroupNorm, SiLU, then the quantize kernel — three passes over a
 writes the int8 codes the conv reads, NHWC, in one pass after the statistics.
 
 No host sync (CUDA-graph safe). Where a sample's norm group (S pixels × C/G channels) fits in one
-program's registers (`one_pass_tile`, S·C/G ≤ 8192: the DDPM-CIFAR10 UNet at every level, SD-1.5 at
-8×8 and at 16×16 where C/G ≤ 32),
+program's registers (`one_pass_tile`, S·C/G ≤ 16384: the DDPM-CIFAR10 UNet at every level, SD-1.5 at
+8×8, at 16×16 where C/G ≤ 64 and at 32×32 where C/G ≤ 16),
 `_gn_one_pass_kernel` reads x once: the statistics from the registers (exact mean, then the mean
 square deviation), then the codes. Elsewhere two kernels read x twice:
 1. `_gn_stats_kernel`, one program per (sample, block of norm groups, split of the group's
@@ -47,12 +47,20 @@ import triton.language as tl
 from .numerics import SILU_EXACT, SILU_FAST, SILU_OFF, interpreting, quantize_uniform, silu, tuning_bench
 from .quantize import check_concat, check_split, load_channels, sample_tables, sample_tile, split_tables, tile_configs
 
-# Register budget of the one-pass kernel: elements of x one program holds (fp32, 32 a thread at 8 warps).
-# 8192 rather than 16384: smaller tiles, more programs in flight — the embedded model's W8A8 step from a
-# CUDA graph took 2.33 / 6.15 ms at batch 64 / 256 against 2.43 / 6.43 ms (H200, same call, 28 Nov).
-# TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs (0: always the two-kernel path; 2.70 / 7.04 ms in an
-# earlier call, where 8192 gave 2.35 / 6.17).
+# The one-pass kernel's program size in elements of x (fp32, 32 a thread at 8 warps) when it chooses how many
+# norm groups a program takes: 8192 rather than 16384 — smaller tiles, more programs in flight: the embedded
+# model's W8A8 step from a CUDA graph took 2.33 / 6.15 ms at batch 64 / 256 against 2.43 / 6.43 ms (H200, 28 Nov).
+# TCAQ_GN_ONE_PASS_ELEMENTS overrides it for A/B runs.
 ONE_PASS_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_ELEMENTS", 8192))
+# Its register budget: a program may hold up to this many elements where one norm group needs more than
+# ONE_PASS_ELEMENTS (then one pass instead of two kernels), or to make a row BLOCK_C = 16 channels wide — one
+# whole 32-byte sector of bf16 where 8 channels would read half sectors. 16384 compiles to 128 registers, no
+# spills (sm_90a; 32768: 255). On an H200 (29 Nov, kernels.py, benchmarks/results/cutlass-gemm-h200/) 16384 as
+# the one size made the 32×32 levels 1.08–1.32× faster (embedded b256; SD-1.5 C320 32×32 and C1280/C1920
+# 16×16 went one-pass, 1.75–1.94×) but the embedded 16×16 levels 0.59–0.69× (more groups a program): so
+# the budget only admits what 8192 could not take. TCAQ_GN_ONE_PASS_MAX_ELEMENTS=8192 restores the one
+# size; 0: always the two-kernel path.
+ONE_PASS_MAX_ELEMENTS = int(os.environ.get("TCAQ_GN_ONE_PASS_MAX_ELEMENTS", 16384))
 # The looped kernel (`_gn_looped_kernel`) instead of the one-pass and two-kernel paths everywhere, for A/B runs
 # (TCAQ_GN_LOOPED=1). Off by default: on an H200 (28 Nov, kernels.py) it beat the one-pass kernel at the
 # embedded model's 8×8 and 4×4 levels at batch 256 (17.8 vs 36.8 µs for C256 8×8) and the two-kernel path at
@@ -352,17 +360,20 @@ def stats_split(batch: int, group_blocks: int, elements: int, device: torch.devi
 
 def one_pass_tile(S: int, C: int, num_groups: int, max_groups: int | None = None) -> tuple[int, int, int] | None:
     """(groups per program, BLOCK_S, BLOCK_C) of the one-pass kernel, or None when one norm group of
-    a sample (all S pixels × C/G channels) does not fit `ONE_PASS_ELEMENTS` in registers. A program
-    takes as many groups as fit and divide G, at most `max_groups` (so that a small batch still fills the GPU)."""
+    a sample (all S pixels × C/G channels) does not fit `ONE_PASS_MAX_ELEMENTS` in registers. A program
+    takes as many groups as fit `ONE_PASS_ELEMENTS` (or the one group, or 16 channels, where those need more)
+    and divide G, at most `max_groups` (so that a small batch still fills the GPU); BLOCK_C is at least 16
+    where the budget allows."""
     cg = C // num_groups
     block_s = triton.next_power_of_2(S)
-    cap = ONE_PASS_ELEMENTS // block_s
-    if cg > cap:
+    budget = ONE_PASS_MAX_ELEMENTS // block_s
+    if cg > budget:
         return None
+    cap = max(ONE_PASS_ELEMENTS // block_s, min(16, budget), triton.next_power_of_2(cg))
     most = min(num_groups, max_groups or num_groups)
     groups = max(g for g in range(1, most + 1)  # a divisor of G: every program full
                  if num_groups % g == 0 and triton.next_power_of_2(g * cg) <= cap)
-    return groups, block_s, max(triton.next_power_of_2(groups * cg), min(16, cap))
+    return groups, block_s, max(triton.next_power_of_2(groups * cg), min(16, budget))
 
 
 def one_pass_warps(tile: tuple[int, int, int]) -> int:
@@ -452,7 +463,7 @@ def groupnorm_silu_quantize_bsc(x3: torch.Tensor, num_groups: int, eps: float, g
         tile = one_pass_tile(S, C, num_groups, _groups_per_program(B, num_groups, x3.device))
     if one_pass and tile is None:
         raise ValueError(f"GroupNorm: one_pass=True, but a group of {S} pixels × {cg} channels exceeds "
-                         f"ONE_PASS_ELEMENTS={ONE_PASS_ELEMENTS}" + (" (split given)" if split else ""))
+                         f"ONE_PASS_MAX_ELEMENTS={ONE_PASS_MAX_ELEMENTS}" + (" (split given)" if split else ""))
     if tile is not None:
         groups, block_s, block_c = tile
         _gn_one_pass_kernel[(triton.cdiv(num_groups, groups), B)](

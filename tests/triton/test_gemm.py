@@ -31,8 +31,12 @@ def test_int8_codes_exact_accumulator(gen, device, w_bits, shape):
 @pytest.mark.parametrize("w_bits", [8, 4])
 @pytest.mark.parametrize("a_bits", [8, 6])
 @pytest.mark.parametrize("tcr", [False, True])
-def test_fused_quantize_prologue_exact(gen, device, w_bits, a_bits, tcr):
-    """Float input: codes made in the GEMM prologue must equal quantize_uniform's."""
+@pytest.mark.parametrize("route", ["prologue", "quantize-first"])
+def test_fused_quantize_prologue_exact(gen, device, monkeypatch, w_bits, a_bits, tcr, route):
+    """Float input: codes made in the GEMM prologue, or by the quantize kernel ahead of it (`PREQUANTIZE`, here
+    forced for M = 58 rows), must equal quantize_uniform's."""
+    monkeypatch.setattr(G, "PREQUANTIZE", route == "quantize-first")
+    monkeypatch.setattr(G, "PREQUANTIZE_MIN_M", 1)
     B, L, K, N = 2, 29, 72, 40
     x = (torch.randn(B, L, K, generator=gen) * 3).to(torch.bfloat16).to(device)
     w = rand_int(gen, (N, K), w_bits, device)
@@ -43,6 +47,25 @@ def test_fused_quantize_prologue_exact(gen, device, w_bits, a_bits, tcr):
                 a_bits, r_inv, out_dtype=torch.float32)
     codes = P.quantize_uniform(x, t.per_sample(t.s_inv, 3), t.per_sample(t.zero, 3), a_bits, r_inv, -1)
     assert torch.equal(y, linear_acc_ref(codes, w, t).float())
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_the_quantize_first_route_is_the_default_from_64_rows_and_changes_no_bit(gen, device, monkeypatch, w_bits):
+    """M = 70 float rows, one group for all of them, TCR reciprocals, a bias and a bf16 residual: the default
+    route (quantize kernel, then the int8 GEMM) gives the prologue route's outputs bit for bit."""
+    M, K, N = 70, 96, 48
+    x = (torch.randn(M, K, generator=gen) * 2).to(torch.bfloat16).to(device)
+    w_q, w_sum = prepare_linear_weight(rand_int(gen, (N, K), w_bits, device), w_bits)
+    t = Tables(gen, groups=3, batch=1, bits=8, device=device)
+    r_inv = (torch.rand(K, generator=gen) + 0.5).to(device)
+    w_scale = (torch.rand(N, generator=gen) * 0.01 + 1e-3).to(device)
+    bias, residual = torch.randn(N, generator=gen).to(device), torch.randn(M, N, generator=gen).to(torch.bfloat16)
+    call = lambda: qlinear(x, w_q, w_sum, w_scale, bias, t.s_inv, t.scale, t.zero, t.group, 8, r_inv,
+                           residual=residual.to(device))
+    assert G.PREQUANTIZE and M >= G.PREQUANTIZE_MIN_M
+    first = call()
+    monkeypatch.setattr(G, "PREQUANTIZE", False)
+    assert torch.equal(first, call())
 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -103,11 +103,31 @@ def _check_poisoned(gen, device, case, what, **launch):
 def test_one_pass_tiles_and_poisoned_output(gen, device, max_groups, monkeypatch):
     """The one-pass kernel with 3 or 1 groups a program (a divisor of G = 3; 2 is not one) of 5
     channels: 1 or 11 lanes of the 16-wide tile masked, 31 pixels of 32, into a poisoned output."""
-    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)  # a fixed budget, whatever the environment says
+    for name in ("ONE_PASS_ELEMENTS", "ONE_PASS_MAX_ELEMENTS"):  # a fixed budget, whatever the environment says
+        monkeypatch.setattr(gn_module, name, 16384)
     tile = gn_module.one_pass_tile(31, 15, 3, max_groups)
     assert tile == ((3, 32, 16) if max_groups is None else (1, 32, 16))
     monkeypatch.setattr(gn_module, "one_pass_tile", lambda *a, **k: tile)
     _check_poisoned(gen, device, (2, 15, 31, 1, 3), f"one pass {tile}", one_pass=True)
+
+
+@pytest.mark.parametrize("S, C, tile, tile_8192", [
+    (1024, 128, (4, 1024, 16), (2, 1024, 8)),  # 32×32, C/G = 4: 16-channel rows (whole sectors)
+    (1024, 320, (1, 1024, 16), None),          # SD-1.5 32×32, C/G = 10: one pass instead of two kernels
+    (256, 1280, (1, 256, 64), None),           # SD-1.5 16×16, C/G = 40
+    (256, 128, (8, 256, 32), (8, 256, 32)),    # 16×16, C/G = 4: groups a program still by 8192 elements
+    (64, 256, (16, 64, 128), (16, 64, 128)),   # 8×8: unchanged
+    (4096, 320, None, None),                   # 64×64: two kernels
+])
+def test_one_pass_tiles_grow_only_where_8192_elements_could_not_serve(monkeypatch, S, C, tile, tile_8192):
+    """The register budget (16384) admits a group 8192 elements cannot hold and 16-channel rows; the groups
+    a program takes are still counted against 8192. A budget of 8192 gives the one-size tiles."""
+    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 8192)
+    for budget, want in ((16384, tile), (8192, tile_8192)):
+        monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", budget)
+        got = gn_module.one_pass_tile(S, C, 32)
+        assert got == want, (S, C, budget, got)
+        assert got is None or got[1] * got[2] <= budget
 
 
 @pytest.mark.parametrize("case", [(2, 64, 4, 4, 32), (3, 32, 8, 8, 4), (1, 128, 16, 16, 32)])
@@ -124,12 +144,12 @@ def test_full_tiles_exact(gen, device, case):
 def test_one_pass_refuses_groups_too_large(device, monkeypatch):
     """A group of 8192 pixels × 4 channels exceeds the one-pass register budget: asked for, it is refused
     (not silently run two-pass); left to the launcher, the two-kernel path takes it."""
-    monkeypatch.setattr(gn_module, "ONE_PASS_ELEMENTS", 16384)
+    monkeypatch.setattr(gn_module, "ONE_PASS_MAX_ELEMENTS", 16384)
     assert gn_module.one_pass_tile(8192, 8, 2) is None and gn_module.one_pass_tile(4096, 8, 2) is not None
     x3 = torch.randn(1, 8192, 8, device=device)
     one, z = torch.ones(1, device=device), torch.zeros(1, dtype=torch.int32, device=device)
     out = torch.empty(1, 8192, 8, dtype=torch.int8, device=device)
-    with pytest.raises(ValueError, match="exceeds ONE_PASS_ELEMENTS"):
+    with pytest.raises(ValueError, match="exceeds ONE_PASS_MAX_ELEMENTS"):
         groupnorm_silu_quantize_bsc(x3, 2, 1e-5, None, None, one, z, z, 0, 8, None, out, one_pass=True)
 
 
