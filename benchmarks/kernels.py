@@ -40,7 +40,9 @@ CUTLASS Hopper GEMM of csrc/sm90, TMA and warp-specialized wgmma, sm_90 only, wi
 the per-row z / s_a tables are made once per shape, outside the timing, as a UNet call would share them); the
 "-fused" GEMM
 rows take the bf16 activation as the UNet's linears do (`qlinear`): from `gemm.PREQUANTIZE_MIN_M` rows the
-quantize kernel first, then the int8 kernel; below, or with TCAQ_PREQUANTIZE=0, quantized in the GEMM prologue;
+quantize kernel first, then the int8 kernel; below, or with TCAQ_PREQUANTIZE=0, quantized in the GEMM prologue
+(the "triton-*" GEMM rows go through `qlinear`, so its routing switches — TCAQ_WGMMA, TCAQ_PREQUANTIZE,
+TCAQ_CUTLASS_GEMM — apply to them: `ab_env.py` compares the routes);
 "triton-w4a8-widen" (GEMM, conv; "-widen-fused" GEMM) is the W4A8 layer as the UNet runs it by default:
 `widen.widen_int4` of the packed weight, then the int8 kernels (both launches timed); the other W4 rows
 ("triton-w4a8", "-fused", "gluon-w4a8", the split-K tables) time the kernels' in-loop widening;

@@ -268,6 +268,24 @@ def prequantized(a2: torch.Tensor, s_inv: torch.Tensor, zero: torch.Tensor, grou
     return codes
 
 
+#: `TCAQ_CUTLASS_GEMM=1` (off by default, not yet timed in a UNet): calls on int8 codes and int8 weights of at
+#: least `CUTLASS_MIN_MNK` multiply-adds whose output the CUTLASS kernels write (`cutlass_takes`) run on csrc/sm90
+#: (`cuda_ext.gemm_sm90`, the same contract bit for bit). On an H200 (29 Nov, kernels.py SD-1.5 b2 + b8,
+#: benchmarks/results/cutlass-gemm-h200/gemm-sd15/) its `auto` tile beat the Triton / Gluon kernels on every
+#: GEMM of ≥ 2^31 multiply-adds but one (1.02–1.49×; 2048×640×2560 0.99×) and lost 1–2 µs on the small ones.
+CUTLASS = os.environ.get("TCAQ_CUTLASS_GEMM", "0") == "1"
+CUTLASS_MIN_MNK = 1 << 31
+
+
+def cutlass_takes(M: int, N: int, K: int, a_dtype: torch.dtype, w_dtype: torch.dtype, out_dtype: torch.dtype,
+                  residual: bool, out_quantized: bool, split_k: int) -> bool:
+    """Whether a call may go to the CUTLASS GEMM: int8 codes × int8 weights (int4 ones widened first), a bf16
+    output with no residual and no output quantizer, one K split, the TMA alignments (K % 16, N % 8), and at
+    least `CUTLASS_MIN_MNK` multiply-adds."""
+    return (a_dtype == torch.int8 and w_dtype == torch.int8 and out_dtype == torch.bfloat16 and not residual
+            and not out_quantized and split_k == 1 and K % 16 == 0 and N % 8 == 0 and M * N * K >= CUTLASS_MIN_MNK)
+
+
 def use_wgmma(a: torch.Tensor) -> bool:
     """Whether the routing policy (`WGMMA`) sends a call with activations `a` to a Gluon kernel (which then
     still checks it can take the shapes)."""
@@ -342,6 +360,12 @@ def qgemm(a2: torch.Tensor, w_op: torch.Tensor, w_sum: torch.Tensor, w_scale: to
     if PREQUANTIZE and a2.dtype != torch.int8 and M >= PREQUANTIZE_MIN_M:
         a2, r_inv = prequantized(a2, s_inv, zero, group, group_stride, rows_per_sample, a_bits, r_inv), None
     per_split, split_k = k_range_per_split(K, split_k)
+    if CUTLASS and a2.is_cuda and cutlass_takes(M, N, K, a2.dtype, w_op.dtype, out.dtype, residual2 is not None,
+                                                out_s_inv is not None, split_k):
+        from ..ops import cuda_ext
+
+        rows = cuda_ext.row_tables(M, scale, zero, group, rows_per_sample, group_stride)
+        return cuda_ext.gemm_sm90(a2, w_op, w_sum, w_scale, bias, *rows, out=out)
     part = torch.empty((split_k, M, N), dtype=torch.int32, device=a2.device) if split_k > 1 else out
     a_float = a2.dtype != torch.int8
     res = residual2 if residual2 is not None else out

@@ -143,3 +143,37 @@ def test_cutlass_gemm_matches_the_triton_kernel(B, L, K, N, bits, tile):
         outs.append(cuda_ext.gemm_sm90(a.reshape(B * L, K), w_q, w_sum, w_scale, bias, z_row, s_row, out,
                                        tile).clone())
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], expect)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_cutlass_route_of_qlinear_changes_no_bit(monkeypatch, bits):
+    """TCAQ_CUTLASS_GEMM=1 (forced here for any size): a float-input `qlinear` of 3 samples × 70 rows (quantized
+    first, int4 weights widened) runs on the CUTLASS GEMM and gives the Triton route's bf16 outputs bit for bit;
+    a call with a residual stays on Triton."""
+    from tcaq_kernels.ops.triton_ops import prepare_linear_weight, qlinear
+    from tcaq_kernels.triton import gemm as G
+
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    B, L, K, N = 3, 70, 96, 72
+    lo, hi = (-128, 128) if bits == 8 else (-8, 8)
+    x = (torch.randn(B, L, K, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    w_q, w_sum = prepare_linear_weight(torch.randint(lo, hi, (N, K), device="cuda", dtype=torch.int8, generator=g),
+                                       bits)
+    w_scale = torch.rand(N, device="cuda", generator=g) * 1e-2 + 1e-4
+    bias = torch.randn(N, device="cuda", generator=g)
+    scale = torch.rand(4, device="cuda", generator=g) * 0.2 + 0.05
+    zero = torch.randint(-32, 32, (4,), device="cuda", dtype=torch.int32, generator=g)
+    group = torch.randint(0, 4, (B,), device="cuda", dtype=torch.int32, generator=g)
+    residual = torch.randn(B, L, N, device="cuda", generator=g).to(torch.bfloat16)
+    call = lambda res=None: qlinear(x, w_q, w_sum, w_scale, bias, 1.0 / scale, scale, zero, group, residual=res)
+    expect, expect_res = call(), call(residual)
+    calls = []
+    gemm_sm90 = cuda_ext.gemm_sm90
+    monkeypatch.setattr(cuda_ext, "gemm_sm90", lambda *a, **k: calls.append(1) or gemm_sm90(*a, **k))
+    monkeypatch.setattr(G, "CUTLASS", True)
+    monkeypatch.setattr(G, "CUTLASS_MIN_MNK", 0)
+    assert torch.equal(call(), expect) and len(calls) == 1
+    assert torch.equal(call(residual), expect_res) and len(calls) == 1

@@ -68,6 +68,19 @@ def test_the_quantize_first_route_is_the_default_from_64_rows_and_changes_no_bit
     assert torch.equal(first, call())
 
 
+def test_cutlass_takes_only_what_its_kernels_write():
+    """The CUTLASS route (TCAQ_CUTLASS_GEMM=1) takes int8 × int8 → bf16 calls with no residual, no output
+    quantizer, one K split, aligned K and N and enough work; each other call stays on the Triton kernels."""
+    i8, bf16 = torch.int8, torch.bfloat16
+    ok = dict(M=2048, N=1280, K=1280, a_dtype=i8, w_dtype=i8, out_dtype=bf16, residual=False, out_quantized=False,
+              split_k=1)
+    assert G.cutlass_takes(**ok)
+    for change in (dict(a_dtype=bf16), dict(w_dtype=torch.uint8), dict(out_dtype=torch.float32),
+                   dict(residual=True), dict(out_quantized=True), dict(split_k=2), dict(K=1288), dict(N=1284),
+                   dict(M=64, N=320, K=320)):
+        assert not G.cutlass_takes(**{**ok, **change}), change
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_epilogue_scale_bias_residual(gen, device, out_dtype):
     B, L, K, N = 2, 45, 96, 72
