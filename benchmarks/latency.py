@@ -1,8 +1,14 @@
 """End-to-end UNet latency and weight memory: full precision and quantized, side by side, one run.
 
     python benchmarks/latency.py --batch 64 256 --out benchmarks/results
+    python benchmarks/latency.py --arch sd15 --batch 2 8 --out DIR
 
-on a CUDA machine (diffusers installed). Every row of one invocation is measured on the same card
+on a CUDA machine (diffusers installed). `--arch sd15` times Stable Diffusion 1.5's UNet instead of the embedded
+model: its architecture (`SD15_UNET`, 859.5 M parameters, 64×64 latents = 512 px images, 77 text tokens of 768)
+with random weights — no weights of it are at hand, and a step's time depends on shapes and layouts, not on the
+values; its quantized states come from min-max ranges observed over one forward per timestep group on random
+latents and text (`observed_states`: a conditional UNet has no unconditional sampler to calibrate from).
+Every row of one invocation is measured on the same card
 in the same process: fp32 and bf16 eager, bf16 replayed from one CUDA graph, bf16 `torch.compile` (eager
 and from CUDA graphs), and the converted W8A8 / W4A8 models (`backend="triton"`; convert's default
 `fuse_norm=True`, and `fuse_norm=False` rows beside them) eager and from CUDA graphs (the "CUDA graph"
@@ -32,8 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tcaq_kernels  # noqa: E402
 from tcaq_kernels.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from tcaq_kernels.calib.minmax import state_from_ranges  # noqa: E402
+from tcaq_kernels.calib.observe import RangeObserver  # noqa: E402
+from tcaq_kernels.calib.settings import uniform_group_edges  # noqa: E402
 from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
+from tcaq_kernels.quant.layers import quantizable_layers  # noqa: E402
 from tcaq_kernels.sampling import make_scheduler  # noqa: E402
+
+# Stable Diffusion 1.5's UNet (the unet/config.json of its diffusers release; diffusers' defaults for the rest).
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                 cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+SD15_TEXT_TOKENS = 77
+# Layers kept float, as calibrate's default: the first and last convs.
+KEEP_FLOAT = ["conv_in", "conv_out"]
 
 
 def median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
@@ -59,6 +79,25 @@ def speed_states(fp32, scheduler, bits, split_skip: bool = False) -> dict:
             for b in bits}
 
 
+def observed_states(unet, bits, text_tokens: int, batch: int = 2, timestep_groups: int = 4, seed: int = 0) -> dict:
+    """{bits: min-max state} of a conditional `unet` from the ranges one forward per timestep group (at the group's
+    middle timestep) sees on random latents and text embeddings (`text_tokens` of the UNet's cross-attention
+    width) — the states the SD-1.5 speed rows convert."""
+    device = next(unet.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    edges = uniform_group_edges(1000, timestep_groups)
+    layers = {n: k for n, k in quantizable_layers(unet).items() if n not in KEEP_FLOAT}
+    observer = RangeObserver(unet, layers, edges)
+    size, width = unet.config.sample_size, unet.config.cross_attention_dim
+    with observer, torch.no_grad():
+        for lo, hi in zip([0.0, *edges], [*edges, 1000.0]):
+            x = torch.randn(batch, unet.config.in_channels, size, size, device=device, generator=g)
+            text = torch.randn(batch, text_tokens, width, device=device, generator=g)
+            unet(x, torch.tensor((lo + hi) // 2, device=device), encoder_hidden_states=text)
+    settings = {"seed": seed, "act_qparams": "minmax", "calibration": "ranges of random latents and text"}
+    return {b: state_from_ranges(unet, observer, b, KEEP_FLOAT, settings) for b in bits}
+
+
 def model_bytes(model) -> int:
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -66,7 +105,9 @@ def model_bytes(model) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--arch", choices=("embedded", "sd15"), default="embedded",
+                        help="the embedded DDPM-CIFAR10 model (or --model), or SD-1.5's UNet with random weights")
+    parser.add_argument("--model", default=None, help="a UNet2DModel folder in place of the embedded model")
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--bits", nargs="+", default=["W8A8", "W4A8"])
     parser.add_argument("--no-compile", action="store_true")
@@ -82,10 +123,19 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     card = torch.cuda.get_device_name()
-    fp32 = load_fp_unet(args.model, device="cuda")
-    scheduler = make_scheduler(load_scheduler_config(args.model))
+    sd15 = args.arch == "sd15"
+    if sd15 and (args.model or args.split_skip):
+        parser.error("--arch sd15 builds its UNet and observes its ranges: no --model, no --split-skip")
+    if sd15:
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        fp32 = UNet2DConditionModel(**SD15_UNET).eval().to("cuda")
+        states = observed_states(fp32, args.bits, SD15_TEXT_TOKENS)
+    else:
+        fp32 = load_fp_unet(args.model, device="cuda")
+        states = speed_states(fp32, make_scheduler(load_scheduler_config(args.model)), args.bits, args.split_skip)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    states = speed_states(fp32, scheduler, args.bits, args.split_skip)
     fuse_options = {"both": (True, False), "on": (True,), "off": (False,)}[args.fuse_norm]
     quantized = {f"{b} triton" + ("" if fuse else " fuse_norm=False"):
                  tcaq_kernels.convert(bf16, s, backend="triton", fuse_norm=fuse)
@@ -97,6 +147,10 @@ def main() -> int:
         x32 = torch.randn(shape, device="cuda")
         x16 = x32.to(torch.bfloat16)
         t = torch.tensor(500, device="cuda")
+        text32 = torch.randn(batch, SD15_TEXT_TOKENS, SD15_UNET["cross_attention_dim"], device="cuda") if sd15 else None
+        kwargs = {torch.float32: {}, torch.bfloat16: {}} if not sd15 else {
+            torch.float32: {"encoder_hidden_states": text32},
+            torch.bfloat16: {"encoder_hidden_states": text32.to(torch.bfloat16)}}
         variants = [("fp32 eager", fp32, x32, False), ("bf16 eager", bf16, x16, False),
                     ("bf16 CUDA graph", bf16, x16, True)]
         if compiled is not None:
@@ -107,7 +161,7 @@ def main() -> int:
         for name, model, x, use_graph in variants:
             with torch.no_grad():
                 run = tcaq_kernels.cuda_graphed(model) if use_graph else model
-                fn = lambda m=run, x=x: m(x, t)
+                fn = lambda m=run, x=x: m(x, t, **kwargs[x.dtype])
                 ms = median_ms(fn)
             rows.append({"variant": name, "batch": batch, "ms_per_step": round(ms, 4),
                          "weight_bytes": model_bytes(model), "card": card})
@@ -120,7 +174,8 @@ def main() -> int:
     meta = {"command": (f"TCAQ_TRITON_TUNING={tuning} " if tuning else "") + "python " + " ".join(sys.argv),
             "card": card, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
-            "model": str(args.model or "embedded ddpm-cifar10-small"),
+            "model": ("SD-1.5 UNet architecture, random weights, 77 text tokens" if sd15
+                      else str(args.model or "embedded ddpm-cifar10-small")),
             "fused_norms": {label: m.tcaq_info.get("fused_norms", 0) for label, m in quantized.items()},
             "fused_upsamplers": {label: m.tcaq_info.get("fused_upsamplers", 0) for label, m in quantized.items()},
             "split_skip": args.split_skip,
