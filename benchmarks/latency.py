@@ -42,7 +42,7 @@ from tcaq_kernels.calib.minmax import state_from_ranges  # noqa: E402
 from tcaq_kernels.calib.observe import RangeObserver  # noqa: E402
 from tcaq_kernels.calib.settings import uniform_group_edges  # noqa: E402
 from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
-from tcaq_kernels.quant.layers import quantizable_layers  # noqa: E402
+from tcaq_kernels.quant.layers import DEFAULT_FLOAT_LAYERS, quantizable_layers  # noqa: E402
 from tcaq_kernels.sampling import make_scheduler  # noqa: E402
 
 # Stable Diffusion 1.5's UNet (the unet/config.json of its diffusers release; diffusers' defaults for the rest).
@@ -52,8 +52,6 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                  cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
 SD15_TEXT_TOKENS = 77
-# Layers kept float, as calibrate's default: the first and last convs.
-KEEP_FLOAT = ["conv_in", "conv_out"]
 
 
 def median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
@@ -71,22 +69,33 @@ def median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
     return statistics.median(times)
 
 
-def speed_states(fp32, scheduler, bits, split_skip: bool = False) -> dict:
+def float_layers(unet, float_attention: bool) -> list[str]:
+    """The layers a speed state keeps float: calibrate's default (the first and last convs), and with
+    `float_attention` every attention layer's scores, softmax and P·V (torch's SDPA on the bf16 q, k, v of its
+    still-quantized projections)."""
+    attention = [n for n, kind in quantizable_layers(unet).items() if kind == "attention"] if float_attention else []
+    return [*DEFAULT_FLOAT_LAYERS, *attention]
+
+
+def speed_states(fp32, scheduler, bits, split_skip: bool = False, float_attention: bool = False) -> dict:
     """{bits: min-max state} from a small budget, 4 timestep groups — the states the speed benchmarks
     (this file, step_profile.py) convert; `split_skip` gives the layout of the qdiffusion/tcaq presets."""
     return {b: tcaq_kernels.calibrate(fp32, scheduler=scheduler, bits=b, num_samples=32, num_steps=20,
-                                      timestep_groups=4, batch_size=32, progress=False, split_skip=split_skip)
+                                      timestep_groups=4, batch_size=32, progress=False, split_skip=split_skip,
+                                      keep_float=float_layers(fp32, float_attention))
             for b in bits}
 
 
-def observed_states(unet, bits, text_tokens: int, batch: int = 2, timestep_groups: int = 4, seed: int = 0) -> dict:
+def observed_states(unet, bits, text_tokens: int, batch: int = 2, timestep_groups: int = 4, seed: int = 0,
+                    float_attention: bool = False) -> dict:
     """{bits: min-max state} of a conditional `unet` from the ranges one forward per timestep group (at the group's
     middle timestep) sees on random latents and text embeddings (`text_tokens` of the UNet's cross-attention
     width) — the states the SD-1.5 speed rows convert."""
     device = next(unet.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     edges = uniform_group_edges(1000, timestep_groups)
-    layers = {n: k for n, k in quantizable_layers(unet).items() if n not in KEEP_FLOAT}
+    keep = float_layers(unet, float_attention)
+    layers = {n: k for n, k in quantizable_layers(unet).items() if n not in keep}
     observer = RangeObserver(unet, layers, edges)
     size, width = unet.config.sample_size, unet.config.cross_attention_dim
     with observer, torch.no_grad():
@@ -95,7 +104,42 @@ def observed_states(unet, bits, text_tokens: int, batch: int = 2, timestep_group
             text = torch.randn(batch, text_tokens, width, device=device, generator=g)
             unet(x, torch.tensor((lo + hi) // 2, device=device), encoder_hidden_states=text)
     settings = {"seed": seed, "act_qparams": "minmax", "calibration": "ranges of random latents and text"}
-    return {b: state_from_ranges(unet, observer, b, KEEP_FLOAT, settings) for b in bits}
+    return {b: state_from_ranges(unet, observer, b, keep, settings) for b in bits}
+
+
+def speed_setup(arch: str, model_dir, bits, split_skip: bool = False, float_attention: bool = False):
+    """(fp32 UNet on the GPU, {label: min-max state}, description) of `--arch` / `--model`: labels are the bits,
+    and with `float_attention` also "<bits> float-attention" (states whose attention layers stay float)."""
+    if arch == "sd15":
+        if model_dir or split_skip:
+            raise ValueError("--arch sd15 builds its UNet and observes its ranges: no --model, no --split-skip")
+        from diffusers import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        fp32 = UNet2DConditionModel(**SD15_UNET).eval().to("cuda")
+        make = lambda float_attn: observed_states(fp32, bits, SD15_TEXT_TOKENS, float_attention=float_attn)
+        description = "SD-1.5 UNet architecture, random weights, 77 text tokens"
+    else:
+        fp32 = load_fp_unet(model_dir, device="cuda")
+        scheduler = make_scheduler(load_scheduler_config(model_dir))
+        make = lambda float_attn: speed_states(fp32, scheduler, bits, split_skip, float_attn)
+        description = str(model_dir or "embedded ddpm-cifar10-small")
+    states = make(False)
+    if float_attention:
+        states.update({f"{b} float-attention": state for b, state in make(True).items()})
+    return fp32, states, description
+
+
+def step_inputs(unet, batch: int, seed: int = 0, device="cuda") -> dict:
+    """{dtype: (latents x, forward keyword arguments)} for fp32 and bf16: random latents [B, C, S, S] and, for a
+    conditional UNet, random text embeddings of `SD15_TEXT_TOKENS` tokens — the same values in both dtypes."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    size = unet.config.sample_size
+    x = torch.randn(batch, unet.config.in_channels, size, size, device=device, generator=g)
+    width = getattr(unet.config, "cross_attention_dim", None)
+    text = None if width is None else torch.randn(batch, SD15_TEXT_TOKENS, width, device=device, generator=g)
+    return {dtype: (x.to(dtype), {} if text is None else {"encoder_hidden_states": text.to(dtype)})
+            for dtype in (torch.float32, torch.bfloat16)}
 
 
 def model_bytes(model) -> int:
@@ -116,6 +160,9 @@ def main() -> int:
                              "(convert's default), the unfused path ('fuse_norm=False' rows), or both (default)")
     parser.add_argument("--split-skip", action="store_true",
                         help="states with split skip inputs, the layout of the qdiffusion/tcaq presets (default: off)")
+    parser.add_argument("--float-attention", action="store_true",
+                        help="also rows with every attention layer's scores, softmax and P·V left to torch's SDPA "
+                             "(the projections stay quantized)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -123,18 +170,11 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     card = torch.cuda.get_device_name()
-    sd15 = args.arch == "sd15"
-    if sd15 and (args.model or args.split_skip):
-        parser.error("--arch sd15 builds its UNet and observes its ranges: no --model, no --split-skip")
-    if sd15:
-        from diffusers import UNet2DConditionModel
-
-        torch.manual_seed(0)
-        fp32 = UNet2DConditionModel(**SD15_UNET).eval().to("cuda")
-        states = observed_states(fp32, args.bits, SD15_TEXT_TOKENS)
-    else:
-        fp32 = load_fp_unet(args.model, device="cuda")
-        states = speed_states(fp32, make_scheduler(load_scheduler_config(args.model)), args.bits, args.split_skip)
+    try:
+        fp32, states, description = speed_setup(args.arch, args.model, args.bits, args.split_skip,
+                                                args.float_attention)
+    except ValueError as e:
+        parser.error(str(e))
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     fuse_options = {"both": (True, False), "on": (True,), "off": (False,)}[args.fuse_norm]
     quantized = {f"{b} triton" + ("" if fuse else " fuse_norm=False"):
@@ -143,14 +183,9 @@ def main() -> int:
     compiled = None if args.no_compile else torch.compile(copy.deepcopy(bf16))
     rows = []
     for batch in args.batch:
-        shape = (batch, fp32.config.in_channels, fp32.config.sample_size, fp32.config.sample_size)
-        x32 = torch.randn(shape, device="cuda")
-        x16 = x32.to(torch.bfloat16)
+        inputs = step_inputs(fp32, batch)
+        (x32, _), (x16, _) = inputs[torch.float32], inputs[torch.bfloat16]
         t = torch.tensor(500, device="cuda")
-        text32 = torch.randn(batch, SD15_TEXT_TOKENS, SD15_UNET["cross_attention_dim"], device="cuda") if sd15 else None
-        kwargs = {torch.float32: {}, torch.bfloat16: {}} if not sd15 else {
-            torch.float32: {"encoder_hidden_states": text32},
-            torch.bfloat16: {"encoder_hidden_states": text32.to(torch.bfloat16)}}
         variants = [("fp32 eager", fp32, x32, False), ("bf16 eager", bf16, x16, False),
                     ("bf16 CUDA graph", bf16, x16, True)]
         if compiled is not None:
@@ -161,7 +196,7 @@ def main() -> int:
         for name, model, x, use_graph in variants:
             with torch.no_grad():
                 run = tcaq_kernels.cuda_graphed(model) if use_graph else model
-                fn = lambda m=run, x=x: m(x, t, **kwargs[x.dtype])
+                fn = lambda m=run, x=x: m(x, t, **inputs[x.dtype][1])
                 ms = median_ms(fn)
             rows.append({"variant": name, "batch": batch, "ms_per_step": round(ms, 4),
                          "weight_bytes": model_bytes(model), "card": card})
@@ -174,11 +209,10 @@ def main() -> int:
     meta = {"command": (f"TCAQ_TRITON_TUNING={tuning} " if tuning else "") + "python " + " ".join(sys.argv),
             "card": card, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
-            "model": ("SD-1.5 UNet architecture, random weights, 77 text tokens" if sd15
-                      else str(args.model or "embedded ddpm-cifar10-small")),
+            "model": description,
             "fused_norms": {label: m.tcaq_info.get("fused_norms", 0) for label, m in quantized.items()},
             "fused_upsamplers": {label: m.tcaq_info.get("fused_upsamplers", 0) for label, m in quantized.items()},
-            "split_skip": args.split_skip,
+            "split_skip": args.split_skip, "float_attention_rows": args.float_attention,
             "tuning": tuning or "full"}
     out = Path(args.out)
     atomic_write_json(out / "latency.json", {"meta": meta, "rows": rows})

@@ -30,10 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tcaq_kernels  # noqa: E402
 from tcaq_kernels.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from tcaq_kernels.eval.loading import load_fp_unet, load_scheduler_config  # noqa: E402
-from tcaq_kernels.sampling import make_scheduler  # noqa: E402
-
-from latency import speed_states  # noqa: E402  (benchmarks/ is this script's directory)
+from latency import speed_setup, step_inputs  # noqa: E402  (benchmarks/ is this script's directory)
 
 # (category, regex on the kernel name); our Triton kernels first, then the libraries', then the rest
 CATEGORIES = [
@@ -65,14 +62,14 @@ def kernel_times(events, steps: int) -> dict[str, tuple[float, float]]:
     return {k: (n / steps, us / steps) for k, (n, us) in acc.items()}
 
 
-def profile_model(model, x, t, steps: int) -> dict[str, tuple[float, float]]:
+def profile_model(model, x, t, steps: int, **kwargs) -> dict[str, tuple[float, float]]:
     with torch.no_grad():
         for _ in range(3):
-            model(x, t)
+            model(x, t, **kwargs)
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             for _ in range(steps):
-                model(x, t)
+                model(x, t, **kwargs)
             torch.cuda.synchronize()
     return kernel_times(prof.events(), steps)
 
@@ -105,6 +102,7 @@ def render(meta: dict, rows: list[dict], top: int = 12) -> str:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("embedded", "sd15"), default="embedded", help="latency.py's --arch")
     p.add_argument("--model", default=None)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--bits", default="W8A8")
@@ -115,20 +113,21 @@ def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("step_profile.py profiles GPU kernels: no CUDA device")
     card = torch.cuda.get_device_name()
-    fp32 = load_fp_unet(args.model, device="cuda")
+    try:
+        fp32, states, description = speed_setup(args.arch, args.model, [args.bits], args.split_skip)
+    except ValueError as e:
+        p.error(str(e))
+    state = states[args.bits]
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    scheduler = make_scheduler(load_scheduler_config(args.model))
-    state = speed_states(fp32, scheduler, [args.bits], args.split_skip)[args.bits]
     models = {"bf16": bf16, "bf16 torch.compile": torch.compile(copy.deepcopy(bf16)),
               f"{args.bits} triton": tcaq_kernels.convert(bf16, state, backend="triton"),
               f"{args.bits} triton fuse_norm=False": tcaq_kernels.convert(bf16, state, backend="triton",
                                                                           fuse_norm=False)}
-    x = torch.randn(args.batch, fp32.config.in_channels, fp32.config.sample_size, fp32.config.sample_size,
-                    device="cuda", dtype=torch.bfloat16)
+    x, kwargs = step_inputs(fp32, args.batch)[torch.bfloat16]
     t = torch.tensor(500, device="cuda")
     rows = []
     for name, model in models.items():
-        times = profile_model(model, x, t, args.steps)
+        times = profile_model(model, x, t, args.steps, **kwargs)
         rows += [{"model": name, "kernel": k, "category": category(k), "calls_per_step": round(n, 3),
                   "us_per_step": round(us, 3)} for k, (n, us) in times.items()]
         print(f"{name:36s} {sum(us for _, us in times.values()):9.1f} µs/step in "
@@ -136,7 +135,7 @@ def main() -> int:
     tuning = os.environ.get("TCAQ_TRITON_TUNING", "")
     meta = {"command": (f"TCAQ_TRITON_TUNING={tuning} " if tuning else "") + "python " + " ".join(sys.argv),
             "card": card, "torch": torch.__version__, "triton": __import__("triton").__version__,
-            "python": platform.python_version(), "model": str(args.model or "embedded ddpm-cifar10-small"),
+            "python": platform.python_version(), "model": description,
             "batch": args.batch, "steps": args.steps, "tuning": tuning or "full", "split_skip": args.split_skip}
     atomic_write_json(args.out / "step_profile.json", {"meta": meta, "rows": rows})
     atomic_write_text(args.out / "step_profile.md", render(meta, rows))

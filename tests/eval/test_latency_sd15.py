@@ -27,3 +27,32 @@ def test_observed_states_convert_and_run(load_benchmark, tiny_cond_unet, rng):
             y = model(x, 300, encoder_hidden_states=text).sample
         err = ((y - want).norm() / want.norm()).item()
         assert y.shape == want.shape and err < (0.2 if bits == "W8A8" else 0.6), (bits, err)
+
+
+def test_float_attention_states_leave_attention_to_sdpa(load_benchmark, tiny_cond_unet, rng):
+    """`--float-attention`: every attention layer float (diffusers' processor, SDPA), its projections quantized."""
+    latency = load_benchmark("latency")
+    state = latency.observed_states(tiny_cond_unet, ["W8A8"], text_tokens=5, float_attention=True)["W8A8"]
+    attention = [n for n in state.float_layers if n.endswith((".attn1", ".attn2"))]
+    assert len(attention) == 8 and set(state.float_layers) == {"conv_in", "conv_out", *attention}
+    model = tcaq_kernels.convert(tiny_cond_unet, state, backend="reference")
+    attn = model.get_submodule(attention[0])
+    assert type(attn.processor).__module__.startswith("diffusers") and type(attn.to_q).__name__ == "QLinear"
+    x, text = torch.randn(2, 4, 8, 8, generator=rng), torch.randn(2, 5, 24, generator=rng)
+    with torch.no_grad():
+        y, want = (m(x, 700, encoder_hidden_states=text).sample for m in (model, tiny_cond_unet))
+    assert ((y - want).norm() / want.norm()).item() < 0.2
+
+
+def test_step_inputs_give_text_to_conditional_unets_only(load_benchmark, tiny_cond_unet, ref_unet):
+    """Random (never zero) latents, the same values in fp32 and bf16; text embeddings of 77 tokens only where the
+    UNet has cross-attention."""
+    latency = load_benchmark("latency")
+    cond = latency.step_inputs(tiny_cond_unet, 3, device="cpu")
+    for dtype, (x, kwargs) in cond.items():
+        text = kwargs["encoder_hidden_states"]
+        assert x.dtype == text.dtype == dtype and x.shape == (3, 4, 8, 8) and text.shape == (3, 77, 24)
+        assert x.float().std() > 0.5 and text.float().std() > 0.5
+    assert torch.equal(cond[torch.float32][0].to(torch.bfloat16), cond[torch.bfloat16][0])
+    x, kwargs = latency.step_inputs(ref_unet, 2, device="cpu")[torch.float32]
+    assert kwargs == {} and x.shape == (2, ref_unet.config.in_channels, *(2 * [ref_unet.config.sample_size]))
