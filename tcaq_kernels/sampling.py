@@ -30,6 +30,19 @@ def make_scheduler(config) -> DDIMScheduler:
     return DDIMScheduler.from_config(cfg)
 
 
+def is_text_conditional(unet) -> bool:
+    """Whether `unet` takes text embeddings (`encoder_hidden_states`): a UNet2DConditionModel's cross-attention."""
+    return getattr(unet.config, "cross_attention_dim", None) is not None
+
+
+def text_for(samples: Sequence[int], embeds: torch.Tensor, what: str) -> torch.Tensor:
+    """Rows of `embeds` [P, L, D] for sample indices `samples`: sample n takes embeds[n % P] (one row: every
+    sample), so a set of P prompts cycles over the trajectories."""
+    if embeds.dim() != 3 or embeds.shape[0] == 0:
+        raise ValueError(f"{what} must be text embeddings [prompts, tokens, width], got shape {tuple(embeds.shape)}")
+    return embeds[torch.tensor([n % embeds.shape[0] for n in samples], device=embeds.device)]
+
+
 def unet_sample_shape(unet) -> tuple[int, int, int]:
     size = unet.config.sample_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -45,17 +58,34 @@ def ddim_sample(
     eta: float = 0.0,
     progress: bool = True,
     callback: Optional[StepCallback] = None,
+    text: Optional[torch.Tensor] = None,
+    negative_text: Optional[torch.Tensor] = None,
+    guidance_scale: float = 1.0,
 ) -> torch.Tensor:
     """Run DDIM from `noise` and return the final samples in [-1, 1].
 
     `callback(step_index, timestep, x_t, eps)` sees every UNet call, which is how calibration
-    collects time-major data without patching the model.
+    collects time-major data without patching the model. A text-conditional UNet takes `text` [B, L, D] (its
+    `encoder_hidden_states`); with `negative_text` and `guidance_scale` ≠ 1, classifier-free guidance as
+    diffusers' pipelines run it: one UNet call a step on [x, x] with [negative_text, text], then
+    eps = eps_negative + guidance_scale · (eps_text − eps_negative).
     """
+    if is_text_conditional(unet) != (text is not None):
+        raise ValueError("a text-conditional UNet needs text embeddings (text=), an unconditional one takes none"
+                         if text is None else "text= given, but this UNet has no cross-attention")
+    guided = negative_text is not None and guidance_scale != 1.0
     sched = make_scheduler(scheduler)
     sched.set_timesteps(num_steps, device=noise.device)
     x = noise.to(dtype=unet.dtype)
     for i, t in enumerate(tqdm(sched.timesteps, desc="DDIM", disable=not progress, leave=False)):
-        eps = unet(x, t).sample
+        if text is None:
+            eps = unet(x, t).sample
+        elif guided:
+            both = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([negative_text, text])).sample
+            eps_negative, eps_text = both.chunk(2)
+            eps = eps_negative + guidance_scale * (eps_text - eps_negative)
+        else:
+            eps = unet(x, t, encoder_hidden_states=text).sample
         if callback is not None:
             callback(i, t, x, eps)
         x = sched.step(eps, t, x, eta=eta).prev_sample
