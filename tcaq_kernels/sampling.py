@@ -5,6 +5,7 @@ resuming and splitting across GPUs give the same images.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -41,6 +42,53 @@ def text_for(samples: Sequence[int], embeds: torch.Tensor, what: str) -> torch.T
     if embeds.dim() != 3 or embeds.shape[0] == 0:
         raise ValueError(f"{what} must be text embeddings [prompts, tokens, width], got shape {tuple(embeds.shape)}")
     return embeds[torch.tensor([n % embeds.shape[0] for n in samples], device=embeds.device)]
+
+
+@dataclass(frozen=True)
+class TextConditioning:
+    """What a text-conditional UNet samples with: the embeddings of P prompts [P, L, D] — trajectory n takes
+    prompt n % P — and, for classifier-free guidance, negative embeddings [1 or P, L, D] and a guidance scale."""
+
+    text: torch.Tensor
+    negative: Optional[torch.Tensor] = None
+    guidance_scale: float = 1.0
+
+    def __post_init__(self):
+        text_for([0], self.text, "encoder_hidden_states")
+        if self.negative is not None:
+            text_for([0], self.negative, "negative_encoder_hidden_states")
+            if self.negative.shape[1:] != self.text.shape[1:]:
+                raise ValueError(f"negative_encoder_hidden_states {tuple(self.negative.shape)} and "
+                                 f"encoder_hidden_states {tuple(self.text.shape)} differ in tokens or width")
+
+    @property
+    def guided(self) -> bool:
+        return self.negative is not None and self.guidance_scale != 1.0
+
+    def sample_kwargs(self, samples: Sequence[int], device, dtype) -> dict:
+        """`ddim_sample`'s keyword arguments for trajectories `samples`."""
+        pick = lambda e, what: text_for(samples, e, what).to(device=device, dtype=dtype)
+        return {"text": pick(self.text, "encoder_hidden_states"),
+                "negative_text": pick(self.negative, "negative_encoder_hidden_states") if self.guided else None,
+                "guidance_scale": self.guidance_scale}
+
+    def describe(self) -> dict:
+        return {"prompts": int(self.text.shape[0]), "tokens": int(self.text.shape[1]),
+                "guidance_scale": self.guidance_scale if self.guided else 1.0}
+
+
+def text_conditioning(unet, encoder_hidden_states: Optional[torch.Tensor],
+                      negative_encoder_hidden_states: Optional[torch.Tensor] = None,
+                      guidance_scale: float = 1.0) -> Optional[TextConditioning]:
+    """The calibration's `TextConditioning` (None for an unconditional UNet), refusing a text-conditional UNet
+    without text and text for a UNet without cross-attention before anything is sampled."""
+    if is_text_conditional(unet) != (encoder_hidden_states is not None):
+        raise ValueError("a text-conditional UNet calibrates on text: pass encoder_hidden_states= (prompt embeddings "
+                         "[prompts, tokens, width])" if encoder_hidden_states is None else
+                         "encoder_hidden_states= given, but this UNet has no cross-attention")
+    if encoder_hidden_states is None:
+        return None
+    return TextConditioning(encoder_hidden_states, negative_encoder_hidden_states, float(guidance_scale))
 
 
 def unet_sample_shape(unet) -> tuple[int, int, int]:
@@ -97,14 +145,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
-def sample_uint8(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_size: int):
+def sample_uint8(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_size: int,
+                 conditioning: Optional[TextConditioning] = None):
     """uint8 NHWC numpy DDIM samples of `seeds`, `batch_size` at a time on the UNet's device (a seed's
-    noise does not depend on the batching, so batch sizes differ only in float summation order)."""
+    noise does not depend on the batching, so batch sizes differ only in float summation order); a
+    text-conditional UNet's sample i takes `conditioning`'s prompt i % P."""
     seeds = [int(s) for s in seeds]
     device = next(unet.parameters()).device
     shape = unet_sample_shape(unet)
+    text = lambda lo: {} if conditioning is None else conditioning.sample_kwargs(
+        range(lo, min(lo + batch_size, len(seeds))), device, unet.dtype)
     return np.concatenate([
         to_uint8(ddim_sample(unet, scheduler, seeded_noise(seeds[lo : lo + batch_size], shape, device), num_steps,
-                             progress=False)).numpy()
+                             progress=False, **text(lo))).numpy()
         for lo in range(0, len(seeds), batch_size)
     ])

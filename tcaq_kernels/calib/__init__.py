@@ -5,7 +5,6 @@ preset of the reconstruction pipeline (see `presets.py` for the list and `config
 """
 from __future__ import annotations
 
-from ..sampling import is_text_conditional
 from .config import MethodConfig
 from .minmax import calibrate_minmax
 from .presets import PRESETS, make_method, preset_config
@@ -17,14 +16,12 @@ def calibrate(pipe_or_unet, bits: str = "W8A8", method: str = "minmax", schedule
     """Calibrate a diffusers pipeline (or a UNet plus `scheduler=`) and return a `CalibState`.
 
     `options` are the chosen method's keyword arguments (see each method's docstring). A text-conditional UNet
-    (Stable Diffusion's) calibrates with method="minmax" and its prompts' embeddings (`calibrate_minmax`).
+    (Stable Diffusion's) calibrates on its prompts' embeddings: `encoder_hidden_states=` [P, L, D], and for
+    classifier-free guidance `negative_encoder_hidden_states=` and `guidance_scale=` (`calibrate_minmax`).
     """
     if method not in METHODS:
         raise ValueError(f"method={method!r}: available methods are {sorted(METHODS)}")
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
-    if method != "minmax" and is_text_conditional(unet):
-        raise ValueError(f"method={method!r}: a text-conditional UNet calibrates with method='minmax' for now (the "
-                         "reconstruction methods do not feed text embeddings to their blocks yet)")
     scheduler = scheduler if scheduler is not None else getattr(pipe_or_unet, "scheduler", None)
     if scheduler is None:
         raise ValueError("calibrate needs a scheduler: pass a pipeline, or scheduler=")

@@ -13,7 +13,7 @@ each block's quantized inputs depend on the blocks calibrated before it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -37,8 +37,10 @@ class Block:
     layers: list[str]  # quantized layers inside it (an attention layer included), in module order
 
 
-def find_blocks(unet: torch.nn.Module, layers: dict[str, str], example: tuple[torch.Tensor, Any]) -> list[Block]:
-    """Blocks covering every quantized layer, in execution order (one forward of `example`)."""
+def find_blocks(unet: torch.nn.Module, layers: dict[str, str], example: tuple[torch.Tensor, Any],
+                example_kwargs: Optional[dict] = None) -> list[Block]:
+    """Blocks covering every quantized layer, in execution order (one forward of `example`, with
+    `example_kwargs`: a text-conditional UNet's encoder_hidden_states)."""
     modules = dict(unet.named_modules())
     candidates = [n for n, m in modules.items() if n and type(m).__name__ in BLOCK_TYPES]
     outer = [n for n in candidates if not any(n.startswith(o + ".") for o in candidates if o != n)]
@@ -55,7 +57,7 @@ def find_blocks(unet: torch.nn.Module, layers: dict[str, str], example: tuple[to
     ]
     try:
         with torch.no_grad():
-            unet(*example)
+            unet(*example, **(example_kwargs or {}))
     finally:
         for h in handles:
             h.remove()
@@ -150,8 +152,9 @@ def capture_targets(model: torch.nn.Module, blocks: list[Block], points: CalibPo
         for b in blocks
     ]
     try:
-        for x, t, _ in tqdm(points.batches(batch_size), desc="full-precision targets", disable=not progress, leave=False):
-            model(x, t)
+        for x, t, _, kwargs in tqdm(points.batches(batch_size), desc="full-precision targets", disable=not progress,
+                                    leave=False):
+            model(x, t, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -171,10 +174,10 @@ def capture_inputs(block: Block, model: torch.nn.Module, points: CalibPoints, ba
     handle = model.get_submodule(block.name).register_forward_pre_hook(recorder, with_kwargs=True)
     sizes = []
     try:
-        for x, t, _ in points.batches(batch_size):
+        for x, t, _, kwargs in points.batches(batch_size):
             sizes.append(x.shape[0])
             try:
-                model(x, t)
+                model(x, t, **kwargs)
             except _Stop:
                 continue
             raise RuntimeError(f"block '{block.name}' did not run during the capture forward pass")

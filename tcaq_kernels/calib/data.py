@@ -21,26 +21,46 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..quant.layers import model_fingerprint
-from ..sampling import ddim_sample, seeded_noise, unet_sample_shape
+from ..sampling import TextConditioning, ddim_sample, seeded_noise, text_for, unet_sample_shape
 
 _META_KEY = "tcaq_calib_data"
 
 
 @dataclass
 class CalibPoints:
-    """A flat selection of (step, trajectory) points: UNet inputs, their timesteps and step indices."""
+    """A flat selection of (step, trajectory) points: UNet inputs, their timesteps and step indices (and, for a
+    text-conditional UNet, each point's text embeddings)."""
 
     x: torch.Tensor  # [P, C, H, W]
     timesteps: torch.Tensor  # [P] int64
     steps: torch.Tensor  # [P] int64, index of the sampler step each point comes from
+    text: Optional[torch.Tensor] = None  # [P, L, D]: encoder_hidden_states of a text-conditional UNet
 
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def take(self, idx: torch.Tensor) -> "CalibPoints":
+        """The points at `idx`, in that order."""
+        return CalibPoints(self.x[idx], self.timesteps[idx], self.steps[idx],
+                           None if self.text is None else self.text[idx])
+
     def batches(self, batch_size: int):
-        """(x, t, step) slices in order; points are time-major, so a batch spans few timesteps."""
+        """(x, t, step, UNet keyword arguments) slices in order; points are time-major, so a batch spans few
+        timesteps."""
         for lo in range(0, len(self), batch_size):
-            yield self.x[lo : lo + batch_size], self.timesteps[lo : lo + batch_size], self.steps[lo : lo + batch_size]
+            hi = lo + batch_size
+            kwargs = {} if self.text is None else {"encoder_hidden_states": self.text[lo:hi]}
+            yield self.x[lo:hi], self.timesteps[lo:hi], self.steps[lo:hi], kwargs
+
+    @staticmethod
+    def merged(parts: list["CalibPoints"]) -> "CalibPoints":
+        """The points of `parts` in one set, time-major (stable within a step)."""
+        steps = torch.cat([p.steps for p in parts])
+        order = torch.sort(steps, stable=True).indices
+        texts = [p.text for p in parts]
+        text = None if any(t is None for t in texts) else torch.cat(texts)
+        return CalibPoints(torch.cat([p.x for p in parts]), torch.cat([p.timesteps for p in parts]), steps,
+                           text).take(order)
 
 
 @dataclass
@@ -55,15 +75,26 @@ class CalibData:
     eta: float
     model_fingerprint: str
     source: str  # "float", or which quantized model drew the trajectories
+    conditioning: Optional[TextConditioning] = None  # the prompts a text-conditional UNet sampled with
 
     @property
     def num_samples(self) -> int:
         return self.x.shape[1]
 
+    def _text_tensors(self) -> dict[str, torch.Tensor]:
+        c = self.conditioning
+        if c is None:
+            return {}
+        out = {"text": c.text.detach().float().cpu().contiguous()}
+        if c.negative is not None:
+            out["negative_text"] = c.negative.detach().float().cpu().contiguous()
+        return out
+
     def digest(self) -> str:
-        """SHA-256 (16 hex) of the inputs and timesteps: two sets with one digest hold the same data."""
+        """SHA-256 (16 hex) of the inputs, timesteps (and text): two sets with one digest hold the same data."""
         h = hashlib.sha256()
-        for t in (self.x.detach().float().cpu().contiguous(), self.timesteps.cpu().contiguous()):
+        for t in (self.x.detach().float().cpu().contiguous(), self.timesteps.cpu().contiguous(),
+                  *self._text_tensors().values()):
             h.update(str((t.dtype, tuple(t.shape))).encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
@@ -79,13 +110,16 @@ class CalibData:
             "model_fingerprint": self.model_fingerprint,
             "source": self.source,
             "digest": self.digest(),
+            **({} if self.conditioning is None else {"text": self.conditioning.describe()}),
         }
 
     def points(self, num_points: Optional[int] = None, seed: int = 0) -> CalibPoints:
         """`num_points` points spread evenly over the steps (every point when None), time-major.
 
         Each step gets ⌊P/S⌋ trajectories (chosen at random without replacement, seeded), and the
-        remainder goes to evenly spaced steps; a step never gives more trajectories than it has.
+        remainder goes to evenly spaced steps; a step never gives more trajectories than it has. A point of a
+        text-conditional set carries its trajectory's prompt embeddings; with classifier-free guidance every
+        other point (by step + trajectory) carries the negative ones instead, since the UNet sees both.
         """
         steps, n = self.x.shape[0], self.x.shape[1]
         if num_points is None or num_points >= steps * n:
@@ -108,7 +142,20 @@ class CalibData:
             x=self.x[idx_s.to(dev), idx_n.to(dev)],
             timesteps=self.timesteps.to(dev)[idx_s.to(dev)],
             steps=idx_s.to(dev),
+            text=self._point_text(idx_s, idx_n),
         )
+
+    def _point_text(self, idx_s: torch.Tensor, idx_n: torch.Tensor) -> Optional[torch.Tensor]:
+        c = self.conditioning
+        if c is None:
+            return None
+        n = idx_n.tolist()
+        text = text_for(n, c.text, "encoder_hidden_states").to(self.x.device)
+        if c.guided:
+            negative = text_for(n, c.negative, "negative_encoder_hidden_states").to(self.x.device)
+            odd = ((idx_s + idx_n) % 2 == 1).to(self.x.device)
+            text = torch.where(odd[:, None, None], negative, text)
+        return text
 
     # ------------------------------------------------------------------------------------ IO
 
@@ -117,9 +164,11 @@ class CalibData:
         meta = {
             "seeds": self.seeds, "sampler": self.sampler, "num_steps": self.num_steps, "eta": self.eta,
             "model_fingerprint": self.model_fingerprint, "source": self.source, "digest": self.digest(),
+            "guidance_scale": None if self.conditioning is None else self.conditioning.guidance_scale,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {"x": self.x.detach().float().cpu().contiguous(), "timesteps": self.timesteps.cpu().contiguous()}
+        tensors = {"x": self.x.detach().float().cpu().contiguous(), "timesteps": self.timesteps.cpu().contiguous(),
+                   **self._text_tensors()}
         save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
         return path
 
@@ -130,10 +179,15 @@ class CalibData:
             meta = json.loads((fh.metadata() or {}).get(_META_KEY, "null") or "null")
             if meta is None:
                 raise ValueError(f"{path}: not a calibration-data file (no '{_META_KEY}' metadata)")
+            names = set(fh.keys())
+            conditioning = None
+            if "text" in names:
+                negative = fh.get_tensor("negative_text") if "negative_text" in names else None
+                conditioning = TextConditioning(fh.get_tensor("text"), negative, float(meta["guidance_scale"]))
             data = cls(
                 x=fh.get_tensor("x"), timesteps=fh.get_tensor("timesteps"), seeds=list(meta["seeds"]),
                 sampler=meta["sampler"], num_steps=int(meta["num_steps"]), eta=float(meta["eta"]),
-                model_fingerprint=meta["model_fingerprint"], source=meta["source"],
+                model_fingerprint=meta["model_fingerprint"], source=meta["source"], conditioning=conditioning,
             )
         if data.digest() != meta["digest"]:
             raise ValueError(f"{path}: calibration data does not match its recorded digest (corrupted)")
@@ -150,11 +204,13 @@ def collect_trajectories(
     source: str = "float",
     fingerprint_of: Optional[torch.nn.Module] = None,
     progress: bool = True,
+    conditioning: Optional[TextConditioning] = None,
 ) -> CalibData:
     """Run DDIM (eta 0) from each seed's noise with `unet` and record every step's input x_t.
 
     `unet` may be the float model or a quantized copy (PAR); `fingerprint_of` names the float model
-    whose structure the data belongs to (default: `unet` itself).
+    whose structure the data belongs to (default: `unet` itself). A text-conditional UNet samples with
+    `conditioning` (trajectory n: prompt n % P, with its classifier-free guidance).
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
@@ -169,8 +225,10 @@ def collect_trajectories(
             xs.append(x.detach().float())
             ts.append(int(t))
 
+        text = {} if conditioning is None else conditioning.sample_kwargs(
+            range(lo, min(lo + batch_size, len(seeds))), device, unet.dtype)
         ddim_sample(unet, scheduler, seeded_noise(seeds[lo : lo + batch_size], shape, device), num_steps,
-                    progress=False, callback=record)
+                    progress=False, callback=record, **text)
         chunks.append(torch.stack(xs))
         timesteps = ts
     return CalibData(
@@ -182,4 +240,5 @@ def collect_trajectories(
         eta=0.0,
         model_fingerprint=model_fingerprint(fingerprint_of if fingerprint_of is not None else unet),
         source=source,
+        conditioning=conditioning,
     )

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..eval.fidelity import fine_scale_energy_per_image, mse_psnr, psnr_from_mse
-from ..sampling import sample_uint8
+from ..sampling import TextConditioning, sample_uint8
 from .config import MethodConfig
 
 #: held-out seeds start this far above the calibration seed, clear of every PAR round's fresh seeds
@@ -105,15 +105,16 @@ def guard_seeds(cfg: MethodConfig) -> list[int]:
 class ParGuard:
     """The full-precision samples of the guard seeds and the check of the state PAR would keep."""
 
-    def __init__(self, float_unet: torch.nn.Module, scheduler, cfg: MethodConfig):
-        self.scheduler, self.cfg = scheduler, cfg
+    def __init__(self, float_unet: torch.nn.Module, scheduler, cfg: MethodConfig,
+                 conditioning: Optional[TextConditioning] = None):
+        self.scheduler, self.cfg, self.conditioning = scheduler, cfg, conditioning
         self.seeds = guard_seeds(cfg)
-        self.reference = sample_uint8(float_unet, scheduler, self.seeds, cfg.num_steps, cfg.batch_size)
+        self.reference = sample_uint8(float_unet, scheduler, self.seeds, cfg.num_steps, cfg.batch_size, conditioning)
         self.current: Optional[SampleCheck] = None
 
     def check(self, quant_unet: torch.nn.Module) -> SampleCheck:
         return compare(self.reference, sample_uint8(quant_unet, self.scheduler, self.seeds, self.cfg.num_steps,
-                                                    self.cfg.batch_size))
+                                                    self.cfg.batch_size, self.conditioning))
 
     def start(self, quant_unet: torch.nn.Module) -> dict:
         """Check the model PAR starts from (round 0's); returns the record."""

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..quant.layers import DEFAULT_FLOAT_LAYERS, model_fingerprint, quantizable_layers, skip_splits
 from ..quant.primitives import pack_int4, qparams_from_range, qparams_symmetric, quantize_weight, weight_scale_symmetric
 from ..quant.state import SYMMETRIC_ACTS, ActQuant, CalibState, CalibStateError, LayerState, layer_acts
-from ..sampling import ddim_sample, is_text_conditional, seeded_noise, text_for, unet_sample_shape
+from ..sampling import ddim_sample, seeded_noise, text_conditioning, unet_sample_shape
 from .observe import RangeObserver
 from .settings import float_layer_names, parse_bits, uniform_group_edges
 
@@ -51,10 +51,7 @@ def calibrate_minmax(
     (calib/config.py, `p_row_max`).
     """
     parse_bits(bits)  # fail before sampling
-    if is_text_conditional(unet) != (encoder_hidden_states is not None):
-        raise ValueError("a text-conditional UNet calibrates on text: pass encoder_hidden_states= (prompt embeddings "
-                         "[prompts, tokens, width])" if encoder_hidden_states is None else
-                         "encoder_hidden_states= given, but this UNet has no cross-attention")
+    conditioning = text_conditioning(unet, encoder_hidden_states, negative_encoder_hidden_states, guidance_scale)
     keep = set(float_layer_names(unet, keep_float))
     layers = {n: k for n, k in quantizable_layers(unet).items() if n not in keep}
     edges = uniform_group_edges(scheduler.config.num_train_timesteps, timestep_groups)
@@ -65,14 +62,8 @@ def calibrate_minmax(
         for start in tqdm(range(0, num_samples, batch_size), desc="min-max calibration", disable=not progress):
             batch = range(start, min(start + batch_size, num_samples))
             noise = seeded_noise([seeds[n] for n in batch], unet_sample_shape(unet), device, unet.dtype)
-            text = negative = None
-            if encoder_hidden_states is not None:
-                text = text_for(batch, encoder_hidden_states, "encoder_hidden_states").to(device, unet.dtype)
-            if negative_encoder_hidden_states is not None:
-                negative = text_for(batch, negative_encoder_hidden_states, "negative_encoder_hidden_states")
-                negative = negative.to(device, unet.dtype)
-            ddim_sample(unet, scheduler, noise, num_steps, progress=False, text=text, negative_text=negative,
-                        guidance_scale=guidance_scale)
+            text = {} if conditioning is None else conditioning.sample_kwargs(batch, device, unet.dtype)
+            ddim_sample(unet, scheduler, noise, num_steps, progress=False, **text)
     settings = {
         "num_samples": num_samples,
         "num_steps": num_steps,
@@ -84,11 +75,8 @@ def calibrate_minmax(
         "p_row_norm": p_row_norm,
         "p_row_max": p_row_max,
     }
-    if encoder_hidden_states is not None:
-        prompts, tokens = encoder_hidden_states.shape[:2]
-        guided = negative_encoder_hidden_states is not None and guidance_scale != 1.0
-        settings["text"] = {"prompts": int(prompts), "tokens": int(tokens),
-                            "guidance_scale": guidance_scale if guided else 1.0}
+    if conditioning is not None:
+        settings["text"] = conditioning.describe()
     return state_from_ranges(unet, observer, bits, sorted(keep), settings, p_row_norm)
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..sampling import TextConditioning
 from .blocks import Block
 from .config import MethodConfig
 from .data import CalibData, CalibPoints, collect_trajectories
@@ -36,11 +37,14 @@ def round_seeds(cfg: MethodConfig, k: int) -> list[int]:
     return list(range(first, first + cfg.num_samples))
 
 
-def regenerate(sim: QuantSim, float_unet: torch.nn.Module, scheduler, cfg: MethodConfig, k: int) -> CalibData:
-    """Calibration data for round k from the quantized model's own DDIM trajectories."""
+def regenerate(sim: QuantSim, float_unet: torch.nn.Module, scheduler, cfg: MethodConfig, k: int,
+               conditioning: Optional[TextConditioning] = None) -> CalibData:
+    """Calibration data for round k from the quantized model's own DDIM trajectories (on the float data's text,
+    for a text-conditional UNet)."""
     return collect_trajectories(
         sim.model, scheduler, round_seeds(cfg, k), cfg.num_steps, cfg.batch_size,
         source=f"quantized (PAR round {k})", fingerprint_of=float_unet, progress=cfg.progress,
+        conditioning=conditioning,
     )
 
 
@@ -51,11 +55,7 @@ def round_points(regenerated: CalibData, float_data: CalibData, num_points: Opti
     total = num_points or regenerated.x.shape[0] * regenerated.x.shape[1]
     n_float = round(float_share * total)
     parts = [d.points(n, seed=seed) for d, n in ((float_data, n_float), (regenerated, total - n_float)) if n > 0]
-    if len(parts) == 1:
-        return parts[0]
-    steps = torch.cat([p.steps for p in parts])
-    order = torch.sort(steps, stable=True).indices
-    return CalibPoints(torch.cat([p.x for p in parts])[order], torch.cat([p.timesteps for p in parts])[order], steps[order])
+    return parts[0] if len(parts) == 1 else CalibPoints.merged(parts)
 
 
 def run_par(sim: QuantSim, float_unet: torch.nn.Module, scheduler, blocks: list[Block], cfg: MethodConfig,
@@ -67,11 +67,12 @@ def run_par(sim: QuantSim, float_unet: torch.nn.Module, scheduler, blocks: list[
     undone (the model is left as before it) and ends PAR.
     """
     rounds: list[dict] = []
-    guard = ParGuard(float_unet, scheduler, cfg) if cfg.par_guard_samples and cfg.par_rounds else None
+    conditioning = float_data.conditioning
+    guard = ParGuard(float_unet, scheduler, cfg, conditioning) if cfg.par_guard_samples and cfg.par_rounds else None
     guard_record = guard.start(sim.model) if guard else None
     for k in range(1, cfg.par_rounds + 1):
         before = snapshot(sim.model) if guard else None
-        data = regenerate(sim, float_unet, scheduler, cfg, k)
+        data = regenerate(sim, float_unet, scheduler, cfg, k, conditioning)
         points = round_points(data, float_data, cfg.num_points, cfg.par_float_share, seed=cfg.seed + k)
         iters = round_iters(cfg, k)
         records = reconstruct_round(sim, float_unet, blocks, points, cfg, iters, initialize=False,

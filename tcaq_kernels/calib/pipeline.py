@@ -13,11 +13,12 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 
 from ..quant.state import CalibState
-from ..sampling import seeded_noise, unet_sample_shape
+from ..sampling import TextConditioning, seeded_noise, unet_sample_shape
 from .blocks import find_blocks
 from .config import MethodConfig
 from .data import collect_trajectories
@@ -45,13 +46,16 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str) -> CalibState:
-    """Run the pipeline with `cfg` and return the state, labelled `method`."""
+def calibrate_with_config(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str,
+                          conditioning: Optional[TextConditioning] = None) -> CalibState:
+    """Run the pipeline with `cfg` and return the state, labelled `method` (`conditioning`: the prompts a
+    text-conditional UNet samples its trajectories with, `sampling.text_conditioning`)."""
     with deterministic_algorithms(cfg.deterministic):
-        return _calibrate(unet, scheduler, bits, cfg, method)
+        return _calibrate(unet, scheduler, bits, cfg, method, conditioning)
 
 
-def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str) -> CalibState:
+def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, method: str,
+               conditioning: Optional[TextConditioning]) -> CalibState:
     start = time.perf_counter()
     parse_bits(bits)
     keep_float = float_layer_names(unet, cfg.keep_float)
@@ -61,11 +65,13 @@ def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, m
     phases = {}
     with _eval_mode(fp), torch.no_grad():
         data = collect_trajectories(fp, scheduler, list(range(cfg.seed, cfg.seed + cfg.num_samples)),
-                                    cfg.num_steps, cfg.batch_size, progress=cfg.progress)
+                                    cfg.num_steps, cfg.batch_size, progress=cfg.progress, conditioning=conditioning)
         sim = QuantSim(fp, bits, edges, keep_float, cfg.group_act_params, per_group_p=cfg.daq,
                        act_bits=cfg.act_bits, p_row_norm=cfg.p_row_norm, p_row_max=cfg.p_row_max)
         example = seeded_noise([cfg.seed], unet_sample_shape(fp), device), data.timesteps[:1]
-        blocks = find_blocks(fp, sim.kinds, example)
+        text = {} if conditioning is None else {"encoder_hidden_states": conditioning.sample_kwargs(
+            [0], device, fp.dtype)["text"]}
+        blocks = find_blocks(fp, sim.kinds, example, text)
     phases["data"] = time.perf_counter() - start
     with _eval_mode(fp):
         points = data.points(cfg.num_points, seed=cfg.seed)

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from ..quant.state import CalibState
+from ..sampling import text_conditioning
 from .config import MethodConfig
 from .pipeline import calibrate_with_config
 
@@ -63,9 +64,12 @@ def make_method(name: str) -> Callable[..., CalibState]:
     """A `METHODS` entry: `(unet, scheduler, bits="W8A8", **options) -> CalibState` for preset `name`."""
     overrides = PRESETS[name]
 
-    def method(unet: torch.nn.Module, scheduler, bits: str = "W8A8", **options) -> CalibState:
-        return calibrate_with_config(unet, scheduler, bits, preset_config(name, **options), name)
+    def method(unet: torch.nn.Module, scheduler, bits: str = "W8A8", encoder_hidden_states=None,
+               negative_encoder_hidden_states=None, guidance_scale: float = 1.0, **options) -> CalibState:
+        conditioning = text_conditioning(unet, encoder_hidden_states, negative_encoder_hidden_states, guidance_scale)
+        return calibrate_with_config(unet, scheduler, bits, preset_config(name, **options), name, conditioning)
 
     method.__name__ = f"calibrate_{name.replace('+', '_')}"
-    method.__doc__ = f"Preset '{name}': MethodConfig with {overrides} (see calib/presets.py and calib/config.py)."
+    method.__doc__ = (f"Preset '{name}': MethodConfig with {overrides} (see calib/presets.py and calib/config.py); "
+                      "a text-conditional UNet takes its prompts' embeddings as calibrate_minmax does.")
     return method

@@ -209,7 +209,7 @@ def reconstruct_round(
     groups = sim.index.groups_of(points.timesteps)
     if not cfg.reconstruct:  # initialisation only: the init subset is all that is needed
         keep = init_point_indices(len(points), cfg.init_points, points.x.device)
-        points = CalibPoints(points.x[keep], points.timesteps[keep], points.steps[keep])
+        points = points.take(keep)
         groups = groups[keep]
     input_model = sim.model if cfg.block_inputs == "quantized" else float_unet
     with torch.no_grad():
