@@ -105,3 +105,29 @@ def test_what_cannot_be_calibrated_says_so(tiny_cond_unet, ref_unet, scheduler, 
                                    progress=False, encoder_hidden_states=torch.randn(1, 5, 24, generator=rng))
     with pytest.raises(ValueError, match="differ in tokens or width"):
         TextConditioning(torch.randn(2, 5, 24), torch.randn(1, 6, 24), 7.5)
+
+
+class _Pipe:
+    """A Stable-Diffusion-like pipeline: a UNet, a scheduler and `encode_prompt` (a fake text encoder)."""
+
+    def __init__(self, unet, scheduler):
+        self.unet, self.scheduler, self.calls = unet, scheduler, []
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None):
+        self.calls.append((list(prompt), num_images_per_prompt, do_classifier_free_guidance, negative_prompt))
+        text = torch.stack([torch.full((5, 24), float(len(p))) for p in prompt]).to(device)
+        return text, (torch.zeros_like(text) if do_classifier_free_guidance else None)
+
+
+def test_prompts_are_encoded_by_the_pipelines_text_encoder(tiny_cond_unet, scheduler):
+    pipe = _Pipe(tiny_cond_unet, scheduler)
+    state = tcaq_kernels.calibrate(pipe, num_samples=2, num_steps=2, progress=False, prompts=["a cat", "a dog!"],
+                                   negative_prompt="blurry", guidance_scale=3.0)
+    assert pipe.calls == [(["a cat", "a dog!"], 1, True, "blurry")]
+    assert state.settings["text"] == {"prompts": 2, "tokens": 5, "guidance_scale": 3.0}
+    tcaq_kernels.calibrate(pipe, num_samples=1, num_steps=2, progress=False, prompts="a cat")
+    assert pipe.calls[-1] == (["a cat"], 1, False, None)
+    with pytest.raises(ValueError, match="needs a pipeline with a text encoder"):
+        tcaq_kernels.calibrate(tiny_cond_unet, scheduler=scheduler, prompts=["a cat"])
+    with pytest.raises(ValueError, match="negative_prompt= goes with prompts="):
+        tcaq_kernels.calibrate(pipe, negative_prompt="blurry")
