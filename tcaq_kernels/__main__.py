@@ -28,6 +28,25 @@ def _load(model_dir, device):
     return load_fp_unet(model_dir, device=device), make_scheduler(load_scheduler_config(model_dir))
 
 
+def _load_text_pipeline(model_dir, device):
+    """A text-to-image pipeline folder (diffusers' StableDiffusionPipeline and kin: a UNet, a scheduler and a text
+    encoder behind `encode_prompt`) on `device`."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(model_dir)
+    except ImportError as e:  # its text encoder's library (transformers) is not a dependency of this package
+        raise SystemExit(f"--prompts: loading the pipeline at {model_dir} needs its text encoder's library: {e}")
+    return pipe.to(device)
+
+
+def _read_prompts(path) -> list[str]:
+    prompts = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit(f"--prompts {path}: no prompt in the file (one a line)")
+    return prompts
+
+
 def cmd_calibrate(args) -> int:
     import tcaq_kernels
 
@@ -35,9 +54,19 @@ def cmd_calibrate(args) -> int:
     if args.groups is not None:  # else the method's own default (1 for minmax, 10 for tcaq)
         options["timestep_groups"] = args.groups
     options.update(_method_options(args.option))
-    unet, scheduler = _load(args.model, _device(args.device))
+    if args.prompts:  # a text-conditional pipeline, calibrated on these prompts with classifier-free guidance
+        if not args.model:
+            raise SystemExit("--prompts needs --model: a text-to-image pipeline folder (e.g. Stable Diffusion's)")
+        prompts = _read_prompts(args.prompts)
+        model = _load_text_pipeline(args.model, _device(args.device))
+        options.update(prompts=prompts, negative_prompt=args.negative_prompt, guidance_scale=args.guidance_scale)
+        scheduler = None  # the pipeline's
+    else:
+        if args.negative_prompt is not None:
+            raise SystemExit("--negative-prompt goes with --prompts")
+        model, scheduler = _load(args.model, _device(args.device))
     start = time.perf_counter()
-    state = tcaq_kernels.calibrate(unet, scheduler=scheduler, bits=args.bits, method=args.method, **options)
+    state = tcaq_kernels.calibrate(model, scheduler=scheduler, bits=args.bits, method=args.method, **options)
     path = state.save(args.out)
     print(f"calibrated {len(state.layers)} layers ({args.method} {args.bits}, {state.num_groups} timestep groups) "
           f"in {time.perf_counter() - start:.1f} s → {path}")
@@ -148,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--option", action="append", metavar="KEY=VALUE",
                    help="method option (calib/config.py MethodConfig), repeatable: --option iters=500 --option par_rounds=1")
+    c.add_argument("--prompts", default=None, metavar="FILE",
+                   help="a text file of prompts, one a line: --model is then a text-to-image pipeline folder "
+                        "(Stable Diffusion), calibrated on these prompts with classifier-free guidance")
+    c.add_argument("--negative-prompt", default=None, help="with --prompts: the guidance's negative prompt")
+    c.add_argument("--guidance-scale", type=float, default=7.5, help="with --prompts (default 7.5; 1: no guidance)")
     c.add_argument("--out", required=True, help="CalibState file to write (atomically)")
     c.set_defaults(func=cmd_calibrate)
 

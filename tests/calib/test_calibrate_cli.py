@@ -58,3 +58,36 @@ def test_unknown_option_names_the_known_ones(tmp_path, tiny_model_dir):
     with pytest.raises(TypeError, match="unknown calibration option.*'itters'.*known options"):
         main(["calibrate", "--model", str(tiny_model_dir), "--method", "tcaq", "--samples", "1", "--steps", "1",
               "--device", "cpu", "--out", str(tmp_path / "x"), "--option", "itters=5"])
+
+
+def test_calibrate_with_prompts_encodes_them_with_the_pipeline(tmp_path, monkeypatch, tiny_cond_unet, tiny_scheduler):
+    """`--prompts FILE`: the folder is loaded as a text-to-image pipeline, its encoder encodes the file's prompts
+    (blank lines skipped) and the calibration guides with the negative prompt."""
+    import tcaq_kernels.__main__ as cli
+
+    calls = []
+
+    class Pipe:
+        unet, scheduler = tiny_cond_unet, tiny_scheduler
+
+        def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance,
+                          negative_prompt=None):
+            import torch
+
+            calls.append((prompt, do_classifier_free_guidance, negative_prompt))
+            text = torch.randn(len(prompt), 5, 24)
+            return text, torch.zeros_like(text)
+
+    monkeypatch.setattr(cli, "_load_text_pipeline", lambda model_dir, device: Pipe())
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\na blue sphere\n", encoding="utf-8")
+    out = tmp_path / "sd.tcaq"
+    rc = main(["calibrate", "--model", "sd-folder", "--prompts", str(prompts), "--negative-prompt", "blurry",
+               "--samples", "2", "--steps", "2", "--batch-size", "2", "--device", "cpu", "--out", str(out),
+               "--option", "progress=false"])
+    assert rc == 0 and calls == [(["a red cube", "a blue sphere"], True, "blurry")]
+    assert CalibState.load(out).settings["text"] == {"prompts": 2, "tokens": 5, "guidance_scale": 7.5}
+    with pytest.raises(SystemExit, match="--prompts needs --model"):
+        main(["calibrate", "--prompts", str(prompts), "--out", str(out)])
+    with pytest.raises(SystemExit, match="--negative-prompt goes with --prompts"):
+        main(["calibrate", "--negative-prompt", "blurry", "--out", str(out)])
