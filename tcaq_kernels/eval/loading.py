@@ -26,11 +26,18 @@ def resolve_model_dir(model_dir: str | os.PathLike | None) -> Path:
 
 
 def load_fp_unet(model_dir: str | os.PathLike | None = None, device=None, dtype=torch.float32):
-    """The full-precision UNet2DModel in eval mode (float32 unless told otherwise)."""
-    from diffusers import UNet2DModel
+    """The full-precision UNet in eval mode (float32 unless told otherwise): the UNet2DModel or
+    UNet2DConditionModel (Stable Diffusion's) its unet/config.json names."""
+    import json
+
+    from diffusers import UNet2DConditionModel, UNet2DModel
 
     path = resolve_model_dir(model_dir)
-    unet = UNet2DModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    classes = {cls.__name__: cls for cls in (UNet2DModel, UNet2DConditionModel)}
+    name = json.loads((path / "unet" / "config.json").read_text(encoding="utf-8")).get("_class_name", "UNet2DModel")
+    if name not in classes:
+        raise ValueError(f"--model {path}: unet/config.json names {name!r}; expected one of {sorted(classes)}")
+    unet = classes[name].from_pretrained(path, subfolder="unet", torch_dtype=dtype)
     return unet.eval().to(device)
 
 
