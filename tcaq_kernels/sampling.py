@@ -65,16 +65,20 @@ class TextConditioning:
     def guided(self) -> bool:
         return self.negative is not None and self.guidance_scale != 1.0
 
-    def sample_kwargs(self, samples: Sequence[int], device, dtype) -> dict:
-        """`ddim_sample`'s keyword arguments for trajectories `samples`."""
-        pick = lambda e, what: text_for(samples, e, what).to(device=device, dtype=dtype)
-        return {"text": pick(self.text, "encoder_hidden_states"),
-                "negative_text": pick(self.negative, "negative_encoder_hidden_states") if self.guided else None,
-                "guidance_scale": self.guidance_scale}
-
     def describe(self) -> dict:
         return {"prompts": int(self.text.shape[0]), "tokens": int(self.text.shape[1]),
                 "guidance_scale": self.guidance_scale if self.guided else 1.0}
+
+
+def text_kwargs(conditioning: Optional[TextConditioning], samples: Sequence[int], device, dtype) -> dict:
+    """`ddim_sample`'s text keyword arguments for trajectories `samples` (none without `conditioning`)."""
+    if conditioning is None:
+        return {}
+    pick = lambda e, what: text_for(samples, e, what).to(device=device, dtype=dtype)
+    guided = conditioning.guided
+    return {"text": pick(conditioning.text, "encoder_hidden_states"),
+            "negative_text": pick(conditioning.negative, "negative_encoder_hidden_states") if guided else None,
+            "guidance_scale": conditioning.guidance_scale}
 
 
 def text_conditioning(unet, encoder_hidden_states: Optional[torch.Tensor],
@@ -153,8 +157,7 @@ def sample_uint8(unet, scheduler, seeds: Sequence[int], num_steps: int, batch_si
     seeds = [int(s) for s in seeds]
     device = next(unet.parameters()).device
     shape = unet_sample_shape(unet)
-    text = lambda lo: {} if conditioning is None else conditioning.sample_kwargs(
-        range(lo, min(lo + batch_size, len(seeds))), device, unet.dtype)
+    text = lambda lo: text_kwargs(conditioning, range(lo, min(lo + batch_size, len(seeds))), device, unet.dtype)
     return np.concatenate([
         to_uint8(ddim_sample(unet, scheduler, seeded_noise(seeds[lo : lo + batch_size], shape, device), num_steps,
                              progress=False, **text(lo))).numpy()

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..quant.layers import model_fingerprint
-from ..sampling import TextConditioning, ddim_sample, seeded_noise, text_for, unet_sample_shape
+from ..sampling import TextConditioning, ddim_sample, seeded_noise, text_for, text_kwargs, unet_sample_shape
 
 _META_KEY = "tcaq_calib_data"
 
@@ -225,8 +225,7 @@ def collect_trajectories(
             xs.append(x.detach().float())
             ts.append(int(t))
 
-        text = {} if conditioning is None else conditioning.sample_kwargs(
-            range(lo, min(lo + batch_size, len(seeds))), device, unet.dtype)
+        text = text_kwargs(conditioning, range(lo, min(lo + batch_size, len(seeds))), device, unet.dtype)
         ddim_sample(unet, scheduler, seeded_noise(seeds[lo : lo + batch_size], shape, device), num_steps,
                     progress=False, callback=record, **text)
         chunks.append(torch.stack(xs))

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..quant.layers import DEFAULT_FLOAT_LAYERS, model_fingerprint, quantizable_layers, skip_splits
 from ..quant.primitives import pack_int4, qparams_from_range, qparams_symmetric, quantize_weight, weight_scale_symmetric
 from ..quant.state import SYMMETRIC_ACTS, ActQuant, CalibState, CalibStateError, LayerState, layer_acts
-from ..sampling import ddim_sample, seeded_noise, text_conditioning, unet_sample_shape
+from ..sampling import ddim_sample, seeded_noise, text_conditioning, text_kwargs, unet_sample_shape
 from .observe import RangeObserver
 from .settings import float_layer_names, parse_bits, uniform_group_edges
 
@@ -62,8 +62,8 @@ def calibrate_minmax(
         for start in tqdm(range(0, num_samples, batch_size), desc="min-max calibration", disable=not progress):
             batch = range(start, min(start + batch_size, num_samples))
             noise = seeded_noise([seeds[n] for n in batch], unet_sample_shape(unet), device, unet.dtype)
-            text = {} if conditioning is None else conditioning.sample_kwargs(batch, device, unet.dtype)
-            ddim_sample(unet, scheduler, noise, num_steps, progress=False, **text)
+            ddim_sample(unet, scheduler, noise, num_steps, progress=False,
+                        **text_kwargs(conditioning, batch, device, unet.dtype))
     settings = {
         "num_samples": num_samples,
         "num_steps": num_steps,

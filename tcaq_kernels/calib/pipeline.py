@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..quant.state import CalibState
-from ..sampling import TextConditioning, seeded_noise, unet_sample_shape
+from ..sampling import TextConditioning, seeded_noise, text_kwargs, unet_sample_shape
 from .blocks import find_blocks
 from .config import MethodConfig
 from .data import collect_trajectories
@@ -69,9 +69,8 @@ def _calibrate(unet: torch.nn.Module, scheduler, bits: str, cfg: MethodConfig, m
         sim = QuantSim(fp, bits, edges, keep_float, cfg.group_act_params, per_group_p=cfg.daq,
                        act_bits=cfg.act_bits, p_row_norm=cfg.p_row_norm, p_row_max=cfg.p_row_max)
         example = seeded_noise([cfg.seed], unet_sample_shape(fp), device), data.timesteps[:1]
-        text = {} if conditioning is None else {"encoder_hidden_states": conditioning.sample_kwargs(
-            [0], device, fp.dtype)["text"]}
-        blocks = find_blocks(fp, sim.kinds, example, text)
+        text = text_kwargs(conditioning, [0], device, fp.dtype)
+        blocks = find_blocks(fp, sim.kinds, example, {"encoder_hidden_states": text["text"]} if text else None)
     phases["data"] = time.perf_counter() - start
     with _eval_mode(fp):
         points = data.points(cfg.num_points, seed=cfg.seed)
