@@ -33,7 +33,9 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     runs the output norm and its SiLU before the float conv_out as one kernel (nn/qnorm_out.py;
     `tcaq_info["norm_out"]` is "fused" or why not), and lets the up blocks hand their ResnetBlocks the skip
     connection apart, read in place instead of concatenated (nn/qupblock.py, bit-identical;
-    `tcaq_info["fused_up_blocks"]`, `["unfused_up_blocks"]`).
+    `tcaq_info["fused_up_blocks"]`, `["unfused_up_blocks"]`), and lets each transformer block's GEGLU
+    feed-forward write its output linear's codes in one kernel (nn/qfeedforward.py, the same codes;
+    `tcaq_info["fused_feed_forwards"]`, `["unfused_feed_forwards"]`).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -60,6 +62,7 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
         out.tcaq_info.update(_fuse_resnets(out))
         out.tcaq_info.update(_fuse_up_blocks(out))
         out.tcaq_info.update(_fuse_upsamplers(out))
+        out.tcaq_info.update(_fuse_feed_forwards(out))
         out.tcaq_info["norm_out"] = fuse_norm_out(out) or "fused"
     return out
 
@@ -102,3 +105,15 @@ def _fuse_upsamplers(model: torch.nn.Module) -> dict:
                if type(block) is Upsample2D}
     return {"fused_upsamplers": sum(r is None for r in reasons.values()),
             "unfused_upsamplers": {name: r for name, r in reasons.items() if r is not None}}
+
+
+def _fuse_feed_forwards(model: torch.nn.Module) -> dict:
+    """Fuse every GEGLU FeedForward's activation into its output linear's quantize (nn/qfeedforward.py)."""
+    from diffusers.models.attention import FeedForward
+
+    from .nn.qfeedforward import fuse_feed_forward
+
+    reasons = {name: fuse_feed_forward(name, ff) for name, ff in list(model.named_modules())
+               if type(ff) is FeedForward}
+    return {"fused_feed_forwards": sum(r is None for r in reasons.values()),
+            "unfused_feed_forwards": {name: r for name, r in reasons.items() if r is not None}}

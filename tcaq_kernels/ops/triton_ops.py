@@ -10,8 +10,9 @@ Tables of a quantized layer with G timestep groups: `s_inv[G]` fp32 (1/s_a), `sc
 (one entry per sample), or of one element when every sample shares the group; sample b of the
 batch uses `table[group[b]]`.
 
-Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_silu_quantize`,
-`tcaq::triton_groupnorm`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`, `tcaq::triton_qattention`):
+Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_geglu_quantize`,
+`tcaq::triton_groupnorm_silu_quantize`, `tcaq::triton_groupnorm`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`,
+`tcaq::triton_qattention`):
 
     quantize_act(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False,
                  channel_dim=-1) -> codes
@@ -19,6 +20,11 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_groupnorm_s
         [..., K] in → [..., K] out. mode "uniform": int8 signed codes (r_inv[C] the TCR
         reciprocal, optional); pack4 (bits ≤ 4) → uint8 [..., ⌈C/2⌉], low nibble = even channel.
         mode "log2": uint8 codes of `quantize_log2` (zero may be None, r_inv must be None).
+
+    geglu_quantize(h, s_inv, zero, group, bits=8, r_inv=None) -> codes [..., F] int8
+        A diffusers GEGLU's output `h[..., :F] · gelu(h[..., F:])` (h [..., 2F] float, the projection's
+        output, any strides) quantized for the linear that reads it (its uniform tables, r_inv[F]), one
+        pass (triton/geglu.py): the codes `quantize_act` would give of diffusers' own product.
 
     groupnorm_silu_quantize(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None,
                             c2=None, s_inv2=None, zero2=None)
@@ -102,11 +108,12 @@ import torch
 
 from ..triton.attention import check_shapes, qattention_launch
 from ..triton.conv import conv_output_size, conv_pads, prepare_conv_weight, qconv
+from ..triton.geglu import geglu_quantize_bsc
 from ..triton.gemm import prepare_linear_weight, qgemm
 from ..triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
 from ..triton.quantize import quantize_bsc
 
-__all__ = ["quantize_act", "groupnorm_silu_quantize", "groupnorm", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
+__all__ = ["quantize_act", "geglu_quantize", "groupnorm_silu_quantize", "groupnorm", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
 
 
 _IMPLS: dict = {}  # custom op → the Python function it wraps
@@ -227,6 +234,41 @@ def quantize_act(
 def _(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False, channel_dim=-1):
     dtype = torch.uint8 if (mode == "log2" or pack4) else torch.int8
     return x.new_empty(_quantize_shape(x, channel_dim, pack4), dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ geglu_quantize
+
+
+def _geglu_shape(h: torch.Tensor) -> list[int]:
+    if h.dim() < 2 or h.shape[-1] % 2 or not h.is_floating_point():
+        raise ValueError(f"geglu_quantize expects float h [..., 2F], got {tuple(h.shape)} {h.dtype}")
+    return [*h.shape[:-1], h.shape[-1] // 2]
+
+
+@_custom_op("tcaq::triton_geglu_quantize")
+def geglu_quantize(
+    h: torch.Tensor,
+    s_inv: torch.Tensor,
+    zero: torch.Tensor,
+    group: torch.Tensor,
+    bits: int = 8,
+    r_inv: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int8 codes of diffusers' GEGLU output `a · gelu(gate)` of h = [a, gate] (see module doc)."""
+    shape = _geglu_shape(h)
+    batch, gstride = _group_layout(group, h.shape[0])
+    if (h.numel() // max(h.shape[-1], 1)) % batch:
+        raise ValueError(f"geglu_quantize: the rows of h {tuple(h.shape)} do not split into {batch} samples")
+    _require_dense("geglu_quantize", s_inv=s_inv, zero=zero, r_inv=r_inv)
+    out = torch.empty(shape, dtype=torch.int8, device=h.device)
+    geglu_quantize_bsc(h.reshape(batch, -1, h.shape[-1]), s_inv, zero, group, gstride, bits, r_inv,
+                       out.view(batch, -1, shape[-1]))
+    return out
+
+
+@geglu_quantize.register_fake
+def _(h, s_inv, zero, group, bits=8, r_inv=None):
+    return h.new_empty(_geglu_shape(h), dtype=torch.int8)
 
 
 # -------------------------------------------------------------------------- groupnorm_silu_quantize

@@ -103,6 +103,22 @@ def silu(y, MODE: tl.constexpr):
 
 
 @triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 `x` rounded to DTYPE (to nearest, ties to even) and widened back: the rounding a torch op applies to
+    its output. bf16 through the bit pattern — Triton's interpreter truncates an fp32 → bf16 cast (or rounds
+    ties away and drops the carry when asked for "rtne"), where the GPU's cvt.rn gives what this gives; fp16 by
+    the cast (numpy's, correct); fp32 unchanged."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        return bits.to(tl.float32, bitcast=True)
+    elif DTYPE == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
 def quantize_uniform(u, s_inv, zero, QMIN: tl.constexpr, QMAX: tl.constexpr, CLAMP_FIRST: tl.constexpr = False):
     """Signed uniform codes (int8) of fp32 `u` (already multiplied by r_inv): clamp(rint(u·s_inv) + z).
 
