@@ -142,6 +142,12 @@ def step_inputs(unet, batch: int, seed: int = 0, device="cuda") -> dict:
             for dtype in (torch.float32, torch.bfloat16)}
 
 
+def command_line() -> str:
+    """This process's command as a shell line, every TCAQ_* switch that was set in front (the figures depend on them)."""
+    switches = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("TCAQ_"))
+    return (switches + " " if switches else "") + "python " + " ".join(sys.argv)
+
+
 def model_bytes(model) -> int:
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())
@@ -206,7 +212,7 @@ def main() -> int:
         for r in rows:
             r[key] = round(base[r["batch"]] / r["ms_per_step"], 3)
     tuning = os.environ.get("TCAQ_TRITON_TUNING", "")
-    meta = {"command": (f"TCAQ_TRITON_TUNING={tuning} " if tuning else "") + "python " + " ".join(sys.argv),
+    meta = {"command": command_line(),
             "card": card, "torch": torch.__version__,
             "triton": __import__("triton").__version__, "python": platform.python_version(),
             "model": description,

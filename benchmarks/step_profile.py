@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import tcaq_kernels  # noqa: E402
 from tcaq_kernels.atomic import atomic_write_json, atomic_write_text  # noqa: E402
-from latency import speed_setup, step_inputs  # noqa: E402  (benchmarks/ is this script's directory)
+from latency import command_line, speed_setup, step_inputs  # noqa: E402  (benchmarks/ is this script's directory)
 
 # (category, regex on the kernel name); our Triton kernels first, then the libraries', then the rest
 CATEGORIES = [
-    ("triton conv", r"_qconv|conv_wgmma|_conv_kernel"), ("triton gemm", r"_qgemm|gemm_wgmma"),
+    ("triton conv", r"_qconv|conv_wgmma|_conv_kernel"), ("triton gemm", r"_qgemm|gemm_wgmma|_w8a8_wgmma"),
     ("triton groupnorm", r"_gn_"), ("triton attention", r"_qattn|_quantize_qkv"),
     ("triton quantize", r"_quantize_kernel|quantize_act"), ("split-K reduce", r"split_?k|_reduce"),
     ("inductor fused", r"^triton_"), ("attention (sdpa)", r"flash|fmha|attention|softmax"),
     ("groupnorm (torch)", r"group_?norm|GroupNorm|RowwiseMoments"), ("upsample (torch)", r"upsample|nearest"),
-    ("conv (cudnn)", r"conv|cudnn|implicit|fprop|nchw|nhwc"),
+    ("cutlass gemm (csrc)", r"tcaq::"), ("conv (cudnn)", r"conv|cudnn|implicit|fprop|nchw|nhwc"),
     ("gemm (cublas)", r"gemm|cutlass|sm90_xmma|matmul|cublas|nvjet"),
     ("copies", r"copy|transpose|permute|contiguous|cat"), ("elementwise (torch)", r"elementwise|vectorized|reduce"),
 ]
@@ -133,7 +133,7 @@ def main() -> int:
         print(f"{name:36s} {sum(us for _, us in times.values()):9.1f} µs/step in "
               f"{sum(n for n, _ in times.values()):.0f} kernels", flush=True)
     tuning = os.environ.get("TCAQ_TRITON_TUNING", "")
-    meta = {"command": (f"TCAQ_TRITON_TUNING={tuning} " if tuning else "") + "python " + " ".join(sys.argv),
+    meta = {"command": command_line(),
             "card": card, "torch": torch.__version__, "triton": __import__("triton").__version__,
             "python": platform.python_version(), "model": description,
             "batch": args.batch, "steps": args.steps, "tuning": tuning or "full", "split_skip": args.split_skip}

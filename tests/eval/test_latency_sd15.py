@@ -1,5 +1,7 @@
 """latency.py's SD-1.5 rows without a GPU: the architecture is SD-1.5's UNet, and the states it converts come
 from ranges observed on a conditional UNet with random latents and text, every timestep group seen."""
+import os
+
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -56,3 +58,15 @@ def test_step_inputs_give_text_to_conditional_unets_only(load_benchmark, tiny_co
     assert torch.equal(cond[torch.float32][0].to(torch.bfloat16), cond[torch.bfloat16][0])
     x, kwargs = latency.step_inputs(ref_unet, 2, device="cpu")[torch.float32]
     assert kwargs == {} and x.shape == (2, ref_unet.config.in_channels, *(2 * [ref_unet.config.sample_size]))
+
+
+def test_the_recorded_command_names_every_switch_that_was_set(load_benchmark, monkeypatch):
+    latency = load_benchmark("latency")
+    for key in [k for k in os.environ if k.startswith("TCAQ_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setattr("sys.argv", ["benchmarks/latency.py", "--arch", "sd15"])
+    assert latency.command_line() == "python benchmarks/latency.py --arch sd15"
+    monkeypatch.setenv("TCAQ_TRITON_TUNING", "quick")
+    monkeypatch.setenv("TCAQ_CUTLASS_GEMM", "1")
+    assert latency.command_line() == ("TCAQ_CUTLASS_GEMM=1 TCAQ_TRITON_TUNING=quick "
+                                      "python benchmarks/latency.py --arch sd15")
