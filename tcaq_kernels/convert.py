@@ -35,7 +35,9 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     connection apart, read in place instead of concatenated (nn/qupblock.py, bit-identical;
     `tcaq_info["fused_up_blocks"]`, `["unfused_up_blocks"]`), and lets each transformer block's GEGLU
     feed-forward write its output linear's codes in one kernel (nn/qfeedforward.py, the same codes;
-    `tcaq_info["fused_feed_forwards"]`, `["unfused_feed_forwards"]`).
+    `tcaq_info["fused_feed_forwards"]`, `["unfused_feed_forwards"]`), and lets each Transformer2DModel's
+    GroupNorm write its proj_in's codes and its proj_out read the tokens in place with the residual in its
+    epilogue (nn/qtransformer.py; `tcaq_info["fused_transformer_halves"]`, `["unfused_transformer_halves"]`).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -63,6 +65,7 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
         out.tcaq_info.update(_fuse_up_blocks(out))
         out.tcaq_info.update(_fuse_upsamplers(out))
         out.tcaq_info.update(_fuse_feed_forwards(out))
+        out.tcaq_info.update(_fuse_transformers(out))
         out.tcaq_info["norm_out"] = fuse_norm_out(out) or "fused"
     return out
 
@@ -117,3 +120,18 @@ def _fuse_feed_forwards(model: torch.nn.Module) -> dict:
                if type(ff) is FeedForward}
     return {"fused_feed_forwards": sum(r is None for r in reasons.values()),
             "unfused_feed_forwards": {name: r for name, r in reasons.items() if r is not None}}
+
+
+def _fuse_transformers(model: torch.nn.Module) -> dict:
+    """Fuse the projections of every Transformer2DModel (nn/qtransformer.py); what was fused, and why not."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from .nn.qtransformer import fuse_transformer
+
+    fused, unfused = 0, {}
+    for name, block in list(model.named_modules()):
+        if type(block) is Transformer2DModel:
+            refusals = fuse_transformer(name, block)
+            fused += 2 - len(refusals)
+            unfused.update({f"{name}.{half}": reason for half, reason in refusals.items()})
+    return {"fused_transformer_halves": fused, "unfused_transformer_halves": unfused}

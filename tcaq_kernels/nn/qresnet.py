@@ -33,8 +33,8 @@ from ..ops import triton_ops
 from .qlayers import QConv2d
 
 
-def _half_refusal(norm: torch.nn.Module, conv: torch.nn.Module, act: torch.nn.Module) -> Optional[str]:
-    """Why `act(norm(x)) → conv` cannot run fused, or None when it can."""
+def norm_conv_refusal(norm: torch.nn.Module, conv: torch.nn.Module) -> Optional[str]:
+    """Why `norm(x) → conv` cannot have the norm kernel write the conv's codes, or None when it can."""
     if not isinstance(conv, QConv2d) or conv.backend != "triton":
         return "conv is not a triton QConv2d"
     tables = [conv.act] if conv.input_split is None else [conv.act, conv.act_skip]
@@ -44,6 +44,14 @@ def _half_refusal(norm: torch.nn.Module, conv: torch.nn.Module, act: torch.nn.Mo
         return "conv input quantizer is not uniform in every timestep group"
     if not isinstance(norm, torch.nn.GroupNorm) or norm.num_channels != conv.weight_shape[1]:
         return "norm is not a GroupNorm over the conv's input channels"
+    return None
+
+
+def _half_refusal(norm: torch.nn.Module, conv: torch.nn.Module, act: torch.nn.Module) -> Optional[str]:
+    """Why `act(norm(x)) → conv` cannot run fused, or None when it can."""
+    reason = norm_conv_refusal(norm, conv)
+    if reason is not None:
+        return reason
     if not isinstance(act, torch.nn.SiLU):
         return f"activation is {type(act).__name__}, not SiLU"
     return None
@@ -69,16 +77,16 @@ def fuse_resnet(name: str, block: ResnetBlock2D) -> dict[str, str]:
     return refusals
 
 
-def _norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
-                    residual: Optional[torch.Tensor], x2: Optional[torch.Tensor] = None) -> torch.Tensor:
+def norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
+                   residual: Optional[torch.Tensor], x2: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
     """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes; with `x2`,
-    of `cat([x, x2], 1)` read in place."""
+    of `cat([x, x2], 1)` read in place; `silu=False`: `conv(norm(x)) + residual`."""
     a, group, split = conv.act, conv.groups.current(conv.name), conv.split_args()
     norm_split = {k: split[k] for k in ("c2", "s_inv2", "zero2") if k in split}
     if x2 is not None:
         norm_split["x2"] = x2
     codes = triton_ops.call(triton_ops.groupnorm_silu_quantize, x, norm.weight, norm.bias, norm.num_groups, norm.eps,
-                            a.s_inv, a.zero, group, a.bits, conv.r_inv, **norm_split)
+                            a.s_inv, a.zero, group, a.bits, conv.r_inv, **norm_split, silu=silu)
     return conv.fused_call(codes, x.dtype, residual=residual)
 
 
@@ -125,7 +133,7 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
         if fuse1:
             res = None if add_temb is None else add_temb.expand(_conv_out_shape(self.conv1, input_tensor))
-            hidden_states = _norm_silu_conv(self.norm1, self.conv1, input_tensor, res, skip)
+            hidden_states = norm_silu_conv(self.norm1, self.conv1, input_tensor, res, skip)
         else:
             hidden_states, input_tensor = self._first_half(input_tensor)
             if add_temb is not None:
@@ -133,7 +141,7 @@ class FusedResnetBlock2D(ResnetBlock2D):
 
         shortcut = _shortcut(self, input_tensor, skip)
         if fuse2:
-            out = _norm_silu_conv(self.norm2, self.conv2, hidden_states, shortcut)
+            out = norm_silu_conv(self.norm2, self.conv2, hidden_states, shortcut)
         else:
             out = shortcut + self._second_half(hidden_states, temb)
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor

@@ -27,7 +27,7 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_geglu_quant
         pass (triton/geglu.py): the codes `quantize_act` would give of diffusers' own product.
 
     groupnorm_silu_quantize(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None,
-                            c2=None, s_inv2=None, zero2=None)
+                            c2=None, s_inv2=None, zero2=None, x2=None, silu=True)
             -> codes [B, H, W, C] int8
         A ResBlock's `silu(group_norm(x))` quantized for the next conv, one pass after the statistics
         (triton/groupnorm.py): x float [B, C, H, W] in any memory format; weight/bias [C] (or both
@@ -35,6 +35,7 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_geglu_quant
         layout `qconv2d` takes. Statistics are fp32 but not summed in torch's order: a code may
         differ by one where the value lies within fp32 rounding of a rounding boundary. A split input
         (c2, s_inv2, zero2): channels [c2, C) get the second quantizer's codes, as qconv2d's split reads them.
+        `silu=False`: the codes of group_norm(x) alone (a transformer block's norm → proj_in).
 
     groupnorm(x, weight, bias, num_groups, eps, silu=False) -> y [B, S, C] contiguous, x's dtype
         A plain GroupNorm of x [B, S, C] (channels last, any strides: an attention block's tokens) with
@@ -290,9 +291,11 @@ def groupnorm_silu_quantize(
     s_inv2: Optional[torch.Tensor] = None,
     zero2: Optional[torch.Tensor] = None,
     x2: Optional[torch.Tensor] = None,
+    silu: bool = True,
 ) -> torch.Tensor:
     """NHWC int8 codes of `silu(group_norm(x))` with the next conv's quantizer (see module doc); with `x2`
-    [B, C2, H, W], of the channel concatenation `cat([x, x2], 1)`, read from the two tensors in place."""
+    [B, C2, H, W], of the channel concatenation `cat([x, x2], 1)`, read from the two tensors in place;
+    `silu=False`: of `group_norm(x)` (a transformer block's norm before its proj_in)."""
     if x.dim() != 4:
         raise ValueError(f"groupnorm_silu_quantize expects x [B, C, H, W], got {tuple(x.shape)}")
     B, C, H, W = _concat_shape("groupnorm_silu_quantize", x, x2)
@@ -301,14 +304,14 @@ def groupnorm_silu_quantize(
         raise ValueError(f"group has {group.numel()} entries for a batch of {B}")
     out = torch.empty((B, H, W, C), dtype=torch.int8, device=x.device)
     groupnorm_silu_quantize_bsc(_bsc(x), num_groups, eps, weight, bias, s_inv, zero, group, gstride, bits, r_inv,
-                                out.view(B, H * W, C), c2=c2, s_inv2=s_inv2, zero2=zero2,
+                                out.view(B, H * W, C), silu=silu, c2=c2, s_inv2=s_inv2, zero2=zero2,
                                 x2=None if x2 is None else _bsc(x2))
     return out
 
 
 @groupnorm_silu_quantize.register_fake
 def _(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None, c2=None, s_inv2=None, zero2=None,
-      x2=None):
+      x2=None, silu=True):
     B, C, H, W = _concat_shape("groupnorm_silu_quantize", x, x2)
     return x.new_empty((B, H, W, C), dtype=torch.int8)
 
