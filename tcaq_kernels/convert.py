@@ -70,19 +70,25 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     return out
 
 
+def _fuse_halves(model: torch.nn.Module, kind: type, fuse, fused_key: str, unfused_key: str) -> dict:
+    """Run `fuse(name, block)` (→ {half: reason} of the halves it left unfused) on every `kind` block of two
+    halves; what was fused, and why not."""
+    fused, unfused = 0, {}
+    for name, block in list(model.named_modules()):
+        if type(block) is kind:
+            refusals = fuse(name, block)
+            fused += 2 - len(refusals)
+            unfused.update({f"{name}.{half}": reason for half, reason in refusals.items()})
+    return {fused_key: fused, unfused_key: unfused}
+
+
 def _fuse_resnets(model: torch.nn.Module) -> dict:
-    """Fuse the norm halves of every ResnetBlock2D (nn/qresnet.py); what was fused, and why not."""
+    """Fuse the norm halves of every ResnetBlock2D (nn/qresnet.py)."""
     from diffusers.models.resnet import ResnetBlock2D
 
     from .nn.qresnet import fuse_resnet
 
-    fused, unfused = 0, {}
-    for name, block in list(model.named_modules()):
-        if type(block) is ResnetBlock2D:
-            refusals = fuse_resnet(name, block)
-            fused += 2 - len(refusals)
-            unfused.update({f"{name}.{half}": reason for half, reason in refusals.items()})
-    return {"fused_norms": fused, "unfused_norms": unfused}
+    return _fuse_halves(model, ResnetBlock2D, fuse_resnet, "fused_norms", "unfused_norms")
 
 
 def _fuse_up_blocks(model: torch.nn.Module) -> dict:
@@ -123,15 +129,10 @@ def _fuse_feed_forwards(model: torch.nn.Module) -> dict:
 
 
 def _fuse_transformers(model: torch.nn.Module) -> dict:
-    """Fuse the projections of every Transformer2DModel (nn/qtransformer.py); what was fused, and why not."""
+    """Fuse the projection halves of every Transformer2DModel (nn/qtransformer.py)."""
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     from .nn.qtransformer import fuse_transformer
 
-    fused, unfused = 0, {}
-    for name, block in list(model.named_modules()):
-        if type(block) is Transformer2DModel:
-            refusals = fuse_transformer(name, block)
-            fused += 2 - len(refusals)
-            unfused.update({f"{name}.{half}": reason for half, reason in refusals.items()})
-    return {"fused_transformer_halves": fused, "unfused_transformer_halves": unfused}
+    return _fuse_halves(model, Transformer2DModel, fuse_transformer, "fused_transformer_halves",
+                        "unfused_transformer_halves")

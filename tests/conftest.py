@@ -67,6 +67,25 @@ def tiny_cond_unet() -> UNet2DConditionModel:
     ).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_cond_state(tiny_cond_unet):
+    """Min-max W8A8 state of `tiny_cond_unet` (conv_in / conv_out float), ranges observed over one forward with
+    text in each of its two timestep groups."""
+    from tcaq_kernels.calib.minmax import state_from_ranges
+    from tcaq_kernels.calib.observe import RangeObserver
+    from tcaq_kernels.quant.layers import quantizable_layers
+
+    unet = tiny_cond_unet
+    layers = {n: k for n, k in quantizable_layers(unet).items() if n not in ("conv_in", "conv_out")}
+    observer = RangeObserver(unet, layers, [500.0])
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(2, 5, 24, generator=gen)
+    with observer, torch.no_grad():
+        for t in (900, 100):
+            unet(torch.randn(2, 4, 8, 8, generator=gen), t, encoder_hidden_states=text)
+    return state_from_ranges(unet, observer, "W8A8", ["conv_in", "conv_out"], {})
+
+
 @pytest.fixture
 def rng() -> torch.Generator:
     """Fresh random inputs every run (seed printed by pytest on failure via the repr)."""

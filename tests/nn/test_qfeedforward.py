@@ -15,37 +15,23 @@ import torch
 from diffusers.models.attention import FeedForward
 
 import tcaq_kernels
-from tcaq_kernels.calib.minmax import state_from_ranges
-from tcaq_kernels.calib.observe import RangeObserver
 from tcaq_kernels.nn.qfeedforward import FusedFeedForward, fuse_feed_forward
-from tcaq_kernels.quant.layers import quantizable_layers
 
-
-@pytest.fixture(scope="module")
-def cond_state(tiny_cond_unet):
-    unet = tiny_cond_unet
-    layers = {n: k for n, k in quantizable_layers(unet).items() if n not in ("conv_in", "conv_out")}
-    observer = RangeObserver(unet, layers, [500.0])
-    gen = torch.Generator().manual_seed(1)
-    text = torch.randn(2, 5, 24, generator=gen)
-    with observer, torch.no_grad():
-        for t in (900, 100):  # one step in each timestep group
-            unet(torch.randn(2, 4, 8, 8, generator=gen), t, encoder_hidden_states=text)
-    return state_from_ranges(unet, observer, "W8A8", ["conv_in", "conv_out"], {})
+from _fused import outputs_with_and_without
 
 
 def _feed_forwards(model):
     return [n for n, m in model.named_modules() if isinstance(m, FeedForward)]
 
 
-def test_convert_fuses_every_geglu_feed_forward(tiny_cond_unet, cond_state):
-    model = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="triton")
+def test_convert_fuses_every_geglu_feed_forward(tiny_cond_unet, tiny_cond_state):
+    model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
     names = _feed_forwards(model)
     assert len(names) == 4  # one transformer block down, one in the mid block, two up
     assert model.tcaq_info["fused_feed_forwards"] == 4 and model.tcaq_info["unfused_feed_forwards"] == {}
     assert all(type(model.get_submodule(n)) is FusedFeedForward for n in names)
-    plain = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="triton", fuse_norm=False)
-    reference = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="reference")
+    plain = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton", fuse_norm=False)
+    reference = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="reference")
     for other in (plain, reference):
         assert "fused_feed_forwards" not in other.tcaq_info
         assert all(type(other.get_submodule(n)) is FeedForward for n in names)
@@ -70,34 +56,26 @@ def _check_fused_matches_diffusers(unet, state, rng, t, device):
 
 
 @pytest.mark.parametrize("t", [[900, 100], [100, 100]])
-def test_fused_feed_forward_matches_diffusers_forward(tiny_cond_unet, cond_state, rng, t):
-    _check_fused_matches_diffusers(tiny_cond_unet, cond_state, rng, t, "cpu")
+def test_fused_feed_forward_matches_diffusers_forward(tiny_cond_unet, tiny_cond_state, rng, t):
+    _check_fused_matches_diffusers(tiny_cond_unet, tiny_cond_state, rng, t, "cpu")
 
 
 @pytest.mark.cuda
-def test_fused_feed_forward_matches_diffusers_forward_on_the_gpu(tiny_cond_unet, cond_state, rng):
+def test_fused_feed_forward_matches_diffusers_forward_on_the_gpu(tiny_cond_unet, tiny_cond_state, rng):
     """Compiled kernels, libdevice's erf against torch's CUDA gelu; then the whole UNet with and without the
     fusion (the classes swapped back): the same output."""
-    _check_fused_matches_diffusers(tiny_cond_unet, cond_state, rng, [900, 100], "cuda")
-    model = tcaq_kernels.convert(copy.deepcopy(tiny_cond_unet).to("cuda", torch.bfloat16), cond_state,
-                                 backend="triton")
-    x = torch.randn(2, 4, 8, 8, generator=rng).to("cuda", torch.bfloat16)
-    text = torch.randn(2, 5, 24, generator=rng).to("cuda", torch.bfloat16)
-    t = torch.tensor([900, 100], device="cuda")
-    with torch.no_grad():
-        fused = model(x, t, encoder_hidden_states=text).sample
-        for name in _feed_forwards(model):
-            model.get_submodule(name).__class__ = FeedForward
-        assert torch.equal(fused, model(x, t, encoder_hidden_states=text).sample)
+    _check_fused_matches_diffusers(tiny_cond_unet, tiny_cond_state, rng, [900, 100], "cuda")
+    fused, plain = outputs_with_and_without(tiny_cond_unet, tiny_cond_state, rng, FusedFeedForward, FeedForward)
+    assert torch.equal(fused, plain)
 
 
-def test_what_is_not_fused_says_why(tiny_cond_unet, cond_state):
+def test_what_is_not_fused_says_why(tiny_cond_unet, tiny_cond_state):
     assert "not a diffusers FeedForward" in fuse_feed_forward("m", torch.nn.Identity())
     gelu = FeedForward(16, activation_fn="gelu")
     assert fuse_feed_forward("ff", gelu) == "activation is GELU, not GEGLU" and type(gelu) is FeedForward
     geglu = FeedForward(16, activation_fn="geglu")
     assert fuse_feed_forward("ff", geglu) == "output linear is not a triton QLinear"
-    model = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="triton")
+    model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
     ff = model.get_submodule(_feed_forwards(model)[0])
     ff.__class__ = FeedForward
     ff.net[2].act.kinds = ("uniform", "log2")

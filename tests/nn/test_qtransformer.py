@@ -7,30 +7,14 @@ rounding apart. CPU: Triton's interpreter on the 8×8 conditional UNet; the GPU 
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 import tcaq_kernels
-from tcaq_kernels.calib.minmax import state_from_ranges
-from tcaq_kernels.calib.observe import RangeObserver
 from tcaq_kernels.nn.qtransformer import FusedTransformer2DModel, fuse_transformer
-from tcaq_kernels.quant.layers import quantizable_layers
 
-
-@pytest.fixture(scope="module")
-def cond_state(tiny_cond_unet):
-    unet = tiny_cond_unet
-    layers = {n: k for n, k in quantizable_layers(unet).items() if n not in ("conv_in", "conv_out")}
-    observer = RangeObserver(unet, layers, [500.0])
-    gen = torch.Generator().manual_seed(2)
-    text = torch.randn(2, 5, 24, generator=gen)
-    with observer, torch.no_grad():
-        for t in (900, 100):
-            unet(torch.randn(2, 4, 8, 8, generator=gen), t, encoder_hidden_states=text)
-    return state_from_ranges(unet, observer, "W8A8", ["conv_in", "conv_out"], {})
+from _fused import outputs_with_and_without
 
 
 def _transformers(model):
@@ -41,22 +25,22 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_convert_fuses_both_halves_of_every_transformer(tiny_cond_unet, cond_state):
-    model = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="triton")
+def test_convert_fuses_both_halves_of_every_transformer(tiny_cond_unet, tiny_cond_state):
+    model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
     names = _transformers(model)
     assert len(names) == 4  # down, mid, two up
     assert model.tcaq_info["fused_transformer_halves"] == 8 and model.tcaq_info["unfused_transformer_halves"] == {}
     assert all(type(model.get_submodule(n)) is FusedTransformer2DModel for n in names)
     assert all(model.get_submodule(n).tcaq_fuse == (True, True) for n in names)
-    plain = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="triton", fuse_norm=False)
+    plain = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton", fuse_norm=False)
     assert "fused_transformer_halves" not in plain.tcaq_info
     assert all(type(plain.get_submodule(n)) is Transformer2DModel for n in names)
     assert list(model.state_dict()) == list(plain.state_dict())
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_each_half_matches_diffusers(tiny_cond_unet, cond_state, rng, channels_last):
-    model = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="triton")
+def test_each_half_matches_diffusers(tiny_cond_unet, tiny_cond_state, rng, channels_last):
+    model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
     model.tcaq_groups.update(torch.tensor([900, 100]), 2)
     for name in _transformers(model):
         block = model.get_submodule(name)
@@ -80,7 +64,7 @@ def test_each_half_matches_diffusers(tiny_cond_unet, cond_state, rng, channels_l
         block.eval()
 
 
-def test_what_is_not_fused_says_why(tiny_cond_unet, cond_state):
+def test_what_is_not_fused_says_why(tiny_cond_unet, tiny_cond_state):
     assert "not a diffusers Transformer2DModel" in fuse_transformer("m", torch.nn.Identity())["block"]
     linear = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4,
                                 use_linear_projection=True)
@@ -90,7 +74,7 @@ def test_what_is_not_fused_says_why(tiny_cond_unet, cond_state):
     assert fuse_transformer("t", floats) == {"proj_in": "conv is not a triton QConv2d",
                                              "proj_out": "proj_out is not a triton QConv2d"}
     assert type(floats) is Transformer2DModel
-    model = tcaq_kernels.convert(tiny_cond_unet, cond_state, backend="triton", fuse_norm=False)
+    model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton", fuse_norm=False)
     block = model.get_submodule(_transformers(model)[0])
     block.proj_out = torch.nn.Conv2d(32, 32, 1)
     assert fuse_transformer("t", block) == {"proj_out": "proj_out is not a triton QConv2d"}
@@ -98,15 +82,7 @@ def test_what_is_not_fused_says_why(tiny_cond_unet, cond_state):
 
 
 @pytest.mark.cuda
-def test_the_fused_unet_matches_diffusers_on_the_gpu(tiny_cond_unet, cond_state, rng):
-    model = tcaq_kernels.convert(copy.deepcopy(tiny_cond_unet).to("cuda", torch.bfloat16), cond_state,
-                                 backend="triton")
-    x = torch.randn(2, 4, 8, 8, generator=rng).to("cuda", torch.bfloat16)
-    text = torch.randn(2, 5, 24, generator=rng).to("cuda", torch.bfloat16)
-    t = torch.tensor([900, 100], device="cuda")
-    with torch.no_grad():
-        fused = model(x, t, encoder_hidden_states=text).sample
-        for name in _transformers(model):
-            model.get_submodule(name).__class__ = Transformer2DModel
-        plain = model(x, t, encoder_hidden_states=text).sample
+def test_the_fused_unet_matches_diffusers_on_the_gpu(tiny_cond_unet, tiny_cond_state, rng):
+    fused, plain = outputs_with_and_without(tiny_cond_unet, tiny_cond_state, rng, FusedTransformer2DModel,
+                                            Transformer2DModel)
     assert _relative(fused, plain) < 2e-2
