@@ -37,7 +37,9 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     feed-forward write its output linear's codes in one kernel (nn/qfeedforward.py, the same codes;
     `tcaq_info["fused_feed_forwards"]`, `["unfused_feed_forwards"]`), and lets each Transformer2DModel's
     GroupNorm write its proj_in's codes and its proj_out read the tokens in place with the residual in its
-    epilogue (nn/qtransformer.py; `tcaq_info["fused_transformer_halves"]`, `["unfused_transformer_halves"]`).
+    epilogue (nn/qtransformer.py; `tcaq_info["fused_transformer_halves"]`, `["unfused_transformer_halves"]`), and
+    moves each BasicTransformerBlock's three residual adds into the epilogues of the GEMMs before them
+    (`tcaq_info["fused_transformer_blocks"]`, `["unfused_transformer_blocks"]`).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -66,6 +68,7 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
         out.tcaq_info.update(_fuse_upsamplers(out))
         out.tcaq_info.update(_fuse_feed_forwards(out))
         out.tcaq_info.update(_fuse_transformers(out))
+        out.tcaq_info.update(_fuse_basic_blocks(out))
         out.tcaq_info["norm_out"] = fuse_norm_out(out) or "fused"
     return out
 
@@ -136,3 +139,15 @@ def _fuse_transformers(model: torch.nn.Module) -> dict:
 
     return _fuse_halves(model, Transformer2DModel, fuse_transformer, "fused_transformer_halves",
                         "unfused_transformer_halves")
+
+
+def _fuse_basic_blocks(model: torch.nn.Module) -> dict:
+    """Move every BasicTransformerBlock's residual adds into GEMM epilogues (nn/qtransformer.py)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from .nn.qtransformer import fuse_basic_block
+
+    reasons = {name: fuse_basic_block(name, block) for name, block in list(model.named_modules())
+               if type(block) is BasicTransformerBlock}
+    return {"fused_transformer_blocks": sum(r is None for r in reasons.values()),
+            "unfused_transformer_blocks": {name: r for name, r in reasons.items() if r is not None}}

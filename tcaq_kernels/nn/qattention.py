@@ -33,7 +33,10 @@ class ExplicitAttnProcessor(torch.nn.Module):
     Subclasses replace only the core; calibration observes it, `QAttnProcessor` quantizes it.
     """
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 block_residual=None, **kwargs):
+        """diffusers' steps; `block_residual` (from a fused transformer block, nn/qtransformer.py) is added to the
+        result — the block's own `attn_output + hidden_states`, which the triton backend does in to_out's GEMM."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -64,7 +67,7 @@ class ExplicitAttnProcessor(torch.nn.Module):
         out = self.attention(query, key, value, attn.scale, attention_mask).to(query.dtype)
 
         out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        return self.project_out(attn, out, residual, hidden_states_shape if input_ndim == 4 else None)
+        return self.project_out(attn, out, residual, hidden_states_shape if input_ndim == 4 else None, block_residual)
 
     def normalize(self, attn, hidden_states: torch.Tensor) -> torch.Tensor:
         """The block's `group_norm` over the channels of its tokens [B, L, C] (none: unchanged)."""
@@ -72,15 +75,18 @@ class ExplicitAttnProcessor(torch.nn.Module):
             return hidden_states
         return attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-    def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial) -> torch.Tensor:
+    def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial,
+                    block_residual=None) -> torch.Tensor:
         """`to_out` on the heads' output [B, L, C], back to the block input's layout (`spatial` = its
-        [B, C, H, W] shape, or None for [B, L, C] input), the residual added, the rescale applied."""
+        [B, C, H, W] shape, or None for [B, L, C] input), the residual added, the rescale applied, then
+        `block_residual` added (None: nothing)."""
         out = attn.to_out[1](attn.to_out[0](out))
         if spatial is not None:
             out = out.transpose(-1, -2).reshape(*spatial)
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        out = out / attn.rescale_output_factor
+        return out if block_residual is None else out + block_residual
 
     def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
         raise NotImplementedError
@@ -113,18 +119,22 @@ class QAttnProcessor(ExplicitAttnProcessor):
                                    norm.eps)
         return super().normalize(attn, hidden_states)
 
-    def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial) -> torch.Tensor:
-        """With the triton backend on a [B, C, H, W] block whose `to_out.0` is a triton `QLinear`: the
-        residual added in that GEMM's epilogue (one kernel, one rounding) and the result returned as a
-        channels-last view — no transpose copy, no separate add or rescale kernel. Elsewhere diffusers' steps."""
+    def project_out(self, attn, out: torch.Tensor, residual: torch.Tensor, spatial,
+                    block_residual=None) -> torch.Tensor:
+        """With the triton backend and a triton `QLinear` as `to_out.0`, the one residual there is added in that
+        GEMM's epilogue (one kernel, one rounding): a [B, C, H, W] block's own residual — the result returned as
+        a channels-last view, no transpose copy, no separate add or rescale kernel — or, on tokens, a
+        transformer block's `block_residual`. Elsewhere diffusers' steps."""
         proj, drop = attn.to_out[0], attn.to_out[1]
-        if (self.backend == "triton" and spatial is not None and attn.residual_connection
-                and attn.rescale_output_factor == 1 and isinstance(proj, QLinear) and proj.adds_residual
-                and (not drop.training or drop.p == 0)):
+        fusable = (self.backend == "triton" and attn.rescale_output_factor == 1 and isinstance(proj, QLinear)
+                   and proj.adds_residual and (not drop.training or drop.p == 0))
+        if fusable and spatial is not None and attn.residual_connection and block_residual is None:
             batch, channel, height, width = spatial
             res = residual.permute(0, 2, 3, 1).reshape(batch, height * width, channel)  # a view if channels-last
             return proj.add_into(out, res).view(batch, height, width, channel).permute(0, 3, 1, 2)
-        return super().project_out(attn, out, residual, spatial)
+        if fusable and spatial is None and not attn.residual_connection and block_residual is not None:
+            return proj.add_into(out, block_residual)
+        return super().project_out(attn, out, residual, spatial, block_residual)
 
     def attention(self, q, k, v, softmax_scale: float, mask=None) -> torch.Tensor:
         """softmax(QKᵀ·scale + mask)·V on quantized operands; q, k, v are [B, heads, L, d].

@@ -60,14 +60,21 @@ class FusedFeedForward(FeedForward):
     Not constructed directly: `fuse_feed_forward` swaps an existing module's class.
     """
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, *args, residual: Optional[torch.Tensor] = None,
+                **kwargs) -> torch.Tensor:
+        """diffusers' forward; `residual` (from a fused transformer block, nn/qtransformer.py) is added to the
+        result — in the output linear's epilogue when nothing follows that linear but Dropout in eval mode."""
         if self.training or args or kwargs.get("scale") is not None:
-            return super().forward(hidden_states, *args, **kwargs)
+            out = super().forward(hidden_states, *args, **kwargs)
+            return out if residual is None else out + residual
         geglu, linear = self.net[0], self.net[2]
         a = linear.act
         codes = triton_ops.call(triton_ops.geglu_quantize, geglu.proj(hidden_states), a.s_inv, a.zero,
                                 linear.groups.current(linear.name), a.bits, linear.r_inv)
+        tail = list(self.net[3:])
+        if all(isinstance(m, torch.nn.Dropout) for m in tail):  # eval mode: identities
+            return linear.codes_call(codes, hidden_states.dtype, residual)
         out = linear.codes_call(codes, hidden_states.dtype)
-        for module in self.net[3:]:
+        for module in tail:
             out = module(out)
-        return out
+        return out if residual is None else out + residual

@@ -187,12 +187,14 @@ class QLinear(_QWeighted):
         return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
                             residual)
 
-    def codes_call(self, codes: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    def codes_call(self, codes: torch.Tensor, out_dtype: torch.dtype, residual=None) -> torch.Tensor:
         """The layer on int8 codes of its input that a fused producer already wrote with this layer's quantizer
-        (TCR factor included: the GEMM reads them as they are); triton backend, unsplit input."""
+        (TCR factor included: the GEMM reads them as they are), `residual` added in the epilogue; triton backend,
+        unsplit input."""
         if not self.adds_residual:
             raise ValueError(f"layer '{self.name}': codes_call needs the triton backend and an unsplit input")
-        return self._triton(codes, self.act, self.triton_weight, self.triton_wsum, None, self.bias, out_dtype)
+        return self._triton(codes, self.act, self.triton_weight, self.triton_wsum, None, self.bias, out_dtype,
+                            residual)
 
     def _triton(self, x, a, w_op, w_sum, r_inv, bias, out_dtype, residual=None):
         from ..ops import triton_ops

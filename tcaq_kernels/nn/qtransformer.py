@@ -19,12 +19,26 @@ dict and `isinstance` stay diffusers'), fusing each half that qualifies, or retu
   Refused where proj_out is not a triton QConv2d or has a split input.
 Blocks on linear projections (`use_linear_projection`, SD 2.x) or non-image inputs are left as they are; in
 training mode the block runs diffusers' code.
+
+`fuse_basic_block(name, block)` does the same for the BasicTransformerBlocks inside (`FusedBasicTransformerBlock`):
+each of its three residual adds — self-attention, cross-attention, feed-forward, each `out + hidden_states` in
+diffusers — goes into the epilogue of the GEMM that makes `out` (`to_out.0` of a quantized attention through
+`block_residual`, the feed-forward's output linear through `FusedFeedForward`'s `residual`): one rounding of
+GEMM + residual where diffusers rounds the GEMM's output first, and no add kernel. An attention or feed-forward
+left in float keeps its add in torch. Only `norm_type="layer_norm"` blocks without positional embedding or
+feed-forward chunking are fused (Stable Diffusion's); in training mode, or with cross_attention_kwargs (GLIGEN,
+LoRA scale), the block runs diffusers' forward.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
+from .qattention import ExplicitAttnProcessor
+from .qfeedforward import FusedFeedForward
 from .qlayers import QConv2d
 from .qresnet import norm_conv_refusal, norm_silu_conv
 
@@ -74,3 +88,46 @@ class FusedTransformer2DModel(Transformer2DModel):
                                                              inner_dim)
         tokens = hidden_states.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
         return self.proj_out.fused_call(tokens, tokens.dtype, residual=residual)
+
+
+def fuse_basic_block(name: str, block: torch.nn.Module) -> Optional[str]:
+    """Fuse `block`'s residual adds (in place) and return None, or return why it was left as it is."""
+    if type(block) is not BasicTransformerBlock:
+        return f"'{name}' is a {type(block).__name__}, not a diffusers BasicTransformerBlock"
+    if block.norm_type != "layer_norm":
+        return f"norm_type '{block.norm_type}' (only 'layer_norm' blocks are fused)"
+    if block.pos_embed is not None or block._chunk_size is not None:
+        return "positional embedding or chunked feed-forward"
+    block.__class__ = FusedBasicTransformerBlock
+    return None
+
+
+def _attend(attn, x: torch.Tensor, residual: torch.Tensor, context, mask) -> torch.Tensor:
+    """`attn(x, context, mask) + residual`, the add inside the processor where it takes one."""
+    if isinstance(attn.processor, ExplicitAttnProcessor):
+        return attn(x, encoder_hidden_states=context, attention_mask=mask, block_residual=residual)
+    return attn(x, encoder_hidden_states=context, attention_mask=mask) + residual
+
+
+class FusedBasicTransformerBlock(BasicTransformerBlock):
+    """diffusers' BasicTransformerBlock ("layer_norm") with its residual adds in GEMM epilogues (see module doc).
+
+    Not constructed directly: `fuse_basic_block` swaps an existing block's class.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                encoder_hidden_states: Optional[torch.Tensor] = None,
+                encoder_attention_mask: Optional[torch.Tensor] = None, timestep=None, cross_attention_kwargs=None,
+                class_labels=None, added_cond_kwargs=None) -> torch.Tensor:
+        if self.training or cross_attention_kwargs:
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
+        context = encoder_hidden_states if self.only_cross_attention else None
+        hidden_states = _attend(self.attn1, self.norm1(hidden_states), hidden_states, context, attention_mask)
+        if self.attn2 is not None:
+            hidden_states = _attend(self.attn2, self.norm2(hidden_states), hidden_states, encoder_hidden_states,
+                                    encoder_attention_mask)
+        norm_hidden_states = self.norm3(hidden_states)
+        if isinstance(self.ff, FusedFeedForward):
+            return self.ff(norm_hidden_states, residual=hidden_states)
+        return self.ff(norm_hidden_states) + hidden_states

@@ -1,18 +1,22 @@
-"""Fused Transformer2DModel projections (nn/qtransformer.py) against diffusers' code on the same quantized layers.
+"""Fused Transformer2DModel projections and BasicTransformerBlock residual adds (nn/qtransformer.py) against
+diffusers' code on the same quantized layers.
 
 Input half: the GroupNorm kernel writes proj_in's codes (statistics summed in another order than torch's: a code
 may differ by one near a rounding boundary), so the tokens agree to 1 % (relative) and mostly exactly. Output half:
 proj_out on the tokens in place with the residual in its epilogue, against `.contiguous()` + conv + add: fp32
-rounding apart. CPU: Triton's interpreter on the 8×8 conditional UNet; the GPU test runs the whole UNet in bf16.
+rounding apart; so are the blocks' residual adds in the GEMM epilogues. CPU: Triton's interpreter on the 8×8 conditional UNet; the GPU test runs the whole UNet in bf16.
 """
 from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
 import tcaq_kernels
-from tcaq_kernels.nn.qtransformer import FusedTransformer2DModel, fuse_transformer
+from tcaq_kernels.nn.qtransformer import (FusedBasicTransformerBlock, FusedTransformer2DModel, fuse_basic_block,
+                                          fuse_transformer)
 
 from _fused import outputs_with_and_without
 
@@ -86,3 +90,45 @@ def test_the_fused_unet_matches_diffusers_on_the_gpu(tiny_cond_unet, tiny_cond_s
     fused, plain = outputs_with_and_without(tiny_cond_unet, tiny_cond_state, rng, FusedTransformer2DModel,
                                             Transformer2DModel)
     assert _relative(fused, plain) < 2e-2
+
+
+def _blocks(model):
+    return [n for n, m in model.named_modules() if isinstance(m, BasicTransformerBlock)]
+
+
+def test_every_transformer_block_adds_its_residuals_in_epilogues(tiny_cond_unet, tiny_cond_state, rng):
+    model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
+    names = _blocks(model)
+    assert model.tcaq_info["fused_transformer_blocks"] == len(names) == 4
+    assert model.tcaq_info["unfused_transformer_blocks"] == {}
+    model.tcaq_groups.update(torch.tensor([900, 100]), 2)
+    text = torch.randn(2, 5, 24, generator=rng)
+    for i, name in enumerate(names):
+        block = model.get_submodule(name)
+        assert type(block) is FusedBasicTransformerBlock
+        if i == 0:  # a float self-attention: its add stays in torch
+            block.attn1.set_processor(AttnProcessor2_0())
+        dim = block.norm1.normalized_shape[0]
+        x = torch.randn(2, 64, dim, generator=rng) * 2
+        with torch.no_grad():
+            fused = block(x, encoder_hidden_states=text)
+            ref = BasicTransformerBlock.forward(block, x, encoder_hidden_states=text)
+        assert fused.shape == ref.shape == x.shape
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_what_is_not_fused_in_a_block_says_why():
+    assert "not a diffusers BasicTransformerBlock" in fuse_basic_block("m", torch.nn.Identity())
+    ada = BasicTransformerBlock(16, 2, 8, norm_type="ada_norm", num_embeds_ada_norm=10)
+    assert fuse_basic_block("b", ada) == "norm_type 'ada_norm' (only 'layer_norm' blocks are fused)"
+    chunked = BasicTransformerBlock(16, 2, 8)
+    chunked.set_chunk_feed_forward(4)
+    assert fuse_basic_block("b", chunked) == "positional embedding or chunked feed-forward"
+    assert type(ada) is type(chunked) is BasicTransformerBlock
+
+
+@pytest.mark.cuda
+def test_the_fused_blocks_match_diffusers_on_the_gpu(tiny_cond_unet, tiny_cond_state, rng):
+    fused, plain = outputs_with_and_without(tiny_cond_unet, tiny_cond_state, rng, FusedBasicTransformerBlock,
+                                            BasicTransformerBlock)
+    assert _relative(fused, plain) < 1e-2
