@@ -19,6 +19,9 @@ from a small calibration budget — the speed does not depend on how the scales 
 does on the state's layout: `--split-skip` calibrates as the `qdiffusion`/`tcaq` presets do, with the
 up blocks' skip concatenations split between two input quantizers (24 layers of the embedded model,
 each one conv kernel with an int32 sum per channel range).
+`--ablate` adds, per bit width, the fused model with one transformer fusion undone at a time (`unfuse`:
+the GEGLU feed-forward, the Transformer2DModel projections, the BasicTransformerBlock residual adds), so each
+fusion's share of the step is measured in the same process.
 Writes latency.json (rows) and latency.md (a table with ratios against bf16 eager and bf16 from CUDA
 graphs).
 """
@@ -52,6 +55,29 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
                  cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
 SD15_TEXT_TOKENS = 77
+
+
+def _ablations() -> dict:
+    """--ablate's fusions: name → (the fused class convert swaps in, diffusers' class it came from)."""
+    from diffusers.models.attention import BasicTransformerBlock, FeedForward
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    from tcaq_kernels.nn.qfeedforward import FusedFeedForward
+    from tcaq_kernels.nn.qtransformer import FusedBasicTransformerBlock, FusedTransformer2DModel
+
+    return {"feed-forward": (FusedFeedForward, FeedForward),
+            "transformer projections": (FusedTransformer2DModel, Transformer2DModel),
+            "transformer residual adds": (FusedBasicTransformerBlock, BasicTransformerBlock)}
+
+
+def unfuse(model: torch.nn.Module, fusion: str) -> int:
+    """Undo one of convert's fusions in `model` (in place: those modules get diffusers' class and code back, the
+    rest stays fused); returns how many modules changed. For A/B rows of one process."""
+    fused, plain = _ablations()[fusion]
+    modules = [m for m in model.modules() if type(m) is fused]
+    for m in modules:
+        m.__class__ = plain
+    return len(modules)
 
 
 def median_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
@@ -169,6 +195,9 @@ def main() -> int:
     parser.add_argument("--float-attention", action="store_true",
                         help="also rows with every attention layer's scores, softmax and P·V left to torch's SDPA "
                              "(the projections stay quantized)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also rows of the fused models with one transformer fusion undone at a time "
+                             "(feed-forward GEGLU, transformer projections, transformer residual adds)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -186,6 +215,12 @@ def main() -> int:
     quantized = {f"{b} triton" + ("" if fuse else " fuse_norm=False"):
                  tcaq_kernels.convert(bf16, s, backend="triton", fuse_norm=fuse)
                  for b, s in states.items() for fuse in fuse_options}
+    if args.ablate:
+        for b, s in states.items():
+            for fusion in _ablations():
+                model = tcaq_kernels.convert(bf16, s, backend="triton")
+                if unfuse(model, fusion):
+                    quantized[f"{b} triton without fused {fusion}"] = model
     compiled = None if args.no_compile else torch.compile(copy.deepcopy(bf16))
     rows = []
     for batch in args.batch:
@@ -218,7 +253,7 @@ def main() -> int:
             "model": description,
             "fused_norms": {label: m.tcaq_info.get("fused_norms", 0) for label, m in quantized.items()},
             "fused_upsamplers": {label: m.tcaq_info.get("fused_upsamplers", 0) for label, m in quantized.items()},
-            "split_skip": args.split_skip, "float_attention_rows": args.float_attention,
+            "split_skip": args.split_skip, "float_attention_rows": args.float_attention, "ablate": args.ablate,
             "tuning": tuning or "full"}
     out = Path(args.out)
     atomic_write_json(out / "latency.json", {"meta": meta, "rows": rows})

@@ -70,3 +70,17 @@ def test_the_recorded_command_names_every_switch_that_was_set(load_benchmark, mo
     monkeypatch.setenv("TCAQ_CUTLASS_GEMM", "1")
     assert latency.command_line() == ("TCAQ_CUTLASS_GEMM=1 TCAQ_TRITON_TUNING=quick "
                                       "python benchmarks/latency.py --arch sd15")
+
+
+def test_unfuse_gives_each_fusion_back_to_diffusers(load_benchmark, tiny_cond_unet, tiny_cond_state):
+    """--ablate's rows: one fusion undone, the others kept."""
+    from tcaq_kernels.nn.qfeedforward import FusedFeedForward
+    from tcaq_kernels.nn.qtransformer import FusedBasicTransformerBlock, FusedTransformer2DModel
+
+    latency = load_benchmark("latency")
+    kinds = (FusedFeedForward, FusedTransformer2DModel, FusedBasicTransformerBlock)
+    for fusion, undone in zip(("feed-forward", "transformer projections", "transformer residual adds"), kinds):
+        model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
+        assert latency.unfuse(model, fusion) == 4
+        left = {k: sum(type(m) is k for m in model.modules()) for k in kinds}
+        assert left == {k: 0 if k is undone else 4 for k in kinds}
