@@ -20,19 +20,22 @@ MAX_FLIP_RATE = 1e-3
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def reference(x, num_groups, gamma, beta, eps, s_inv, zero, bits, r_inv):
-    """(codes, pre-rounding values) of torch's fp32 group_norm → silu → `quantize_uniform`, NHWC.
+def reference(x, num_groups, gamma, beta, eps, s_inv, zero, bits, r_inv, silu: bool = True):
+    """(codes, pre-rounding values) of torch's fp32 group_norm → silu → `quantize_uniform`, NHWC (`silu=False`:
+    without the SiLU).
 
     `s_inv` / `zero` broadcast against [B, C, H, W] (per-sample tables shaped [B, 1, 1, 1]).
     """
-    y = F.silu(F.group_norm(x.float(), num_groups, gamma, beta, eps))
+    y = F.group_norm(x.float(), num_groups, gamma, beta, eps)
+    y = F.silu(y) if silu else y
     codes = P.quantize_uniform(y, s_inv, zero, bits, r_inv, 1)
     v = P.scale_input(y, s_inv, r_inv, 1)
     return codes.permute(0, 2, 3, 1), v.permute(0, 2, 3, 1)
 
 
-def band(x, num_groups, gamma, beta, eps, s_inv, r_inv):
-    """Per-element half-width (NHWC, code units) within which kernel and reference values may differ."""
+def band(x, num_groups, gamma, beta, eps, s_inv, r_inv, silu: bool = True):
+    """Per-element half-width (NHWC, code units) within which kernel and reference values may differ
+    (`silu=False`: of the codes without SiLU)."""
     B, C = x.shape[:2]
     xg = x.double().reshape(B, num_groups, -1)
     mean = xg.mean(dim=2, keepdim=True)
@@ -44,9 +47,9 @@ def band(x, num_groups, gamma, beta, eps, s_inv, r_inv):
     b = (beta.double() if beta is not None else torch.zeros(C, dtype=torch.float64)).view(1, C, 1, 1)
     y = n * g + b
     y_err = ULPS * EPS32 * (n_err * g.abs() + b.abs() + y.abs())
-    silu = F.silu(y)
+    act = F.silu(y) if silu else y
     mult = s_inv.double() * (r_inv.double().view(1, C, 1, 1) if r_inv is not None else 1.0)
-    v_err = (1.1 * y_err + ULPS * EPS32 * silu.abs()) * mult.abs() * (1 + 2 * ULPS * EPS32)
+    v_err = ((1.1 if silu else 1.0) * y_err + ULPS * EPS32 * act.abs()) * mult.abs() * (1 + 2 * ULPS * EPS32)
     return (2 * v_err).permute(0, 2, 3, 1)
 
 

@@ -30,12 +30,12 @@ def _inputs(gen, device, B, C, H, W, dtype=torch.float32, affine=True, tcr=True,
     return x.to(device), move(gamma), move(beta), move(r_inv), t
 
 
-def _check(codes, x, G, gamma, beta, eps, r_inv, t, what):
+def _check(codes, x, G, gamma, beta, eps, r_inv, t, what, silu=True):
     s_inv, zero = t.per_sample(t.s_inv, 4), t.per_sample(t.zero, 4)
-    ref, v = reference(x, G, gamma, beta, eps, s_inv, zero, t.bits, r_inv)
+    ref, v = reference(x, G, gamma, beta, eps, s_inv, zero, t.bits, r_inv, silu)
     assert codes.dtype == torch.int8 and codes.shape == ref.shape
     return assert_codes_within_band(codes, ref, v, band(x.cpu(), G, _cpu(gamma), _cpu(beta), eps, s_inv.cpu(),
-                                                        _cpu(r_inv)), what)
+                                                        _cpu(r_inv), silu), what)
 
 
 def _cpu(v):
@@ -66,6 +66,34 @@ def test_codes_match_reference(gen, device, case, bits, path, monkeypatch):
     x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W, bits=bits)
     codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-5, t.s_inv, t.zero, t.group, bits, r_inv)
     _check(codes, x, G, gamma, beta, 1e-5, r_inv, t, f"{case} A{bits}")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", CASES[:2])
+def test_codes_without_silu(gen, device, case, path, monkeypatch):
+    """`silu=False`: the codes of group_norm(x) alone (a Transformer2DModel's norm → proj_in), channels-last input."""
+    _force(path, monkeypatch)
+    B, C, H, W, G = case
+    x, gamma, beta, r_inv, t = _inputs(gen, device, B, C, H, W)
+    x = x.to(memory_format=torch.channels_last)
+    codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-6, t.s_inv, t.zero, t.group, 8, r_inv, silu=False)
+    _check(codes, x, G, gamma, beta, 1e-6, r_inv, t, f"{case} no SiLU", silu=False)
+    with_silu = groupnorm_silu_quantize(x, gamma, beta, G, 1e-6, t.s_inv, t.zero, t.group, 8, r_inv)
+    assert not torch.equal(codes, with_silu)
+
+
+# SD-1.5's Transformer2DModel norms (eps 1e-6, bf16, channels-last) at batch 2 and 8 on the GPU.
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", [(2, 320, 64, 64, 32), (8, 640, 32, 32, 32), (8, 1280, 16, 16, 32),
+                                  (8, 1280, 8, 8, 32)])
+@pytest.mark.parametrize("path", PATHS)
+def test_large_shapes_without_silu(gen, case, path, monkeypatch):
+    _force(path, monkeypatch)
+    B, C, H, W, G = case
+    x, gamma, beta, r_inv, t = _inputs(gen, "cuda", B, C, H, W, dtype=torch.bfloat16)
+    x = x.to(memory_format=torch.channels_last)
+    codes = groupnorm_silu_quantize(x, gamma, beta, G, 1e-6, t.s_inv, t.zero, t.group, 8, r_inv, silu=False)
+    _check(codes, x, G, gamma, beta, 1e-6, r_inv, t, f"{case} no SiLU", silu=False)
 
 
 @pytest.mark.parametrize("path", PATHS)
