@@ -94,6 +94,14 @@ def test_bad_arguments_are_named(gen, device):
         geglu_quantize_bsc(h, t.s_inv, t.zero, t.group, 1, 8, None, torch.empty(2, 3, 5, device=device))
 
 
+def test_fake_impl_matches(gen, device):
+    """The op's schema and fake implementation (what torch.compile traces) agree with the real one."""
+    h = torch.randn(2, 3, 10, generator=gen).to(device)
+    t = Tables(gen, groups=2, batch=2, bits=8, device=device)
+    torch.library.opcheck(geglu_quantize, (h, t.s_inv, t.zero, t.group, 8, torch.ones(5, device=device)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("shape", [(2, 4096, 1280), (8, 1024, 2560), (2, 64, 5120)])  # SD-1.5's three levels
 def test_sd15_shapes_match_torch_bit_for_bit(gen, shape):
