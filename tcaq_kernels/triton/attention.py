@@ -55,10 +55,11 @@ mid block: 16), but loses from 77 keys up (see SHORT_KEYS).
 
 Cost per score (MUFU is the limit: two exponentials, one per pass — one with p_row_max): the exponentials are
 `ex2.approx.ftz` on the scores in log2 units, one FFMA + one MUFU each; pass 2 folds log2(s_inv/sum)
-into the exponent, so y comes straight out of the exp; the uniform code is rint(min(y, QMAX − z)) + z
-read off the bits of y + 1.5·2^23, and the log2 level 2^-c is the exponent field of y after adding
-0x800000 − 0x3504F4 (the carry is quantize_log2's √2 rounding) — both the very integers of
-`quant/primitives.py` for the same y.
+into the exponent, so y comes straight out of the exp; the uniform code's int8 is the low byte of the bits of
+min(y, QMAX − z) + (1.5·2^23 + z) (`_uniform_bits`: 272 instructions per 32 scores of a thread in pass 2's loop on
+sm_90a, 305 with the code subtracted first; ties at k + ½ aside, see there), and the log2 level 2^-c is the
+exponent field of y after adding 0x800000 − 0x3504F4 (the carry is quantize_log2's √2 rounding) — both the
+integers of `quant/primitives.py` for the same y.
 
 Head dims up to 256 are padded to a power of two ≥ 32 (int8 MMA's K) inside (zero codes in the pad);
 Lq and Lk are arbitrary (masked), Lk ≠ Lq for cross-attention.
@@ -236,11 +237,21 @@ def _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP: tl.constexpr, MASK: t
 
 
 @triton.jit
-def _uniform_codes(y, k_max, magic_z):
-    """quantize_uniform of y = P·s_inv ≥ 0: clamp(rint(y) + z, QMIN, QMAX) = rint(min(y, QMAX − z)) + z,
-    the rint read off the bits of min(·) + 1.5·2^23 (exact below 2^22), z folded into the subtrahend
-    magic_z = 0x4B400000 − z; k_max = QMAX − z."""
-    return (tl.minimum(y, k_max) + 12582912.0).to(tl.int32, bitcast=True) - magic_z
+def _uniform_bits(y, k_max, magic):
+    """quantize_uniform of y = P·s_inv ≥ 0, clamp(rint(y) + z, QMIN, QMAX) = rint(min(y, QMAX − z)) + z, as the
+    bits of min(y, k_max) + magic, k_max = QMAX − z, magic = 1.5·2^23 + z: the sum lies in [2^23, 2^24), where
+    floats are the integers, so its bits are 0x4B400000 + the code and the code's int8 is their low byte
+    (`.to(tl.int8)` truncates) — no subtraction on the MMA's path; `_codes_of` gives the int32 code. Ties (y at
+    k + ½ exactly) round to the even total where quantize_uniform rounds y to even first: the same code for an
+    even z (P's calibrated z is QMIN, −128), one apart for an odd z — a rounding boundary, where the module doc
+    already lets a P code differ."""
+    return (tl.minimum(y, k_max) + magic).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _codes_of(bits):
+    """The int32 codes of `_uniform_bits`."""
+    return bits - 0x4B400000
 
 
 @triton.jit
@@ -260,19 +271,19 @@ def _log2_codes(level, ZERO_CODE: tl.constexpr):
 
 
 @triton.jit
-def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic_z, p_zero, acc, mass,
+def _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max, magic, p_zero, acc, mass,
                      dbg_ptrs, DP: tl.constexpr, MASK: tl.constexpr, DEBUG: tl.constexpr, FAST: tl.constexpr,
                      ROW_NORM: tl.constexpr, SUM_Y: tl.constexpr):
     y = _scaled_probs(qc, kc_base, n0, rn, rd, Lk, c2, b2, DP, MASK, FAST)
     if SUM_Y:  # the row-max map's row sum, in units of s_p (masked keys have y = 0)
         mass += tl.sum(y, axis=1)
-    c = _uniform_codes(y, k_max, magic_z)
+    bits = _uniform_bits(y, k_max, magic)
     if DEBUG:
-        tl.store(dbg_ptrs + n0, c, mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
+        tl.store(dbg_ptrs + n0, _codes_of(bits), mask=(rm < Lq)[:, None] & (n0 + rn < Lk)[None, :])
     if ROW_NORM:  # Σ_j (c − z): masked keys have y = 0, code z, and add nothing
-        mass += tl.sum(c - p_zero, axis=1)
+        mass += tl.sum(_codes_of(bits) - p_zero, axis=1)
     vt = tl.load(vt_base + rd[:, None] * LK_PAD + (n0 + rn)[None, :])  # [DP, BLOCK_N], keys contiguous
-    return tl.dot(c.to(tl.int8), tl.trans(vt), acc, out_dtype=tl.int32), mass
+    return tl.dot(bits.to(tl.int8), tl.trans(vt), acc, out_dtype=tl.int32), mass
 
 
 @triton.jit
@@ -395,7 +406,7 @@ def _qattn_kernel(
         vt_base = vt_ptr + bh * DP * LK_PAD
         p_zero = tl.load(p_zero_ptr + g)
         k_max = (P_QMAX - p_zero).to(tl.float32)
-        magic_z = 0x4B400000 - p_zero
+        magic = 12582912.0 + p_zero.to(tl.float32)
         acc_i = tl.full((BLOCK_M, DP), 0, tl.int32)
         if SUM_Y:
             mass_i = tl.full((BLOCK_M,), 0.0, tl.float32)
@@ -403,11 +414,11 @@ def _qattn_kernel(
             mass_i = tl.full((BLOCK_M,), 0, tl.int32)
         for n0 in range(0, n_full, BLOCK_N):
             acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n0, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
-                                             magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, False, DEBUG,
+                                             magic, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, False, DEBUG,
                                              FAST, ROW_NORM, SUM_Y)
         if n_full < Lk:
             acc_i, mass_i = _pv_uniform_step(qc, kc_base, vt_base, n_full, rn, rd, rm, Lq, Lk, LK_PAD, c2, b2, k_max,
-                                             magic_z, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG,
+                                             magic, p_zero, acc_i, mass_i, dbg_p_ptr + dbg_offs, DP, True, DEBUG,
                                              FAST, ROW_NORM, SUM_Y)
         # Σ_j v: the quantize kernel's per-block sums (integers: exact), read a tile of VSUM_CODES at a time
         # (one load in flight per tile, where a row at a time serialised V_BLOCKS loads in every program)
@@ -518,14 +529,14 @@ def _qattn_short_kernel(
         out = _scaled_out(acc_f, mass_f, s_p, s_v, ROW_NORM or SUM_Y)
     else:  # uniform; masked keys have y = 0, code z, v codes 0: they add nothing to P·V or the mass
         p_zero = tl.load(p_zero_ptr + g)
-        c = _uniform_codes(y, (P_QMAX - p_zero).to(tl.float32), 0x4B400000 - p_zero)
+        bits = _uniform_bits(y, (P_QMAX - p_zero).to(tl.float32), 12582912.0 + p_zero.to(tl.float32))
         if DEBUG:
-            tl.store(dbg_p_ptr + dbg_offs, c, mask=dbg_mask)
+            tl.store(dbg_p_ptr + dbg_offs, _codes_of(bits), mask=dbg_mask)
         if ROW_NORM:
-            mass_u = tl.sum(c - p_zero, axis=1)
+            mass_u = tl.sum(_codes_of(bits) - p_zero, axis=1)
         else:
             mass_u = tl.sum(y, axis=1)
-        acc_i = tl.dot(c.to(tl.int8), tl.trans(vt), out_dtype=tl.int32)
+        acc_i = tl.dot(bits.to(tl.int8), tl.trans(vt), out_dtype=tl.int32)
         vsum = tl.sum(vt.to(tl.int32), axis=1)
         out = _scaled_out((acc_i - p_zero * vsum[None, :]).to(tl.float32), mass_u, s_p, s_v, ROW_NORM or SUM_Y)
 
