@@ -38,8 +38,9 @@ def convert(model: torch.nn.Module, state: CalibState | str | os.PathLike, backe
     `tcaq_info["fused_feed_forwards"]`, `["unfused_feed_forwards"]`), and lets each Transformer2DModel's
     GroupNorm write its proj_in's codes and its proj_out read the tokens in place with the residual in its
     epilogue (nn/qtransformer.py; `tcaq_info["fused_transformer_halves"]`, `["unfused_transformer_halves"]`), and
-    moves each BasicTransformerBlock's three residual adds into the epilogues of the GEMMs before them
-    (`tcaq_info["fused_transformer_blocks"]`, `["unfused_transformer_blocks"]`).
+    moves each BasicTransformerBlock's three residual adds into the epilogues of the GEMMs before them and lets
+    its norm2 / norm3 LayerNorms write their linears' codes (`tcaq_info["fused_transformer_blocks"]`,
+    `["unfused_transformer_blocks"]`, `["fused_layer_norms"]`).
     """
     if not isinstance(state, CalibState):
         state = CalibState.load(state)
@@ -149,5 +150,7 @@ def _fuse_basic_blocks(model: torch.nn.Module) -> dict:
 
     reasons = {name: fuse_basic_block(name, block) for name, block in list(model.named_modules())
                if type(block) is BasicTransformerBlock}
-    return {"fused_transformer_blocks": sum(r is None for r in reasons.values()),
-            "unfused_transformer_blocks": {name: r for name, r in reasons.items() if r is not None}}
+    fused = [block for name, block in model.named_modules() if name in reasons and reasons[name] is None]
+    return {"fused_transformer_blocks": len(fused),
+            "unfused_transformer_blocks": {name: r for name, r in reasons.items() if r is not None},
+            "fused_layer_norms": sum(sum(block.tcaq_ln) for block in fused)}

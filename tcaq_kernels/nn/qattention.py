@@ -34,9 +34,11 @@ class ExplicitAttnProcessor(torch.nn.Module):
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 block_residual=None, **kwargs):
-        """diffusers' steps; `block_residual` (from a fused transformer block, nn/qtransformer.py) is added to the
-        result — the block's own `attn_output + hidden_states`, which the triton backend does in to_out's GEMM."""
+                 block_residual=None, query_codes=None, **kwargs):
+        """diffusers' steps. From a fused transformer block (nn/qtransformer.py): `block_residual` is added to the
+        result — the block's own `attn_output + hidden_states`, which the triton backend does in to_out's GEMM —
+        and `query_codes`, `to_q`'s int8 input codes already written by the block's LayerNorm kernel, replace
+        `to_q(hidden_states)` (hidden_states then only gives the shapes)."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -50,7 +52,10 @@ class ExplicitAttnProcessor(torch.nn.Module):
             attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
             attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
         hidden_states = self.normalize(attn, hidden_states)
-        query = attn.to_q(hidden_states)
+        if query_codes is None:
+            query = attn.to_q(hidden_states)
+        else:
+            query = attn.to_q.codes_call(query_codes, hidden_states.dtype)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:

@@ -67,14 +67,31 @@ class FusedFeedForward(FeedForward):
         if self.training or args or kwargs.get("scale") is not None:
             out = super().forward(hidden_states, *args, **kwargs)
             return out if residual is None else out + residual
-        geglu, linear = self.net[0], self.net[2]
+        return self._after_projection(self.net[0].proj(hidden_states), residual)
+
+    @property
+    def takes_codes(self) -> bool:
+        """Whether `from_codes` can run: the projection is a triton QLinear with one uniform input quantizer."""
+        proj = self.net[0].proj
+        return (isinstance(proj, QLinear) and proj.adds_residual
+                and all(kind == "uniform" for kind in proj.act.kinds))
+
+    def from_codes(self, codes: torch.Tensor, out_dtype: torch.dtype,
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The module on int8 codes of its input written with the projection's quantizer by a fused producer
+        (a transformer block's LayerNorm kernel; `takes_codes`), `residual` added as in `forward`."""
+        return self._after_projection(self.net[0].proj.codes_call(codes, out_dtype), residual)
+
+    def _after_projection(self, projected: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """GEGLU → quantize (one kernel), the output linear, what follows it, the residual."""
+        linear = self.net[2]
         a = linear.act
-        codes = triton_ops.call(triton_ops.geglu_quantize, geglu.proj(hidden_states), a.s_inv, a.zero,
+        codes = triton_ops.call(triton_ops.geglu_quantize, projected, a.s_inv, a.zero,
                                 linear.groups.current(linear.name), a.bits, linear.r_inv)
         tail = list(self.net[3:])
         if all(isinstance(m, torch.nn.Dropout) for m in tail):  # eval mode: identities
-            return linear.codes_call(codes, hidden_states.dtype, residual)
-        out = linear.codes_call(codes, hidden_states.dtype)
+            return linear.codes_call(codes, projected.dtype, residual)
+        out = linear.codes_call(codes, projected.dtype)
         for module in tail:
             out = module(out)
         return out if residual is None else out + residual

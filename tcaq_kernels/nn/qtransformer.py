@@ -25,9 +25,14 @@ each of its three residual adds — self-attention, cross-attention, feed-forwar
 diffusers — goes into the epilogue of the GEMM that makes `out` (`to_out.0` of a quantized attention through
 `block_residual`, the feed-forward's output linear through `FusedFeedForward`'s `residual`): one rounding of
 GEMM + residual where diffusers rounds the GEMM's output first, and no add kernel. An attention or feed-forward
-left in float keeps its add in torch. Only `norm_type="layer_norm"` blocks without positional embedding or
-feed-forward chunking are fused (Stable Diffusion's); in training mode, or with cross_attention_kwargs (GLIGEN,
-LoRA scale), the block runs diffusers' forward.
+left in float keeps its add in torch. Two of its LayerNorms feed one quantized linear each — norm2 the
+cross-attention's `to_q`, norm3 the feed-forward's projection — and there the LayerNorm kernel writes that
+linear's codes (`tcaq::triton_layernorm_quantize`, triton/layernorm.py; `tcaq_ln` says which): the normalised
+tokens never reach memory and the linear's quantize pass goes (statistics summed in another order than torch's:
+a code may differ by one near a rounding boundary). norm1 feeds three projections with three quantizers and
+stays torch's. Only `norm_type="layer_norm"` blocks without positional embedding or feed-forward chunking are
+fused (Stable Diffusion's); in training mode, or with cross_attention_kwargs (GLIGEN, LoRA scale), the block runs
+diffusers' forward.
 """
 from __future__ import annotations
 
@@ -37,9 +42,11 @@ import torch
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
-from .qattention import ExplicitAttnProcessor
+from ..ops import triton_ops
+from ..triton.layernorm import ROW_ELEMENTS
+from .qattention import ExplicitAttnProcessor, QAttnProcessor
 from .qfeedforward import FusedFeedForward
-from .qlayers import QConv2d
+from .qlayers import QConv2d, QLinear
 from .qresnet import norm_conv_refusal, norm_silu_conv
 
 
@@ -99,7 +106,30 @@ def fuse_basic_block(name: str, block: torch.nn.Module) -> Optional[str]:
     if block.pos_embed is not None or block._chunk_size is not None:
         return "positional embedding or chunked feed-forward"
     block.__class__ = FusedBasicTransformerBlock
+    attn2 = block.attn2
+    cross = (attn2 is not None and isinstance(attn2.processor, QAttnProcessor)
+             and attn2.processor.backend == "triton" and attn2.group_norm is None and attn2.spatial_norm is None
+             and _writes_codes_for(block.norm2, attn2.to_q))
+    ff = block.ff
+    block.tcaq_ln = (cross, isinstance(ff, FusedFeedForward) and ff.takes_codes
+                     and _writes_codes_for(block.norm3, ff.net[0].proj))
     return None
+
+
+def _writes_codes_for(norm: torch.nn.Module, linear: torch.nn.Module) -> bool:
+    """Whether the LayerNorm kernel can write `linear`'s input codes from `norm`'s input."""
+    return (type(norm) is torch.nn.LayerNorm and len(norm.normalized_shape) == 1
+            and (norm.weight is None) == (norm.bias is None) and norm.normalized_shape[0] <= ROW_ELEMENTS
+            and isinstance(linear, QLinear) and linear.adds_residual
+            and linear.weight_shape[1] == norm.normalized_shape[0]
+            and all(kind == "uniform" for kind in linear.act.kinds))
+
+
+def _layernorm_codes(norm: torch.nn.LayerNorm, linear: QLinear, x: torch.Tensor) -> torch.Tensor:
+    """`linear`'s int8 input codes of `norm(x)`, one kernel."""
+    a = linear.act
+    return triton_ops.call(triton_ops.layernorm_quantize, x, norm.weight, norm.bias, norm.eps, a.s_inv, a.zero,
+                           linear.groups.current(linear.name), a.bits, linear.r_inv)
 
 
 def _attend(attn, x: torch.Tensor, residual: torch.Tensor, context, mask) -> torch.Tensor:
@@ -112,8 +142,11 @@ def _attend(attn, x: torch.Tensor, residual: torch.Tensor, context, mask) -> tor
 class FusedBasicTransformerBlock(BasicTransformerBlock):
     """diffusers' BasicTransformerBlock ("layer_norm") with its residual adds in GEMM epilogues (see module doc).
 
-    Not constructed directly: `fuse_basic_block` swaps an existing block's class.
+    Not constructed directly: `fuse_basic_block` swaps an existing block's class and sets `tcaq_ln` = (norm2
+    writes the cross-attention's query codes, norm3 writes the feed-forward's input codes).
     """
+
+    tcaq_ln: tuple[bool, bool]
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 encoder_hidden_states: Optional[torch.Tensor] = None,
@@ -124,9 +157,17 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                                    timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
         context = encoder_hidden_states if self.only_cross_attention else None
         hidden_states = _attend(self.attn1, self.norm1(hidden_states), hidden_states, context, attention_mask)
-        if self.attn2 is not None:
+        if self.attn2 is not None and self.tcaq_ln[0] and encoder_hidden_states is not None:
+            codes = _layernorm_codes(self.norm2, self.attn2.to_q, hidden_states)
+            hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                       attention_mask=encoder_attention_mask, block_residual=hidden_states,
+                                       query_codes=codes)
+        elif self.attn2 is not None:
             hidden_states = _attend(self.attn2, self.norm2(hidden_states), hidden_states, encoder_hidden_states,
                                     encoder_attention_mask)
+        if self.tcaq_ln[1]:
+            codes = _layernorm_codes(self.norm3, self.ff.net[0].proj, hidden_states)
+            return self.ff.from_codes(codes, hidden_states.dtype, residual=hidden_states)
         norm_hidden_states = self.norm3(hidden_states)
         if isinstance(self.ff, FusedFeedForward):
             return self.ff(norm_hidden_states, residual=hidden_states)

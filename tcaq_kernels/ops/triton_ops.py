@@ -11,8 +11,8 @@ Tables of a quantized layer with G timestep groups: `s_inv[G]` fp32 (1/s_a), `sc
 batch uses `table[group[b]]`.
 
 Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_geglu_quantize`,
-`tcaq::triton_groupnorm_silu_quantize`, `tcaq::triton_groupnorm`, `tcaq::triton_qlinear`, `tcaq::triton_qconv2d`,
-`tcaq::triton_qattention`):
+`tcaq::triton_layernorm_quantize`, `tcaq::triton_groupnorm_silu_quantize`, `tcaq::triton_groupnorm`,
+`tcaq::triton_qlinear`, `tcaq::triton_qconv2d`, `tcaq::triton_qattention`):
 
     quantize_act(x, s_inv, zero, group, bits=8, r_inv=None, mode="uniform", pack4=False,
                  channel_dim=-1) -> codes
@@ -25,6 +25,12 @@ Signatures (registered as `tcaq::triton_quantize_act`, `tcaq::triton_geglu_quant
         A diffusers GEGLU's output `h[..., :F] · gelu(h[..., F:])` (h [..., 2F] float, the projection's
         output, any strides) quantized for the linear that reads it (its uniform tables, r_inv[F]), one
         pass (triton/geglu.py): the codes `quantize_act` would give of diffusers' own product.
+
+    layernorm_quantize(x, weight, bias, eps, s_inv, zero, group, bits=8, r_inv=None) -> codes [..., C] int8
+        `layer_norm(x)` over the last dim (x [..., C] float, channels contiguous; weight/bias [C] or both None)
+        quantized for the linear that reads it (its uniform tables, r_inv[C]), one pass (triton/layernorm.py);
+        rows split between the samples as qlinear's. Statistics in another order than torch's: a code may
+        differ by one within fp32 rounding of a rounding boundary.
 
     groupnorm_silu_quantize(x, weight, bias, num_groups, eps, s_inv, zero, group, bits=8, r_inv=None,
                             c2=None, s_inv2=None, zero2=None, x2=None, silu=True)
@@ -112,9 +118,11 @@ from ..triton.conv import conv_output_size, conv_pads, prepare_conv_weight, qcon
 from ..triton.geglu import geglu_quantize_bsc
 from ..triton.gemm import prepare_linear_weight, qgemm
 from ..triton.groupnorm import groupnorm_bsc, groupnorm_silu_quantize_bsc
+from ..triton.layernorm import layernorm_quantize_2d
 from ..triton.quantize import quantize_bsc
 
-__all__ = ["quantize_act", "geglu_quantize", "groupnorm_silu_quantize", "groupnorm", "qlinear", "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
+__all__ = ["quantize_act", "geglu_quantize", "layernorm_quantize", "groupnorm_silu_quantize", "groupnorm", "qlinear",
+           "qconv2d", "qattention", "call", "prepare_linear_weight", "prepare_conv_weight"]
 
 
 _IMPLS: dict = {}  # custom op → the Python function it wraps
@@ -270,6 +278,41 @@ def geglu_quantize(
 @geglu_quantize.register_fake
 def _(h, s_inv, zero, group, bits=8, r_inv=None):
     return h.new_empty(_geglu_shape(h), dtype=torch.int8)
+
+
+# -------------------------------------------------------------------------------- layernorm_quantize
+
+
+@_custom_op("tcaq::triton_layernorm_quantize")
+def layernorm_quantize(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    s_inv: torch.Tensor,
+    zero: torch.Tensor,
+    group: torch.Tensor,
+    bits: int = 8,
+    r_inv: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int8 codes of `layer_norm(x)` over the last dim with the next linear's quantizer (see module doc)."""
+    if x.dim() < 2 or not x.is_floating_point():
+        raise ValueError(f"layernorm_quantize expects float x [..., C], got {tuple(x.shape)} {x.dtype}")
+    C = x.shape[-1]
+    x2 = x.reshape(-1, C)
+    M = x2.shape[0]
+    batch, gstride = _group_layout(group, M)
+    if M % batch:
+        raise ValueError(f"layernorm_quantize: {M} rows do not split into {batch} samples")
+    _require_dense("layernorm_quantize", weight=weight, bias=bias, s_inv=s_inv, zero=zero, r_inv=r_inv)
+    out = torch.empty((M, C), dtype=torch.int8, device=x.device)
+    layernorm_quantize_2d(x2, weight, bias, eps, s_inv, zero, group, gstride, M // batch, bits, r_inv, out)
+    return out.view(x.shape)
+
+
+@layernorm_quantize.register_fake
+def _(x, weight, bias, eps, s_inv, zero, group, bits=8, r_inv=None):
+    return x.new_empty(x.shape, dtype=torch.int8)
 
 
 # -------------------------------------------------------------------------- groupnorm_silu_quantize

@@ -97,10 +97,14 @@ def _blocks(model):
 
 
 def test_every_transformer_block_adds_its_residuals_in_epilogues(tiny_cond_unet, tiny_cond_state, rng):
+    """The residual adds in GEMM epilogues (fp32 rounding apart) and norm2 / norm3 writing their linears' codes
+    (a code may flip near a rounding boundary): the block's output agrees with diffusers' to 1 % (relative) and
+    almost everywhere to fp32 rounding."""
     model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
     names = _blocks(model)
     assert model.tcaq_info["fused_transformer_blocks"] == len(names) == 4
-    assert model.tcaq_info["unfused_transformer_blocks"] == {}
+    assert model.tcaq_info["unfused_transformer_blocks"] == {} and model.tcaq_info["fused_layer_norms"] == 8
+    assert all(model.get_submodule(n).tcaq_ln == (True, True) for n in names)
     model.tcaq_groups.update(torch.tensor([900, 100]), 2)
     text = torch.randn(2, 5, 24, generator=rng)
     for i, name in enumerate(names):
@@ -114,7 +118,9 @@ def test_every_transformer_block_adds_its_residuals_in_epilogues(tiny_cond_unet,
             fused = block(x, encoder_hidden_states=text)
             ref = BasicTransformerBlock.forward(block, x, encoder_hidden_states=text)
         assert fused.shape == ref.shape == x.shape
-        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+        assert _relative(fused, ref) < 1e-2, name
+        close = (fused - ref).abs() <= 1e-5 * ref.abs() + 1e-5 * ref.abs().max()
+        assert close.float().mean() > 0.9, name
 
 
 def test_what_is_not_fused_in_a_block_says_why():
