@@ -20,7 +20,8 @@ does on the state's layout: `--split-skip` calibrates as the `qdiffusion`/`tcaq`
 up blocks' skip concatenations split between two input quantizers (24 layers of the embedded model,
 each one conv kernel with an int32 sum per channel range).
 `--ablate` adds, per bit width, the fused model with one transformer fusion undone at a time (`unfuse`:
-the GEGLU feed-forward, the Transformer2DModel projections, the BasicTransformerBlock residual adds), so each
+the GEGLU feed-forward, the Transformer2DModel projections, the BasicTransformerBlock forward — residual adds
+and LayerNorm + quantize —, its LayerNorm + quantize alone), so each
 fusion's share of the step is measured in the same process.
 Writes latency.json (rows) and latency.md (a table with ratios against bf16 eager and bf16 from CUDA
 graphs).
@@ -58,7 +59,8 @@ SD15_TEXT_TOKENS = 77
 
 
 def _ablations() -> dict:
-    """--ablate's fusions: name → (the fused class convert swaps in, diffusers' class it came from)."""
+    """--ablate's fusions: name → (the fused class convert swaps in, diffusers' class it came from), or for the
+    LayerNorms (a switch of the fused blocks, not a class) None."""
     from diffusers.models.attention import BasicTransformerBlock, FeedForward
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
@@ -67,13 +69,23 @@ def _ablations() -> dict:
 
     return {"feed-forward": (FusedFeedForward, FeedForward),
             "transformer projections": (FusedTransformer2DModel, Transformer2DModel),
-            "transformer residual adds": (FusedBasicTransformerBlock, BasicTransformerBlock)}
+            "transformer blocks": (FusedBasicTransformerBlock, BasicTransformerBlock),
+            "transformer layer norms": None}
 
 
 def unfuse(model: torch.nn.Module, fusion: str) -> int:
-    """Undo one of convert's fusions in `model` (in place: those modules get diffusers' class and code back, the
-    rest stays fused); returns how many modules changed. For A/B rows of one process."""
-    fused, plain = _ablations()[fusion]
+    """Undo one of convert's fusions in `model` (in place: those modules get diffusers' class and code back — or,
+    for the layer norms, the fused blocks run torch's LayerNorm again — the rest stays fused); returns how many
+    modules changed. For A/B rows of one process."""
+    from tcaq_kernels.nn.qtransformer import FusedBasicTransformerBlock
+
+    classes = _ablations()[fusion]
+    if classes is None:
+        blocks = [m for m in model.modules() if type(m) is FusedBasicTransformerBlock and any(m.tcaq_ln)]
+        for m in blocks:
+            m.tcaq_ln = (False, False)
+        return len(blocks)
+    fused, plain = classes
     modules = [m for m in model.modules() if type(m) is fused]
     for m in modules:
         m.__class__ = plain
@@ -197,7 +209,8 @@ def main() -> int:
                              "(the projections stay quantized)")
     parser.add_argument("--ablate", action="store_true",
                         help="also rows of the fused models with one transformer fusion undone at a time "
-                             "(feed-forward GEGLU, transformer projections, transformer residual adds)")
+                             "(feed-forward GEGLU, transformer projections, transformer blocks' residual "
+                             "adds and LayerNorms, their LayerNorms alone)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if not torch.cuda.is_available():

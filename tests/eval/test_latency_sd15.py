@@ -79,8 +79,11 @@ def test_unfuse_gives_each_fusion_back_to_diffusers(load_benchmark, tiny_cond_un
 
     latency = load_benchmark("latency")
     kinds = (FusedFeedForward, FusedTransformer2DModel, FusedBasicTransformerBlock)
-    for fusion, undone in zip(("feed-forward", "transformer projections", "transformer residual adds"), kinds):
+    for fusion, undone in zip(("feed-forward", "transformer projections", "transformer blocks"), kinds):
         model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
         assert latency.unfuse(model, fusion) == 4
         left = {k: sum(type(m) is k for m in model.modules()) for k in kinds}
         assert left == {k: 0 if k is undone else 4 for k in kinds}
+    model = tcaq_kernels.convert(tiny_cond_unet, tiny_cond_state, backend="triton")
+    assert latency.unfuse(model, "transformer layer norms") == 4
+    assert all(m.tcaq_ln == (False, False) for m in model.modules() if type(m) is FusedBasicTransformerBlock)
