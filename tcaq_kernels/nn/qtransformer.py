@@ -157,7 +157,9 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
                                    timestep, cross_attention_kwargs, class_labels, added_cond_kwargs)
         context = encoder_hidden_states if self.only_cross_attention else None
         hidden_states = _attend(self.attn1, self.norm1(hidden_states), hidden_states, context, attention_mask)
-        if self.attn2 is not None and self.tcaq_ln[0] and encoder_hidden_states is not None:
+        # the flags were set at conversion; a processor or feed-forward swapped since (an A/B) keeps its own path
+        if (self.tcaq_ln[0] and encoder_hidden_states is not None and self.attn2 is not None
+                and isinstance(self.attn2.processor, QAttnProcessor)):
             codes = _layernorm_codes(self.norm2, self.attn2.to_q, hidden_states)
             hidden_states = self.attn2(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                        attention_mask=encoder_attention_mask, block_residual=hidden_states,
@@ -165,7 +167,7 @@ class FusedBasicTransformerBlock(BasicTransformerBlock):
         elif self.attn2 is not None:
             hidden_states = _attend(self.attn2, self.norm2(hidden_states), hidden_states, encoder_hidden_states,
                                     encoder_attention_mask)
-        if self.tcaq_ln[1]:
+        if self.tcaq_ln[1] and isinstance(self.ff, FusedFeedForward):
             codes = _layernorm_codes(self.norm3, self.ff.net[0].proj, hidden_states)
             return self.ff.from_codes(codes, hidden_states.dtype, residual=hidden_states)
         norm_hidden_states = self.norm3(hidden_states)
