@@ -95,29 +95,31 @@ def _fuse_resnets(model: torch.nn.Module) -> dict:
     return _fuse_halves(model, ResnetBlock2D, fuse_resnet, "fused_norms", "unfused_norms")
 
 
+def _fuse_each(model: torch.nn.Module, kinds: tuple, fuse, fused_key: str, unfused_key: str) -> dict:
+    """Run `fuse(name, module)` (→ None when fused, else why not) on every module whose type is one of `kinds`;
+    how many were fused, and why the others were not."""
+    reasons = {name: fuse(name, m) for name, m in list(model.named_modules()) if type(m) in kinds}
+    return {fused_key: sum(r is None for r in reasons.values()),
+            unfused_key: {name: r for name, r in reasons.items() if r is not None}}
+
+
 def _fuse_up_blocks(model: torch.nn.Module) -> dict:
-    """Let every up block pass its skip connections apart (nn/qupblock.py); what was fused, and why not."""
+    """Let every up block pass its skip connections apart (nn/qupblock.py)."""
     from diffusers.models.unets.unet_2d_blocks import AttnUpBlock2D, CrossAttnUpBlock2D, UpBlock2D
 
     from .nn.qupblock import fuse_up_block
 
-    kinds = (UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D)
-    reasons = {name: fuse_up_block(name, block) for name, block in list(model.named_modules())
-               if type(block) in kinds}
-    return {"fused_up_blocks": sum(r is None for r in reasons.values()),
-            "unfused_up_blocks": {name: r for name, r in reasons.items() if r is not None}}
+    return _fuse_each(model, (UpBlock2D, AttnUpBlock2D, CrossAttnUpBlock2D), fuse_up_block, "fused_up_blocks",
+                      "unfused_up_blocks")
 
 
 def _fuse_upsamplers(model: torch.nn.Module) -> dict:
-    """Fuse every Upsample2D's interpolate into its conv (nn/qupsample.py); what was fused, and why not."""
+    """Fuse every Upsample2D's interpolate into its conv (nn/qupsample.py)."""
     from diffusers.models.upsampling import Upsample2D
 
     from .nn.qupsample import fuse_upsample
 
-    reasons = {name: fuse_upsample(name, block) for name, block in list(model.named_modules())
-               if type(block) is Upsample2D}
-    return {"fused_upsamplers": sum(r is None for r in reasons.values()),
-            "unfused_upsamplers": {name: r for name, r in reasons.items() if r is not None}}
+    return _fuse_each(model, (Upsample2D,), fuse_upsample, "fused_upsamplers", "unfused_upsamplers")
 
 
 def _fuse_feed_forwards(model: torch.nn.Module) -> dict:
@@ -126,10 +128,7 @@ def _fuse_feed_forwards(model: torch.nn.Module) -> dict:
 
     from .nn.qfeedforward import fuse_feed_forward
 
-    reasons = {name: fuse_feed_forward(name, ff) for name, ff in list(model.named_modules())
-               if type(ff) is FeedForward}
-    return {"fused_feed_forwards": sum(r is None for r in reasons.values()),
-            "unfused_feed_forwards": {name: r for name, r in reasons.items() if r is not None}}
+    return _fuse_each(model, (FeedForward,), fuse_feed_forward, "fused_feed_forwards", "unfused_feed_forwards")
 
 
 def _fuse_transformers(model: torch.nn.Module) -> dict:
@@ -143,14 +142,13 @@ def _fuse_transformers(model: torch.nn.Module) -> dict:
 
 
 def _fuse_basic_blocks(model: torch.nn.Module) -> dict:
-    """Move every BasicTransformerBlock's residual adds into GEMM epilogues (nn/qtransformer.py)."""
+    """Move every BasicTransformerBlock's residual adds into GEMM epilogues and let its LayerNorms write codes
+    (nn/qtransformer.py)."""
     from diffusers.models.attention import BasicTransformerBlock
 
-    from .nn.qtransformer import fuse_basic_block
+    from .nn.qtransformer import FusedBasicTransformerBlock, fuse_basic_block
 
-    reasons = {name: fuse_basic_block(name, block) for name, block in list(model.named_modules())
-               if type(block) is BasicTransformerBlock}
-    fused = [block for name, block in model.named_modules() if name in reasons and reasons[name] is None]
-    return {"fused_transformer_blocks": len(fused),
-            "unfused_transformer_blocks": {name: r for name, r in reasons.items() if r is not None},
-            "fused_layer_norms": sum(sum(block.tcaq_ln) for block in fused)}
+    info = _fuse_each(model, (BasicTransformerBlock,), fuse_basic_block, "fused_transformer_blocks",
+                      "unfused_transformer_blocks")
+    info["fused_layer_norms"] = sum(sum(m.tcaq_ln) for m in model.modules() if type(m) is FusedBasicTransformerBlock)
+    return info

@@ -69,17 +69,11 @@ class FusedFeedForward(FeedForward):
             return out if residual is None else out + residual
         return self._after_projection(self.net[0].proj(hidden_states), residual)
 
-    @property
-    def takes_codes(self) -> bool:
-        """Whether `from_codes` can run: the projection is a triton QLinear with one uniform input quantizer."""
-        proj = self.net[0].proj
-        return (isinstance(proj, QLinear) and proj.adds_residual
-                and all(kind == "uniform" for kind in proj.act.kinds))
-
     def from_codes(self, codes: torch.Tensor, out_dtype: torch.dtype,
                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The module on int8 codes of its input written with the projection's quantizer by a fused producer
-        (a transformer block's LayerNorm kernel; `takes_codes`), `residual` added as in `forward`."""
+        (a transformer block's LayerNorm kernel; the projection's `QLinear.takes_codes`), `residual` added as in
+        `forward`."""
         return self._after_projection(self.net[0].proj.codes_call(codes, out_dtype), residual)
 
     def _after_projection(self, projected: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:

@@ -187,6 +187,12 @@ class QLinear(_QWeighted):
         return self._triton(x, self.act, self.triton_weight, self.triton_wsum, self.r_inv, self.bias, x.dtype,
                             residual)
 
+    @property
+    def takes_codes(self) -> bool:
+        """Whether a fused producer may write this layer's input codes for `codes_call`: `adds_residual`, and a
+        uniform input quantizer in every timestep group."""
+        return self.adds_residual and all(kind == "uniform" for kind in self.act.kinds)
+
     def codes_call(self, codes: torch.Tensor, out_dtype: torch.dtype, residual=None) -> torch.Tensor:
         """The layer on int8 codes of its input that a fused producer already wrote with this layer's quantizer
         (TCR factor included: the GEMM reads them as they are), `residual` added in the epilogue; triton backend,

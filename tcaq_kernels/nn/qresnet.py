@@ -77,8 +77,8 @@ def fuse_resnet(name: str, block: ResnetBlock2D) -> dict[str, str]:
     return refusals
 
 
-def norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor,
-                   residual: Optional[torch.Tensor], x2: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
+def norm_silu_conv(norm: torch.nn.GroupNorm, conv: QConv2d, x: torch.Tensor, residual: Optional[torch.Tensor],
+                   x2: Optional[torch.Tensor] = None, silu: bool = True) -> torch.Tensor:
     """`conv(silu(norm(x))) + residual`: the fused norm/quantize kernel, then the conv on its codes; with `x2`,
     of `cat([x, x2], 1)` read in place; `silu=False`: `conv(norm(x)) + residual`."""
     a, group, split = conv.act, conv.groups.current(conv.name), conv.split_args()

@@ -111,8 +111,7 @@ def fuse_basic_block(name: str, block: torch.nn.Module) -> Optional[str]:
              and attn2.processor.backend == "triton" and attn2.group_norm is None and attn2.spatial_norm is None
              and _writes_codes_for(block.norm2, attn2.to_q))
     ff = block.ff
-    block.tcaq_ln = (cross, isinstance(ff, FusedFeedForward) and ff.takes_codes
-                     and _writes_codes_for(block.norm3, ff.net[0].proj))
+    block.tcaq_ln = (cross, isinstance(ff, FusedFeedForward) and _writes_codes_for(block.norm3, ff.net[0].proj))
     return None
 
 
@@ -120,9 +119,8 @@ def _writes_codes_for(norm: torch.nn.Module, linear: torch.nn.Module) -> bool:
     """Whether the LayerNorm kernel can write `linear`'s input codes from `norm`'s input."""
     return (type(norm) is torch.nn.LayerNorm and len(norm.normalized_shape) == 1
             and (norm.weight is None) == (norm.bias is None) and norm.normalized_shape[0] <= ROW_ELEMENTS
-            and isinstance(linear, QLinear) and linear.adds_residual
-            and linear.weight_shape[1] == norm.normalized_shape[0]
-            and all(kind == "uniform" for kind in linear.act.kinds))
+            and isinstance(linear, QLinear) and linear.takes_codes
+            and linear.weight_shape[1] == norm.normalized_shape[0])
 
 
 def _layernorm_codes(norm: torch.nn.LayerNorm, linear: QLinear, x: torch.Tensor) -> torch.Tensor:
